@@ -1,0 +1,119 @@
+import pytest
+import torch
+
+from model import GPT, preset
+from sample import filter_logits, generate
+
+EOS = 60
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return GPT(preset("tiny", vocab_size=61)).eval()
+
+
+def greedy_reference(m, prompt, n, eos=None):
+    """Recompute-everything greedy decoding of one prompt: the slow, obviously right way."""
+    seq = list(prompt)
+    out = []
+    for _ in range(n):
+        with torch.no_grad():
+            t = int(m(torch.tensor([seq]))[0, -1].argmax())
+        out.append(t)
+        seq.append(t)
+        if t == eos:
+            break
+    return out
+
+
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+
+
+def test_greedy_ragged_batch_equals_each_prompt_alone():
+    m = tiny()
+    resp, fin = generate(m, PROMPTS, 12, temperature=0)
+    for p, r in zip(PROMPTS, resp):
+        assert r == greedy_reference(m, p, 12)
+        alone, _ = generate(m, [p], 12, temperature=0)
+        assert alone[0] == r
+    assert fin == [False] * 4  # no eos_id given: nothing finishes
+
+
+def test_batch_order_and_companions_do_not_matter():
+    m = tiny()
+    a, _ = generate(m, PROMPTS, 10, temperature=0)
+    b, _ = generate(m, PROMPTS[::-1], 10, temperature=0)
+    assert a == b[::-1]
+
+
+def test_eos_stops_row_and_max_new_tokens_respected():
+    m = tiny(seed=3)
+    free, _ = generate(m, PROMPTS, 15, temperature=0)
+    # make a token that row 0 generates the EOS: that row must stop at its first occurrence
+    eos = free[0][2]
+    resp, fin = generate(m, PROMPTS, 15, temperature=0, eos_id=eos)
+    assert fin[0] and len(resp[0]) <= 3
+    for r, f, full in zip(resp, fin, free):
+        if eos in full:
+            k = full.index(eos)
+            assert r == full[:k + 1] and f
+        else:
+            assert r == full and not f and len(r) == 15
+    assert all(len(r) <= 15 for r in resp)
+
+
+def test_stops_early_when_all_rows_done():
+    m = tiny()
+    calls = {"n": 0}
+    orig = m.forward
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return orig(*a, **k)
+    m.forward = counting
+    first, _ = generate(m, [[1, 2, 3]], 1, temperature=0)
+    calls["n"] = 0
+    resp, fin = generate(m, [[1, 2, 3]], 50, temperature=0, eos_id=first[0][0], stop_check_every=1)
+    assert resp == [first[0]] and fin == [True]
+    assert calls["n"] == 1  # the prefill alone: the first token was EOS, no decode step
+
+
+def test_prompt_too_long_and_context_cap():
+    m = tiny()  # block_size 64
+    with pytest.raises(ValueError, match="leaves no room"):
+        generate(m, [[1] * 64], 5, temperature=0)
+    resp, fin = generate(m, [[1] * 60], 50, temperature=0)
+    assert len(resp[0]) == 4 and fin == [False]
+
+
+def test_top_k_and_top_p_support():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    keep = lambda x: torch.isfinite(x)[0].tolist()
+    assert keep(filter_logits(logits, top_k=2)) == [True, True, False, False, False]
+    # mass ahead: 0, .5, .7, .85, .95 -> top_p=0.7 keeps the first two (0.5 + 0.2 reaches 0.7)
+    assert keep(filter_logits(logits, top_p=0.7)) == [True, True, False, False, False]
+    assert keep(filter_logits(logits, top_p=0.71)) == [True, True, True, False, False]
+    assert keep(filter_logits(logits, top_p=0.1)) == [True, False, False, False, False]
+    assert keep(filter_logits(logits, top_k=4, top_p=0.9)) == [True, True, True, True, False]
+    assert keep(filter_logits(logits, top_k=2, top_p=0.9)) == [True, True, False, False, False]
+    shuffled = logits[:, [3, 0, 4, 2, 1]]  # order must not matter
+    assert keep(filter_logits(shuffled, top_p=0.7)) == [False, True, False, False, True]
+
+
+def test_sampling_respects_top_k():
+    m = tiny()
+    with torch.no_grad():
+        first = m(torch.tensor([[1, 2, 3]]))[0, -1]
+    allowed = set(torch.topk(first, 3).indices.tolist())
+    resp, _ = generate(m, [[1, 2, 3]] * 64, 1, temperature=1.0, top_k=3, seed=0)
+    assert {r[0] for r in resp} <= allowed
+
+
+def test_seed_reproducible_and_different_seeds_differ():
+    m = tiny()
+    state = torch.random.get_rng_state()
+    a, _ = generate(m, PROMPTS, 10, temperature=1.0, seed=1)
+    b, _ = generate(m, PROMPTS, 10, temperature=1.0, seed=1)
+    c, _ = generate(m, PROMPTS, 10, temperature=1.0, seed=2)
+    assert a == b and a != c
+    assert torch.equal(state, torch.random.get_rng_state())  # global RNG untouched
