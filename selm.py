@@ -1,0 +1,286 @@
+"""
+selm.py -- the SELM objective and the small steps of its online loop.
+
+SELM (Zhang et al. 2024, "Self-Exploring Language Models", arXiv 2405.19332) is DPO plus one
+term. DPO fits the implicit reward r(x, y) = beta * log(pi(y|x) / pi_ref(y|x)) to preference
+pairs; SELM adds an *optimism* bonus that, after the reparameterisation of Eq. 4.1, becomes
+(Eq. 4.2)
+
+    min_pi  L_DPO(pi)  +  alpha * beta * E_{x, y ~ pi_ref(.|x)} [ log pi(y|x) ],
+
+i.e. it lowers the policy's likelihood of what the reference itself would say, which moves
+probability mass toward responses the reference under-explores. Per example, exactly as the
+authors' trainer computes it (log-probs SUMMED over response tokens):
+
+    loss_i = -logsigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))])
+             + alpha * beta * (log pi(y_ref) - log ref(y_ref))
+
+The "- log ref(y_ref)" part is a constant: it shifts the reported loss, not the gradient.
+With alpha = 0 SELM is iterative online DPO, and the code below makes that exact.
+
+The chapter has four parts:
+  1. log-probs of responses under a model        sequence_logps, split_logps, reference_logps
+  2. the losses, as pure functions of log-probs  dpo_loss, optimism_term, selm_loss
+  3. what to log                                 preference_metrics
+  4. the judge step of the online loop           rank_candidates, online_pairs
+
+Shapes: B examples, T tokens, V vocabulary words. Batches are right-padded: input_ids [B, T]
+long; response_mask [B, T] is 1 on the response tokens (final EOS included), 0 on the prompt
+and on padding.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from model import positions_from_mask
+
+LOSS_TYPES = ("sigmoid", "ipo")
+
+
+# ---- 1. log-probs ------------------------------------------------------------------------
+
+def sequence_logps(model, input_ids, response_mask, attention_mask=None, position_ids=None):
+    """Sum of log pi(token) over each row's response tokens.
+
+    input_ids:      [B, T] long
+    response_mask:  [B, T] 1 on response tokens (prompt and padding 0); position 0 must be 0
+    attention_mask: [B, T] optional, 1 = real token. Needed for left-padded rows; with right
+                    padding leave it None (pads come after every real token, so plain causal
+                    attention never lets them touch a real one).
+    position_ids:   [B, T] optional; derived from attention_mask when that is given, so that
+                    left padding does not shift the learned absolute positions.
+    Returns [B], float32 (float64 for a float64 model); differentiable w.r.t. the model.
+
+    This is log pi(y|x) of DPO's Eq. 7 and of every SELM term: a sum, never a mean -- the
+    authors' trainer sums, and averaging would change the loss's scale with response length.
+    Chosen, rejected and y_ref responses should go through ONE call on their concatenation
+    (see split_logps): one forward instead of three, and identical numerics for all three.
+    """
+    response_mask = response_mask.bool()
+    if response_mask[:, 0].any():
+        raise ValueError("response_mask marks position 0, which no earlier token predicts; "
+                         "every response needs at least one prompt token (e.g. BOS) before it")
+    B, T = input_ids.shape
+    # Token t is predicted by the logits at position t-1. So the LM head runs at t-1 for each
+    # response token t and nowhere else: the prompt, often most of a row, costs no V-wide
+    # matmul, and no [B, T, V] tensor is ever built.
+    scored = response_mask[:, 1:]                           # [B, T-1]: is token t (>= 1) scored?
+    output_mask = torch.zeros_like(response_mask)
+    output_mask[:, :-1] = scored                            # [B, T]: position t-1 <-> token t
+    if attention_mask is not None and position_ids is None:
+        position_ids = positions_from_mask(attention_mask)
+    logits = model(input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                   output_mask=output_mask)                 # [N, V], row-major over (b, t-1)
+    # Log-softmax in (at least) fp32 whatever the model's dtype: the policy and the reference
+    # must share numerics, and a bf16 log-softmax over a large vocabulary loses whole nats.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    targets = input_ids[:, 1:][scored]                      # [N], same row-major order
+    # log softmax(z)[y] = z_y - logsumexp(z). Unlike cross_entropy, which saves an [N, V]
+    # log-softmax for backward, logsumexp keeps only its [N] result: the logits are the one
+    # V-wide tensor alive.
+    token_logps = logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(dim=1)
+    rows = torch.arange(B, device=input_ids.device)[:, None].expand(B, T - 1)[scored]  # [N]
+    return token_logps.new_zeros(B).index_add(0, rows, token_logps)
+
+
+def split_logps(logps, n_parts):
+    """Undo the concatenation of a combined forward: [n_parts * B] -> n_parts tensors of [B].
+
+    The caller stacks the batch as [chosen; rejected; y_ref] (or [chosen; rejected] for DPO)
+    along dim 0 and gets back (chosen_logps, rejected_logps, y_ref_logps).
+    """
+    if logps.shape[0] % n_parts:
+        raise ValueError(f"cannot split {logps.shape[0]} log-probs into {n_parts} equal parts")
+    return logps.view(n_parts, -1).unbind(0)
+
+
+@torch.no_grad()
+def reference_logps(model, batches):
+    """Log-probs of every row of `batches` under the reference, once per iteration.
+
+    batches: iterable of dicts with "input_ids" and "response_mask" [B_k, T_k], optional
+             "attention_mask" and "position_ids" (as sequence_logps takes them).
+    Returns [sum_k B_k] on the model's device, batch after batch in order; requires_grad False.
+
+    SELM's reference is the previous iterate (pi_ref = pi_{t-1}), i.e. the policy itself at
+    the start of iteration t. So the caller can score the whole chunk with the policy before
+    its first update and keep no second model in memory. The model runs in eval mode (no
+    dropout) under no_grad; its train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        out = []
+        for b in batches:
+            get = lambda key: None if b.get(key) is None else b[key].to(device)  # noqa: E731
+            out.append(sequence_logps(model, get("input_ids"), get("response_mask"),
+                                      get("attention_mask"), get("position_ids")))
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, device=device)
+
+
+# ---- 2. losses ---------------------------------------------------------------------------
+
+def _check_hparams(beta, alpha=0.0, loss_type="sigmoid"):
+    # `not x > 0` rather than `x <= 0` so that NaN is rejected too
+    if not beta > 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    if not alpha >= 0:
+        raise ValueError(f"alpha must be non-negative, got {alpha} (a negative alpha would "
+                         "reward the reference's own responses: the opposite of exploring)")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+             *, beta, loss_type="sigmoid"):
+    """The DPO loss per example (DPO paper Eq. 7; IPO paper Eq. 17 for loss_type="ipo").
+
+    policy_chosen_logps:   [B] log pi(y_w|x), summed over response tokens
+    policy_rejected_logps: [B] log pi(y_l|x)
+    ref_chosen_logps:      [B] log pi_ref(y_w|x), no grad needed
+    ref_rejected_logps:    [B] log pi_ref(y_l|x)
+    beta:                  > 0, the KL strength; the implicit reward is beta * log(pi/pi_ref)
+    loss_type:             "sigmoid" (DPO) or "ipo"
+    Returns (losses, chosen_rewards, rejected_rewards), each [B]; the rewards are detached.
+    """
+    _check_hparams(beta, 0.0, loss_type)
+    # h = log [pi(y_w) pi_ref(y_l) / (pi(y_l) pi_ref(y_w))]: r(y_w) - r(y_l) in units of beta.
+    # Group policy with policy and reference with reference, as the DPO reference code does;
+    # when policy == reference the two ratios are bitwise equal and h is exactly 0.
+    pi_logratios = policy_chosen_logps - policy_rejected_logps
+    ref_logratios = ref_chosen_logps - ref_rejected_logps
+    h = pi_logratios - ref_logratios
+    if loss_type == "sigmoid":
+        # Bradley-Terry likelihood of the observed preference: -log sigmoid(r_w - r_l)
+        losses = -F.logsigmoid(beta * h)
+    else:
+        # IPO regresses h onto a finite target 1/(2 beta) instead of pushing it to infinity,
+        # so deterministic preferences cannot drive pi(y_l) to zero
+        losses = (h - 1 / (2 * beta)) ** 2
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def optimism_term(policy_ref_response_logps, ref_ref_response_logps, *, beta, alpha):
+    """SELM's optimism term per example: alpha * beta * (log pi(y_ref) - log pi_ref(y_ref)).
+
+    policy_ref_response_logps: [B] log pi(y_ref|x), y_ref a greedy sample of pi_ref
+    ref_ref_response_logps:    [B] log pi_ref(y_ref|x): a constant, kept so that the term is
+                               0 when pi == pi_ref and the reported loss matches the code's
+    Returns [B]. One sample y_ref ~ pi_ref per prompt estimates E_{y~pi_ref}[log pi(y|x)] of
+    Eq. 4.2. Its gradient is alpha*beta*E_{y~pi}[exp(-r(x,y)/beta) grad log pi(y|x)] (Eq. 4.3,
+    since exp(-r/beta) = pi_ref/pi): minimising it pushes down hardest on the responses the
+    policy already under-rewards. The paper's Algorithm 1 writes this term without beta; Eq. 4.2
+    and the authors' code multiply by beta, and so do we.
+    """
+    _check_hparams(beta, alpha)
+    return alpha * beta * (policy_ref_response_logps - ref_ref_response_logps)
+
+
+def selm_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+              policy_ref_response_logps, ref_ref_response_logps, *, beta, alpha,
+              loss_type="sigmoid"):
+    """The SELM loss per example (Eq. 4.2 as the authors' code computes it): DPO + optimism.
+
+    The first four arguments and beta, loss_type: as dpo_loss. The next two: as optimism_term.
+    alpha: >= 0, the optimism strength (the authors: 1e-3 for Zephyr, 1e-4 for Llama-3).
+    Returns (losses, chosen_rewards, rejected_rewards), each [B]. The rewards are DPO's: the
+    optimism term is not a reward; log it with optimism_term.
+    """
+    _check_hparams(beta, alpha, loss_type)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+        beta=beta, loss_type=loss_type)
+    # With alpha = 0 this adds exact zeros (0 * finite = 0, x + 0 = x), so losses and their
+    # gradients equal DPO's bit for bit: SELM with alpha = 0 is iterative online DPO.
+    losses = losses + optimism_term(policy_ref_response_logps, ref_ref_response_logps,
+                                    beta=beta, alpha=alpha)
+    return losses, chosen_rewards, rejected_rewards
+
+
+# ---- 3. metrics --------------------------------------------------------------------------
+
+def preference_metrics(losses, chosen_rewards, rejected_rewards, *, policy_chosen_logps=None,
+                       policy_rejected_logps=None, optimism=None):
+    """Batch means under TRL's names, as Python floats.
+
+    losses, chosen_rewards, rejected_rewards: [B], as returned by dpo_loss / selm_loss
+    policy_chosen_logps, policy_rejected_logps: [B] optional -> "logps/chosen", "logps/rejected"
+    optimism: [B] optional, optimism_term's output -> "optimism"
+    "rewards/accuracies" is the fraction of pairs with chosen reward > rejected reward (ties
+    count as wrong, so it starts at 0 when policy == reference), "rewards/margins" the mean of
+    chosen - rejected. Watch "logps/chosen": DPO often lowers the chosen log-prob too.
+    """
+    named = {"loss": losses, "rewards/chosen": chosen_rewards,
+             "rewards/rejected": rejected_rewards,
+             "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+             "rewards/margins": chosen_rewards - rejected_rewards}
+    for key, value in (("logps/chosen", policy_chosen_logps),
+                       ("logps/rejected", policy_rejected_logps), ("optimism", optimism)):
+        if value is not None:
+            named[key] = value
+    # one stack and one .tolist(): a single device-to-host copy rather than one per metric
+    means = torch.stack([v.detach().float().mean() for v in named.values()]).tolist()
+    return dict(zip(named, means))
+
+
+# ---- 4. the judge step of the online loop -------------------------------------------------
+
+def rank_candidates(judge, prompt, candidates):
+    """Indices (best, worst) of a prompt's candidates by the judge, or None on a full tie.
+
+    judge:      judge(prompt: str, candidates: list[str]) -> list[float], higher is better
+    candidates: list of >= 2 response strings
+    Ties among equal scores go to the EARLIER candidate for best and the LATER for worst, so
+    the order of `candidates` is the tie-breaking prior. If the best and worst scores are
+    equal the candidates carry no preference and the result is None.
+    """
+    scores = [float(s) for s in judge(prompt, candidates)]
+    if len(scores) != len(candidates):
+        raise ValueError(f"judge returned {len(scores)} scores for {len(candidates)} candidates")
+    if any(math.isnan(s) for s in scores):
+        raise ValueError(f"judge returned a NaN score: {scores}")
+    hi, lo = max(scores), min(scores)
+    if hi == lo:
+        return None
+    best = scores.index(hi)                                 # earliest of the maxima
+    worst = len(scores) - 1 - scores[::-1].index(lo)        # latest of the minima
+    return best, worst
+
+
+def online_pairs(judge, prompts, chosen, rejected, y_ref, *, keep_ties=False):
+    """SELM's relabelling step: per prompt, rank {chosen, y_ref, rejected} with the judge and
+    return (best of the three, worst of the three).
+
+    judge:                     as in rank_candidates
+    prompts, chosen, rejected: lists of str, the chunk's prompts and offline pairs
+    y_ref:                     list of str, the reference's greedy response per prompt
+    keep_ties:                 what to return when all three scores are equal
+    Returns a list aligned with `prompts`: (chosen, rejected) string pairs, and for a full tie
+    None (the pair carries no preference; drop the example, y_ref with it) or, with
+    keep_ties=True, the original offline pair.
+
+    The candidates go to the judge in the order [chosen, y_ref, rejected], so rank_candidates'
+    tie rule makes the offline labels the prior: y_ref displaces the offline chosen only if
+    the judge scores it strictly higher, and the offline rejected only if strictly lower.
+    Whatever its rank, y_ref stays the example's reference response for the optimism term (so
+    it may appear in the pair as well); the caller keeps that list as it is.
+    """
+    if not len(prompts) == len(chosen) == len(rejected) == len(y_ref):
+        raise ValueError(f"lengths differ: {len(prompts)} prompts, {len(chosen)} chosen, "
+                         f"{len(rejected)} rejected, {len(y_ref)} y_ref")
+    pairs = []
+    for x, y_w, y_l, y_r in zip(prompts, chosen, rejected, y_ref):
+        candidates = [y_w, y_r, y_l]
+        ranked = rank_candidates(judge, x, candidates)
+        if ranked is None:
+            pairs.append((y_w, y_l) if keep_ties else None)
+        else:
+            pairs.append((candidates[ranked[0]], candidates[ranked[1]]))
+    return pairs

@@ -1,0 +1,53 @@
+"""End-to-end: the tiny pipeline, run in-process with reduced sizes."""
+import json
+import os
+
+import pytest
+
+import train
+
+FAST = ["--model", "tiny", "--n-sft", "1024", "--chunk-size", "128", "--n-eval", "64",
+        "--sft-steps", "150", "--iterations", "2"]
+
+
+def run(tmp_path, *extra):
+    cfg = train.parse_args(FAST + ["--out-dir", str(tmp_path)] + list(extra))
+    return train.run(cfg)
+
+
+def test_tiny_pipeline_end_to_end(tmp_path):
+    results = run(tmp_path)
+    on_disk = json.load(open(tmp_path / "results.json"))
+    assert [r["stage"] for r in on_disk] == ["sft", "dpo", "selm_1", "selm_2"]
+    for r in on_disk:
+        for k in ("win_rate_vs_reference", "win_rate_vs_sft", "reward", "perfect"):
+            assert 0.0 <= r[k] <= 1.0, (k, r)
+        assert r["length"] > 0 and r["kl"] >= -1.0
+    assert on_disk[0]["win_rate_vs_sft"] == 0.5 and on_disk[0]["kl"] == 0.0
+    assert on_disk[-1]["reward"] > on_disk[0]["reward"], on_disk
+    assert sorted(os.listdir(tmp_path)) == ["dpo.pt", "metrics.jsonl", "results.json",
+                                            "selm_1.pt", "selm_2.pt", "sft.pt"]
+    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    pref = [r for r in rows if r.get("stage") == "selm_1" and "loss" in r]
+    assert pref and {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                     "logps/chosen", "logps/rejected", "optimism"} <= set(pref[0])
+    assert len([r for r in rows if "eval" in r]) == 4
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--beta", "0"], "--beta must be positive"),
+    (["--alpha", "-1"], "--alpha must be non-negative"),
+    (["--model", "huge"], "unknown model preset"),
+    (["--batch-size", "10", "--micro-batch-size", "4"], "not a multiple"),
+])
+def test_bad_flags_are_one_line_errors(tmp_path, capsys, flags, msg):
+    with pytest.raises(SystemExit) as e:
+        train.main(FAST + ["--out-dir", str(tmp_path)] + flags)
+    assert msg in str(e.value) and "\n" not in str(e.value)
+    assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train.main(FAST + ["--out-dir", str(tmp_path), "--resume"])
+    assert "no checkpoint" in str(e.value)
