@@ -1,15 +1,11 @@
 """
-Data for selm: text, tokens, judges and batches. Stands apart from the model code.
-
-Four parts, read top to bottom:
-  1. the tokenizer: GPT-2 BPE when its files are on disk, otherwise plain bytes;
-  2. the built-in task, letter sorting, which plays the roles UltraFeedback (prompts and
-     offline pairs), PairRM (the judge) and AlpacaEval (held-out prompts with fixed
-     reference answers) play in the paper;
+Data for selm: text, tokens, judges and batches. Imports nothing from the model code.
+  1. tokenizer: GPT-2 BPE when its files are on disk, otherwise plain bytes;
+  2. the built-in task, letter sorting: plays UltraFeedback (prompts, offline pairs),
+     PairRM (the judge) and AlpacaEval (held-out prompts with fixed reference answers);
   3. user data: JSON Lines files and "module:function" judges;
   4. batching: right-padded tensors with prompt/response masks.
-
-`python data.py` prints statistics of the default task and one worked example.
+`python data.py` prints one worked example and statistics of the default task.
 """
 
 import hashlib
@@ -23,6 +19,7 @@ import re
 import tempfile
 import zlib
 from dataclasses import dataclass, field
+from unittest import mock
 
 import tiktoken
 import torch
@@ -67,27 +64,19 @@ class Tokenizer:
         return self.enc.decode([int(i) for i in ids], errors="replace")
 
     def __repr__(self):
-        return f"Tokenizer({self.name}, vocab={self.vocab_size}, eos={self.eos_id}, pad={self.pad_id})"
-
-
-def _tiktoken_cache_dir():
-    # the same rules tiktoken.load.read_file_cached uses; "" means caching is off
-    if "TIKTOKEN_CACHE_DIR" in os.environ:
-        return os.environ["TIKTOKEN_CACHE_DIR"]
-    if "DATA_GYM_CACHE_DIR" in os.environ:
-        return os.environ["DATA_GYM_CACHE_DIR"]
-    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
+        return (f"Tokenizer({self.name}, vocab={self.vocab_size}, "
+                f"eos={self.eos_id}, pad={self.pad_id})")
 
 
 def _gpt2_in_cache():
     """True when both GPT-2 files sit in tiktoken's cache with the right hashes.
     A present-but-corrupt file would make tiktoken delete it and download again."""
-    cache = _tiktoken_cache_dir()
-    if not cache:
-        return False
+    # the cache directory as tiktoken.load.read_file_cached finds it; "" = no cache
+    default = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR", default))
     for url, sha256 in _GPT2_FILES.items():
         path = os.path.join(cache, hashlib.sha1(url.encode()).hexdigest())
-        if not os.path.isfile(path):
+        if not cache or not os.path.isfile(path):
             return False
         with open(path, "rb") as f:
             if hashlib.sha256(f.read()).hexdigest() != sha256:
@@ -108,15 +97,8 @@ def _gpt2_from_dir(bpe_path):
     from tiktoken_ext.openai_public import r50k_pat_str
     # tiktoken would copy even local files into its cache under sha1(path), and later
     # serve that copy if the file changed; an empty cache dir switches the cache off.
-    saved = os.environ.get("TIKTOKEN_CACHE_DIR")
-    os.environ["TIKTOKEN_CACHE_DIR"] = ""
-    try:
+    with mock.patch.dict(os.environ, {"TIKTOKEN_CACHE_DIR": ""}):
         ranks = data_gym_to_mergeable_bpe_ranks(m, v)
-    finally:
-        if saved is None:
-            del os.environ["TIKTOKEN_CACHE_DIR"]
-        else:
-            os.environ["TIKTOKEN_CACHE_DIR"] = saved
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
 
@@ -133,12 +115,9 @@ def get_tokenizer(bpe_path=None, verbose=True):
     elif _gpt2_in_cache():
         tok = Tokenizer(tiktoken.get_encoding("gpt2"), "gpt2", 50256, 50256)
     else:
-        enc = tiktoken.Encoding(
-            name="bytes",
-            pat_str=r"\s+|\S+",  # any pattern that covers all text works: there are no merges
-            mergeable_ranks={bytes([i]): i for i in range(256)},
-            special_tokens={"<|endoftext|>": 256, "<|pad|>": 257},
-            explicit_n_vocab=258)
+        enc = tiktoken.Encoding(  # pat_str: anything covering all text, there are no merges
+            name="bytes", pat_str=r"\s+|\S+", mergeable_ranks={bytes([i]): i for i in range(256)},
+            special_tokens={"<|endoftext|>": 256, "<|pad|>": 257}, explicit_n_vocab=258)
         tok = Tokenizer(enc, "bytes", 256, 257)
     if verbose and tok.name not in _announced:
         _announced.add(tok.name)
@@ -188,14 +167,10 @@ def truth(prompt):
 def bubble_passes(word, k):
     """The word after k left-to-right passes of bubble sort (k=0: unchanged)."""
     s = list(word)
-    for p in range(k):
-        swapped = False
+    for p in range(k):  # after pass p the last p+1 letters are final
         for i in range(len(s) - 1 - p):
             if s[i] > s[i + 1]:
                 s[i], s[i + 1] = s[i + 1], s[i]
-                swapped = True
-        if not swapped:
-            break
     return "".join(s)
 
 
@@ -209,9 +184,7 @@ def reward(prompt_or_truth, response):
     """
     t = truth(prompt_or_truth) if prompt_or_truth.startswith(PROMPT_PREFIX) else prompt_or_truth
     n = max(len(t), len(response))
-    if n == 0:
-        return 1.0
-    return sum(a == b for a, b in zip(t, response)) / n
+    return sum(a == b for a, b in zip(t, response)) / n if n else 1.0
 
 
 def judge(prompt, candidates):
@@ -276,16 +249,18 @@ def make_task(seed=0, n_sft=8192, n_prompts_per_chunk=1024, n_chunks=4, n_eval=5
         raise ValueError(f"bad word lengths {min_len}-{max_len}")
     master = random.Random(seed)
     rng_sft, rng_off, rng_eval = (random.Random(master.getrandbits(64)) for _ in range(3))
-    word = lambda rng, want_eval, seen: _draw_word(rng, min_len, max_len, distinct, want_eval, seen)
+    def word(rng, want_eval, seen):
+        return _draw_word(rng, min_len, max_len, distinct, want_eval, seen)
 
-    seen = set()  # SFT prompts unique among themselves (they may reappear in chunks)
-    sft = []
+    seen, sft = set(), []  # SFT prompts unique among themselves (they may recur in chunks)
     for _ in range(n_sft):
         w = word(rng_sft, False, seen)
         sft.append((make_prompt(w), bubble_passes(w, rng_sft.randint(*sft_passes))))
 
-    seen, pairs = set(), []
+    seen, pairs, skipped = set(), [], 0
     while len(pairs) < n_chunks * n_prompts_per_chunk:
+        if skipped > 1000:
+            raise ValueError(f"offline_passes={offline_passes} almost never gives a strict pair")
         w = word(rng_off, False, seen)
         t = "".join(sorted(w))
         for _ in range(16):  # two independent weak generators; retry exact ties
@@ -296,7 +271,8 @@ def make_task(seed=0, n_sft=8192, n_prompts_per_chunk=1024, n_chunks=4, n_eval=5
                 chosen, rejected = (a, b) if ra > rb else (b, a)
                 pairs.append({"prompt": make_prompt(w), "chosen": chosen, "rejected": rejected})
                 break
-        # a word whose candidates always tie (e.g. already sorted) is simply skipped
+        else:  # a word whose candidates always tie (e.g. already sorted) is skipped
+            skipped += 1
     n = n_prompts_per_chunk
     chunks = [pairs[i * n:(i + 1) * n] for i in range(n_chunks)]
 
@@ -377,21 +353,20 @@ def load_jsonl(path, fields=("prompt",)):
 def load_judge(spec):
     """A judge from "package.module:function" or "path/to/file.py:function".
     The function must follow judge(prompt, candidates) -> list[float]."""
-    target, sep, name = spec.rpartition(":")
-    if not sep or not target or not name:
+    target, _, name = spec.rpartition(":")  # the last ":", so C:\dir\f.py:fn works
+    if not target or not name:
         raise DataError(f"judge {spec!r}: expected 'module:function' or 'file.py:function'")
+    is_file = target.endswith(".py") or os.sep in target or "/" in target
+    if is_file and not os.path.isfile(target):
+        raise DataError(f"judge {spec!r}: no file {target}")
     try:
-        if target.endswith(".py") or os.sep in target or "/" in target:
-            if not os.path.isfile(target):
-                raise DataError(f"judge {spec!r}: no file {target}")
-            modspec = importlib.util.spec_from_file_location(
-                os.path.splitext(os.path.basename(target))[0], target)
+        if is_file:
+            modname = os.path.splitext(os.path.basename(target))[0]
+            modspec = importlib.util.spec_from_file_location(modname, target)
             module = importlib.util.module_from_spec(modspec)
             modspec.loader.exec_module(module)
         else:
             module = importlib.import_module(target)
-    except DataError:
-        raise
     except Exception as e:  # ImportError, or whatever the module raised on import
         raise DataError(f"judge {spec!r}: cannot import {target}: {e!r}") from e
     fn = getattr(module, name, None)
@@ -474,7 +449,8 @@ def collate_preferences(prompt_ids_list, chosen_ids_list, rejected_ids_list,
     and with ref_ids_list rows 2B..3B-1 (prompt_i, y_ref_i). So B_total = 2B or 3B, and
     per-row results split with `.chunk(2 or 3, dim=0)`. All padded to one T.
     """
-    groups = [chosen_ids_list, rejected_ids_list] + ([ref_ids_list] if ref_ids_list is not None else [])
+    groups = [chosen_ids_list, rejected_ids_list]
+    groups += [ref_ids_list] if ref_ids_list is not None else []
     B = len(prompt_ids_list)
     if any(len(g) != B for g in groups):
         raise ValueError(f"collate_preferences: lists of lengths {[B] + [len(g) for g in groups]}")
@@ -495,7 +471,7 @@ def batches(n, batch_size, seed=0, shuffle=True, drop_last=False):
 
 if __name__ == "__main__":
     for ex in examples():
-        print(f"{ex['prompt']!r:>20} k={ex['passes']} {ex['response']!r:>12} reward {ex['reward']:.3f}")
+        print(f"{ex['prompt']!r} k={ex['passes']} {ex['response']!r} reward {ex['reward']:.3f}")
     task = make_task()
     print(f"default task: {len(task.sft)} SFT, {len(task.chunks)}x{len(task.chunks[0])} pairs, "
           f"{len(task.eval)} eval, words {task.config['min_len']}-{task.config['max_len']}")

@@ -36,7 +36,8 @@ from tqdm import tqdm
 import data
 from model import GPT, atomic_save, load_checkpoint, model_from_checkpoint, preset
 from sample import generate
-from selm import online_pairs, preference_metrics, selm_loss, sequence_logps
+from selm import (dpo_loss, online_pairs, optimism_term, preference_metrics, reference_logps,
+                  selm_loss, sequence_logps)
 
 
 def opt(default, help):
@@ -226,29 +227,26 @@ def check_finite(loss, stage, step):
 
 # ---- stages 2..: DPO and SELM on a list of preference examples --------------------------
 
-@torch.no_grad()
-def score_all(model, rows, pad_id, device, amp, batch_size):
-    """Summed response log-probs of every (prompt, response) row under `model`: (N,) fp32."""
-    model.eval()
-    out = []
-    for i in range(0, len(rows), batch_size):
-        b = {k: v.to(device) for k, v in data.collate(rows[i:i + batch_size], pad_id).items()}
-        with amp:
-            out.append(sequence_logps(model, b["input_ids"], b["response_mask"]).float().cpu())
-    return torch.cat(out)
+def logps_of(model, rows, pad_id, batch_size):
+    """Summed response log-probs of (prompt_ids, response_ids) rows under `model`, computed
+    without grad in eval mode (selm.reference_logps): (N,) on the model's device."""
+    batches = (data.collate(rows[i:i + batch_size], pad_id) for i in range(0, len(rows), batch_size))
+    return reference_logps(model, batches)
 
 
-def train_preferences(cfg, stage, policy, reference, examples, lr, alpha, pad_id, device, amp, log):
+def train_preferences(cfg, stage, policy, examples, lr, alpha, pad_id, device, amp, log):
     """One epoch of the SELM loss (DPO when alpha == 0 or there is no y_ref).
 
     examples: list of (prompt_ids, chosen_ids, rejected_ids, y_ref_ids or None).
-    The reference's log-probs are computed once, before the epoch, under no_grad: the
-    reference is frozen for the whole stage, so recomputing them per step would be waste.
+    The reference is the policy as it enters the stage (the SFT model for offline DPO,
+    pi_{t-1} for SELM iteration t), so its log-probs are computed here, once, before the
+    first update, under no_grad: no second model in memory, nothing recomputed per step.
     """
     with_ref = examples[0][3] is not None
     parts = [1, 2, 3] if with_ref else [1, 2]
     rows = [(ex[0], ex[k]) for k in parts for ex in examples]  # all chosen, all rejected, (all y_ref)
-    ref_logps = score_all(reference, rows, pad_id, device, amp, 4 * cfg.micro_batch_size)
+    with amp:
+        ref_logps = logps_of(policy, rows, pad_id, 4 * cfg.micro_batch_size)
     ref_logps = ref_logps.view(len(parts), len(examples))  # (2 or 3, N)
 
     opt_ = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=cfg.weight_decay)
@@ -270,17 +268,19 @@ def train_preferences(cfg, stage, policy, reference, examples, lr, alpha, pad_id
             with amp:
                 logps = sequence_logps(policy, b["input_ids"], b["response_mask"])  # (parts*B,)
             pol = logps.view(len(parts), len(mi))
-            ref = ref_logps[:, mi].to(device)
-            losses, cr, rr = selm_loss(pol[0], pol[1], ref[0], ref[1],
-                                       pol[2] if with_ref else pol[0].detach(),
-                                       ref[2] if with_ref else pol[0].detach(),
-                                       beta=cfg.beta, alpha=alpha if with_ref else 0.0,
-                                       loss_type=cfg.loss_type)
+            ref = ref_logps[:, mi]
+            if with_ref:  # SELM, Eq. 4.2
+                losses, cr, rr = selm_loss(pol[0], pol[1], ref[0], ref[1], pol[2], ref[2],
+                                           beta=cfg.beta, alpha=alpha, loss_type=cfg.loss_type)
+                optimism = optimism_term(pol[2], ref[2], beta=cfg.beta, alpha=alpha).detach()
+            else:  # offline DPO: no reference response, no optimism term
+                losses, cr, rr = dpo_loss(pol[0], pol[1], ref[0], ref[1], beta=cfg.beta,
+                                          loss_type=cfg.loss_type)
+                optimism = torch.zeros_like(cr)
             # sum over the micro-batch / global batch: the same gradient whatever `accum` is
             loss = losses.sum() / len(idx)
             check_finite(loss, stage, step)
             loss.backward()
-            optimism = (alpha * cfg.beta * (pol[2] - ref[2])).detach() if with_ref else torch.zeros_like(cr)
             stats.append((losses.detach(), cr, rr, pol[0].detach(), pol[1].detach(), optimism))
         if cfg.grad_clip:
             gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
@@ -309,13 +309,12 @@ def greedy_responses(cfg, model, prompt_ids, tok, device):
 
 def selm_iteration(cfg, stage, t, policy, chunk, tok, judge, device, amp, log):
     """One online iteration (SELM.md, Algorithm 1): sample, judge, build pairs, train."""
-    reference = copy.deepcopy(policy).eval()  # pi_ref = pi_{t-1}: the reference moves
-    for p in reference.parameters():
-        p.requires_grad_(False)
+    # pi_ref = pi_{t-1} is the policy as it enters this iteration: sample from it now,
+    # score with it in train_preferences before the first update, and the reference moves.
     prompts = [ex["prompt"] for ex in chunk]
     prompt_ids = [tok.encode(p) for p in prompts]
     t0 = time.time()
-    y_ref_ids, y_ref = greedy_responses(cfg, reference, prompt_ids, tok, device)
+    y_ref_ids, y_ref = greedy_responses(cfg, policy, prompt_ids, tok, device)
     t_sample = time.time() - t0
     t0 = time.time()
     pairs = online_pairs(judge, prompts, [ex["chosen"] for ex in chunk],
@@ -333,7 +332,7 @@ def selm_iteration(cfg, stage, t, policy, chunk, tok, judge, device, amp, log):
         examples.append((p_ids, c, r, yr + [tok.eos_id]))
     lr = cfg.lr * cfg.lr_decay ** (t - 1)
     t0 = time.time()
-    train_preferences(cfg, stage, policy, reference, examples, lr, cfg.alpha, tok.pad_id, device, amp, log)
+    train_preferences(cfg, stage, policy, examples, lr, cfg.alpha, tok.pad_id, device, amp, log)
     info = {"pairs": len(examples), "dropped_ties": n_tied, "y_ref_chosen": n_ref_best / max(1, len(examples)),
             "t_sample": t_sample, "t_judge": t_judge, "t_train": time.time() - t0}
     log.write({"stage": stage, "online": info})
@@ -368,8 +367,9 @@ def evaluate(cfg, stage, model, sft_model, eval_set, sft_answers, tok, judge, de
                                 temperature=1.0, eos_id=tok.eos_id, pad_id=tok.pad_id,
                                 seed=cfg.seed * 7919 + 31 * k + i)
                 rows += [(p, y) for p, y in zip(prompt_ids[i:i + cfg.gen_batch_size], r) if y]
-        lp = score_all(model, rows, tok.pad_id, device, amp, 4 * cfg.micro_batch_size)
-        lq = score_all(sft_model, rows, tok.pad_id, device, amp, 4 * cfg.micro_batch_size)
+        with amp:
+            lp = logps_of(model, rows, tok.pad_id, 4 * cfg.micro_batch_size)
+            lq = logps_of(sft_model, rows, tok.pad_id, 4 * cfg.micro_batch_size)
         kl = (lp - lq).mean().item()
     row = {"stage": stage, "win_rate_vs_reference": win_ref / n, "win_rate_vs_sft": win_sft / n,
            "reward": reward / n, "perfect": perfect / n,
@@ -447,12 +447,11 @@ def run(cfg):
         if stage == "sft":
             opt_ = train_sft(cfg, model, sft_examples, tok.pad_id, device, amp, log)
         else:
-            reference = sft_model if stage == "dpo" else None
             if stage == "dpo":
                 chunk = task.chunks[0]
                 examples = [(tok.encode(e["prompt"]), tok.encode(e["chosen"]) + [tok.eos_id],
                              tok.encode(e["rejected"]) + [tok.eos_id], None) for e in chunk]
-                opt_ = train_preferences(cfg, stage, model, reference, examples, cfg.lr, 0.0,
+                opt_ = train_preferences(cfg, stage, model, examples, cfg.lr, 0.0,
                                          tok.pad_id, device, amp, log)
             else:
                 t = int(stage.split("_")[1])

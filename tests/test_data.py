@@ -59,6 +59,39 @@ def test_no_download_when_cache_is_empty(tmp_path, monkeypatch):
     assert data.get_tokenizer(verbose=False).name == "bytes"
 
 
+def test_corrupt_cached_gpt2_files_are_not_used(tmp_path, monkeypatch):
+    import hashlib
+    for url in data._GPT2_FILES:
+        (tmp_path / hashlib.sha1(url.encode()).hexdigest()).write_text("truncated download")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(data.tiktoken, "get_encoding",
+                        lambda name: pytest.fail("tiktoken would delete and re-download"))
+    assert data.get_tokenizer(verbose=False).name == "bytes"
+
+
+def test_gpt2_from_dir_plumbing(tmp_path, monkeypatch):
+    # No real GPT-2 files offline: stand in a fake 50256-entry rank table and check that
+    # the files are found, tiktoken's cache is off during the read, and the ids are GPT-2's.
+    import tiktoken.load
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    (tmp_path / "vocab.json").write_text("{}")
+    seen = {}
+
+    def fake_ranks(merges, vocab):
+        seen["files"] = (os.path.basename(merges), os.path.basename(vocab))
+        seen["cache"] = os.environ.get("TIKTOKEN_CACHE_DIR")
+        ranks = {bytes([i]): i for i in range(256)}
+        ranks.update({f"<fake{i}>".encode(): i for i in range(256, 50256)})
+        return ranks
+    monkeypatch.setattr(tiktoken.load, "data_gym_to_mergeable_bpe_ranks", fake_ranks)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "/somewhere")
+    t = data.get_tokenizer(bpe_path=str(tmp_path), verbose=False)
+    assert seen == {"files": ("merges.txt", "vocab.json"), "cache": ""}
+    assert os.environ["TIKTOKEN_CACHE_DIR"] == "/somewhere"
+    assert (t.name, t.eos_id, t.pad_id, t.vocab_size) == ("gpt2", 50256, 50256, 50257)
+    assert t.decode(t.encode("héllo")) == "héllo"
+
+
 def test_explicit_bpe_path_without_files_is_an_error(tmp_path):
     with pytest.raises(DataError, match="vocab.bpe"):
         data.get_tokenizer(bpe_path=str(tmp_path), verbose=False)
@@ -79,8 +112,8 @@ def test_reward_values():
 
 
 def test_judge_ranks_and_needs_no_hidden_state():
-    p = data.make_prompt("dcbaxe")
-    cands = ["abcdex", data.bubble_passes("dcbaxe", 2), "dcbaxe", ""]
+    p = data.make_prompt("dcbaex")
+    cands = ["abcdex", data.bubble_passes("dcbaex", 2), "dcbaex", ""]
     scores = data.judge(p, cands)
     assert len(scores) == 4 and scores[0] == 1.0
     assert scores[0] > scores[1] > scores[2] > scores[3] == 0.0
@@ -112,6 +145,9 @@ def test_eval_size_does_not_change_training_data(task):
     small = data.make_task(seed=0, n_sft=2000, n_prompts_per_chunk=300, n_chunks=3, n_eval=10)
     assert small.sft == task.sft and small.chunks == task.chunks
     assert small.eval == task.eval[:10]
+    fewer_sft = data.make_task(seed=0, n_sft=7, n_prompts_per_chunk=300, n_chunks=3, n_eval=300)
+    assert fewer_sft.chunks == task.chunks and fewer_sft.eval == task.eval
+    assert fewer_sft.sft == task.sft[:7]
 
 
 def test_shapes_lengths_and_format(task):
@@ -129,6 +165,9 @@ def test_eval_prompts_disjoint_from_training(task):
     evals = [e["prompt"] for e in task.eval]
     assert len(set(evals)) == len(evals)
     assert not train & set(evals)
+    # by construction: a fixed hash puts every word on one side
+    assert all(data.is_eval_word(data.parse_prompt(p)) for p in evals)
+    assert not any(data.is_eval_word(data.parse_prompt(p)) for p in train)
     # also across seeds: the split is by word, not by draw
     other = data.make_task(seed=5, n_sft=500, n_prompts_per_chunk=100, n_chunks=2, n_eval=0)
     assert not ({p for p, _ in other.sft} & set(evals))
@@ -195,8 +234,8 @@ def test_load_jsonl_malformed(tmp_path, text, line, what):
 
 def test_load_judge(tmp_path):
     assert data.load_judge("data:judge") is data.judge
-    f = write(tmp_path, "def longest(prompt, candidates):\n    return [len(c) for c in candidates]\n",
-              name="myjudge.py")
+    src = "def longest(prompt, candidates):\n    return [len(c) for c in candidates]\n"
+    f = write(tmp_path, src, name="myjudge.py")
     fn = data.load_judge(f"{f}:longest")
     assert data.call_judge(fn, "x", ["a", "abc"]) == [1.0, 3.0]
     for bad in ["data:nope", "data:ALPHABET", "no_such_module_xyz:f", "judge", f"{f}:missing"]:
@@ -219,7 +258,7 @@ class PadIsEos:
 def test_encode_pair_appends_eos_and_checks_length(tok):
     p, r = data.encode_pair(tok, "sort: cba\n", "abc", max_len=64)
     assert r[-1] == tok.eos_id and tok.decode(r[:-1]) == "abc" and tok.decode(p) == "sort: cba\n"
-    with pytest.raises(DataError, match="prompt"):
+    with pytest.raises(DataError, match="prompt is 100 tokens"):
         data.encode_pair(tok, "x" * 100, "abc", max_len=64)   # prompt alone too long
     with pytest.raises(DataError, match="context"):
         data.encode_pair(tok, "sort: cba\n", "a" * 60, max_len=64)
