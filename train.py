@@ -64,10 +64,10 @@ class Config:
     # DPO and SELM
     iterations: int = opt(3, "SELM iterations after offline DPO (0 = stop after offline DPO)")
     alpha: float = opt(0.001, "SELM optimism coefficient (0 = iterative DPO)")
-    beta: float = opt(0.5, "DPO/SELM inverse temperature")
+    beta: float = opt(2.0, "DPO/SELM inverse temperature (tuned for the built-in task, see README)")
     loss_type: str = opt("sigmoid", "preference loss: sigmoid (DPO) or ipo")
-    lr: float = opt(3e-5, "peak learning rate of offline DPO and of SELM iteration 1")
-    lr_decay: float = opt(0.5, "each SELM iteration's learning rate is the previous one's times this")
+    lr: float = opt(1e-4, "peak learning rate of offline DPO and of SELM iteration 1")
+    lr_decay: float = opt(1.0, "each SELM iteration's learning rate is the previous one's times this")
     batch_size: int = opt(32, "preference pairs per optimizer step")
     micro_batch_size: int = opt(32, "pairs per forward pass (gradient accumulation when smaller)")
     warmup: float = opt(0.1, "fraction of each stage's steps spent warming the learning rate up")
@@ -89,7 +89,7 @@ class Config:
 # Data and step counts that fit each preset's time budget on a 2-core CPU (`tiny`: about a
 # minute, the rest: about ten). Flags override them.
 SCALE = {
-    "tiny": dict(n_sft=2048, chunk_size=256, n_eval=128, sft_steps=300),
+    "tiny": dict(n_sft=4096, chunk_size=512, n_eval=256, sft_steps=800),
     "default": dict(n_sft=8192, chunk_size=1024, n_eval=512, sft_steps=1500),
 }
 
