@@ -83,6 +83,8 @@ class Config:
     dtype: str = opt("auto", "float32, bfloat16 or float16 autocast (auto: bf16 on GPUs that have it, else fp32)")
     out_dir: str = opt("out", "where checkpoints, metrics.jsonl and results.json go")
     resume: bool = opt(False, "continue from the last completed stage in --out-dir")
+    start_from: str = opt(None, "skip the stages up to and including the one saved in this checkpoint of another run "
+                                "(same model, task, SFT and seed); they are copied into --out-dir")
     log_every: int = opt(10, "write a metrics line every this many steps")
 
 
@@ -234,7 +236,7 @@ def logps_of(model, rows, pad_id, batch_size):
     return reference_logps(model, batches)
 
 
-def train_preferences(cfg, stage, policy, examples, lr, alpha, pad_id, device, amp, log):
+def train_preferences(cfg, stage, policy, examples, lr, alpha, pad_id, device, amp, log, seed):
     """One epoch of the SELM loss (DPO when alpha == 0 or there is no y_ref).
 
     examples: list of (prompt_ids, chosen_ids, rejected_ids, y_ref_ids or None).
@@ -250,7 +252,7 @@ def train_preferences(cfg, stage, policy, examples, lr, alpha, pad_id, device, a
     ref_logps = ref_logps.view(len(parts), len(examples))  # (2 or 3, N)
 
     opt_ = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-    order = list(data.batches(len(examples), cfg.batch_size, seed=cfg.seed * 1000 + len(stage), shuffle=True))
+    order = list(data.batches(len(examples), cfg.batch_size, seed=seed, shuffle=True))
     accum = cfg.batch_size // cfg.micro_batch_size
     policy.train()
     bar = tqdm(order, desc=stage, leave=False, mininterval=1.0)
@@ -332,11 +334,12 @@ def selm_iteration(cfg, stage, t, policy, chunk, tok, judge, device, amp, log):
         examples.append((p_ids, c, r, yr + [tok.eos_id]))
     lr = cfg.lr * cfg.lr_decay ** (t - 1)
     t0 = time.time()
-    train_preferences(cfg, stage, policy, examples, lr, cfg.alpha, tok.pad_id, device, amp, log)
+    opt_ = train_preferences(cfg, stage, policy, examples, lr, cfg.alpha, tok.pad_id, device, amp,
+                             log, seed=cfg.seed * 1000 + t + 1)
     info = {"pairs": len(examples), "dropped_ties": n_tied, "y_ref_chosen": n_ref_best / max(1, len(examples)),
             "t_sample": t_sample, "t_judge": t_judge, "t_train": time.time() - t0}
     log.write({"stage": stage, "online": info})
-    return info
+    return opt_, info
 
 
 # ---- evaluation ------------------------------------------------------------------------
@@ -392,6 +395,38 @@ def prepare_out_dir(path):
         raise ValueError(f"--out-dir {path} is not writable ({e.strerror})") from None
 
 
+# The fields that decide what the SFT and offline DPO stages produce: a run may start from
+# another run's stage checkpoint only if these agree (see --start-from).
+SHARED_BY_STAGE = {
+    "sft": ("model", "init_from", "dropout", "task_seed", "min_len", "max_len", "n_sft", "n_eval",
+            "sft_steps", "sft_lr", "sft_batch_size", "seed", "max_new_tokens", "kl_samples"),
+    "dpo": ("chunk_size", "beta", "loss_type", "lr", "batch_size", "micro_batch_size", "warmup",
+            "weight_decay", "grad_clip"),
+}
+
+
+def adopt_stages(cfg, stages):
+    """--start-from: copy the completed stages' checkpoints of another run into out_dir,
+    relabelled with this run's configuration, so that this run continues (and resumes)
+    as if it had made them. Runs of one seed in a sweep share SFT and offline DPO this way."""
+    src = load_checkpoint(cfg.start_from)
+    last = src["stage"]
+    if last not in stages:
+        raise ValueError(f"--start-from: stage {last!r} is not one of this run's stages {stages}")
+    done = stages[:stages.index(last) + 1]
+    keys = [k for s in done[:2] for k in SHARED_BY_STAGE[s]] + (["alpha", "lr_decay"] if len(done) > 2 else [])
+    diff = [k for k in keys if src["config"].get(k) != getattr(cfg, k)]
+    if diff:
+        raise ValueError(f"--start-from: {cfg.start_from} was made with different {', '.join(diff)}")
+    d = os.path.dirname(os.path.abspath(cfg.start_from))
+    for s in done:
+        ck = src if s == last else load_checkpoint(os.path.join(d, f"{s}.pt"))
+        ck["config"] = asdict(cfg)
+        atomic_save(ck, os.path.join(cfg.out_dir, f"{s}.pt"))
+    write_json_atomic(src["results"], os.path.join(cfg.out_dir, "results.json"))
+    return done, src
+
+
 def run(cfg):
     check_config(cfg)
     device = pick_device(cfg.device)
@@ -408,11 +443,16 @@ def run(cfg):
         if not done:
             raise ValueError(f"--resume: no checkpoint in {cfg.out_dir}")
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, f"{done[-1]}.pt"))
-        saved = {k: v for k, v in ckpt["config"].items() if k not in ("resume", "device")}
-        now = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "device")}
+        skip = ("resume", "device", "start_from")
+        saved = {k: v for k, v in ckpt["config"].items() if k not in skip}
+        now = {k: v for k, v in asdict(cfg).items() if k not in skip}
         diff = [k for k in now if saved.get(k) != now[k]]
         if diff:
             raise ValueError(f"--resume: configuration differs from the checkpoint's in {', '.join(diff)}")
+    if cfg.start_from:
+        if cfg.resume:
+            raise ValueError("--start-from and --resume exclude each other")
+        done, ckpt = adopt_stages(cfg, stages)
     print("config:", json.dumps(asdict(cfg)))
 
     tok = data.get_tokenizer()
@@ -434,7 +474,7 @@ def run(cfg):
         model.load_state_dict(model_from_checkpoint(ckpt).state_dict())
         results, sft_answers = ckpt["results"], ckpt["sft_answers"]
         sft_model = model_from_checkpoint(load_checkpoint(os.path.join(cfg.out_dir, "sft.pt"))).to(device).eval()
-        print(f"resuming after stage {done[-1]}")
+        print(f"continuing after stage {done[-1]}")
     print(f"model: {cfg.model}, {model.num_params() / 1e6:.2f}M parameters, device {device}")
 
     timings = {}
@@ -452,11 +492,10 @@ def run(cfg):
                 examples = [(tok.encode(e["prompt"]), tok.encode(e["chosen"]) + [tok.eos_id],
                              tok.encode(e["rejected"]) + [tok.eos_id], None) for e in chunk]
                 opt_ = train_preferences(cfg, stage, model, examples, cfg.lr, 0.0,
-                                         tok.pad_id, device, amp, log)
+                                         tok.pad_id, device, amp, log, seed=cfg.seed * 1000 + 1)
             else:
                 t = int(stage.split("_")[1])
-                info = selm_iteration(cfg, stage, t, model, task.chunks[t], tok, judge, device, amp, log)
-                opt_ = None
+                opt_, info = selm_iteration(cfg, stage, t, model, task.chunks[t], tok, judge, device, amp, log)
         if stage == "sft":
             sft_model = copy.deepcopy(model).eval()
         row, answers = evaluate(cfg, stage, model, sft_model, task.eval, sft_answers, tok, judge, device, amp)
