@@ -48,8 +48,16 @@ def opt(default, help):
 class Config:
     # model
     model: str = opt("small", "model preset: tiny, small, gpt2, gpt2-medium, gpt2-large, gpt2-xl")
-    init_from: str = opt(None, "start from a Hugging Face GPT-2 directory on disk instead of a fresh model")
+    init_from: str = opt(None, "start from a Hugging Face GPT-2 directory on disk instead of a fresh --model")
     dropout: float = opt(0.0, "dropout in every block")
+    # your own data (JSON Lines); without them the built-in sorting task is used
+    sft: str = opt(None, "SFT demonstrations: JSONL with 'prompt' and 'completion'")
+    prefs: str = opt(None, "offline preference pairs: JSONL with 'prompt', 'chosen', 'rejected' "
+                           "(split into iterations + 1 equal chunks)")
+    prompts: str = opt(None, "evaluation prompts: JSONL with 'prompt' and optionally 'reference' (an answer to beat)")
+    judge: str = opt(None, "the ranker, 'module:function' or 'file.py:function': judge(prompt, candidates) -> scores")
+    bpe_path: str = opt(None, "directory with GPT-2's BPE files (vocab.bpe + encoder.json, or merges.txt + vocab.json)")
+    block_size: int = opt(None, "context length of the fresh model (default: the preset's)")
     # the built-in task
     task_seed: int = opt(0, "seed of the built-in task's data (kept fixed across training seeds)")
     min_len: int = opt(7, "shortest word to sort")
@@ -101,8 +109,8 @@ def resolve(cfg):
     for k, v in SCALE.get(cfg.model, SCALE["default"]).items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
-    if cfg.max_new_tokens is None:
-        cfg.max_new_tokens = cfg.max_len + 4
+    if cfg.max_new_tokens is None:  # a sorted word is as long as the word; other data: 64
+        cfg.max_new_tokens = 64 if cfg.prefs else cfg.max_len + 4
     return cfg
 
 
@@ -131,9 +139,12 @@ def check_config(cfg):
         raise ValueError(f"--loss-type must be sigmoid or ipo, got {cfg.loss_type!r}")
     if cfg.batch_size % cfg.micro_batch_size:
         raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size {cfg.micro_batch_size}")
-    for name in ("sft_steps", "sft_batch_size", "batch_size", "micro_batch_size", "chunk_size", "n_eval", "gen_batch_size"):
+    for name in ("sft_batch_size", "batch_size", "micro_batch_size", "chunk_size", "n_eval", "gen_batch_size",
+                 "max_new_tokens"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if cfg.sft_steps < 0:
+        raise ValueError("--sft-steps must be >= 0 (0 skips SFT training)")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
     preset(cfg.model)  # unknown preset -> clear error
@@ -173,7 +184,11 @@ def write_json_atomic(obj, path):
 
 
 class MetricsLog:
-    """metrics.jsonl, one object per line, appended and flushed line by line."""
+    """metrics.jsonl: one JSON object per line, appended and flushed line by line.
+
+    A crash can tear the last line, and a stage that was running when the process died
+    wrote lines that its rerun will write again. So every checkpoint records the file's
+    length, and on --resume the file is cut back to that length (`truncate`)."""
 
     def __init__(self, path):
         self.path = path
@@ -182,6 +197,30 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
+
+    def size(self):
+        return os.path.getsize(self.path) if os.path.exists(self.path) else 0
+
+    def truncate(self, size):
+        if os.path.exists(self.path):
+            with open(self.path, "r+") as f:
+                f.truncate(size)
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl, skipping a torn (unparseable) last line."""
+    rows = []
+    with open(path) as f:
+        lines = f.read().split("\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 2 or (i == len(lines) - 2 and lines[-1] != ""):
+                raise ValueError(f"{path}:{i + 1}: corrupted line (not the last one)") from None
+    return rows
 
 
 def lr_at(step, total, peak, warmup):
@@ -244,6 +283,9 @@ def train_preferences(cfg, stage, policy, examples, lr, alpha, pad_id, device, a
     pi_{t-1} for SELM iteration t), so its log-probs are computed here, once, before the
     first update, under no_grad: no second model in memory, nothing recomputed per step.
     """
+    if not examples:  # e.g. the judge tied every candidate of every prompt
+        print(f"warning: stage {stage} has no preference pairs to train on; the model is unchanged")
+        return None
     with_ref = examples[0][3] is not None
     parts = [1, 2, 3] if with_ref else [1, 2]
     rows = [(ex[0], ex[k]) for k in parts for ex in examples]  # all chosen, all rejected, (all y_ref)
@@ -345,7 +387,7 @@ def selm_iteration(cfg, stage, t, policy, chunk, tok, judge, device, amp, log):
 # ---- evaluation ------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(cfg, stage, model, sft_model, eval_set, sft_answers, tok, judge, device, amp):
+def evaluate(cfg, stage, model, sft_model, eval_set, sft_answers, tok, judge, builtin, device, amp):
     """Greedy answers on held-out prompts, judged against the fixed reference answers and
     against the SFT model's answers (ties count half), plus KL(pi || pi_SFT) estimated as
     the mean of log pi(y) - log pi_SFT(y) over temperature-1 samples y ~ pi."""
@@ -354,9 +396,10 @@ def evaluate(cfg, stage, model, sft_model, eval_set, sft_answers, tok, judge, de
     ids, answers = greedy_responses(cfg, model, prompt_ids, tok, device)
     sft_answers = answers if sft_answers is None else sft_answers
     win_ref = win_sft = reward = perfect = 0.0
+    has_ref = all(e["reference"] is not None for e in eval_set)
     for p, a, e, s in zip(prompts, answers, eval_set, sft_answers):
-        sa, sr, ss = data.call_judge(judge, p, [a, e["reference"], s])
-        win_ref += 1.0 if sa > sr else 0.5 if sa == sr else 0.0
+        sa, ss, *sr = data.call_judge(judge, p, [a, s] + ([e["reference"]] if has_ref else []))
+        win_ref += (1.0 if sa > sr[0] else 0.5 if sa == sr[0] else 0.0) if has_ref else 0.0
         win_sft += 1.0 if sa > ss else 0.5 if sa == ss else 0.0
         reward += sa
         perfect += sa >= 1.0
@@ -374,31 +417,103 @@ def evaluate(cfg, stage, model, sft_model, eval_set, sft_answers, tok, judge, de
             lp = logps_of(model, rows, tok.pad_id, 4 * cfg.micro_batch_size)
             lq = logps_of(sft_model, rows, tok.pad_id, 4 * cfg.micro_batch_size)
         kl = (lp - lq).mean().item()
-    row = {"stage": stage, "win_rate_vs_reference": win_ref / n, "win_rate_vs_sft": win_sft / n,
-           "reward": reward / n, "perfect": perfect / n,
+    row = {"stage": stage, "win_rate_vs_reference": win_ref / n if has_ref else None,
+           "win_rate_vs_sft": win_sft / n, "reward": reward / n,
+           "perfect": perfect / n if builtin else None,  # "score 1.0" means "sorted" only in the built-in task
            "length": sum(len(i) for i in ids) / n, "kl": kl}
     return row, answers
 
 
+# ---- data ---------------------------------------------------------------------------------
+
+@dataclass
+class Data:
+    sft: list  # (prompt, response) strings
+    chunks: list  # T + 1 lists of {"prompt", "chosen", "rejected"}
+    eval: list  # {"prompt", "reference" (or None)}
+    judge: object  # judge(prompt, candidates) -> list of scores
+    builtin: bool  # the built-in task: its judge's score 1.0 means "fully correct"
+
+
+def load_data(cfg):
+    """The built-in task, or the user's JSONL files and judge. Everything is read and
+    checked here, before any training: a malformed record stops the run with its file,
+    line and field, and nothing is trained on partial data."""
+    user = [cfg.sft, cfg.prefs, cfg.prompts, cfg.judge]
+    if not any(user):
+        task = data.make_task(seed=cfg.task_seed, n_sft=cfg.n_sft, n_prompts_per_chunk=cfg.chunk_size,
+                              n_chunks=cfg.iterations + 1, n_eval=cfg.n_eval,
+                              min_len=cfg.min_len, max_len=cfg.max_len)
+        return Data(task.sft, task.chunks, task.eval, data.judge, True)
+    if not (cfg.prefs and cfg.prompts and cfg.judge):
+        raise ValueError("your own data needs --prefs, --prompts and --judge together "
+                         "(the built-in judge only scores the sorting task); --sft is optional")
+    if cfg.sft is None and cfg.init_from is None and cfg.sft_steps > 0:
+        raise ValueError("--prefs without --sft: give --sft demonstrations, or --init-from a "
+                         "pretrained model with --sft-steps 0")
+    judge = data.load_judge(cfg.judge)
+    sft = [(r["prompt"], r["completion"]) for r in data.load_jsonl(cfg.sft, ("prompt", "completion"))] if cfg.sft else []
+    prefs = data.load_jsonl(cfg.prefs, ("prompt", "chosen", "rejected"))
+    n = len(prefs) // (cfg.iterations + 1)
+    if n == 0:
+        raise ValueError(f"{cfg.prefs}: {len(prefs)} pairs cannot fill {cfg.iterations + 1} chunks "
+                         f"(offline DPO + {cfg.iterations} iterations)")
+    chunks = [prefs[i * n:(i + 1) * n] for i in range(cfg.iterations + 1)]
+    evals = [{"prompt": r["prompt"], "reference": r.get("reference")}
+             for r in data.load_jsonl(cfg.prompts, ("prompt",))]
+    return Data(sft, chunks, evals, judge, False)
+
+
+def get_tokenizer(cfg):
+    """GPT-2's BPE for GPT-2 weights (from --bpe-path, the --init-from directory, or
+    tiktoken's cache); otherwise whatever data.get_tokenizer finds."""
+    path = cfg.bpe_path
+    if path is None and cfg.init_from and any(
+            os.path.isfile(os.path.join(cfg.init_from, f)) for f in ("vocab.bpe", "merges.txt")):
+        path = cfg.init_from
+    tok = data.get_tokenizer(path)
+    if cfg.init_from and tok.name != "gpt2":
+        raise ValueError(f"--init-from {cfg.init_from} needs GPT-2's BPE, which is not on this machine: "
+                         "put merges.txt and vocab.json (or vocab.bpe and encoder.json) in that "
+                         "directory or in --bpe-path")
+    return tok
+
+
 # ---- the pipeline ----------------------------------------------------------------------
+
+def encode_all(pairs, tok, block_size, where):
+    out = []
+    for i, (p, r) in enumerate(pairs):
+        try:
+            out.append(data.encode_pair(tok, p, r, block_size))
+        except data.DataError as e:
+            raise data.DataError(f"{where}, record {i + 1}: {e}") from None
+    return out
+
 
 def stage_names(cfg):
     return ["sft", "dpo"] + [f"selm_{t}" for t in range(1, cfg.iterations + 1)]
 
 
 def prepare_out_dir(path):
+    """Create --out-dir, prove it writable, and sweep away temporary files that a killed
+    process left half-written (atomic writes go through .tmp-* files, then a rename)."""
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path):
             pass
     except OSError as e:
         raise ValueError(f"--out-dir {path} is not writable ({e.strerror})") from None
+    for name in os.listdir(path):
+        if name.startswith(".tmp-"):
+            os.unlink(os.path.join(path, name))
 
 
 # The fields that decide what the SFT and offline DPO stages produce: a run may start from
 # another run's stage checkpoint only if these agree (see --start-from).
 SHARED_BY_STAGE = {
-    "sft": ("model", "init_from", "dropout", "task_seed", "min_len", "max_len", "n_sft", "n_eval",
+    "sft": ("model", "init_from", "sft", "prefs", "prompts", "judge", "bpe_path", "block_size",
+            "dropout", "task_seed", "min_len", "max_len", "n_sft", "n_eval",
             "sft_steps", "sft_lr", "sft_batch_size", "seed", "max_new_tokens", "kl_samples"),
     "dpo": ("chunk_size", "beta", "loss_type", "lr", "batch_size", "micro_batch_size", "warmup",
             "weight_decay", "grad_clip"),
@@ -425,6 +540,14 @@ def adopt_stages(cfg, stages):
         atomic_save(ck, os.path.join(cfg.out_dir, f"{s}.pt"))
     write_json_atomic(src["results"], os.path.join(cfg.out_dir, "results.json"))
     return done, src
+
+
+def summary_line(stage, seconds, row, info):
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    return (f"[{stage:>7}] {seconds:6.1f}s  reward {row['reward']:.3f}  "
+            f"win vs ref {fmt(row['win_rate_vs_reference'], '.3f')}  win vs sft {row['win_rate_vs_sft']:.3f}  "
+            f"perfect {fmt(row['perfect'], '.1%')}  length {row['length']:.1f}  kl {row['kl']:.2f}"
+            + (f"  (y_ref chosen {info['y_ref_chosen']:.0%})" if info else ""))
 
 
 def run(cfg):
@@ -455,29 +578,43 @@ def run(cfg):
         done, ckpt = adopt_stages(cfg, stages)
     print("config:", json.dumps(asdict(cfg)))
 
-    tok = data.get_tokenizer()
-    task = data.make_task(seed=cfg.task_seed, n_sft=cfg.n_sft, n_prompts_per_chunk=cfg.chunk_size,
-                          n_chunks=cfg.iterations + 1, n_eval=cfg.n_eval,
-                          min_len=cfg.min_len, max_len=cfg.max_len)
-    judge = data.judge
-    mcfg = preset(cfg.model, vocab_size=tok.vocab_size, dropout=cfg.dropout)
-    max_seq = max(len(tok.encode(p)) for p, _ in task.sft) + cfg.max_new_tokens + 1
-    if max_seq > mcfg.block_size:
-        raise ValueError(f"the task needs {max_seq} tokens of context, model {cfg.model} has {mcfg.block_size}")
-    sft_examples = [data.encode_pair(tok, p, r, mcfg.block_size) for p, r in task.sft]
-
+    tok = get_tokenizer(cfg)
+    task = load_data(cfg)
+    judge = task.judge
     torch.manual_seed(cfg.seed)
-    model = GPT(mcfg).to(device)
+    if cfg.init_from:
+        model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
+        mcfg = model.config
+    else:
+        mcfg = preset(cfg.model, vocab_size=tok.vocab_size, dropout=cfg.dropout, block_size=cfg.block_size)
+        model = GPT(mcfg)
+    model.to(device)
+    if tok.vocab_size > mcfg.vocab_size:
+        raise ValueError(f"tokenizer {tok.name} has {tok.vocab_size} ids, the model only {mcfg.vocab_size}")
+    # Every text is encoded and checked against the context now: a prompt or pair that does
+    # not fit is refused (data.encode_pair), never silently truncated.
+    sft_examples = encode_all(task.sft, tok, mcfg.block_size, cfg.sft or "built-in SFT data")
+    encode_all([(e["prompt"], e[k]) for c in task.chunks for e in c for k in ("chosen", "rejected")],
+               tok, mcfg.block_size, cfg.prefs or "built-in pairs")
+    for e in task.eval + [e for c in task.chunks for e in c]:
+        if len(tok.encode(e["prompt"])) >= mcfg.block_size - 1:
+            raise ValueError(f"prompt {e['prompt'][:40]!r}... leaves no room for a response in the "
+                             f"context of {mcfg.block_size} tokens")
     log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"))
     results, sft_answers, sft_model = [], None, None
     if ckpt is not None:
+        if ckpt["model_config"] != asdict(mcfg):
+            raise ValueError(f"checkpoint in {cfg.out_dir} holds a different model "
+                             f"({ckpt['model_config']}) than --model {cfg.model} ({asdict(mcfg)})")
         model.load_state_dict(model_from_checkpoint(ckpt).state_dict())
         results, sft_answers = ckpt["results"], ckpt["sft_answers"]
-        sft_model = model_from_checkpoint(load_checkpoint(os.path.join(cfg.out_dir, "sft.pt"))).to(device).eval()
+        sft_ckpt = load_checkpoint(os.path.join(cfg.out_dir, "sft.pt"))
+        sft_model = model_from_checkpoint(sft_ckpt, "sft.pt").to(device).eval()
+        log.truncate(ckpt.get("metrics_size", log.size()))  # drop what the interrupted stage logged
+        write_json_atomic(results, os.path.join(cfg.out_dir, "results.json"))
         print(f"continuing after stage {done[-1]}")
     print(f"model: {cfg.model}, {model.num_params() / 1e6:.2f}M parameters, device {device}")
 
-    timings = {}
     for si, stage in enumerate(stages):
         if stage in done:
             continue
@@ -498,24 +635,23 @@ def run(cfg):
                 opt_, info = selm_iteration(cfg, stage, t, model, task.chunks[t], tok, judge, device, amp, log)
         if stage == "sft":
             sft_model = copy.deepcopy(model).eval()
-        row, answers = evaluate(cfg, stage, model, sft_model, task.eval, sft_answers, tok, judge, device, amp)
+        row, answers = evaluate(cfg, stage, model, sft_model, task.eval, sft_answers, tok, judge,
+                                task.builtin, device, amp)
         if stage == "sft":
             sft_answers = answers
-        row["time"] = round(time.time() - t0, 1)
-        results.append(row)
-        timings[stage] = row["time"]
-        log.write({"eval": row, **({"online": info} if info else {})})
+        results.append(row)  # results.json holds no timings: a resumed run reproduces it exactly
+        seconds = time.time() - t0
+        log.write({"eval": row, "time": round(seconds, 2), **({"online": info} if info else {})})
+        # the checkpoint is the commit point of a stage: written atomically, and only then
+        # results.json, which --resume rewrites from it anyway
         state = {"model": model.state_dict(), "model_config": asdict(mcfg), "config": asdict(cfg),
                  "stage": stage, "stage_index": si, "results": results, "sft_answers": sft_answers,
                  "optimizer": opt_.state_dict() if opt_ is not None else None,
-                 "rng": torch.get_rng_state(), "tokenizer": tok.name,
+                 "rng": torch.get_rng_state(), "tokenizer": tok.name, "metrics_size": log.size(),
                  "prompt_template": data.make_prompt("{prompt}")}
         atomic_save(state, os.path.join(cfg.out_dir, f"{stage}.pt"))
         write_json_atomic(results, os.path.join(cfg.out_dir, "results.json"))
-        print(f"[{stage:>7}] {row['time']:6.1f}s  reward {row['reward']:.3f}  "
-              f"win vs ref {row['win_rate_vs_reference']:.3f}  win vs sft {row['win_rate_vs_sft']:.3f}  "
-              f"perfect {row['perfect']:.1%}  length {row['length']:.1f}  kl {row['kl']:.2f}"
-              + (f"  (y_ref chosen {info['y_ref_chosen']:.0%})" if info else ""))
+        print(summary_line(stage, seconds, row, info))
     return results
 
 
@@ -523,8 +659,10 @@ def main(argv=None):
     cfg = parse_args(argv)
     try:
         run(cfg)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:  # DataError is a ValueError
         sys.exit(f"train.py: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(f"train.py: interrupted; `--resume` continues after the last completed stage in {cfg.out_dir}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,89 @@
+"""Your own data through every stage, and every way user input can be wrong."""
+import json
+import os
+
+import pytest
+
+import train
+
+JUDGE = '''
+def judge(prompt, candidates):
+    # toy ranker: the more of the letter to say ("say c:") a response repeats, the better
+    want = prompt.strip()[-2]
+    return [c.count(want) / max(1, len(c)) for c in candidates]
+'''
+SMALL = ["--model", "tiny", "--sft-steps", "30", "--iterations", "2", "--batch-size", "8",
+         "--micro-batch-size", "4", "--max-new-tokens", "8"]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture
+def files(tmp_path):
+    letters = "abcdefgh"
+    sft = [{"prompt": f"say {c}:", "completion": c * 3} for c in letters * 4]
+    prefs = [{"prompt": f"say {c}:", "chosen": c * 4, "rejected": "xyz"} for c in letters * 3]
+    prompts = [{"prompt": f"say {c}:", "reference": c + "q"} for c in letters]
+    (tmp_path / "myjudge.py").write_text(JUDGE)
+    return {"--sft": write_jsonl(tmp_path / "sft.jsonl", sft),
+            "--prefs": write_jsonl(tmp_path / "prefs.jsonl", prefs),
+            "--prompts": write_jsonl(tmp_path / "prompts.jsonl", prompts),
+            "--judge": str(tmp_path / "myjudge.py") + ":judge"}
+
+
+def flags(files, **override):
+    d = dict(files, **override)
+    return [x for k, v in d.items() for x in (k, v)]
+
+
+def test_jsonl_round_trip_through_every_stage(tmp_path, files):
+    out = tmp_path / "out"
+    results = train.run(train.parse_args(SMALL + flags(files) + ["--out-dir", str(out)]))
+    assert [r["stage"] for r in results] == ["sft", "dpo", "selm_1", "selm_2"]
+    assert json.load(open(out / "results.json")) == results
+    for r in results:
+        assert 0 <= r["win_rate_vs_reference"] <= 1 and 0 <= r["reward"] <= 1
+        assert r["perfect"] is None  # "fully correct" means nothing to a user's judge
+    online = [json.loads(l)["online"] for l in open(out / "metrics.jsonl") if '"online"' in l]
+    assert online and all(o["pairs"] > 0 for o in online)
+
+
+BAD = [
+    ("--prefs", "", "empty file"),
+    ("--prefs", '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": \n', ":2: bad JSON"),
+    ("--prefs", '{"prompt": "a", "chosen": "b"}\n', ":1: missing field 'rejected'"),
+    ("--prefs", '{"prompt": "a", "chosen": 3, "rejected": "c"}\n', "field 'chosen' must be a string"),
+    ("--sft", '{"prompt": "a", "completion": ""}\n', "field 'completion' is empty"),
+    ("--prompts", '{"prompt": "' + "x" * 70 + '"}\n', "leaves no room for a response"),
+    ("--sft", '{"prompt": "' + "x" * 70 + '", "completion": "y"}\n', "context is 64"),
+]
+
+
+@pytest.mark.parametrize("flag,content,msg", BAD)
+def test_malformed_input_is_one_clear_line(tmp_path, files, flag, content, msg):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        train.main(SMALL + flags(files, **{flag: str(bad)}) + ["--out-dir", str(out)])
+    err = str(e.value)
+    assert msg in err and "\n" not in err, err
+    assert not os.path.exists(out / "sft.pt")  # nothing trained on partial data
+
+
+def test_judge_and_data_flags_must_come_together(tmp_path, files):
+    with pytest.raises(SystemExit) as e:
+        train.main(SMALL + ["--prefs", files["--prefs"], "--out-dir", str(tmp_path)])
+    assert "--prefs, --prompts and --judge together" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        train.main(SMALL + flags(files, **{"--judge": "no_such_module_xyz:judge"}) + ["--out-dir", str(tmp_path)])
+    assert "no_such_module_xyz" in str(e.value)
+
+
+def test_init_from_missing_directory(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--init-from", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "o")])
+    assert "nowhere" in str(e.value) and "\n" not in str(e.value)
