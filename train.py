@@ -31,6 +31,9 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
@@ -94,6 +97,7 @@ class Config:
     start_from: str = opt(None, "skip the stages up to and including the one saved in this checkpoint of another run "
                                 "(same model, task, SFT and seed); they are copied into --out-dir")
     log_every: int = opt(10, "write a metrics line every this many steps")
+    compile: bool = opt(False, "torch.compile the training forward (sampling and checkpoints use the plain model)")
 
 
 # Data and step counts that fit each preset's time budget on a 2-core CPU (`tiny`: about a
@@ -150,27 +154,68 @@ def check_config(cfg):
     preset(cfg.model)  # unknown preset -> clear error
 
 
-# ---- devices, files, logging ------------------------------------------------------------
+# ---- devices, processes, files, logging --------------------------------------------------
 
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+def pick_device(name, local_rank=0):
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    if name == "cuda":  # under torchrun each process takes its own GPU
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
 
 
-def autocast_for(device, dtype):
+def amp_dtype(device, dtype):
     """bf16 autocast on GPUs that support it (fp16 otherwise); fp32 on CPU by default.
     Log-softmax stays fp32 either way (selm.sequence_logps)."""
     if dtype == "auto":
         dtype = "float32" if device.type != "cuda" else (
             "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
-    if dtype == "float32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+    return None if dtype == "float32" else getattr(torch, dtype)
+
+
+class Dist:
+    """The processes torchrun started (or just this one). Work that produces data --
+    sampling, judging, scoring -- is cut into fixed blocks; block b goes to rank b % world,
+    and the results are gathered in block order, so every rank ends up with the same data
+    in the same order, identical to a single process doing every block itself."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.main = self.rank == 0
+
+    def init(self, device):
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    def map_blocks(self, fn, items, block):
+        """[fn(start, items[start:start + block]) for each block], concatenated in order."""
+        starts = range(0, len(items), block)
+        mine = [(s, fn(s, items[s:s + block])) for s in starts[self.rank::self.world]]
+        if self.world > 1:
+            parts = [None] * self.world
+            dist.all_gather_object(parts, mine)
+            mine = [x for part in parts for x in part]
+        return [y for _, out in sorted(mine, key=lambda t: t[0]) for y in out]
+
+    def gather(self, items):
+        """Every rank's list, concatenated in rank order."""
+        if self.world == 1:
+            return items
+        parts = [None] * self.world
+        dist.all_gather_object(parts, items)
+        return [x for part in parts for x in part]
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
 
 
 def write_json_atomic(obj, path):
@@ -184,25 +229,27 @@ def write_json_atomic(obj, path):
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per line, appended and flushed line by line.
+    """metrics.jsonl: one JSON object per line, appended and flushed line by line; only
+    rank 0 writes.
 
     A crash can tear the last line, and a stage that was running when the process died
     wrote lines that its rerun will write again. So every checkpoint records the file's
     length, and on --resume the file is cut back to that length (`truncate`)."""
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, path, enabled=True):
+        self.path, self.enabled = path, enabled
 
     def write(self, row):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
 
     def size(self):
         return os.path.getsize(self.path) if os.path.exists(self.path) else 0
 
     def truncate(self, size):
-        if os.path.exists(self.path):
+        if self.enabled and os.path.exists(self.path):
             with open(self.path, "r+") as f:
                 f.truncate(size)
 
@@ -223,6 +270,33 @@ def read_metrics(path):
     return rows
 
 
+@dataclass
+class Run:
+    """What every stage needs besides the model: settings, device, tokenizer, log, ranks."""
+    cfg: Config
+    device: torch.device
+    dtype: object  # autocast dtype, or None for plain fp32
+    tok: object
+    log: MetricsLog
+    dist: Dist
+
+    def autocast(self):
+        return nullcontext() if self.dtype is None else torch.autocast(self.device.type, dtype=self.dtype)
+
+    def wrap(self, model):
+        """The module to train through: DDP under torchrun, optionally compiled. Sampling,
+        scoring and saving always use the plain `model`."""
+        m = model
+        if self.dist.world > 1:
+            m = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.cfg.compile:
+            m = torch.compile(m)
+        return m
+
+    def bar(self, iterable, desc):
+        return tqdm(iterable, desc=desc, leave=False, mininterval=1.0, disable=not self.dist.main)
+
+
 def lr_at(step, total, peak, warmup):
     """Linear warmup over the first `warmup` fraction of steps, then cosine to zero."""
     w = max(1, int(warmup * total))
@@ -231,174 +305,214 @@ def lr_at(step, total, peak, warmup):
     return peak * 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
 
 
-# ---- stage 1: SFT ----------------------------------------------------------------------
-
-def train_sft(cfg, model, examples, pad_id, device, amp, log):
-    """Cross-entropy on response tokens only (the prompt is given, not learned)."""
-    opt_ = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.1, betas=(0.9, 0.95))
-    model.train()
-    g = torch.Generator().manual_seed(cfg.seed)
-    bar = tqdm(range(cfg.sft_steps), desc="sft", leave=False, mininterval=1.0)
-    for step in bar:
-        idx = torch.randint(len(examples), (cfg.sft_batch_size,), generator=g).tolist()
-        b = {k: v.to(device) for k, v in data.collate([examples[i] for i in idx], pad_id).items()}
-        target_mask = b["response_mask"][:, 1:]  # token t is predicted at position t-1
-        with amp:
-            logits = model(b["input_ids"][:, :-1], output_mask=target_mask)  # (N, V)
-        loss = torch.nn.functional.cross_entropy(logits.float(), b["input_ids"][:, 1:][target_mask])
-        check_finite(loss, "sft", step)
-        for group in opt_.param_groups:
-            group["lr"] = lr_at(step, cfg.sft_steps, cfg.sft_lr, 0.05)
-        opt_.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt_.step()
-        if step % cfg.log_every == 0 or step == cfg.sft_steps - 1:
-            log.write({"stage": "sft", "step": step, "loss": loss.item(), "lr": opt_.param_groups[0]["lr"]})
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    return opt_
-
-
 def check_finite(loss, stage, step):
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss ({loss.item()}) in stage {stage} at step {step}; "
                                  "lower the learning rate (the last good checkpoint is intact)")
 
 
+def optimizer_step(R, model, opt_, stage, step):
+    if R.cfg.grad_clip:
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), R.cfg.grad_clip)
+        if not torch.isfinite(gn):
+            raise FloatingPointError(f"non-finite gradient in stage {stage} at step {step}; "
+                                     "lower the learning rate (the last good checkpoint is intact)")
+    opt_.step()
+
+
+# ---- stage 1: SFT ----------------------------------------------------------------------
+
+def train_sft(R, model, examples):
+    """Cross-entropy on response tokens only (the prompt is given, not learned), averaged
+    over the response tokens of the global batch. Under torchrun every rank draws the same
+    global batch and takes its share; DDP averages gradients over ranks, so each rank
+    scales its token sum by world / (global token count)."""
+    cfg, W = R.cfg, R.dist.world
+    train_model = R.wrap(model)
+    opt_ = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.1, betas=(0.9, 0.95))
+    model.train()
+    g = torch.Generator().manual_seed(cfg.seed)
+    bar = R.bar(range(cfg.sft_steps), "sft")
+    for step in bar:
+        idx = torch.randint(len(examples), (cfg.sft_batch_size,), generator=g).tolist()
+        n_tokens = sum(len(examples[i][1]) for i in idx)
+        b = {k: v.to(R.device) for k, v in data.collate([examples[i] for i in idx[R.dist.rank::W]],
+                                                        R.tok.pad_id).items()}
+        target_mask = b["response_mask"][:, 1:]  # token t is predicted at position t-1
+        with R.autocast():
+            logits = train_model(b["input_ids"][:, :-1], output_mask=target_mask)  # (N, V)
+        loss = F.cross_entropy(logits.float(), b["input_ids"][:, 1:][target_mask], reduction="sum")
+        loss = loss * W / n_tokens
+        check_finite(loss, "sft", step)
+        for group in opt_.param_groups:
+            group["lr"] = lr_at(step, cfg.sft_steps, cfg.sft_lr, 0.05)
+        opt_.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer_step(R, model, opt_, "sft", step)
+        if step % cfg.log_every == 0 or step == cfg.sft_steps - 1:
+            total = sum(R.dist.gather([loss.item() / W]))
+            R.log.write({"stage": "sft", "step": step, "loss": total, "lr": opt_.param_groups[0]["lr"]})
+            bar.set_postfix(loss=f"{total:.3f}")
+    return opt_
+
+
 # ---- stages 2..: DPO and SELM on a list of preference examples --------------------------
 
-def logps_of(model, rows, pad_id, batch_size):
-    """Summed response log-probs of (prompt_ids, response_ids) rows under `model`, computed
-    without grad in eval mode (selm.reference_logps): (N,) on the model's device."""
-    batches = (data.collate(rows[i:i + batch_size], pad_id) for i in range(0, len(rows), batch_size))
-    return reference_logps(model, batches)
+def logps_of(R, model, rows, batch_size):
+    """Summed response log-probs of (prompt_ids, response_ids) rows under `model`, without
+    grad in eval mode (selm.reference_logps), sharded over ranks: (N,) fp32 on the CPU."""
+    def score(_, block):
+        batches = (data.collate(block[i:i + batch_size], R.tok.pad_id) for i in range(0, len(block), batch_size))
+        with R.autocast():
+            return reference_logps(model, batches).float().cpu().tolist()
+    return torch.tensor(R.dist.map_blocks(score, rows, batch_size), dtype=torch.float32)
 
 
-def train_preferences(cfg, stage, policy, examples, lr, alpha, pad_id, device, amp, log, seed):
-    """One epoch of the SELM loss (DPO when alpha == 0 or there is no y_ref).
+def train_preferences(R, stage, policy, examples, lr, alpha, seed):
+    """One epoch of the SELM loss (DPO when there is no y_ref).
 
     examples: list of (prompt_ids, chosen_ids, rejected_ids, y_ref_ids or None).
     The reference is the policy as it enters the stage (the SFT model for offline DPO,
     pi_{t-1} for SELM iteration t), so its log-probs are computed here, once, before the
     first update, under no_grad: no second model in memory, nothing recomputed per step.
+    Each optimizer step takes batch_size examples; under torchrun each rank takes its share
+    of them, in micro-batches whose gradients are all-reduced only at the last one.
     """
+    cfg, W, rank = R.cfg, R.dist.world, R.dist.rank
     if not examples:  # e.g. the judge tied every candidate of every prompt
-        print(f"warning: stage {stage} has no preference pairs to train on; the model is unchanged")
+        if R.dist.main:
+            print(f"warning: stage {stage} has no preference pairs to train on; the model is unchanged")
         return None
     with_ref = examples[0][3] is not None
     parts = [1, 2, 3] if with_ref else [1, 2]
     rows = [(ex[0], ex[k]) for k in parts for ex in examples]  # all chosen, all rejected, (all y_ref)
-    with amp:
-        ref_logps = logps_of(policy, rows, pad_id, 4 * cfg.micro_batch_size)
+    ref_logps = logps_of(R, policy, rows, 4 * cfg.micro_batch_size).to(R.device)
     ref_logps = ref_logps.view(len(parts), len(examples))  # (2 or 3, N)
 
+    train_model = R.wrap(policy)
     opt_ = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-    order = list(data.batches(len(examples), cfg.batch_size, seed=seed, shuffle=True))
-    accum = cfg.batch_size // cfg.micro_batch_size
+    # a batch too small to give every rank an example is dropped (only ever the last one)
+    order = [b for b in data.batches(len(examples), cfg.batch_size, seed=seed) if len(b) >= W]
     policy.train()
-    bar = tqdm(order, desc=stage, leave=False, mininterval=1.0)
+    bar = R.bar(order, stage)
     for step, idx in enumerate(bar):
         for group in opt_.param_groups:
             group["lr"] = lr_at(step, len(order), lr, cfg.warmup)
         opt_.zero_grad(set_to_none=True)
+        mine = idx[rank::W]
+        micro = [mine[m:m + cfg.micro_batch_size] for m in range(0, len(mine), cfg.micro_batch_size)]
         stats = []
-        for m in range(0, len(idx), cfg.micro_batch_size):
-            mi = idx[m:m + cfg.micro_batch_size]
+        for k, mi in enumerate(micro):
             b = data.collate_preferences([examples[i][0] for i in mi], [examples[i][1] for i in mi],
                                          [examples[i][2] for i in mi],
-                                         [examples[i][3] for i in mi] if with_ref else None, pad_id=pad_id)
-            b = {k: v.to(device) for k, v in b.items()}
-            with amp:
-                logps = sequence_logps(policy, b["input_ids"], b["response_mask"])  # (parts*B,)
-            pol = logps.view(len(parts), len(mi))
-            ref = ref_logps[:, mi]
-            if with_ref:  # SELM, Eq. 4.2
-                losses, cr, rr = selm_loss(pol[0], pol[1], ref[0], ref[1], pol[2], ref[2],
-                                           beta=cfg.beta, alpha=alpha, loss_type=cfg.loss_type)
-                optimism = optimism_term(pol[2], ref[2], beta=cfg.beta, alpha=alpha).detach()
-            else:  # offline DPO: no reference response, no optimism term
-                losses, cr, rr = dpo_loss(pol[0], pol[1], ref[0], ref[1], beta=cfg.beta,
-                                          loss_type=cfg.loss_type)
-                optimism = torch.zeros_like(cr)
-            # sum over the micro-batch / global batch: the same gradient whatever `accum` is
-            loss = losses.sum() / len(idx)
-            check_finite(loss, stage, step)
-            loss.backward()
-            stats.append((losses.detach(), cr, rr, pol[0].detach(), pol[1].detach(), optimism))
-        if cfg.grad_clip:
-            gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-            if not torch.isfinite(gn):
-                raise FloatingPointError(f"non-finite gradient in stage {stage} at step {step}")
-        opt_.step()
+                                         [examples[i][3] for i in mi] if with_ref else None,
+                                         pad_id=R.tok.pad_id)
+            b = {key: v.to(R.device) for key, v in b.items()}
+            sync = k == len(micro) - 1 or W == 1
+            with (nullcontext() if sync else train_model.no_sync()), R.autocast():
+                # chosen, rejected (and y_ref) rows in one forward: (parts * B,)
+                logps = sequence_logps(train_model, b["input_ids"], b["response_mask"])
+                pol = logps.view(len(parts), len(mi))
+                ref = ref_logps[:, mi]
+                if with_ref:  # SELM, Eq. 4.2
+                    losses, cr, rr = selm_loss(pol[0], pol[1], ref[0], ref[1], pol[2], ref[2],
+                                               beta=cfg.beta, alpha=alpha, loss_type=cfg.loss_type)
+                    optimism = optimism_term(pol[2], ref[2], beta=cfg.beta, alpha=alpha).detach()
+                else:  # offline DPO: no reference response, no optimism term
+                    losses, cr, rr = dpo_loss(pol[0], pol[1], ref[0], ref[1], beta=cfg.beta,
+                                              loss_type=cfg.loss_type)
+                    optimism = torch.zeros_like(cr)
+                # a sum over examples / the global batch size: the gradient is the batch mean
+                # whatever the micro-batch size, and DDP's average over ranks is undone by W
+                loss = losses.sum() * W / len(idx)
+                check_finite(loss, stage, step)
+                loss.backward()
+            stats.append(torch.stack([losses.detach(), cr, rr, pol[0].detach(), pol[1].detach(), optimism], 1))
+        optimizer_step(R, policy, opt_, stage, step)
         if step % cfg.log_every == 0 or step == len(order) - 1:
-            cat = [torch.cat(s) for s in zip(*stats)]
+            cat = torch.tensor(R.dist.gather(torch.cat(stats).cpu().tolist())).T  # (6, batch)
             row = preference_metrics(cat[0], cat[1], cat[2], policy_chosen_logps=cat[3],
                                      policy_rejected_logps=cat[4], optimism=cat[5])
-            log.write({"stage": stage, "step": step, "lr": opt_.param_groups[0]["lr"], **row})
+            R.log.write({"stage": stage, "step": step, "lr": opt_.param_groups[0]["lr"], **row})
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['rewards/accuracies']:.2f}")
     return opt_
 
 
-def greedy_responses(cfg, model, prompt_ids, tok, device):
-    """Greedy responses (token lists without EOS, and texts) for a list of prompts."""
-    out = []
-    for i in range(0, len(prompt_ids), cfg.gen_batch_size):
-        r, _ = generate(model, prompt_ids[i:i + cfg.gen_batch_size], cfg.max_new_tokens,
-                        temperature=0, eos_id=tok.eos_id, pad_id=tok.pad_id)
-        out += r
-    ids = [[t for t in r if t != tok.eos_id] for r in out]
-    return ids, [tok.decode(r) for r in ids]
+def sample_responses(R, model, prompt_ids, temperature=0.0, seed=0):
+    """Responses to every prompt (token lists, EOS included when emitted), sharded over ranks
+    in blocks of gen_batch_size; the seed of a block depends only on its position."""
+    def fn(start, block):
+        r, _ = generate(model, block, R.cfg.max_new_tokens, temperature=temperature,
+                        eos_id=R.tok.eos_id, pad_id=R.tok.pad_id, seed=seed + start)
+        return r
+    return R.dist.map_blocks(fn, prompt_ids, R.cfg.gen_batch_size)
 
 
-def selm_iteration(cfg, stage, t, policy, chunk, tok, judge, device, amp, log):
+def greedy_responses(R, model, prompt_ids):
+    """Greedy responses for a list of prompts: (token lists without EOS, texts)."""
+    ids = [[t for t in r if t != R.tok.eos_id] for r in sample_responses(R, model, prompt_ids)]
+    return ids, [R.tok.decode(r) for r in ids]
+
+
+def judge_blocks(R, judge, prompts, candidates):
+    """data.call_judge on every (prompt, candidate list), sharded over ranks."""
+    items = list(zip(prompts, candidates))
+    return R.dist.map_blocks(lambda _, blk: [data.call_judge(judge, p, c) for p, c in blk],
+                             items, R.cfg.gen_batch_size)
+
+
+def selm_iteration(R, stage, t, policy, chunk, judge):
     """One online iteration (SELM.md, Algorithm 1): sample, judge, build pairs, train."""
+    cfg, tok = R.cfg, R.tok
     # pi_ref = pi_{t-1} is the policy as it enters this iteration: sample from it now,
     # score with it in train_preferences before the first update, and the reference moves.
     prompts = [ex["prompt"] for ex in chunk]
     prompt_ids = [tok.encode(p) for p in prompts]
     t0 = time.time()
-    y_ref_ids, y_ref = greedy_responses(cfg, policy, prompt_ids, tok, device)
+    y_ref_ids, y_ref = greedy_responses(R, policy, prompt_ids)
     t_sample = time.time() - t0
     t0 = time.time()
-    pairs = online_pairs(judge, prompts, [ex["chosen"] for ex in chunk],
-                         [ex["rejected"] for ex in chunk], y_ref)
+    # the judge sees [chosen, y_ref, rejected]; scores come back sharded, the ranking is cheap
+    scores = judge_blocks(R, judge, prompts, [[ex["chosen"], yr, ex["rejected"]] for ex, yr in zip(chunk, y_ref)])
+    replay = iter(scores)  # online_pairs asks the judge in this same order: replay its scores
+    pairs = online_pairs(lambda prompt, candidates: next(replay), prompts,
+                         [ex["chosen"] for ex in chunk], [ex["rejected"] for ex in chunk], y_ref)
     t_judge = time.time() - t0
     examples, n_ref_best, n_tied = [], 0, 0
-    for p_ids, pair, yr in zip(prompt_ids, pairs, y_ref_ids):
+    for p_ids, pair, yr, yr_text in zip(prompt_ids, pairs, y_ref_ids, y_ref):
         if pair is None:  # all three candidates scored the same: no preference to learn
             n_tied += 1
             continue
         chosen, rejected = pair
-        n_ref_best += chosen == tok.decode(yr)
-        c = tok.encode(chosen) + [tok.eos_id]
-        r = tok.encode(rejected) + [tok.eos_id]
-        examples.append((p_ids, c, r, yr + [tok.eos_id]))
+        n_ref_best += chosen == yr_text
+        examples.append((p_ids, tok.encode(chosen) + [tok.eos_id], tok.encode(rejected) + [tok.eos_id],
+                         yr + [tok.eos_id]))
     lr = cfg.lr * cfg.lr_decay ** (t - 1)
     t0 = time.time()
-    opt_ = train_preferences(cfg, stage, policy, examples, lr, cfg.alpha, tok.pad_id, device, amp,
-                             log, seed=cfg.seed * 1000 + t + 1)
+    opt_ = train_preferences(R, stage, policy, examples, lr, cfg.alpha, seed=cfg.seed * 1000 + t + 1)
     info = {"pairs": len(examples), "dropped_ties": n_tied, "y_ref_chosen": n_ref_best / max(1, len(examples)),
             "t_sample": t_sample, "t_judge": t_judge, "t_train": time.time() - t0}
-    log.write({"stage": stage, "online": info})
+    R.log.write({"stage": stage, "online": info})
     return opt_, info
 
 
 # ---- evaluation ------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(cfg, stage, model, sft_model, eval_set, sft_answers, tok, judge, builtin, device, amp):
+def evaluate(R, stage, model, sft_model, eval_set, sft_answers, judge, builtin):
     """Greedy answers on held-out prompts, judged against the fixed reference answers and
     against the SFT model's answers (ties count half), plus KL(pi || pi_SFT) estimated as
     the mean of log pi(y) - log pi_SFT(y) over temperature-1 samples y ~ pi."""
+    cfg = R.cfg
     prompts = [e["prompt"] for e in eval_set]
-    prompt_ids = [tok.encode(p) for p in prompts]
-    ids, answers = greedy_responses(cfg, model, prompt_ids, tok, device)
+    prompt_ids = [R.tok.encode(p) for p in prompts]
+    ids, answers = greedy_responses(R, model, prompt_ids)
     sft_answers = answers if sft_answers is None else sft_answers
-    win_ref = win_sft = reward = perfect = 0.0
     has_ref = all(e["reference"] is not None for e in eval_set)
-    for p, a, e, s in zip(prompts, answers, eval_set, sft_answers):
-        sa, ss, *sr = data.call_judge(judge, p, [a, s] + ([e["reference"]] if has_ref else []))
+    scores = judge_blocks(R, judge, prompts, [[a, s] + ([e["reference"]] if has_ref else [])
+                                              for a, s, e in zip(answers, sft_answers, eval_set)])
+    win_ref = win_sft = reward = perfect = 0.0
+    for sa, ss, *sr in scores:
         win_ref += (1.0 if sa > sr[0] else 0.5 if sa == sr[0] else 0.0) if has_ref else 0.0
         win_sft += 1.0 if sa > ss else 0.5 if sa == ss else 0.0
         reward += sa
@@ -408,14 +522,10 @@ def evaluate(cfg, stage, model, sft_model, eval_set, sft_answers, tok, judge, bu
     if sft_model is not model and cfg.kl_samples > 0:
         rows = []
         for k in range(cfg.kl_samples):
-            for i in range(0, n, cfg.gen_batch_size):
-                r, _ = generate(model, prompt_ids[i:i + cfg.gen_batch_size], cfg.max_new_tokens,
-                                temperature=1.0, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                                seed=cfg.seed * 7919 + 31 * k + i)
-                rows += [(p, y) for p, y in zip(prompt_ids[i:i + cfg.gen_batch_size], r) if y]
-        with amp:
-            lp = logps_of(model, rows, tok.pad_id, 4 * cfg.micro_batch_size)
-            lq = logps_of(sft_model, rows, tok.pad_id, 4 * cfg.micro_batch_size)
+            ys = sample_responses(R, model, prompt_ids, temperature=1.0, seed=cfg.seed * 7919 + 100_003 * k)
+            rows += [(p, y) for p, y in zip(prompt_ids, ys) if y]
+        lp = logps_of(R, model, rows, 4 * cfg.micro_batch_size)
+        lq = logps_of(R, sft_model, rows, 4 * cfg.micro_batch_size)
         kl = (lp - lq).mean().item()
     row = {"stage": stage, "win_rate_vs_reference": win_ref / n if has_ref else None,
            "win_rate_vs_sft": win_sft / n, "reward": reward / n,
@@ -464,14 +574,14 @@ def load_data(cfg):
     return Data(sft, chunks, evals, judge, False)
 
 
-def get_tokenizer(cfg):
+def get_tokenizer(cfg, verbose=True):
     """GPT-2's BPE for GPT-2 weights (from --bpe-path, the --init-from directory, or
     tiktoken's cache); otherwise whatever data.get_tokenizer finds."""
     path = cfg.bpe_path
     if path is None and cfg.init_from and any(
             os.path.isfile(os.path.join(cfg.init_from, f)) for f in ("vocab.bpe", "merges.txt")):
         path = cfg.init_from
-    tok = data.get_tokenizer(path)
+    tok = data.get_tokenizer(path, verbose=verbose)
     if cfg.init_from and tok.name != "gpt2":
         raise ValueError(f"--init-from {cfg.init_from} needs GPT-2's BPE, which is not on this machine: "
                          "put merges.txt and vocab.json (or vocab.bpe and encoder.json) in that "
@@ -536,10 +646,12 @@ def adopt_stages(cfg, stages):
     d = os.path.dirname(os.path.abspath(cfg.start_from))
     for s in done:
         ck = src if s == last else load_checkpoint(os.path.join(d, f"{s}.pt"))
-        ck["config"] = asdict(cfg)
+        ck["config"], ck["metrics_size"] = asdict(cfg), 0  # the other run's log stays there
         atomic_save(ck, os.path.join(cfg.out_dir, f"{s}.pt"))
+    for s in stages[len(done):]:  # whatever a former run left in out_dir is not ours
+        if os.path.exists(os.path.join(cfg.out_dir, f"{s}.pt")):
+            os.unlink(os.path.join(cfg.out_dir, f"{s}.pt"))
     write_json_atomic(src["results"], os.path.join(cfg.out_dir, "results.json"))
-    return done, src
 
 
 def summary_line(stage, seconds, row, info):
@@ -552,33 +664,39 @@ def summary_line(stage, seconds, row, info):
 
 def run(cfg):
     check_config(cfg)
-    device = pick_device(cfg.device)
-    amp = autocast_for(device, cfg.dtype)
+    ranks = Dist()
+    device = pick_device(cfg.device, ranks.local_rank)
+    ranks.init(device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    prepare_out_dir(cfg.out_dir)
+    say = print if ranks.main else (lambda *a, **k: None)
+    if ranks.main:
+        prepare_out_dir(cfg.out_dir)
+    ranks.barrier()
     stages = stage_names(cfg)
-    done = []  # stages already completed (on --resume)
+    if cfg.start_from and cfg.resume:
+        raise ValueError("--start-from and --resume exclude each other")
+    if cfg.start_from:
+        if ranks.main:
+            adopt_stages(cfg, stages)
+        ranks.barrier()
+    done = []  # stages already completed (--resume, or adopted by --start-from)
     ckpt = None
-    if cfg.resume:
+    if cfg.resume or cfg.start_from:
         done = [s for s in stages if os.path.isfile(os.path.join(cfg.out_dir, f"{s}.pt"))]
         if not done:
             raise ValueError(f"--resume: no checkpoint in {cfg.out_dir}")
         ckpt = load_checkpoint(os.path.join(cfg.out_dir, f"{done[-1]}.pt"))
-        skip = ("resume", "device", "start_from")
+        skip = ("resume", "device", "start_from", "compile")
         saved = {k: v for k, v in ckpt["config"].items() if k not in skip}
         now = {k: v for k, v in asdict(cfg).items() if k not in skip}
         diff = [k for k in now if saved.get(k) != now[k]]
         if diff:
             raise ValueError(f"--resume: configuration differs from the checkpoint's in {', '.join(diff)}")
-    if cfg.start_from:
-        if cfg.resume:
-            raise ValueError("--start-from and --resume exclude each other")
-        done, ckpt = adopt_stages(cfg, stages)
-    print("config:", json.dumps(asdict(cfg)))
+    say("config:", json.dumps(asdict(cfg)))
 
-    tok = get_tokenizer(cfg)
+    tok = get_tokenizer(cfg, verbose=ranks.main)
     task = load_data(cfg)
     judge = task.judge
     torch.manual_seed(cfg.seed)
@@ -600,7 +718,8 @@ def run(cfg):
         if len(tok.encode(e["prompt"])) >= mcfg.block_size - 1:
             raise ValueError(f"prompt {e['prompt'][:40]!r}... leaves no room for a response in the "
                              f"context of {mcfg.block_size} tokens")
-    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"))
+    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), enabled=ranks.main)
+    R = Run(cfg, device, amp_dtype(device, cfg.dtype), tok, log, ranks)
     results, sft_answers, sft_model = [], None, None
     if ckpt is not None:
         if ckpt["model_config"] != asdict(mcfg):
@@ -611,9 +730,11 @@ def run(cfg):
         sft_ckpt = load_checkpoint(os.path.join(cfg.out_dir, "sft.pt"))
         sft_model = model_from_checkpoint(sft_ckpt, "sft.pt").to(device).eval()
         log.truncate(ckpt.get("metrics_size", log.size()))  # drop what the interrupted stage logged
-        write_json_atomic(results, os.path.join(cfg.out_dir, "results.json"))
-        print(f"continuing after stage {done[-1]}")
-    print(f"model: {cfg.model}, {model.num_params() / 1e6:.2f}M parameters, device {device}")
+        if ranks.main:
+            write_json_atomic(results, os.path.join(cfg.out_dir, "results.json"))
+        say(f"continuing after stage {done[-1]}")
+    say(f"model: {cfg.model if not cfg.init_from else cfg.init_from}, {model.num_params() / 1e6:.2f}M "
+        f"parameters, device {device}" + (f", {ranks.world} processes" if ranks.world > 1 else ""))
 
     for si, stage in enumerate(stages):
         if stage in done:
@@ -622,36 +743,33 @@ def run(cfg):
         torch.manual_seed(cfg.seed * 1000 + si)  # each stage's randomness independent of resume
         info = {}
         if stage == "sft":
-            opt_ = train_sft(cfg, model, sft_examples, tok.pad_id, device, amp, log)
-        else:
-            if stage == "dpo":
-                chunk = task.chunks[0]
-                examples = [(tok.encode(e["prompt"]), tok.encode(e["chosen"]) + [tok.eos_id],
-                             tok.encode(e["rejected"]) + [tok.eos_id], None) for e in chunk]
-                opt_ = train_preferences(cfg, stage, model, examples, cfg.lr, 0.0,
-                                         tok.pad_id, device, amp, log, seed=cfg.seed * 1000 + 1)
-            else:
-                t = int(stage.split("_")[1])
-                opt_, info = selm_iteration(cfg, stage, t, model, task.chunks[t], tok, judge, device, amp, log)
-        if stage == "sft":
+            opt_ = train_sft(R, model, sft_examples)
             sft_model = copy.deepcopy(model).eval()
-        row, answers = evaluate(cfg, stage, model, sft_model, task.eval, sft_answers, tok, judge,
-                                task.builtin, device, amp)
+        elif stage == "dpo":
+            examples = [(tok.encode(e["prompt"]), tok.encode(e["chosen"]) + [tok.eos_id],
+                         tok.encode(e["rejected"]) + [tok.eos_id], None) for e in task.chunks[0]]
+            opt_ = train_preferences(R, stage, model, examples, cfg.lr, 0.0, seed=cfg.seed * 1000 + 1)
+        else:
+            t = int(stage.split("_")[1])
+            opt_, info = selm_iteration(R, stage, t, model, task.chunks[t], judge)
+        row, answers = evaluate(R, stage, model, sft_model, task.eval, sft_answers, judge, task.builtin)
         if stage == "sft":
             sft_answers = answers
         results.append(row)  # results.json holds no timings: a resumed run reproduces it exactly
         seconds = time.time() - t0
         log.write({"eval": row, "time": round(seconds, 2), **({"online": info} if info else {})})
-        # the checkpoint is the commit point of a stage: written atomically, and only then
-        # results.json, which --resume rewrites from it anyway
-        state = {"model": model.state_dict(), "model_config": asdict(mcfg), "config": asdict(cfg),
-                 "stage": stage, "stage_index": si, "results": results, "sft_answers": sft_answers,
-                 "optimizer": opt_.state_dict() if opt_ is not None else None,
-                 "rng": torch.get_rng_state(), "tokenizer": tok.name, "metrics_size": log.size(),
-                 "prompt_template": data.make_prompt("{prompt}")}
-        atomic_save(state, os.path.join(cfg.out_dir, f"{stage}.pt"))
-        write_json_atomic(results, os.path.join(cfg.out_dir, "results.json"))
-        print(summary_line(stage, seconds, row, info))
+        if ranks.main:
+            # the checkpoint is the commit point of a stage: written atomically, and only
+            # then results.json, which --resume rewrites from it anyway
+            state = {"model": model.state_dict(), "model_config": asdict(mcfg), "config": asdict(cfg),
+                     "stage": stage, "stage_index": si, "results": results, "sft_answers": sft_answers,
+                     "optimizer": opt_.state_dict() if opt_ is not None else None,
+                     "rng": torch.get_rng_state(), "tokenizer": tok.name, "metrics_size": log.size(),
+                     "prompt_template": data.make_prompt("{prompt}") if task.builtin else "{prompt}"}
+            atomic_save(state, os.path.join(cfg.out_dir, f"{stage}.pt"))
+            write_json_atomic(results, os.path.join(cfg.out_dir, "results.json"))
+        ranks.barrier()
+        say(summary_line(stage, seconds, row, info))
     return results
 
 
