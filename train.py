@@ -290,8 +290,18 @@ class Run:
         if self.dist.world > 1:
             m = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if self.cfg.compile:
-            m = torch.compile(m)
+            m = torch.compile(m, dynamic=False)
         return m
+
+    def to_device(self, batch, fixed_len):
+        """Move a collated batch to the device. Under --compile, first right-pad it to the
+        stage's longest sequence: one shape for the whole stage means one compiled graph
+        (padding is masked out of every loss, and right padding never touches real tokens)."""
+        if self.cfg.compile:
+            extra = fixed_len - batch["input_ids"].shape[1]
+            batch = {k: F.pad(v, (0, extra), value=self.tok.pad_id if k == "input_ids" else False)
+                     for k, v in batch.items()}
+        return {k: v.to(self.device) for k, v in batch.items()}
 
     def bar(self, iterable, desc):
         return tqdm(iterable, desc=desc, leave=False, mininterval=1.0, disable=not self.dist.main)
@@ -328,6 +338,7 @@ def train_sft(R, model, examples):
     global batch and takes its share; DDP averages gradients over ranks, so each rank
     scales its token sum by world / (global token count)."""
     cfg, W = R.cfg, R.dist.world
+    fixed_len = max(len(p) + len(r) for p, r in examples)
     train_model = R.wrap(model)
     opt_ = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.1, betas=(0.9, 0.95))
     model.train()
@@ -336,8 +347,7 @@ def train_sft(R, model, examples):
     for step in bar:
         idx = torch.randint(len(examples), (cfg.sft_batch_size,), generator=g).tolist()
         n_tokens = sum(len(examples[i][1]) for i in idx)
-        b = {k: v.to(R.device) for k, v in data.collate([examples[i] for i in idx[R.dist.rank::W]],
-                                                        R.tok.pad_id).items()}
+        b = R.to_device(data.collate([examples[i] for i in idx[R.dist.rank::W]], R.tok.pad_id), fixed_len)
         target_mask = b["response_mask"][:, 1:]  # token t is predicted at position t-1
         with R.autocast():
             logits = train_model(b["input_ids"][:, :-1], output_mask=target_mask)  # (N, V)
@@ -389,6 +399,7 @@ def train_preferences(R, stage, policy, examples, lr, alpha, seed):
     ref_logps = logps_of(R, policy, rows, 4 * cfg.micro_batch_size).to(R.device)
     ref_logps = ref_logps.view(len(parts), len(examples))  # (2 or 3, N)
 
+    fixed_len = max(len(r[0]) + len(r[1]) for r in rows)
     train_model = R.wrap(policy)
     opt_ = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     # a batch too small to give every rank an example is dropped (only ever the last one)
@@ -407,7 +418,7 @@ def train_preferences(R, stage, policy, examples, lr, alpha, seed):
                                          [examples[i][2] for i in mi],
                                          [examples[i][3] for i in mi] if with_ref else None,
                                          pad_id=R.tok.pad_id)
-            b = {key: v.to(R.device) for key, v in b.items()}
+            b = R.to_device(b, fixed_len)
             sync = k == len(micro) - 1 or W == 1
             with (nullcontext() if sync else train_model.no_sync()), R.autocast():
                 # chosen, rejected (and y_ref) rows in one forward: (parts * B,)
