@@ -87,3 +87,14 @@ def test_init_from_missing_directory(tmp_path):
     with pytest.raises(SystemExit) as e:
         train.main(["--init-from", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "o")])
     assert "nowhere" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_init_from_gpt2_directory_without_bpe_files_names_them(tmp_path, files):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=16, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(SystemExit) as e:
+        train.main(SMALL + flags(files) + ["--init-from", str(tmp_path / "gpt2"), "--sft-steps", "0",
+                                           "--out-dir", str(tmp_path / "o")])
+    msg = str(e.value)
+    assert "merges.txt" in msg and "vocab.json" in msg and "\n" not in msg
