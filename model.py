@@ -94,7 +94,14 @@ class CausalSelfAttention(nn.Module):
             cache.v[layer, :, :, cache_pos:end] = v
             k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]  # (B, nh, S, hd)
         dropout_p = self.dropout if self.training else 0.0
-        if mask is None:  # plain causal attention over a batch with no left padding
+        if cache is not None and T == 1 and dropout_p == 0.0:
+            # decoding, one new token per row: attention written out is two thin batched
+            # matmuls, which on one CPU thread run up to 2x faster than SDPA's fused kernel
+            att = (q * (1.0 / math.sqrt(C // self.n_head))) @ k.transpose(-2, -1)  # (B, nh, 1, S)
+            if mask is not None:
+                att = torch.where(mask, att, float("-inf"))
+            y = att.softmax(-1) @ v
+        elif mask is None:  # plain causal attention over a batch with no left padding
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:  # explicit (B, 1, T, S) boolean mask; True = may attend
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
@@ -183,7 +190,9 @@ class GPT(nn.Module):
         idx:            (B, T) token ids
         position_ids:   (B, T) absolute positions; default cache_pos + arange(T)
         attention_mask: (B, S) 1 where a key slot holds a real token, S = cache_pos + T;
-                        None means "no padding before any real token" (plain causal)
+                        None means "no padding before any real token" (plain causal).
+                        A (B, 1, T, S) boolean mask (True = may attend, as attention_mask_4d
+                        builds it) is used as it is: a sampler builds it once, not per step.
         cache:          a KVCache to read from and write slots [cache_pos, cache_pos + T) of
         output_mask:    (B, T) bool; if given, logits only at these positions, as (N, V) in
                         row-major order, N = output_mask.sum(). Otherwise (B, T, V).
@@ -197,7 +206,9 @@ class GPT(nn.Module):
         # (explicit position ids are the caller's to keep below block_size: checking them
         # here would cost a host-device sync on every decoding step)
         mask = None
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = attention_mask
+        elif attention_mask is not None:
             mask = attention_mask_4d(attention_mask, T, cache_pos)
         elif cache_pos > 0:  # T != S: is_causal would align the triangle wrongly
             mask = attention_mask_4d(torch.ones(B, cache_pos + T, device=idx.device), T, cache_pos)
@@ -207,6 +218,12 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if output_mask is not None:
             x = x[output_mask]  # (N, C): the LM head runs only where it is needed
+        elif cache is not None and T == 1:
+            # Decoding. The same product as x @ W^T, computed as (W @ x^T)^T: with a few rows
+            # against a large vocabulary, multithreaded CPU BLAS splits the V rows of W over
+            # its threads far better than the B rows of x (GPT-2, 32 rows, 2 threads: ~30 ms
+            # instead of ~38 ms, a tenth of the whole step).
+            return (self.lm_head.weight @ x.view(B, -1).t()).t().contiguous().view(B, 1, -1)
         return self.lm_head(x)  # (B, T, V) or (N, V)
 
     def new_cache(self, batch_size, max_len, device=None, dtype=None):
@@ -322,8 +339,8 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated, corrupted, or not a torch file at all
-        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:120] if str(e) else 'no detail'})") from None
+        raise ValueError(f"checkpoint {path} is unreadable: truncated, corrupted, not a checkpoint, "
+                         f"or holding more than tensors ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise ValueError(f"checkpoint {path} is not a selm checkpoint (needs 'model' and 'model_config')")
     return ckpt

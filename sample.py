@@ -64,13 +64,14 @@ def prefill(model, idx, attention_mask, cache):
 
 
 def decode_step(model, tokens, positions, attention_mask, cache, cache_pos):
-    """One new token per row: tokens (B,), positions (B,) -> logits (B, V)."""
+    """One new token per row: tokens (B,), positions (B,) -> logits (B, V). attention_mask:
+    (B, S) key-padding mask of slots [0, S = cache_pos + 1), or the (B, 1, 1, S) boolean mask."""
     logits = model(tokens[:, None], position_ids=positions[:, None],
                    attention_mask=attention_mask, cache=cache, cache_pos=cache_pos)
     return logits[:, -1]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
              eos_id=None, seed=None, pad_id=0, stop_check_every=4):
     """Sample continuations of a batch of prompts.
@@ -117,6 +118,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     done = torch.zeros(B, dtype=torch.bool, device=device)
     n = 0
     logits = prefill(model, idx, mask[:, :P], cache)
+    # The decode step's attention mask, built once: the query of step t sits in slot P + t and
+    # may see every real slot up to its own, i.e. mask[:, :P + t + 1] (its own slot is real).
+    step_mask = mask[:, None, None, :]  # (B, 1, 1, P + max_new_tokens)
     for t in range(max_new_tokens):
         tok = next_token(logits, temperature, top_k, top_p, generator)
         if eos_id is not None:
@@ -127,7 +131,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
         if eos_id is not None and (t + 1) % stop_check_every == 0 and bool(done.all()):
             break  # the one host-device sync: every few steps, to know when to stop
         if t + 1 < max_new_tokens:
-            logits = decode_step(model, tok, pos + t, mask[:, :P + t + 1], cache, P + t)
+            logits = decode_step(model, tok, pos + t, step_mask[..., :P + t + 1], cache, P + t)
     model.train(was_training)
 
     out = out[:, :n].tolist()

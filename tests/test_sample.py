@@ -117,3 +117,26 @@ def test_seed_reproducible_and_different_seeds_differ():
     c, _ = generate(m, PROMPTS, 10, temperature=1.0, seed=2)
     assert a == b and a != c
     assert torch.equal(state, torch.random.get_rng_state())  # global RNG untouched
+
+
+def test_command_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from dataclasses import asdict
+
+    from model import atomic_save
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    m = GPT(preset("tiny", vocab_size=258))
+    ckpt = tmp_path / "m.pt"
+    atomic_save({"model": m.state_dict(), "model_config": asdict(m.config),
+                 "prompt_template": "sort: {prompt}\n"}, str(ckpt))
+    run = lambda *a: subprocess.run([sys.executable, os.path.join(root, "sample.py"), *a],  # noqa: E731
+                                    capture_output=True, text=True, cwd=root)
+    ok = run("--ckpt", str(ckpt), "--prompt", "dcba", "--num-samples", "3", "--max-new-tokens", "5", "--seed", "1")
+    assert ok.returncode == 0, ok.stderr
+    assert len(ok.stdout.strip().splitlines()) == 3
+    for args, msg in [(("--ckpt", str(tmp_path / "none.pt")), "does not exist"),
+                      (("--ckpt", str(ckpt), "--prompt", "x" * 80), "leaves no room")]:
+        bad = run(*args, *(() if "--prompt" in args else ("--prompt", "x")))
+        assert bad.returncode != 0 and msg in bad.stderr and "Traceback" not in bad.stderr
