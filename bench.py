@@ -156,7 +156,7 @@ def naive_generate(model, prompts, max_new_tokens, device):
     return idx[:, P:].tolist()
 
 
-def naive_estimate(model, prompts, max_new_tokens, device):
+def naive_estimate(model, prompts, max_new_tokens, device, args):
     """Seconds the naive sampler would take, from timing its step at three sequence lengths
     (the first, middle and last step) and summing the quadratic through them over every step.
     A step's cost is linear (matmuls) plus quadratic (attention) in the length, so three points
@@ -168,7 +168,9 @@ def naive_estimate(model, prompts, max_new_tokens, device):
     idx = torch.cat([idx, tail.to(device)], 1)
     mask = torch.cat([mask, torch.ones_like(tail).to(device)], 1)
     xs = [P, P + max_new_tokens // 2, P + max_new_tokens - 1]
-    ys = [timed(lambda S=S: naive_step(model, idx[:, :S], mask[:, :S]), device)[0] for S in xs]
+    with autocast(args, device):
+        ys = [timed(lambda S=S: naive_step(model, idx[:, :S], mask[:, :S]), device)[0]
+              for S in xs]
 
     def cost(s):  # Lagrange interpolation through the three measured steps
         total = 0.0
@@ -222,16 +224,25 @@ def hf_generate(hf, prompts, max_new_tokens, device):
 
 @torch.inference_mode()
 def matmul_only_step(model, batch, device, repeats, args):
-    """Seconds of the decode step's matmuls alone: x @ W (+ b) for every linear layer of the
-    model with a (batch, in) input, plus the LM head. A lower bound for one decode step."""
+    """Seconds of the decode step's matmuls alone: every linear layer of the model and the LM
+    head applied to a (batch, in) input, with nothing in between. Each product is timed both
+    as x @ W^T and as (W @ x^T)^T (BLAS threads the two very differently) and the faster
+    sweep counts: a lower bound for one decode step on this machine."""
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     xs = {m.in_features: torch.randn(batch, m.in_features, device=device) for m in layers}
 
-    def step():
+    def x_wt():
         with autocast(args, device):
             for m in layers:
                 F.linear(xs[m.in_features], m.weight, m.bias)
-    return compare({"mm": step}, device, repeats)[0]["mm"]
+
+    def w_xt():
+        with autocast(args, device):
+            for m in layers:
+                y = m.weight @ xs[m.in_features].t()
+                if m.bias is not None:
+                    y += m.bias[:, None]
+    return min(compare({"x_wt": x_wt, "w_xt": w_xt}, device, repeats)[0].values())
 
 
 def bench_sampling(args, device):
@@ -254,8 +265,11 @@ def bench_sampling(args, device):
 
         # warm-up, and a first check that the baselines decode what we decode
         hf = hf_twin(model, device)
-        first = ours(2)
-        assert naive_generate(model, prompts, 2, device) == first, "naive sampler != ours"
+        def naive(n):
+            with autocast(args, device):
+                return naive_generate(model, prompts, n, device)
+
+        first_two_agree = naive(2) == ours(2)
         if hf is not None:
             hf_generate(hf, prompts, 2, device)
 
@@ -280,13 +294,14 @@ def bench_sampling(args, device):
 
         # (a) the recompute-everything sampler
         if big:
-            est, steps = naive_estimate(model, prompts, N, device)
+            est, steps = naive_estimate(model, prompts, N, device, args)
             note = ("estimated: its step timed at lengths " +
                     ", ".join(f"{s} ({v:.2f}s)" for s, v in steps.items()) +
-                    f", the quadratic through them summed over {N} steps")
+                    f", the quadratic through them summed over {N} steps; first 2 tokens "
+                    f"equal to ours: {first_two_agree}")
         else:
-            est, naive_out = timed(lambda: naive_generate(model, prompts, N, device), device)
-            check, _ = naive_estimate(model, prompts, N, device)
+            est, naive_out = timed(lambda: naive(N), device)
+            check, _ = naive_estimate(model, prompts, N, device, args)
             note = (f"run in full, once ({est:.2f}s); the 3-point estimate used for gpt2 says "
                     f"{check:.2f}s; tokens equal to ours: {naive_out == out['ours']}")
         report(f"{name} vs naive @{N}", B * N / t["ours"], B * N / est, "tok/s",
@@ -311,7 +326,7 @@ def bench_sampling(args, device):
         step = (t_ours[N] - t_ours[1]) / (N - 1)
         report(f"{name} decode step / its matmuls", 1e3 * step, 1e3 * mm, "ms", better="lower",
                note=f"mean decode step @{N}; matmuls: every linear layer and the LM head on a "
-                    f"({B}, C) input")
+                    f"({B}, C) input, the faster of two orientations")
         del model
 
 
@@ -472,11 +487,12 @@ def _cpu_name():
     return platform.processor() or platform.machine()
 
 
-def busy_warning(info):
+def busy_warning(info, own_load=0.0):
     """Other processes on the CPU make every timing here unreliable, and several torch threads
-    worse still: each parallel region waits for its slowest thread, i.e. for a time slice."""
+    worse still: each parallel region waits for its slowest thread, i.e. for a time slice.
+    own_load: what this run itself adds to the load average (its threads, at the end)."""
     load, cores = info.get("load_avg_1min", 0), os.cpu_count() or 1
-    if load > 0.5 * cores:
+    if load - own_load > 0.5 * cores:
         print(f"  warning: load average {load} on {cores} cores: other processes are using the "
               f"CPU and the timings are noisy"
               + ("; with --threads 1 less so" if info["threads"] > 1 else ""), flush=True)
@@ -513,7 +529,7 @@ def main(argv=None):
         SECTIONS[s](args, device)
     wall = time.perf_counter() - t0
     print(f"\nwall time {wall:.0f}s", flush=True)
-    busy_warning(machine(device))
+    busy_warning(machine(device), own_load=torch.get_num_threads() if device.type == "cpu" else 1)
     targets = {k: {"ratio": v["ratio"], "target": v["target"],
                    "met": (v["ratio"] >= v["target"]) if v["better"] == "higher"
                    else (v["ratio"] <= v["target"])}

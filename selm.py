@@ -77,12 +77,32 @@ def sequence_logps(model, input_ids, response_mask, attention_mask=None, positio
     # must share numerics, and a bf16 log-softmax over a large vocabulary loses whole nats.
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     targets = input_ids[:, 1:][scored]                      # [N], same row-major order
-    # log softmax(z)[y] = z_y - logsumexp(z). Unlike cross_entropy, which saves an [N, V]
-    # log-softmax for backward, logsumexp keeps only its [N] result: the logits are the one
-    # V-wide tensor alive.
-    token_logps = logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(dim=1)
+    token_logps = TokenLogprob.apply(logits, targets)       # [N]
     rows = torch.arange(B, device=input_ids.device)[:, None].expand(B, T - 1)[scored]  # [N]
     return token_logps.new_zeros(B).index_add(0, rows, token_logps)
+
+
+class TokenLogprob(torch.autograd.Function):
+    """log softmax(z)[y] = z_y - logsumexp(z) for logits z [N, V] and targets y [N].
+
+    Autograd through gather and logsumexp would hold several [N, V] tensors at once in the
+    backward pass; cross_entropy saves a whole [N, V] log-softmax. This saves only the logits
+    (alive anyway) and the [N] logsumexp, and builds the gradient in one [N, V] buffer:
+    d/dz = g * (onehot(y) - softmax(z)).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        lse = torch.logsumexp(logits, dim=-1)                                   # [N]
+        ctx.save_for_backward(logits, targets, lse)
+        return logits.gather(1, targets[:, None]).squeeze(1) - lse
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, targets, lse = ctx.saved_tensors
+        grad = torch.sub(logits, lse[:, None]).exp_().mul_(-grad_out[:, None])  # -g * softmax
+        grad.scatter_add_(1, targets[:, None], grad_out[:, None].to(grad.dtype))  # + g * onehot
+        return grad, None
 
 
 def split_logps(logps, n_parts):

@@ -423,3 +423,12 @@ def test_online_pairs_keep_ties_and_lengths():
         [("W", "L"), ("B", "A")]
     with pytest.raises(ValueError, match="lengths"):
         online_pairs(j, ["x"], ["W", "A"], ["L"], ["R"])
+
+
+def test_token_logprob_matches_log_softmax_and_gradcheck():
+    from selm import TokenLogprob
+    torch.manual_seed(0)
+    z = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 7, (5,))
+    torch.testing.assert_close(TokenLogprob.apply(z, y), z.log_softmax(-1).gather(1, y[:, None]).squeeze(1))
+    assert torch.autograd.gradcheck(lambda t: TokenLogprob.apply(t, y), (z,))
