@@ -463,7 +463,36 @@ def bench_train(args, device):
 
 # Section 4 (the pipeline breakdown: sampling, judging, scoring, updating of one SELM
 # iteration) registers itself here.
-SECTIONS = {"sampling": bench_sampling, "logps": bench_logps, "train": bench_train}
+def bench_pipeline(args, device):
+    """Where one SELM iteration of the `small` pipeline spends its time: sampling, judging,
+    reference log-probs, training (train.py measures each part and logs it). The SFT model
+    is trained for fewer steps than the default: the breakdown of an iteration depends on
+    the sizes, not on how good the model is."""
+    import tempfile
+
+    import train
+    header("one SELM iteration of the small pipeline (train.py, 1024 prompts)")
+    steps = "50" if args.quick else "300"
+    with tempfile.TemporaryDirectory() as out, _stderr_silenced():
+        cfg = train.parse_args(["--model", "small", "--sft-steps", steps, "--iterations", "1",
+                                "--device", device.type, "--out-dir", out]
+                               + (["--chunk-size", "256", "--n-eval", "64"] if args.quick else []))
+        import contextlib
+        import io
+        with contextlib.redirect_stdout(io.StringIO()):
+            train.run(cfg)
+        info = [r["online"] for r in train.read_metrics(f"{out}/metrics.jsonl") if "online" in r][-1]
+    parts = {"sampling": info["t_sample"], "judging": info["t_judge"],
+             "reference log-probs": info["t_ref_logps"], "training": info["t_train"]}
+    total = sum(parts.values())
+    for name, sec in parts.items():
+        target = 0.5 if name == "sampling" else None
+        report(f"iteration: {name}", 100 * sec / total, None, "% of wall", ratio=sec / total,
+               target=target, better="lower", note=f"{sec:.2f} s of {total:.2f} s")
+
+
+SECTIONS = {"sampling": bench_sampling, "logps": bench_logps, "train": bench_train,
+            "pipeline": bench_pipeline}
 
 
 def machine(device):

@@ -279,6 +279,7 @@ class Run:
     tok: object
     log: MetricsLog
     dist: Dist
+    last_ref_seconds: float = 0.0  # time of the last stage's reference log-probs
 
     def autocast(self):
         return nullcontext() if self.dtype is None else torch.autocast(self.device.type, dtype=self.dtype)
@@ -396,7 +397,9 @@ def train_preferences(R, stage, policy, examples, lr, alpha, seed):
     with_ref = examples[0][3] is not None
     parts = [1, 2, 3] if with_ref else [1, 2]
     rows = [(ex[0], ex[k]) for k in parts for ex in examples]  # all chosen, all rejected, (all y_ref)
+    t0 = time.time()
     ref_logps = logps_of(R, policy, rows, 4 * cfg.micro_batch_size).to(R.device)
+    R.last_ref_seconds = time.time() - t0  # reported in selm_iteration's timing breakdown
     ref_logps = ref_logps.view(len(parts), len(examples))  # (2 or 3, N)
 
     fixed_len = max(len(r[0]) + len(r[1]) for r in rows)
@@ -501,8 +504,10 @@ def selm_iteration(R, stage, t, policy, chunk, judge):
     lr = cfg.lr * cfg.lr_decay ** (t - 1)
     t0 = time.time()
     opt_ = train_preferences(R, stage, policy, examples, lr, cfg.alpha, seed=cfg.seed * 1000 + t + 1)
+    t_ref = R.last_ref_seconds if examples else 0.0
     info = {"pairs": len(examples), "dropped_ties": n_tied, "y_ref_chosen": n_ref_best / max(1, len(examples)),
-            "t_sample": t_sample, "t_judge": t_judge, "t_train": time.time() - t0}
+            "t_sample": t_sample, "t_judge": t_judge, "t_ref_logps": t_ref,
+            "t_train": time.time() - t0 - t_ref}
     R.log.write({"stage": stage, "online": info})
     return opt_, info
 
