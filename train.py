@@ -119,7 +119,8 @@ def resolve(cfg):
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+    ap = argparse.ArgumentParser(description="The SELM pipeline: SFT -> offline DPO -> SELM iterations, "
+                                             "each stage evaluated and checkpointed.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
