@@ -29,7 +29,6 @@ both see the same conditions.
 import argparse
 import contextlib
 import json
-import math
 import os
 import platform
 import statistics

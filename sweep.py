@@ -358,7 +358,7 @@ def report(runs, args):
                 ms([g[c] for g in got], "{:.2f}" if c in ("length", "kl") else "{:.3f}") for c in cols) + " |")
         prompts = [e["prompt"] for e in data.make_task(seed=args.train.task_seed, n_sft=1, n_prompts_per_chunk=1,
                                                         n_chunks=1, n_eval=args.train.n_eval, min_len=lo, max_len=hi).eval]
-        lines += ["", f"Head-to-head, SELM vs iterative DPO on the same seed's eval prompts "
+        lines += ["", "Head-to-head, SELM vs iterative DPO on the same seed's eval prompts "
                   "(greedy; ties half; > 0.5 = SELM better); last column: paired reward difference at the last iteration.", "",
                   "| alpha | " + " | ".join(f"iter {t}" for t in range(1, T + 1)) + f" | Δ reward, iter {T} |",
                   "|---|" + "---|" * (T + 1)]

@@ -1,6 +1,5 @@
 """Tests for data.py: tokenizer, task, JSONL, judges, batching. Run: pytest -q tests/test_data.py"""
 
-import json
 import os
 import sys
 

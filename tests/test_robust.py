@@ -1,5 +1,4 @@
 """Crash safety: kill and resume, determinism, numerical guards, bad checkpoints."""
-import json
 import os
 import shutil
 import signal

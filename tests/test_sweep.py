@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --quick, reduced: one alpha besides iterative DPO, two iterations, the tiny model, small data

@@ -16,7 +16,7 @@ def run(tmp_path, *extra):
 
 
 def test_tiny_pipeline_end_to_end(tmp_path):
-    results = run(tmp_path)
+    run(tmp_path)
     on_disk = json.load(open(tmp_path / "results.json"))
     assert [r["stage"] for r in on_disk] == ["sft", "dpo", "selm_1", "selm_2"]
     for r in on_disk:
