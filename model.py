@@ -314,14 +314,14 @@ def hf_to_ours(hf_sd, our_sd):
 
 # ---- checkpoints ---------------------------------------------------------------------------
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same directory, fsync, then rename: a crash
-    leaves either the old file or the new one, never half of one."""
+def atomic_write(path, write, binary=True):
+    """Call write(file) on a temporary file in the same directory, fsync, then rename: a
+    crash leaves either the old file or the new one, never half of one."""
     d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".pt")
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -329,6 +329,11 @@ def atomic_save(obj, path):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_save(obj, path):
+    """torch.save, atomically (see atomic_write)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path, map_location="cpu"):

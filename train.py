@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import GPT, atomic_save, load_checkpoint, model_from_checkpoint, preset
+from model import GPT, atomic_save, atomic_write, load_checkpoint, model_from_checkpoint, preset
 from sample import generate
 from selm import (dpo_loss, online_pairs, optimism_term, preference_metrics, reference_logps,
                   selm_loss, sequence_logps)
@@ -220,13 +220,7 @@ class Dist:
 
 
 def write_json_atomic(obj, path):
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: json.dump(obj, f, indent=1), binary=False)
 
 
 class MetricsLog:
