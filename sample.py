@@ -20,7 +20,8 @@ import sys
 
 import torch
 
-from model import load_checkpoint, model_from_checkpoint, positions_from_mask
+from checkpoint import load_checkpoint, model_from_checkpoint
+from model import positions_from_mask
 
 
 def filter_logits(logits, top_k=None, top_p=None):

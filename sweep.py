@@ -37,8 +37,9 @@ import time
 import torch
 
 import data
+import task as sorting
 import train
-from model import load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
 from sample import generate
 from selm import online_pairs, reference_logps
 
@@ -260,7 +261,7 @@ def analyse(d, k, n_diag):
     cfg = load_checkpoint(os.path.join(d, f"{stages[-1]}.pt"))["config"]
     own = stages if cfg["iterations"] == 0 else stages[2:]
     tok = data.get_tokenizer(verbose=False)
-    task = data.make_task(seed=cfg["task_seed"], n_sft=cfg["n_sft"], n_prompts_per_chunk=cfg["chunk_size"],
+    task = sorting.make_task(seed=cfg["task_seed"], n_sft=cfg["n_sft"], n_prompts_per_chunk=cfg["chunk_size"],
                           n_chunks=cfg["iterations"] + 1, n_eval=cfg["n_eval"],
                           min_len=cfg["min_len"], max_len=cfg["max_len"])
     beta, max_new = cfg["beta"], cfg["max_new_tokens"]
@@ -284,7 +285,7 @@ def analyse(d, k, n_diag):
         sub = eval_prompts[:n_diag]
         samples = responses(tok, model, [tok.encode(p) for p in sub for _ in range(k)], max_new, 1.0, seed=1000 + i)
         per = [[samples[j * k + m][1] for m in range(k)] for j in range(len(sub))]
-        scores = [data.judge(p, ys) for p, ys in zip(sub, per)]
+        scores = [sorting.judge(p, ys) for p, ys in zip(sub, per)]
         row["distinct"] = statistics.mean(len(set(ys)) for ys in per)
         row["best_of_k"] = statistics.mean(max(s) for s in scores)
         row["mean_of_k"] = statistics.mean(statistics.mean(s) for s in scores)
@@ -297,7 +298,7 @@ def analyse(d, k, n_diag):
                 chosen = [e["chosen"] for e in chunk]
             else:  # rebuild the iteration's pairs: greedy y_ref from pi_ref, judge the three
                 y_ref = [a for _, a in responses(tok, ref, cids, max_new, 0)]
-                pairs = online_pairs(data.judge, cp, [e["chosen"] for e in chunk], [e["rejected"] for e in chunk], y_ref)
+                pairs = online_pairs(sorting.judge, cp, [e["chosen"] for e in chunk], [e["rejected"] for e in chunk], y_ref)
                 chosen = [None if p is None else p[0] for p in pairs]
             rows = [(c, tok.encode(y) + [tok.eos_id]) for c, y in zip(cids, chosen) if y is not None]
             fresh = responses(tok, model, [c for c in cids for _ in range(k)], max_new, 1.0, seed=2000 + i)
@@ -325,7 +326,7 @@ def h2h(judge_prompts, a, b):
     """Win rate of answers a over answers b (ties half), judged per prompt."""
     w = 0.0
     for p, x, y in zip(judge_prompts, a, b):
-        sx, sy = data.judge(p, [x, y])
+        sx, sy = sorting.judge(p, [x, y])
         w += 1.0 if sx > sy else 0.5 if sx == sy else 0.0
     return w / len(judge_prompts)
 
@@ -356,7 +357,7 @@ def report(runs, args):
             summary[d]["table"][name] = {c: [g[c] for g in got] for c in cols}
             lines.append(f"| {name} | {len(got)} | " + " | ".join(
                 ms([g[c] for g in got], "{:.2f}" if c in ("length", "kl") else "{:.3f}") for c in cols) + " |")
-        prompts = [e["prompt"] for e in data.make_task(seed=args.train.task_seed, n_sft=1, n_prompts_per_chunk=1,
+        prompts = [e["prompt"] for e in sorting.make_task(seed=args.train.task_seed, n_sft=1, n_prompts_per_chunk=1,
                                                         n_chunks=1, n_eval=args.train.n_eval, min_len=lo, max_len=hi).eval]
         lines += ["", "Head-to-head, SELM vs iterative DPO on the same seed's eval prompts "
                   "(greedy; ties half; > 0.5 = SELM better); last column: paired reward difference at the last iteration.", "",

@@ -37,7 +37,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import GPT, atomic_save, atomic_write, load_checkpoint, model_from_checkpoint, preset
+import task as sorting
+from checkpoint import atomic_save, atomic_write, load_checkpoint, model_from_checkpoint
+from model import GPT, preset
 from sample import generate
 from selm import (dpo_loss, online_pairs, optimism_term, preference_metrics, reference_logps,
                   selm_loss, sequence_logps)
@@ -562,10 +564,10 @@ def load_data(cfg):
     line and field, and nothing is trained on partial data."""
     user = [cfg.sft, cfg.prefs, cfg.prompts, cfg.judge]
     if not any(user):
-        task = data.make_task(seed=cfg.task_seed, n_sft=cfg.n_sft, n_prompts_per_chunk=cfg.chunk_size,
+        task = sorting.make_task(seed=cfg.task_seed, n_sft=cfg.n_sft, n_prompts_per_chunk=cfg.chunk_size,
                               n_chunks=cfg.iterations + 1, n_eval=cfg.n_eval,
                               min_len=cfg.min_len, max_len=cfg.max_len)
-        return Data(task.sft, task.chunks, task.eval, data.judge, True)
+        return Data(task.sft, task.chunks, task.eval, sorting.judge, True)
     if not (cfg.prefs and cfg.prompts and cfg.judge):
         raise ValueError("your own data needs --prefs, --prompts and --judge together "
                          "(the built-in judge only scores the sorting task); --sft is optional")
@@ -776,7 +778,7 @@ def run(cfg):
                      "stage": stage, "stage_index": si, "results": results, "sft_answers": sft_answers,
                      "optimizer": opt_.state_dict() if opt_ is not None else None,
                      "rng": torch.get_rng_state(), "tokenizer": tok.name, "metrics_size": log.size(),
-                     "prompt_template": data.make_prompt("{prompt}") if task.builtin else "{prompt}"}
+                     "prompt_template": sorting.make_prompt("{prompt}") if task.builtin else "{prompt}"}
             atomic_save(state, os.path.join(cfg.out_dir, f"{stage}.pt"))
             write_json_atomic(results, os.path.join(cfg.out_dir, "results.json"))
         ranks.barrier()

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from model import (GPT, PRESETS, atomic_save, load_checkpoint, model_from_checkpoint,
-                   positions_from_mask, preset)
+from checkpoint import atomic_save, load_checkpoint, model_from_checkpoint
+from model import GPT, PRESETS, positions_from_mask, preset
 
 
 def tiny(vocab=61, seed=0, **kw):

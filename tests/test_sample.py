@@ -125,7 +125,7 @@ def test_command_line(tmp_path):
     import sys
     from dataclasses import asdict
 
-    from model import atomic_save
+    from checkpoint import atomic_save
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     m = GPT(preset("tiny", vocab_size=258))
     ckpt = tmp_path / "m.pt"
