@@ -4,11 +4,16 @@ checkpoint.py -- what a run leaves on disk, written so that a crash never corrup
 Every file goes through `atomic_write`: a temporary file in the same directory, fsync, then
 a rename, so a reader sees the old file or the new one, never half of one. Checkpoints are
 read with weights_only=True: a checkpoint file cannot run code.
+
+A run's directory holds one checkpoint per completed stage (sft.pt, dpo.pt, selm_1.pt, ...),
+metrics.jsonl and results.json. The functions at the end find where a killed run stopped
+(--resume) and copy another run's finished stages into a new run (--start-from).
 """
 
+import json
 import os
 import tempfile
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 import torch
 
@@ -65,3 +70,123 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
                          f"({bad[0] if bad else sorted(set(sd) - set(want))[0]})")
     model.load_state_dict(sd)
     return model
+
+
+def write_json_atomic(obj, path):
+    atomic_write(path, lambda f: json.dump(obj, f, indent=1), binary=False)
+
+
+# ---- a run's directory: stage checkpoints, resume, stages adopted from another run ----------
+
+def stage_path(out_dir, stage):
+    return os.path.join(out_dir, f"{stage}.pt")
+
+
+def prepare_out_dir(path):
+    """Create the output directory, prove it writable, and sweep away temporary files that a
+    killed process left half-written (atomic writes go through .tmp-* files, then a rename)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out-dir {path} is not writable ({e.strerror})") from None
+    for name in os.listdir(path):
+        if name.startswith(".tmp-"):
+            os.unlink(os.path.join(path, name))
+
+
+# Settings that never change what a run computes; a resumed run may differ in them.
+IGNORED_ON_RESUME = ("resume", "device", "start_from", "compile")
+
+
+def last_checkpoint(out_dir, stages, config):
+    """--resume: the checkpoint of the last completed stage in out_dir, and the list of
+    completed stages. `config` (a dict) must equal the one the checkpoint was made with, up
+    to IGNORED_ON_RESUME."""
+    done = [s for s in stages if os.path.isfile(stage_path(out_dir, s))]
+    if not done:
+        raise ValueError(f"--resume: no checkpoint in {out_dir}")
+    ckpt = load_checkpoint(stage_path(out_dir, done[-1]))
+    diff = [k for k, v in config.items() if k not in IGNORED_ON_RESUME and ckpt["config"].get(k) != v]
+    if diff:
+        raise ValueError(f"--resume: configuration differs from the checkpoint's in {', '.join(diff)}")
+    return ckpt, done
+
+
+# The settings that decide what the SFT and offline DPO stages produce: a run may start from
+# another run's stage checkpoint only if these agree (see adopt_stages).
+SHARED_BY_STAGE = {
+    "sft": ("model", "init_from", "sft", "prefs", "prompts", "judge", "bpe_path", "block_size",
+            "dropout", "task_seed", "min_len", "max_len", "n_sft", "n_eval",
+            "sft_steps", "sft_lr", "sft_batch_size", "seed", "max_new_tokens", "kl_samples"),
+    "dpo": ("chunk_size", "beta", "loss_type", "lr", "batch_size", "micro_batch_size", "warmup",
+            "weight_decay", "grad_clip"),
+}
+
+
+def adopt_stages(start_from, out_dir, stages, config):
+    """--start-from: copy the completed stages' checkpoints of another run into out_dir,
+    relabelled with this run's configuration (a dict), so that this run continues (and
+    resumes) as if it had made them. Runs of one seed in a sweep share SFT and offline DPO
+    this way."""
+    src = load_checkpoint(start_from)
+    last = src["stage"]
+    if last not in stages:
+        raise ValueError(f"--start-from: stage {last!r} is not one of this run's stages {stages}")
+    done = stages[:stages.index(last) + 1]
+    keys = [k for s in done[:2] for k in SHARED_BY_STAGE[s]] + (["alpha", "lr_decay"] if len(done) > 2 else [])
+    diff = [k for k in keys if src["config"].get(k) != config[k]]
+    if diff:
+        raise ValueError(f"--start-from: {start_from} was made with different {', '.join(diff)}")
+    d = os.path.dirname(os.path.abspath(start_from))
+    for s in done:
+        ck = src if s == last else load_checkpoint(os.path.join(d, f"{s}.pt"))
+        ck["config"], ck["metrics_size"] = dict(config), 0  # the other run's log stays there
+        atomic_save(ck, stage_path(out_dir, s))
+    for s in stages[len(done):]:  # whatever a former run left in out_dir is not ours
+        if os.path.exists(stage_path(out_dir, s)):
+            os.unlink(stage_path(out_dir, s))
+    write_json_atomic(src["results"], os.path.join(out_dir, "results.json"))
+
+
+def open_run(out_dir, stages, config, is_main=True, barrier=lambda: None):
+    """Make out_dir ready (rank 0 alone writes), adopt another run's stages for
+    --start-from, and find where to continue. config: the run's settings as a dict.
+    Returns (the last completed stage's checkpoint or None, the completed stages)."""
+    if is_main:
+        prepare_out_dir(out_dir)
+        if config["start_from"]:
+            adopt_stages(config["start_from"], out_dir, stages, config)
+    barrier()
+    if config["resume"] or config["start_from"]:
+        return last_checkpoint(out_dir, stages, config)
+    return None, []
+
+
+def restore(ckpt, model, out_dir, device, log, is_main=True):
+    """Continue after a checkpoint: load its weights into `model`, rebuild the SFT model (the
+    KL reference of every evaluation), cut the metrics log back to what the checkpoint saw
+    (the interrupted stage's lines are dropped; its rerun writes them again) and rewrite
+    results.json from it. Returns (results so far, the SFT model's eval answers, the SFT model)."""
+    if ckpt["model_config"] != asdict(model.config):
+        raise ValueError(f"checkpoint in {out_dir} holds a different model ({ckpt['model_config']}) "
+                         f"than this run's ({asdict(model.config)})")
+    model.load_state_dict(model_from_checkpoint(ckpt).state_dict())
+    sft_path = stage_path(out_dir, "sft")
+    sft_model = model_from_checkpoint(load_checkpoint(sft_path), sft_path).to(device).eval()
+    log.truncate(ckpt.get("metrics_size", log.size()))
+    if is_main:
+        write_json_atomic(ckpt["results"], os.path.join(out_dir, "results.json"))
+    return ckpt["results"], ckpt["sft_answers"], sft_model
+
+
+def save_stage(out_dir, stage, model, optimizer, results, **extra):
+    """The checkpoint is the commit point of a stage: written atomically, and only then
+    results.json, which --resume rewrites from it anyway. `extra` goes into the checkpoint
+    as it is (the run's config, the SFT answers, the metrics log's size, ...)."""
+    state = {"model": model.state_dict(), "model_config": asdict(model.config), "stage": stage,
+             "results": results, "optimizer": optimizer.state_dict() if optimizer is not None else None,
+             "rng": torch.get_rng_state(), **extra}
+    atomic_save(state, stage_path(out_dir, stage))
+    write_json_atomic(results, os.path.join(out_dir, "results.json"))

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+from dataclasses import dataclass
 
 import torch
 
@@ -106,6 +107,60 @@ def call_judge(judge_fn, prompt, candidates):
     if len(scores) != len(candidates) or not all(math.isfinite(s) for s in scores):
         raise DataError(f"judge returned {scores!r} for {len(candidates)} candidates")
     return scores
+
+
+@dataclass
+class TrainingData:
+    """Everything a run trains and evaluates on, read and checked before any training.
+    sft:     list of (prompt, response) strings: demonstrations
+    chunks:  n_chunks lists of {"prompt", "chosen", "rejected"}: chunk 0 for offline DPO,
+             chunk t for SELM iteration t
+    eval:    list of {"prompt", "reference" (an answer to beat, or None)}
+    judge:   judge(prompt, candidates) -> list of scores, higher is better
+    builtin: True for the built-in task, whose judge's score 1.0 means "fully correct"
+    """
+    sft: list
+    chunks: list
+    eval: list
+    judge: object
+    builtin: bool = False
+
+
+def load_user_data(sft_path, prefs_path, prompts_path, judge_spec, n_chunks):
+    """The user's JSON Lines files and judge as TrainingData. A malformed record stops the
+    run with its file, line and field, before anything is trained on partial data. The pairs
+    are cut into n_chunks equal chunks (a remainder is left out)."""
+    judge = load_judge(judge_spec)
+    sft = [(r["prompt"], r["completion"]) for r in load_jsonl(sft_path, ("prompt", "completion"))] if sft_path else []
+    prefs = load_jsonl(prefs_path, ("prompt", "chosen", "rejected"))
+    n = len(prefs) // n_chunks
+    if n == 0:
+        raise DataError(f"{prefs_path}: {len(prefs)} pairs cannot fill {n_chunks} chunks "
+                        f"(offline DPO + {n_chunks - 1} iterations)")
+    chunks = [prefs[i * n:(i + 1) * n] for i in range(n_chunks)]
+    evals = [{"prompt": r["prompt"], "reference": r.get("reference")} for r in load_jsonl(prompts_path, ("prompt",))]
+    return TrainingData(sft, chunks, evals, judge)
+
+
+def check_fits(d, tok, block_size, sft_where, prefs_where):
+    """Encode every text of `d` and refuse what does not fit the context: a prompt or pair
+    that is too long stops the run (encode_pair), it is never silently truncated. Returns
+    the SFT demonstrations encoded, as (prompt_ids, response_ids) pairs."""
+    def encode_all(pairs, where):
+        out = []
+        for i, (p, r) in enumerate(pairs):
+            try:
+                out.append(encode_pair(tok, p, r, block_size))
+            except DataError as e:
+                raise DataError(f"{where}, record {i + 1}: {e}") from None
+        return out
+    sft = encode_all(d.sft, sft_where)
+    encode_all([(e["prompt"], e[k]) for c in d.chunks for e in c for k in ("chosen", "rejected")], prefs_where)
+    for e in d.eval + [e for c in d.chunks for e in c]:
+        if len(tok.encode(e["prompt"])) >= block_size - 1:
+            raise DataError(f"prompt {e['prompt'][:40]!r}... leaves no room for a response in the "
+                            f"context of {block_size} tokens")
+    return sft
 
 
 # -----------------------------------------------------------------------------

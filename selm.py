@@ -22,14 +22,12 @@ The chapter has four parts:
   1. log-probs of responses under a model        sequence_logps, split_logps, reference_logps
   2. the losses, as pure functions of log-probs  dpo_loss, optimism_term, selm_loss
   3. what to log                                 preference_metrics
-  4. the judge step of the online loop           rank_candidates, online_pairs
+  4. from judge scores to pairs                  CANDIDATES, best_and_worst, pairs_from_scores
 
 Shapes: B examples, T tokens, V vocabulary words. Batches are right-padded: input_ids [B, T]
 long; response_mask [B, T] is 1 on the response tokens (final EOS included), 0 on the prompt
 and on padding.
 """
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -145,7 +143,9 @@ def reference_logps(model, batches):
 
 # ---- 2. losses ---------------------------------------------------------------------------
 
-def _check_hparams(beta, alpha=0.0, loss_type="sigmoid"):
+def check_hparams(beta, alpha=0.0, loss_type="sigmoid"):
+    """Raise ValueError for settings the losses below are not defined for. Called once, when
+    a run starts: the losses themselves are pure arithmetic and check nothing."""
     # `not x > 0` rather than `x <= 0` so that NaN is rejected too
     if not beta > 0:
         raise ValueError(f"beta must be positive, got {beta}")
@@ -168,7 +168,6 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     loss_type:             "sigmoid" (DPO) or "ipo"
     Returns (losses, chosen_rewards, rejected_rewards), each [B]; the rewards are detached.
     """
-    _check_hparams(beta, 0.0, loss_type)
     # h = log [pi(y_w) pi_ref(y_l) / (pi(y_l) pi_ref(y_w))]: r(y_w) - r(y_l) in units of beta.
     # Group policy with policy and reference with reference, as the DPO reference code does;
     # when policy == reference the two ratios are bitwise equal and h is exactly 0.
@@ -199,28 +198,29 @@ def optimism_term(policy_ref_response_logps, ref_ref_response_logps, *, beta, al
     policy already under-rewards. The paper's Algorithm 1 writes this term without beta; Eq. 4.2
     and the authors' code multiply by beta, and so do we.
     """
-    _check_hparams(beta, alpha)
     return alpha * beta * (policy_ref_response_logps - ref_ref_response_logps)
 
 
 def selm_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
               policy_ref_response_logps, ref_ref_response_logps, *, beta, alpha,
-              loss_type="sigmoid"):
+              loss_type="sigmoid", return_optimism=False):
     """The SELM loss per example (Eq. 4.2 as the authors' code computes it): DPO + optimism.
 
     The first four arguments and beta, loss_type: as dpo_loss. The next two: as optimism_term.
     alpha: >= 0, the optimism strength (the authors: 1e-3 for Zephyr, 1e-4 for Llama-3).
-    Returns (losses, chosen_rewards, rejected_rewards), each [B]. The rewards are DPO's: the
-    optimism term is not a reward; log it with optimism_term.
+    Returns (losses, chosen_rewards, rejected_rewards), each [B], and with return_optimism=True
+    a fourth, the optimism term per example (detached), for logging. The rewards are DPO's:
+    the optimism term is not a reward.
     """
-    _check_hparams(beta, alpha, loss_type)
     losses, chosen_rewards, rejected_rewards = dpo_loss(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
         beta=beta, loss_type=loss_type)
     # With alpha = 0 this adds exact zeros (0 * finite = 0, x + 0 = x), so losses and their
     # gradients equal DPO's bit for bit: SELM with alpha = 0 is iterative online DPO.
-    losses = losses + optimism_term(policy_ref_response_logps, ref_ref_response_logps,
-                                    beta=beta, alpha=alpha)
+    optimism = optimism_term(policy_ref_response_logps, ref_ref_response_logps, beta=beta, alpha=alpha)
+    losses = losses + optimism
+    if return_optimism:
+        return losses, chosen_rewards, rejected_rewards, optimism.detach()
     return losses, chosen_rewards, rejected_rewards
 
 
@@ -250,22 +250,28 @@ def preference_metrics(losses, chosen_rewards, rejected_rewards, *, policy_chose
     return dict(zip(named, means))
 
 
-# ---- 4. the judge step of the online loop -------------------------------------------------
+# ---- 4. from judge scores to preference pairs --------------------------------------------
 
-def rank_candidates(judge, prompt, candidates):
-    """Indices (best, worst) of a prompt's candidates by the judge, or None on a full tie.
+# The order in which each prompt's three candidates reach the judge, and in which their scores
+# come back. With the tie rule of `best_and_worst` this order is a prior: the offline labels
+# come first and last, so y_ref displaces the offline chosen only when the judge scores it
+# strictly higher, and the offline rejected only when strictly lower.
+CANDIDATES = ("chosen", "y_ref", "rejected")
 
-    judge:      judge(prompt: str, candidates: list[str]) -> list[float], higher is better
-    candidates: list of >= 2 response strings
-    Ties among equal scores go to the EARLIER candidate for best and the LATER for worst, so
-    the order of `candidates` is the tie-breaking prior. If the best and worst scores are
-    equal the candidates carry no preference and the result is None.
+
+def candidates_of(chosen, y_ref, rejected):
+    """One prompt's candidates as a list in CANDIDATES order: what the judge is shown."""
+    named = {"chosen": chosen, "y_ref": y_ref, "rejected": rejected}
+    return [named[name] for name in CANDIDATES]
+
+
+def best_and_worst(scores):
+    """Indices (best, worst) of one prompt's candidate scores, or None when all are equal.
+
+    scores: sequence of >= 2 floats, higher is better. Among equal scores the EARLIER
+    candidate is the best and the LATER one the worst, so the order of the candidates breaks
+    ties. Equal best and worst scores carry no preference: None.
     """
-    scores = [float(s) for s in judge(prompt, candidates)]
-    if len(scores) != len(candidates):
-        raise ValueError(f"judge returned {len(scores)} scores for {len(candidates)} candidates")
-    if any(math.isnan(s) for s in scores):
-        raise ValueError(f"judge returned a NaN score: {scores}")
     hi, lo = max(scores), min(scores)
     if hi == lo:
         return None
@@ -274,31 +280,28 @@ def rank_candidates(judge, prompt, candidates):
     return best, worst
 
 
-def online_pairs(judge, prompts, chosen, rejected, y_ref, *, keep_ties=False):
-    """SELM's relabelling step: per prompt, rank {chosen, y_ref, rejected} with the judge and
-    return (best of the three, worst of the three).
+def pairs_from_scores(scores, chosen, rejected, y_ref, *, keep_ties=False):
+    """SELM's relabelling step (Algorithm 1): per prompt, the best and the worst of the three
+    candidates {chosen, y_ref, rejected} by the judge's scores become the new pair.
 
-    judge:                     as in rank_candidates
-    prompts, chosen, rejected: lists of str, the chunk's prompts and offline pairs
-    y_ref:                     list of str, the reference's greedy response per prompt
-    keep_ties:                 what to return when all three scores are equal
-    Returns a list aligned with `prompts`: (chosen, rejected) string pairs, and for a full tie
-    None (the pair carries no preference; drop the example, y_ref with it) or, with
-    keep_ties=True, the original offline pair.
-
-    The candidates go to the judge in the order [chosen, y_ref, rejected], so rank_candidates'
-    tie rule makes the offline labels the prior: y_ref displaces the offline chosen only if
-    the judge scores it strictly higher, and the offline rejected only if strictly lower.
-    Whatever its rank, y_ref stays the example's reference response for the optimism term (so
-    it may appear in the pair as well); the caller keeps that list as it is.
+    scores:           list of per-prompt score lists, each in CANDIDATES order
+    chosen, rejected: lists of the chunk's offline responses (any type: strings or token ids)
+    y_ref:            list of the reference's own responses, one per prompt
+    keep_ties:        what to return when all three scores are equal
+    Returns a list aligned with the prompts: (chosen, rejected) pairs, and for a full tie None
+    (the candidates carry no preference; drop the example, y_ref with it) or, with
+    keep_ties=True, the offline pair. Whatever its rank, y_ref stays the example's reference
+    response for the optimism term, so it may appear in the pair as well.
     """
-    if not len(prompts) == len(chosen) == len(rejected) == len(y_ref):
-        raise ValueError(f"lengths differ: {len(prompts)} prompts, {len(chosen)} chosen, "
+    if not len(scores) == len(chosen) == len(rejected) == len(y_ref):
+        raise ValueError(f"lengths differ: {len(scores)} score lists, {len(chosen)} chosen, "
                          f"{len(rejected)} rejected, {len(y_ref)} y_ref")
     pairs = []
-    for x, y_w, y_l, y_r in zip(prompts, chosen, rejected, y_ref):
-        candidates = [y_w, y_r, y_l]
-        ranked = rank_candidates(judge, x, candidates)
+    for s, y_w, y_r, y_l in zip(scores, chosen, y_ref, rejected):
+        candidates = candidates_of(y_w, y_r, y_l)
+        if len(s) != len(candidates):
+            raise ValueError(f"{len(s)} scores for {len(candidates)} candidates")
+        ranked = best_and_worst(list(s))
         if ranked is None:
             pairs.append((y_w, y_l) if keep_ties else None)
         else:

@@ -39,13 +39,15 @@ import torch
 import data
 import task as sorting
 import train
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint, write_json_atomic
+from runtime import read_metrics
 from sample import generate
-from selm import online_pairs, reference_logps
+from selm import candidates_of, pairs_from_scores, reference_logps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # alpha*beta = 0.002 .. 0.16 at beta 2: from "no measurable effect" to "clearly too optimistic"
-# on the built-in task (SWEEP_README.md); the paper searched 0.0001 .. 0.005 at beta 0.01.
+# on the built-in task (see the README's sweep section); the paper searched 0.0001 .. 0.005
+# at beta 0.01.
 ALPHAS = [0.001, 0.005, 0.02, 0.08]
 QUICK_ALPHAS = [0.001, 0.08]
 
@@ -62,10 +64,6 @@ def difficulty_range(name):
 
 def method_name(alpha):
     return "idpo" if alpha == 0 else f"selm_a{alpha:g}"
-
-
-def stages_of(iterations):
-    return ["sft", "dpo"] + [f"selm_{t}" for t in range(1, iterations + 1)]
 
 
 def read_json(path, default=None):
@@ -85,7 +83,7 @@ class Run:
         self.method = "dpo" if base is None else method_name(alpha)
         self.dir = os.path.join(out, difficulty, f"seed{seed}", self.method)
         self.iterations = 0 if base is None else iterations
-        self.stages = stages_of(self.iterations)
+        self.stages = train.stage_names(self.iterations)
         self.name = f"{difficulty}/seed{seed}/{self.method}"
 
     def trained(self):
@@ -136,7 +134,8 @@ def make_grid(args):
 def live_lock(path):
     """True if the lock file names a live process: a run that some sweep.py is running now."""
     try:
-        os.kill(int(open(path).read()), 0)
+        with open(path) as f:
+            os.kill(int(f.read()), 0)
         return True
     except (OSError, ValueError):
         return False
@@ -246,13 +245,6 @@ def implicit_reward(beta, model, ref, rows, pad_id):
     return beta * (logps(model, rows, pad_id) - logps(ref, rows, pad_id)).mean().item()
 
 
-def write_json(obj, path):
-    """Write, then rename: a crash leaves the old file or the new one, never half of one."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f)
-    os.replace(path + ".tmp", path)
-
-
 @torch.no_grad()
 def analyse(d, k, n_diag):
     path = os.path.join(d, "analysis.json")
@@ -267,14 +259,9 @@ def analyse(d, k, n_diag):
     beta, max_new = cfg["beta"], cfg["max_new_tokens"]
     eval_prompts = [e["prompt"] for e in task.eval]
     eval_ids = [tok.encode(p) for p in eval_prompts]
-    online = {}  # the online loop's own log: share of pairs whose chosen was y_ref
-    for line in open(os.path.join(d, "metrics.jsonl")):
-        try:
-            r = json.loads(line)
-        except ValueError:  # a line torn by a crash
-            continue
-        if "online" in r and "stage" in r:
-            online[r["stage"]] = r["online"]
+    # the online loop's own log: share of pairs whose chosen was y_ref
+    online = {r["stage"]: r["online"] for r in read_metrics(os.path.join(d, "metrics.jsonl"))
+              if "online" in r and "stage" in r}
     for i, stage in enumerate(stages):
         if stage not in own or stage in out:
             continue
@@ -298,7 +285,9 @@ def analyse(d, k, n_diag):
                 chosen = [e["chosen"] for e in chunk]
             else:  # rebuild the iteration's pairs: greedy y_ref from pi_ref, judge the three
                 y_ref = [a for _, a in responses(tok, ref, cids, max_new, 0)]
-                pairs = online_pairs(sorting.judge, cp, [e["chosen"] for e in chunk], [e["rejected"] for e in chunk], y_ref)
+                ch, rj = [e["chosen"] for e in chunk], [e["rejected"] for e in chunk]
+                scores = [sorting.judge(p, candidates_of(w, r, l)) for p, w, r, l in zip(cp, ch, y_ref, rj)]
+                pairs = pairs_from_scores(scores, ch, rj, y_ref)
                 chosen = [None if p is None else p[0] for p in pairs]
             rows = [(c, tok.encode(y) + [tok.eos_id]) for c, y in zip(cids, chosen) if y is not None]
             fresh = responses(tok, model, [c for c in cids for _ in range(k)], max_new, 1.0, seed=2000 + i)
@@ -307,7 +296,7 @@ def analyse(d, k, n_diag):
         if stage in online:
             row["y_ref_chosen"] = online[stage]["y_ref_chosen"]
         out[stage] = row
-        write_json(out, path)
+        write_json_atomic(out, path)
         print(f"analysed {stage} in {time.time() - t0:.1f}s: distinct {row['distinct']:.2f}, "
               f"best-of-{k} {row['best_of_k']:.3f}", flush=True)
 
@@ -324,11 +313,7 @@ def ms(xs, fmt="{:.3f}"):
 
 def h2h(judge_prompts, a, b):
     """Win rate of answers a over answers b (ties half), judged per prompt."""
-    w = 0.0
-    for p, x, y in zip(judge_prompts, a, b):
-        sx, sy = sorting.judge(p, [x, y])
-        w += 1.0 if sx > sy else 0.5 if sx == sy else 0.0
-    return w / len(judge_prompts)
+    return sum(train.win(*sorting.judge(p, [x, y])) for p, x, y in zip(judge_prompts, a, b)) / len(judge_prompts)
 
 
 def report(runs, args):
@@ -390,7 +375,7 @@ def report(runs, args):
     path = args.report or os.path.join(args.out, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))
-    write_json(summary, os.path.splitext(path)[0] + ".json")
+    write_json_atomic(summary, os.path.splitext(path)[0] + ".json")
     print("\n".join(lines))
     print(f"wrote {path}")
 

@@ -1,48 +1,34 @@
 """
-train.py -- the whole SELM pipeline, one command:
+train.py -- the whole SELM pipeline in one command, read top to bottom:
 
     python train.py --model small
 
-  stage "sft":     supervised fine-tuning of a fresh model on mediocre demonstrations
-  stage "dpo":     offline DPO on chunk 1's fixed pairs, reference = the SFT model
-                   (the paper's Zephyr-DPO row; SELM.md: "iteration 0 is plain DPO")
-  stage "selm_t":  for t = 1..T, with reference pi_{t-1} = the previous stage's model:
-                   greedy y_ref ~ pi_{t-1} on chunk t+1's prompts, the judge ranks
-                   {chosen, rejected, y_ref}, best and worst become the new pair, one epoch
-                   of the SELM loss (selm.selm_loss), then the reference moves on.
-After every stage the model is evaluated on held-out prompts (greedy decoding) and a
-checkpoint is written. `--alpha 0` is iterative online DPO; `--iterations 0` stops after
-offline DPO.
-
-Written to --out-dir: <stage>.pt checkpoints, metrics.jsonl (one JSON object per logged
-step and per evaluation) and results.json (one row per stage).
+Config -> SFT -> offline DPO (the reference is the SFT model; the paper's iteration 0) ->
+SELM iterations t = 1..T (Algorithm 1: the reference is the previous iterate, its greedy
+answer joins the offline pair, the judge keeps the best and the worst, one epoch of the SELM
+loss) -> evaluation after every stage -> the main loop. `--alpha 0` is iterative online DPO;
+`--iterations 0` stops after offline DPO. Written to --out-dir: <stage>.pt checkpoints,
+metrics.jsonl and results.json. The plumbing (devices, processes, logs) is runtime.py's;
+what is written to disk, and how a run resumes, is checkpoint.py's.
 """
 
-import argparse
 import copy
-import dataclasses
 import json
-import math
 import os
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 import data
 import task as sorting
-from checkpoint import atomic_save, atomic_write, load_checkpoint, model_from_checkpoint
+from checkpoint import open_run, restore, save_stage
 from model import GPT, preset
-from sample import generate
-from selm import (dpo_loss, online_pairs, optimism_term, preference_metrics, reference_logps,
-                  selm_loss, sequence_logps)
+from runtime import Clock, check_finite, lr_at, optimizer_step, parse_config, setup, summary_line
+from selm import candidates_of, check_hparams, dpo_loss, pairs_from_scores, preference_metrics, selm_loss, sequence_logps
 
 
 def opt(default, help):
@@ -104,10 +90,13 @@ class Config:
 
 # Data and step counts that fit each preset's time budget on a 2-core CPU (`tiny`: about a
 # minute, the rest: about ten). Flags override them.
-SCALE = {
-    "tiny": dict(n_sft=4096, chunk_size=512, n_eval=256, sft_steps=800),
-    "default": dict(n_sft=8192, chunk_size=1024, n_eval=512, sft_steps=1500),
-}
+SCALE = {"tiny": dict(n_sft=4096, chunk_size=512, n_eval=256, sft_steps=800),
+         "default": dict(n_sft=8192, chunk_size=1024, n_eval=512, sft_steps=1500)}
+
+
+def parse_args(argv=None):
+    return parse_config(Config, argv, "The SELM pipeline: SFT -> offline DPO -> SELM iterations, "
+                                      "each stage evaluated and checkpointed.")
 
 
 def resolve(cfg):
@@ -120,30 +109,15 @@ def resolve(cfg):
     return cfg
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="The SELM pipeline: SFT -> offline DPO -> SELM iterations, "
-                                             "each stage evaluated and checkpointed.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            ap.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            ap.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"])
-    return Config(**vars(ap.parse_args(argv)))
-
-
 def check_config(cfg):
     """Impossible settings fail here, in one line, before anything is written."""
     resolve(cfg)
-    if cfg.beta <= 0:
-        raise ValueError(f"--beta must be positive, got {cfg.beta}")
-    if cfg.alpha < 0:
-        raise ValueError(f"--alpha must be non-negative, got {cfg.alpha}")
+    try:
+        check_hparams(cfg.beta, cfg.alpha, cfg.loss_type)  # the losses' own rules, checked once
+    except ValueError as e:
+        raise ValueError(f"--{str(e).replace('_', '-')}") from None
     if cfg.iterations < 0:
         raise ValueError(f"--iterations must be >= 0, got {cfg.iterations}")
-    if cfg.loss_type not in ("sigmoid", "ipo"):
-        raise ValueError(f"--loss-type must be sigmoid or ipo, got {cfg.loss_type!r}")
     if cfg.batch_size % cfg.micro_batch_size:
         raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size {cfg.micro_batch_size}")
     for name in ("sft_batch_size", "batch_size", "micro_batch_size", "chunk_size", "n_eval", "gen_batch_size",
@@ -154,258 +128,72 @@ def check_config(cfg):
         raise ValueError("--sft-steps must be >= 0 (0 skips SFT training)")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
+    if cfg.start_from and cfg.resume:
+        raise ValueError("--start-from and --resume exclude each other")
     preset(cfg.model)  # unknown preset -> clear error
 
 
-# ---- devices, processes, files, logging --------------------------------------------------
+# ---- stage 1: SFT -------------------------------------------------------------------------
 
-def pick_device(name, local_rank=0):
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    if name == "cuda":  # under torchrun each process takes its own GPU
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
-
-
-def amp_dtype(device, dtype):
-    """bf16 autocast on GPUs that support it (fp16 otherwise); fp32 on CPU by default.
-    Log-softmax stays fp32 either way (selm.sequence_logps)."""
-    if dtype == "auto":
-        dtype = "float32" if device.type != "cuda" else (
-            "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
-    return None if dtype == "float32" else getattr(torch, dtype)
-
-
-class Dist:
-    """The processes torchrun started (or just this one). Work that produces data --
-    sampling, judging, scoring -- is cut into fixed blocks; block b goes to rank b % world,
-    and the results are gathered in block order, so every rank ends up with the same data
-    in the same order, identical to a single process doing every block itself."""
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
-        self.rank = int(os.environ.get("RANK", 0))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.main = self.rank == 0
-
-    def init(self, device):
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-    def map_blocks(self, fn, items, block):
-        """[fn(start, items[start:start + block]) for each block], concatenated in order."""
-        starts = range(0, len(items), block)
-        mine = [(s, fn(s, items[s:s + block])) for s in starts[self.rank::self.world]]
-        if self.world > 1:
-            parts = [None] * self.world
-            dist.all_gather_object(parts, mine)
-            mine = [x for part in parts for x in part]
-        return [y for _, out in sorted(mine, key=lambda t: t[0]) for y in out]
-
-    def gather(self, items):
-        """Every rank's list, concatenated in rank order."""
-        if self.world == 1:
-            return items
-        parts = [None] * self.world
-        dist.all_gather_object(parts, items)
-        return [x for part in parts for x in part]
-
-    def barrier(self):
-        if self.world > 1:
-            dist.barrier()
-
-
-def write_json_atomic(obj, path):
-    atomic_write(path, lambda f: json.dump(obj, f, indent=1), binary=False)
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per line, appended and flushed line by line; only
-    rank 0 writes.
-
-    A crash can tear the last line, and a stage that was running when the process died
-    wrote lines that its rerun will write again. So every checkpoint records the file's
-    length, and on --resume the file is cut back to that length (`truncate`)."""
-
-    def __init__(self, path, enabled=True):
-        self.path, self.enabled = path, enabled
-
-    def write(self, row):
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-
-    def size(self):
-        return os.path.getsize(self.path) if os.path.exists(self.path) else 0
-
-    def truncate(self, size):
-        if self.enabled and os.path.exists(self.path):
-            with open(self.path, "r+") as f:
-                f.truncate(size)
-
-
-def read_metrics(path):
-    """The rows of a metrics.jsonl, skipping a torn (unparseable) last line."""
-    rows = []
-    with open(path) as f:
-        lines = f.read().split("\n")
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 2 or (i == len(lines) - 2 and lines[-1] != ""):
-                raise ValueError(f"{path}:{i + 1}: corrupted line (not the last one)") from None
-    return rows
-
-
-@dataclass
-class Run:
-    """What every stage needs besides the model: settings, device, tokenizer, log, ranks."""
-    cfg: Config
-    device: torch.device
-    dtype: object  # autocast dtype, or None for plain fp32
-    tok: object
-    log: MetricsLog
-    dist: Dist
-    last_ref_seconds: float = 0.0  # time of the last stage's reference log-probs
-
-    def autocast(self):
-        return nullcontext() if self.dtype is None else torch.autocast(self.device.type, dtype=self.dtype)
-
-    def wrap(self, model):
-        """The module to train through: DDP under torchrun, optionally compiled. Sampling,
-        scoring and saving always use the plain `model`."""
-        m = model
-        if self.dist.world > 1:
-            m = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if self.cfg.compile:
-            m = torch.compile(m, dynamic=False)
-        return m
-
-    def to_device(self, batch, fixed_len):
-        """Move a collated batch to the device. Under --compile, first right-pad it to the
-        stage's longest sequence: one shape for the whole stage means one compiled graph
-        (padding is masked out of every loss, and right padding never touches real tokens)."""
-        if self.cfg.compile:
-            extra = fixed_len - batch["input_ids"].shape[1]
-            batch = {k: F.pad(v, (0, extra), value=self.tok.pad_id if k == "input_ids" else False)
-                     for k, v in batch.items()}
-        return {k: v.to(self.device) for k, v in batch.items()}
-
-    def bar(self, iterable, desc):
-        return tqdm(iterable, desc=desc, leave=False, mininterval=1.0, disable=not self.dist.main)
-
-
-def lr_at(step, total, peak, warmup):
-    """Linear warmup over the first `warmup` fraction of steps, then cosine to zero."""
-    w = max(1, int(warmup * total))
-    if step < w:
-        return peak * (step + 1) / w
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
-
-
-def check_finite(loss, stage, step):
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss ({loss.item()}) in stage {stage} at step {step}; "
-                                 "lower the learning rate (the last good checkpoint is intact)")
-
-
-def optimizer_step(R, model, opt_, stage, step):
-    if R.cfg.grad_clip:
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), R.cfg.grad_clip)
-        if not torch.isfinite(gn):
-            raise FloatingPointError(f"non-finite gradient in stage {stage} at step {step}; "
-                                     "lower the learning rate (the last good checkpoint is intact)")
-    opt_.step()
-
-
-# ---- stage 1: SFT ----------------------------------------------------------------------
-
-def train_sft(R, model, examples):
+def train_sft(rt, cfg, tok, model, examples):
     """Cross-entropy on response tokens only (the prompt is given, not learned), averaged
     over the response tokens of the global batch. Under torchrun every rank draws the same
     global batch and takes its share; DDP averages gradients over ranks, so each rank
     scales its token sum by world / (global token count)."""
-    cfg, W = R.cfg, R.dist.world
+    W = rt.ranks.world
     fixed_len = max(len(p) + len(r) for p, r in examples)
-    train_model = R.wrap(model)
+    train_model = rt.wrap(model)
     opt_ = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.1, betas=(0.9, 0.95))
     model.train()
     g = torch.Generator().manual_seed(cfg.seed)
-    bar = R.bar(range(cfg.sft_steps), "sft")
+    bar = rt.bar(range(cfg.sft_steps), "sft")
     for step in bar:
         idx = torch.randint(len(examples), (cfg.sft_batch_size,), generator=g).tolist()
         n_tokens = sum(len(examples[i][1]) for i in idx)
-        b = R.to_device(data.collate([examples[i] for i in idx[R.dist.rank::W]], R.tok.pad_id), fixed_len)
+        b = rt.to_device(data.collate([examples[i] for i in idx[rt.ranks.rank::W]], tok.pad_id), fixed_len, tok.pad_id)
         target_mask = b["response_mask"][:, 1:]  # token t is predicted at position t-1
-        with R.autocast():
+        with rt.autocast():
             logits = train_model(b["input_ids"][:, :-1], output_mask=target_mask)  # (N, V)
-        loss = F.cross_entropy(logits.float(), b["input_ids"][:, 1:][target_mask], reduction="sum")
-        loss = loss * W / n_tokens
+        loss = F.cross_entropy(logits.float(), b["input_ids"][:, 1:][target_mask], reduction="sum") * W / n_tokens
         check_finite(loss, "sft", step)
         for group in opt_.param_groups:
             group["lr"] = lr_at(step, cfg.sft_steps, cfg.sft_lr, 0.05)
         opt_.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer_step(R, model, opt_, "sft", step)
+        optimizer_step(model, opt_, cfg.grad_clip, "sft", step)
         if step % cfg.log_every == 0 or step == cfg.sft_steps - 1:
-            total = sum(R.dist.gather([loss.item() / W]))
-            R.log.write({"stage": "sft", "step": step, "loss": total, "lr": opt_.param_groups[0]["lr"]})
+            total = sum(rt.ranks.gather([loss.item() / W]))
+            rt.log.write({"stage": "sft", "step": step, "loss": total, "lr": opt_.param_groups[0]["lr"]})
             bar.set_postfix(loss=f"{total:.3f}")
     return opt_
 
 
-# ---- stages 2..: DPO and SELM on a list of preference examples --------------------------
+# ---- what offline DPO and SELM share: reference log-probs, one epoch of the loss ----------
 
-def logps_of(R, model, rows, batch_size):
-    """Summed response log-probs of (prompt_ids, response_ids) rows under `model`, without
-    grad in eval mode (selm.reference_logps), sharded over ranks: (N,) fp32 on the CPU."""
-    def score(_, block):
-        batches = (data.collate(block[i:i + batch_size], R.tok.pad_id) for i in range(0, len(block), batch_size))
-        with R.autocast():
-            return reference_logps(model, batches).float().cpu().tolist()
-    return torch.tensor(R.dist.map_blocks(score, rows, batch_size), dtype=torch.float32)
-
-
-def train_preferences(R, stage, policy, examples, lr, alpha, seed):
-    """One epoch of the SELM loss (DPO when there is no y_ref).
-
-    examples: list of (prompt_ids, chosen_ids, rejected_ids, y_ref_ids or None).
-    The reference is the policy as it enters the stage (the SFT model for offline DPO,
-    pi_{t-1} for SELM iteration t), so its log-probs are computed here, once, before the
-    first update, under no_grad: no second model in memory, nothing recomputed per step.
-    Each optimizer step takes batch_size examples; under torchrun each rank takes its share
-    of them, in micro-batches whose gradients are all-reduced only at the last one.
-    """
-    cfg, W, rank = R.cfg, R.dist.world, R.dist.rank
-    if not examples:  # e.g. the judge tied every candidate of every prompt
-        if R.dist.main:
-            print(f"warning: stage {stage} has no preference pairs to train on; the model is unchanged")
-        return None
-    with_ref = examples[0][3] is not None
-    parts = [1, 2, 3] if with_ref else [1, 2]
+def reference_logps_of(rt, cfg, tok, ref, examples):
+    """log pi_ref of every example's responses: (2 or 3, N) on the device, rows chosen,
+    rejected and (for SELM) y_ref. examples: (prompt_ids, chosen_ids, rejected_ids, y_ref_ids
+    or None). The reference is the policy before its first update, so no second model copy
+    is kept: these numbers are all the training epoch needs of it."""
+    parts = [1, 2, 3] if examples[0][3] is not None else [1, 2]
     rows = [(ex[0], ex[k]) for k in parts for ex in examples]  # all chosen, all rejected, (all y_ref)
-    t0 = time.time()
-    ref_logps = logps_of(R, policy, rows, 4 * cfg.micro_batch_size).to(R.device)
-    R.last_ref_seconds = time.time() - t0  # reported in selm_iteration's timing breakdown
-    ref_logps = ref_logps.view(len(parts), len(examples))  # (2 or 3, N)
+    return rt.logps(ref, rows, tok.pad_id, 4 * cfg.micro_batch_size).to(rt.device).view(len(parts), len(examples))
 
-    fixed_len = max(len(r[0]) + len(r[1]) for r in rows)
-    train_model = R.wrap(policy)
+
+def preference_epoch(rt, cfg, tok, stage, policy, examples, ref_logps, lr, alpha, seed):
+    """One epoch of the SELM loss (DPO when the examples carry no y_ref) over `examples`,
+    with the reference's log-probs given. Each optimizer step takes batch_size examples;
+    under torchrun each rank takes its share, in micro-batches whose gradients are
+    all-reduced only at the last one."""
+    W, rank = rt.ranks.world, rt.ranks.rank
+    with_ref = examples[0][3] is not None
+    fixed_len = max(len(ex[0]) + len(ex[k]) for ex in examples for k in ((1, 2, 3) if with_ref else (1, 2)))
+    train_model = rt.wrap(policy)
     opt_ = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     # a batch too small to give every rank an example is dropped (only ever the last one)
     order = [b for b in data.batches(len(examples), cfg.batch_size, seed=seed) if len(b) >= W]
     policy.train()
-    bar = R.bar(order, stage)
+    bar = rt.bar(order, stage)
     for step, idx in enumerate(bar):
         for group in opt_.param_groups:
             group["lr"] = lr_at(step, len(order), lr, cfg.warmup)
@@ -414,24 +202,19 @@ def train_preferences(R, stage, policy, examples, lr, alpha, seed):
         micro = [mine[m:m + cfg.micro_batch_size] for m in range(0, len(mine), cfg.micro_batch_size)]
         stats = []
         for k, mi in enumerate(micro):
-            b = data.collate_preferences([examples[i][0] for i in mi], [examples[i][1] for i in mi],
-                                         [examples[i][2] for i in mi],
-                                         [examples[i][3] for i in mi] if with_ref else None,
-                                         pad_id=R.tok.pad_id)
-            b = R.to_device(b, fixed_len)
+            b = data.collate_preferences(*([examples[i][j] for i in mi] for j in range(3)),
+                                         [examples[i][3] for i in mi] if with_ref else None, pad_id=tok.pad_id)
+            b = rt.to_device(b, fixed_len, tok.pad_id)
             sync = k == len(micro) - 1 or W == 1
-            with (nullcontext() if sync else train_model.no_sync()), R.autocast():
+            with (nullcontext() if sync else train_model.no_sync()), rt.autocast():
                 # chosen, rejected (and y_ref) rows in one forward: (parts * B,)
-                logps = sequence_logps(train_model, b["input_ids"], b["response_mask"])
-                pol = logps.view(len(parts), len(mi))
+                pol = sequence_logps(train_model, b["input_ids"], b["response_mask"]).view(-1, len(mi))
                 ref = ref_logps[:, mi]
                 if with_ref:  # SELM, Eq. 4.2
-                    losses, cr, rr = selm_loss(pol[0], pol[1], ref[0], ref[1], pol[2], ref[2],
-                                               beta=cfg.beta, alpha=alpha, loss_type=cfg.loss_type)
-                    optimism = optimism_term(pol[2], ref[2], beta=cfg.beta, alpha=alpha).detach()
+                    losses, cr, rr, optimism = selm_loss(pol[0], pol[1], ref[0], ref[1], pol[2], ref[2], beta=cfg.beta,
+                                                         alpha=alpha, loss_type=cfg.loss_type, return_optimism=True)
                 else:  # offline DPO: no reference response, no optimism term
-                    losses, cr, rr = dpo_loss(pol[0], pol[1], ref[0], ref[1], beta=cfg.beta,
-                                              loss_type=cfg.loss_type)
+                    losses, cr, rr = dpo_loss(pol[0], pol[1], ref[0], ref[1], beta=cfg.beta, loss_type=cfg.loss_type)
                     optimism = torch.zeros_like(cr)
                 # a sum over examples / the global batch size: the gradient is the batch mean
                 # whatever the micro-batch size, and DDP's average over ranks is undone by W
@@ -439,152 +222,131 @@ def train_preferences(R, stage, policy, examples, lr, alpha, seed):
                 check_finite(loss, stage, step)
                 loss.backward()
             stats.append(torch.stack([losses.detach(), cr, rr, pol[0].detach(), pol[1].detach(), optimism], 1))
-        optimizer_step(R, policy, opt_, stage, step)
+        optimizer_step(policy, opt_, cfg.grad_clip, stage, step)
         if step % cfg.log_every == 0 or step == len(order) - 1:
-            cat = torch.tensor(R.dist.gather(torch.cat(stats).cpu().tolist())).T  # (6, batch)
+            cat = torch.tensor(rt.ranks.gather(torch.cat(stats).cpu().tolist())).T  # (6, batch)
             row = preference_metrics(cat[0], cat[1], cat[2], policy_chosen_logps=cat[3],
                                      policy_rejected_logps=cat[4], optimism=cat[5])
-            R.log.write({"stage": stage, "step": step, "lr": opt_.param_groups[0]["lr"], **row})
+            rt.log.write({"stage": stage, "step": step, "lr": opt_.param_groups[0]["lr"], **row})
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['rewards/accuracies']:.2f}")
     return opt_
 
 
-def sample_responses(R, model, prompt_ids, temperature=0.0, seed=0):
-    """Responses to every prompt (token lists, EOS included when emitted), sharded over ranks
-    in blocks of gen_batch_size; the seed of a block depends only on its position."""
-    def fn(start, block):
-        r, _ = generate(model, block, R.cfg.max_new_tokens, temperature=temperature,
-                        eos_id=R.tok.eos_id, pad_id=R.tok.pad_id, seed=seed + start)
-        return r
-    return R.dist.map_blocks(fn, prompt_ids, R.cfg.gen_batch_size)
+# ---- stage 2: offline DPO -------------------------------------------------------------------
+
+def offline_dpo(rt, cfg, tok, policy, chunk):
+    """DPO on the chunk's fixed pairs; the reference is the policy as it enters (the SFT model)."""
+    examples = [(tok.encode(e["prompt"]), tok.encode(e["chosen"]) + [tok.eos_id],
+                 tok.encode(e["rejected"]) + [tok.eos_id], None) for e in chunk]
+    ref_logps = reference_logps_of(rt, cfg, tok, policy, examples)
+    return preference_epoch(rt, cfg, tok, "dpo", policy, examples, ref_logps, cfg.lr, 0.0, seed=cfg.seed * 1000 + 1)
 
 
-def greedy_responses(R, model, prompt_ids):
-    """Greedy responses for a list of prompts: (token lists without EOS, texts)."""
-    ids = [[t for t in r if t != R.tok.eos_id] for r in sample_responses(R, model, prompt_ids)]
-    return ids, [R.tok.decode(r) for r in ids]
+# ---- stages 3..: one SELM iteration ---------------------------------------------------------
 
-
-def judge_blocks(R, judge, prompts, candidates):
-    """data.call_judge on every (prompt, candidate list), sharded over ranks."""
-    items = list(zip(prompts, candidates))
-    return R.dist.map_blocks(lambda _, blk: [data.call_judge(judge, p, c) for p, c in blk],
-                             items, R.cfg.gen_batch_size)
-
-
-def selm_iteration(R, stage, t, policy, chunk, judge):
-    """One online iteration (SELM.md, Algorithm 1): sample, judge, build pairs, train."""
-    cfg, tok = R.cfg, R.tok
-    # pi_ref = pi_{t-1} is the policy as it enters this iteration: sample from it now,
-    # score with it in train_preferences before the first update, and the reference moves.
+def selm_iteration(rt, cfg, tok, t, policy, chunk, judge):
+    """Iteration t of Algorithm 1 on chunk t: pi_{t-1} -> pi_t."""
+    clock = Clock()
+    # 1. pi_ref = pi_{t-1}: the policy as it enters. Everything the iteration needs of the
+    #    reference is computed below, before the policy's first update.
     prompts = [ex["prompt"] for ex in chunk]
     prompt_ids = [tok.encode(p) for p in prompts]
-    t0 = time.time()
-    y_ref_ids, y_ref = greedy_responses(R, policy, prompt_ids)
-    t_sample = time.time() - t0
-    t0 = time.time()
-    # the judge sees [chosen, y_ref, rejected]; scores come back sharded, the ranking is cheap
-    scores = judge_blocks(R, judge, prompts, [[ex["chosen"], yr, ex["rejected"]] for ex, yr in zip(chunk, y_ref)])
-    replay = iter(scores)  # online_pairs asks the judge in this same order: replay its scores
-    pairs = online_pairs(lambda prompt, candidates: next(replay), prompts,
-                         [ex["chosen"] for ex in chunk], [ex["rejected"] for ex in chunk], y_ref)
-    t_judge = time.time() - t0
-    examples, n_ref_best, n_tied = [], 0, 0
-    for p_ids, pair, yr, yr_text in zip(prompt_ids, pairs, y_ref_ids, y_ref):
-        if pair is None:  # all three candidates scored the same: no preference to learn
-            n_tied += 1
-            continue
-        chosen, rejected = pair
-        n_ref_best += chosen == yr_text
-        examples.append((p_ids, tok.encode(chosen) + [tok.eos_id], tok.encode(rejected) + [tok.eos_id],
-                         yr + [tok.eos_id]))
-    lr = cfg.lr * cfg.lr_decay ** (t - 1)
-    t0 = time.time()
-    opt_ = train_preferences(R, stage, policy, examples, lr, cfg.alpha, seed=cfg.seed * 1000 + t + 1)
-    t_ref = R.last_ref_seconds if examples else 0.0
-    info = {"pairs": len(examples), "dropped_ties": n_tied, "y_ref_chosen": n_ref_best / max(1, len(examples)),
-            "t_sample": t_sample, "t_judge": t_judge, "t_ref_logps": t_ref,
-            "t_train": time.time() - t0 - t_ref}
-    R.log.write({"stage": stage, "online": info})
+    # 2. y_ref: the reference's greedy answer to every prompt of the chunk
+    y_ref_ids, y_ref = greedy_responses(rt, cfg, tok, policy, prompt_ids)
+    clock.lap("t_sample")
+    # 3. the judge scores each prompt's candidates (selm.CANDIDATES order)
+    chosen, rejected = [ex["chosen"] for ex in chunk], [ex["rejected"] for ex in chunk]
+    scores = rt.judge(judge, prompts, [candidates_of(w, r, l) for w, r, l in zip(chosen, y_ref, rejected)],
+                      cfg.gen_batch_size)
+    # 4. the best and the worst of the three become the pair; y_ref stays the example's
+    #    reference response whatever its rank
+    pairs = pairs_from_scores(scores, chosen, rejected, y_ref)
+    clock.lap("t_judge")
+    examples = [(p, tok.encode(pair[0]) + [tok.eos_id], tok.encode(pair[1]) + [tok.eos_id], yr + [tok.eos_id])
+                for p, pair, yr in zip(prompt_ids, pairs, y_ref_ids) if pair is not None]
+    n_ref_best = sum(pair is not None and pair[0] == yr for pair, yr in zip(pairs, y_ref))
+    info = {"pairs": len(examples), "dropped_ties": len(pairs) - len(examples),
+            "y_ref_chosen": n_ref_best / max(1, len(examples))}
+    opt_ = None
+    if examples:
+        # 5. the reference log-probs of chosen, rejected and y_ref, once, from pi_{t-1}
+        ref_logps = reference_logps_of(rt, cfg, tok, policy, examples)
+        clock.lap("t_ref_logps")
+        # 6. one epoch of the SELM loss: the policy becomes pi_t
+        lr = cfg.lr * cfg.lr_decay ** (t - 1)
+        opt_ = preference_epoch(rt, cfg, tok, f"selm_{t}", policy, examples, ref_logps, lr, cfg.alpha,
+                                seed=cfg.seed * 1000 + t + 1)
+        clock.lap("t_train")
+    else:  # e.g. the judge tied every candidate of every prompt
+        rt.say(f"warning: stage selm_{t} has no preference pairs to train on; the model is unchanged")
+    # 7. what happened: pairs kept, ties, how often y_ref won, the time of each step
+    info.update(clock.laps)
+    rt.log.write({"stage": f"selm_{t}", "online": info})
     return opt_, info
 
 
-# ---- evaluation ------------------------------------------------------------------------
+def sample_responses(rt, cfg, tok, model, prompt_ids, temperature=0.0, seed=0):
+    """Responses to every prompt (token lists, EOS included when emitted), sharded over ranks."""
+    return rt.sample(model, prompt_ids, cfg.gen_batch_size, seed=seed, max_new_tokens=cfg.max_new_tokens,
+                     temperature=temperature, eos_id=tok.eos_id, pad_id=tok.pad_id)
+
+
+def greedy_responses(rt, cfg, tok, model, prompt_ids):
+    """Greedy responses for a list of prompts: (token lists without EOS, texts)."""
+    ids = [[t for t in r if t != tok.eos_id] for r in sample_responses(rt, cfg, tok, model, prompt_ids)]
+    return ids, [tok.decode(r) for r in ids]
+
+
+# ---- evaluation -----------------------------------------------------------------------------
+
+def win(score_a, score_b):
+    """One comparison of a win rate: 1 for a win, 0.5 for a tie, 0 for a loss."""
+    return 1.0 if score_a > score_b else 0.5 if score_a == score_b else 0.0
+
 
 @torch.no_grad()
-def evaluate(R, stage, model, sft_model, eval_set, sft_answers, judge, builtin):
+def evaluate(rt, cfg, tok, stage, model, sft_model, d, sft_answers):
     """Greedy answers on held-out prompts, judged against the fixed reference answers and
     against the SFT model's answers (ties count half), plus KL(pi || pi_SFT) estimated as
     the mean of log pi(y) - log pi_SFT(y) over temperature-1 samples y ~ pi."""
-    cfg = R.cfg
-    prompts = [e["prompt"] for e in eval_set]
-    prompt_ids = [R.tok.encode(p) for p in prompts]
-    ids, answers = greedy_responses(R, model, prompt_ids)
+    prompts = [e["prompt"] for e in d.eval]
+    prompt_ids = [tok.encode(p) for p in prompts]
+    ids, answers = greedy_responses(rt, cfg, tok, model, prompt_ids)
     sft_answers = answers if sft_answers is None else sft_answers
-    has_ref = all(e["reference"] is not None for e in eval_set)
-    scores = judge_blocks(R, judge, prompts, [[a, s] + ([e["reference"]] if has_ref else [])
-                                              for a, s, e in zip(answers, sft_answers, eval_set)])
-    win_ref = win_sft = reward = perfect = 0.0
-    for sa, ss, *sr in scores:
-        win_ref += (1.0 if sa > sr[0] else 0.5 if sa == sr[0] else 0.0) if has_ref else 0.0
-        win_sft += 1.0 if sa > ss else 0.5 if sa == ss else 0.0
-        reward += sa
-        perfect += sa >= 1.0
+    has_ref = all(e["reference"] is not None for e in d.eval)
+    scores = rt.judge(d.judge, prompts, [[a, s] + ([e["reference"]] if has_ref else [])
+                                         for a, s, e in zip(answers, sft_answers, d.eval)], cfg.gen_batch_size)
     n = len(prompts)
     kl = 0.0
     if sft_model is not model and cfg.kl_samples > 0:
         rows = []
         for k in range(cfg.kl_samples):
-            ys = sample_responses(R, model, prompt_ids, temperature=1.0, seed=cfg.seed * 7919 + 100_003 * k)
+            ys = sample_responses(rt, cfg, tok, model, prompt_ids, temperature=1.0, seed=cfg.seed * 7919 + 100_003 * k)
             rows += [(p, y) for p, y in zip(prompt_ids, ys) if y]
-        lp = logps_of(R, model, rows, 4 * cfg.micro_batch_size)
-        lq = logps_of(R, sft_model, rows, 4 * cfg.micro_batch_size)
+        lp, lq = (rt.logps(m, rows, tok.pad_id, 4 * cfg.micro_batch_size) for m in (model, sft_model))
         kl = (lp - lq).mean().item()
-    row = {"stage": stage, "win_rate_vs_reference": win_ref / n if has_ref else None,
-           "win_rate_vs_sft": win_sft / n, "reward": reward / n,
-           "perfect": perfect / n if builtin else None,  # "score 1.0" means "sorted" only in the built-in task
+    row = {"stage": stage, "win_rate_vs_reference": sum(win(s[0], s[2]) for s in scores) / n if has_ref else None,
+           "win_rate_vs_sft": sum(win(s[0], s[1]) for s in scores) / n, "reward": sum(s[0] for s in scores) / n,
+           "perfect": sum(s[0] >= 1.0 for s in scores) / n if d.builtin else None,  # "1.0 = sorted": built-in only
            "length": sum(len(i) for i in ids) / n, "kl": kl}
     return row, answers
 
 
-# ---- data ---------------------------------------------------------------------------------
-
-@dataclass
-class Data:
-    sft: list  # (prompt, response) strings
-    chunks: list  # T + 1 lists of {"prompt", "chosen", "rejected"}
-    eval: list  # {"prompt", "reference" (or None)}
-    judge: object  # judge(prompt, candidates) -> list of scores
-    builtin: bool  # the built-in task: its judge's score 1.0 means "fully correct"
-
+# ---- the data, the tokenizer and the model a run starts from ---------------------------------
 
 def load_data(cfg):
-    """The built-in task, or the user's JSONL files and judge. Everything is read and
-    checked here, before any training: a malformed record stops the run with its file,
-    line and field, and nothing is trained on partial data."""
-    user = [cfg.sft, cfg.prefs, cfg.prompts, cfg.judge]
-    if not any(user):
-        task = sorting.make_task(seed=cfg.task_seed, n_sft=cfg.n_sft, n_prompts_per_chunk=cfg.chunk_size,
-                              n_chunks=cfg.iterations + 1, n_eval=cfg.n_eval,
-                              min_len=cfg.min_len, max_len=cfg.max_len)
-        return Data(task.sft, task.chunks, task.eval, sorting.judge, True)
+    """The built-in task, or the user's JSONL files and judge (data.load_user_data)."""
+    if not any([cfg.sft, cfg.prefs, cfg.prompts, cfg.judge]):
+        t = sorting.make_task(seed=cfg.task_seed, n_sft=cfg.n_sft, n_prompts_per_chunk=cfg.chunk_size,
+                              n_chunks=cfg.iterations + 1, n_eval=cfg.n_eval, min_len=cfg.min_len, max_len=cfg.max_len)
+        return data.TrainingData(t.sft, t.chunks, t.eval, sorting.judge, builtin=True)
     if not (cfg.prefs and cfg.prompts and cfg.judge):
         raise ValueError("your own data needs --prefs, --prompts and --judge together "
                          "(the built-in judge only scores the sorting task); --sft is optional")
     if cfg.sft is None and cfg.init_from is None and cfg.sft_steps > 0:
         raise ValueError("--prefs without --sft: give --sft demonstrations, or --init-from a "
                          "pretrained model with --sft-steps 0")
-    judge = data.load_judge(cfg.judge)
-    sft = [(r["prompt"], r["completion"]) for r in data.load_jsonl(cfg.sft, ("prompt", "completion"))] if cfg.sft else []
-    prefs = data.load_jsonl(cfg.prefs, ("prompt", "chosen", "rejected"))
-    n = len(prefs) // (cfg.iterations + 1)
-    if n == 0:
-        raise ValueError(f"{cfg.prefs}: {len(prefs)} pairs cannot fill {cfg.iterations + 1} chunks "
-                         f"(offline DPO + {cfg.iterations} iterations)")
-    chunks = [prefs[i * n:(i + 1) * n] for i in range(cfg.iterations + 1)]
-    evals = [{"prompt": r["prompt"], "reference": r.get("reference")}
-             for r in data.load_jsonl(cfg.prompts, ("prompt",))]
-    return Data(sft, chunks, evals, judge, False)
+    return data.load_user_data(cfg.sft, cfg.prefs, cfg.prompts, cfg.judge, cfg.iterations + 1)
 
 
 def get_tokenizer(cfg, verbose=True):
@@ -602,187 +364,64 @@ def get_tokenizer(cfg, verbose=True):
     return tok
 
 
-# ---- the pipeline ----------------------------------------------------------------------
-
-def encode_all(pairs, tok, block_size, where):
-    out = []
-    for i, (p, r) in enumerate(pairs):
-        try:
-            out.append(data.encode_pair(tok, p, r, block_size))
-        except data.DataError as e:
-            raise data.DataError(f"{where}, record {i + 1}: {e}") from None
-    return out
-
-
-def stage_names(cfg):
-    return ["sft", "dpo"] + [f"selm_{t}" for t in range(1, cfg.iterations + 1)]
+def build_model(rt, cfg, tok):
+    """A fresh --model preset sized for the tokenizer, or the --init-from weights."""
+    if cfg.init_from:
+        model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
+    else:
+        model = GPT(preset(cfg.model, vocab_size=tok.vocab_size, dropout=cfg.dropout, block_size=cfg.block_size))
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer {tok.name} has {tok.vocab_size} ids, the model only {model.config.vocab_size}")
+    rt.say(f"model: {cfg.init_from or cfg.model}, {model.num_params() / 1e6:.2f}M parameters, device {rt.device}"
+           + (f", {rt.ranks.world} processes" if rt.ranks.world > 1 else ""))
+    return model.to(rt.device)
 
 
-def prepare_out_dir(path):
-    """Create --out-dir, prove it writable, and sweep away temporary files that a killed
-    process left half-written (atomic writes go through .tmp-* files, then a rename)."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise ValueError(f"--out-dir {path} is not writable ({e.strerror})") from None
-    for name in os.listdir(path):
-        if name.startswith(".tmp-"):
-            os.unlink(os.path.join(path, name))
+def stage_names(iterations):
+    return ["sft", "dpo"] + [f"selm_{t}" for t in range(1, iterations + 1)]
 
 
-# The fields that decide what the SFT and offline DPO stages produce: a run may start from
-# another run's stage checkpoint only if these agree (see --start-from).
-SHARED_BY_STAGE = {
-    "sft": ("model", "init_from", "sft", "prefs", "prompts", "judge", "bpe_path", "block_size",
-            "dropout", "task_seed", "min_len", "max_len", "n_sft", "n_eval",
-            "sft_steps", "sft_lr", "sft_batch_size", "seed", "max_new_tokens", "kl_samples"),
-    "dpo": ("chunk_size", "beta", "loss_type", "lr", "batch_size", "micro_batch_size", "warmup",
-            "weight_decay", "grad_clip"),
-}
-
-
-def adopt_stages(cfg, stages):
-    """--start-from: copy the completed stages' checkpoints of another run into out_dir,
-    relabelled with this run's configuration, so that this run continues (and resumes)
-    as if it had made them. Runs of one seed in a sweep share SFT and offline DPO this way."""
-    src = load_checkpoint(cfg.start_from)
-    last = src["stage"]
-    if last not in stages:
-        raise ValueError(f"--start-from: stage {last!r} is not one of this run's stages {stages}")
-    done = stages[:stages.index(last) + 1]
-    keys = [k for s in done[:2] for k in SHARED_BY_STAGE[s]] + (["alpha", "lr_decay"] if len(done) > 2 else [])
-    diff = [k for k in keys if src["config"].get(k) != getattr(cfg, k)]
-    if diff:
-        raise ValueError(f"--start-from: {cfg.start_from} was made with different {', '.join(diff)}")
-    d = os.path.dirname(os.path.abspath(cfg.start_from))
-    for s in done:
-        ck = src if s == last else load_checkpoint(os.path.join(d, f"{s}.pt"))
-        ck["config"], ck["metrics_size"] = asdict(cfg), 0  # the other run's log stays there
-        atomic_save(ck, os.path.join(cfg.out_dir, f"{s}.pt"))
-    for s in stages[len(done):]:  # whatever a former run left in out_dir is not ours
-        if os.path.exists(os.path.join(cfg.out_dir, f"{s}.pt")):
-            os.unlink(os.path.join(cfg.out_dir, f"{s}.pt"))
-    write_json_atomic(src["results"], os.path.join(cfg.out_dir, "results.json"))
-
-
-def summary_line(stage, seconds, row, info):
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    return (f"[{stage:>7}] {seconds:6.1f}s  reward {row['reward']:.3f}  "
-            f"win vs ref {fmt(row['win_rate_vs_reference'], '.3f')}  win vs sft {row['win_rate_vs_sft']:.3f}  "
-            f"perfect {fmt(row['perfect'], '.1%')}  length {row['length']:.1f}  kl {row['kl']:.2f}"
-            + (f"  (y_ref chosen {info['y_ref_chosen']:.0%})" if info else ""))
-
+# ---- the main loop --------------------------------------------------------------------------
 
 def run(cfg):
     check_config(cfg)
-    ranks = Dist()
-    device = pick_device(cfg.device, ranks.local_rank)
-    ranks.init(device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    say = print if ranks.main else (lambda *a, **k: None)
-    if ranks.main:
-        prepare_out_dir(cfg.out_dir)
-    ranks.barrier()
-    stages = stage_names(cfg)
-    if cfg.start_from and cfg.resume:
-        raise ValueError("--start-from and --resume exclude each other")
-    if cfg.start_from:
-        if ranks.main:
-            adopt_stages(cfg, stages)
-        ranks.barrier()
-    done = []  # stages already completed (--resume, or adopted by --start-from)
-    ckpt = None
-    if cfg.resume or cfg.start_from:
-        done = [s for s in stages if os.path.isfile(os.path.join(cfg.out_dir, f"{s}.pt"))]
-        if not done:
-            raise ValueError(f"--resume: no checkpoint in {cfg.out_dir}")
-        ckpt = load_checkpoint(os.path.join(cfg.out_dir, f"{done[-1]}.pt"))
-        skip = ("resume", "device", "start_from", "compile")
-        saved = {k: v for k, v in ckpt["config"].items() if k not in skip}
-        now = {k: v for k, v in asdict(cfg).items() if k not in skip}
-        diff = [k for k in now if saved.get(k) != now[k]]
-        if diff:
-            raise ValueError(f"--resume: configuration differs from the checkpoint's in {', '.join(diff)}")
-    say("config:", json.dumps(asdict(cfg)))
-
-    tok = get_tokenizer(cfg, verbose=ranks.main)
-    task = load_data(cfg)
-    judge = task.judge
+    rt = setup(cfg.device, cfg.dtype, cfg.out_dir, cfg.compile)
+    stages = stage_names(cfg.iterations)
+    ckpt, done = open_run(cfg.out_dir, stages, asdict(cfg), rt.ranks.main, rt.ranks.barrier)
+    rt.say("config:", json.dumps(asdict(cfg)))
+    tok = get_tokenizer(cfg, verbose=rt.ranks.main)
+    d = load_data(cfg)
     torch.manual_seed(cfg.seed)
-    if cfg.init_from:
-        model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
-        mcfg = model.config
-    else:
-        mcfg = preset(cfg.model, vocab_size=tok.vocab_size, dropout=cfg.dropout, block_size=cfg.block_size)
-        model = GPT(mcfg)
-    model.to(device)
-    if tok.vocab_size > mcfg.vocab_size:
-        raise ValueError(f"tokenizer {tok.name} has {tok.vocab_size} ids, the model only {mcfg.vocab_size}")
-    # Every text is encoded and checked against the context now: a prompt or pair that does
-    # not fit is refused (data.encode_pair), never silently truncated.
-    sft_examples = encode_all(task.sft, tok, mcfg.block_size, cfg.sft or "built-in SFT data")
-    encode_all([(e["prompt"], e[k]) for c in task.chunks for e in c for k in ("chosen", "rejected")],
-               tok, mcfg.block_size, cfg.prefs or "built-in pairs")
-    for e in task.eval + [e for c in task.chunks for e in c]:
-        if len(tok.encode(e["prompt"])) >= mcfg.block_size - 1:
-            raise ValueError(f"prompt {e['prompt'][:40]!r}... leaves no room for a response in the "
-                             f"context of {mcfg.block_size} tokens")
-    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), enabled=ranks.main)
-    R = Run(cfg, device, amp_dtype(device, cfg.dtype), tok, log, ranks)
+    model = build_model(rt, cfg, tok)
+    sft_examples = data.check_fits(d, tok, model.config.block_size, cfg.sft or "built-in SFT data",
+                                   cfg.prefs or "built-in pairs")
     results, sft_answers, sft_model = [], None, None
-    if ckpt is not None:
-        if ckpt["model_config"] != asdict(mcfg):
-            raise ValueError(f"checkpoint in {cfg.out_dir} holds a different model "
-                             f"({ckpt['model_config']}) than --model {cfg.model} ({asdict(mcfg)})")
-        model.load_state_dict(model_from_checkpoint(ckpt).state_dict())
-        results, sft_answers = ckpt["results"], ckpt["sft_answers"]
-        sft_ckpt = load_checkpoint(os.path.join(cfg.out_dir, "sft.pt"))
-        sft_model = model_from_checkpoint(sft_ckpt, "sft.pt").to(device).eval()
-        log.truncate(ckpt.get("metrics_size", log.size()))  # drop what the interrupted stage logged
-        if ranks.main:
-            write_json_atomic(results, os.path.join(cfg.out_dir, "results.json"))
-        say(f"continuing after stage {done[-1]}")
-    say(f"model: {cfg.model if not cfg.init_from else cfg.init_from}, {model.num_params() / 1e6:.2f}M "
-        f"parameters, device {device}" + (f", {ranks.world} processes" if ranks.world > 1 else ""))
-
+    if ckpt is not None:  # continue after the last completed stage
+        results, sft_answers, sft_model = restore(ckpt, model, cfg.out_dir, rt.device, rt.log, rt.ranks.main)
+        rt.say(f"continuing after stage {done[-1]}")
     for si, stage in enumerate(stages):
         if stage in done:
             continue
-        t0 = time.time()
+        t0, info = time.time(), {}
         torch.manual_seed(cfg.seed * 1000 + si)  # each stage's randomness independent of resume
-        info = {}
         if stage == "sft":
-            opt_ = train_sft(R, model, sft_examples)
+            opt_ = train_sft(rt, cfg, tok, model, sft_examples)
             sft_model = copy.deepcopy(model).eval()
         elif stage == "dpo":
-            examples = [(tok.encode(e["prompt"]), tok.encode(e["chosen"]) + [tok.eos_id],
-                         tok.encode(e["rejected"]) + [tok.eos_id], None) for e in task.chunks[0]]
-            opt_ = train_preferences(R, stage, model, examples, cfg.lr, 0.0, seed=cfg.seed * 1000 + 1)
-        else:
-            t = int(stage.split("_")[1])
-            opt_, info = selm_iteration(R, stage, t, model, task.chunks[t], judge)
-        row, answers = evaluate(R, stage, model, sft_model, task.eval, sft_answers, judge, task.builtin)
-        if stage == "sft":
-            sft_answers = answers
+            opt_ = offline_dpo(rt, cfg, tok, model, d.chunks[0])
+        else:  # selm_t, t = si - 1, on chunk t
+            opt_, info = selm_iteration(rt, cfg, tok, si - 1, model, d.chunks[si - 1], d.judge)
+        row, answers = evaluate(rt, cfg, tok, stage, model, sft_model, d, sft_answers)
+        sft_answers = answers if stage == "sft" else sft_answers
         results.append(row)  # results.json holds no timings: a resumed run reproduces it exactly
         seconds = time.time() - t0
-        log.write({"eval": row, "time": round(seconds, 2), **({"online": info} if info else {})})
-        if ranks.main:
-            # the checkpoint is the commit point of a stage: written atomically, and only
-            # then results.json, which --resume rewrites from it anyway
-            state = {"model": model.state_dict(), "model_config": asdict(mcfg), "config": asdict(cfg),
-                     "stage": stage, "stage_index": si, "results": results, "sft_answers": sft_answers,
-                     "optimizer": opt_.state_dict() if opt_ is not None else None,
-                     "rng": torch.get_rng_state(), "tokenizer": tok.name, "metrics_size": log.size(),
-                     "prompt_template": sorting.make_prompt("{prompt}") if task.builtin else "{prompt}"}
-            atomic_save(state, os.path.join(cfg.out_dir, f"{stage}.pt"))
-            write_json_atomic(results, os.path.join(cfg.out_dir, "results.json"))
-        ranks.barrier()
-        say(summary_line(stage, seconds, row, info))
+        rt.log.write({"eval": row, "time": round(seconds, 2), **({"online": info} if info else {})})
+        if rt.ranks.main:
+            save_stage(cfg.out_dir, stage, model, opt_, results, config=asdict(cfg), stage_index=si,
+                       sft_answers=sft_answers, tokenizer=tok.name, metrics_size=rt.log.size(),
+                       prompt_template=sorting.make_prompt("{prompt}") if d.builtin else "{prompt}")
+        rt.ranks.barrier()
+        rt.say(summary_line(stage, seconds, row, info))
     return results
 
 

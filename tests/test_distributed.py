@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import runtime
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,6 +38,6 @@ def test_two_processes_match_one(tmp_path):
     for x, y in zip(ra, rb):  # same greedy answers, same judgements; KL within float noise
         assert {k: v for k, v in x.items() if k != "kl"} == {k: v for k, v in y.items() if k != "kl"}
         assert abs(x["kl"] - y["kl"]) < 1e-3
-    evals = [r for r in train.read_metrics(two / "metrics.jsonl") if "eval" in r]
+    evals = [r for r in runtime.read_metrics(two / "metrics.jsonl") if "eval" in r]
     assert len(evals) == 4  # written once, by rank 0
     assert sorted(os.listdir(two)) == sorted(os.listdir(one))

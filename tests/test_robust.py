@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+import runtime
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +31,7 @@ def read(path):
 
 
 def eval_rows(out):
-    return [r["eval"] for r in train.read_metrics(os.path.join(out, "metrics.jsonl")) if "eval" in r]
+    return [r["eval"] for r in runtime.read_metrics(os.path.join(out, "metrics.jsonl")) if "eval" in r]
 
 
 def test_same_seed_same_results(reference_run, tmp_path):
@@ -116,7 +117,7 @@ def test_out_dir_not_writable(tmp_path):
 def test_metrics_reader_tolerates_a_torn_last_line(tmp_path):
     p = tmp_path / "metrics.jsonl"
     p.write_text('{"a": 1}\n{"b": 2}\n{"c": ')
-    assert train.read_metrics(p) == [{"a": 1}, {"b": 2}]
+    assert runtime.read_metrics(p) == [{"a": 1}, {"b": 2}]
     p.write_text('{"a": 1}\n{"b": \n{"c": 3}\n')
     with pytest.raises(ValueError, match=":2: corrupted"):
-        train.read_metrics(p)
+        runtime.read_metrics(p)

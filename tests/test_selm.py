@@ -12,8 +12,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from model import GPT, preset  # noqa: E402
-from selm import (dpo_loss, online_pairs, optimism_term, preference_metrics,  # noqa: E402
-                  rank_candidates, reference_logps, selm_loss, sequence_logps, split_logps)
+from selm import (CANDIDATES, best_and_worst, candidates_of, check_hparams,  # noqa: E402
+                  dpo_loss, optimism_term, pairs_from_scores, preference_metrics,
+                  reference_logps, selm_loss, sequence_logps, split_logps)
 
 LOG2 = math.log(2)
 f64 = torch.float64
@@ -370,36 +371,36 @@ def test_gradient_reaches_policy_only(tiny):
 # ---- 7. errors ---------------------------------------------------------------------------
 
 def test_invalid_hyperparameters():
-    x = torch.zeros(3)
     with pytest.raises(ValueError, match="alpha"):
-        selm_loss(x, x, x, x, x, x, beta=0.1, alpha=-1e-3)
-    with pytest.raises(ValueError, match="alpha"):
-        optimism_term(x, x, beta=0.1, alpha=-1.0)
+        check_hparams(beta=0.1, alpha=-1e-3)
     for beta in (0.0, -0.1, float("nan")):
         with pytest.raises(ValueError, match="beta"):
-            dpo_loss(x, x, x, x, beta=beta)
-        with pytest.raises(ValueError, match="beta"):
-            selm_loss(x, x, x, x, x, x, beta=beta, alpha=0.1)
+            check_hparams(beta=beta, alpha=0.1)
     with pytest.raises(ValueError, match="loss_type"):
-        dpo_loss(x, x, x, x, beta=0.1, loss_type="hinge")
-    with pytest.raises(ValueError, match="loss_type"):
-        selm_loss(x, x, x, x, x, x, beta=0.1, alpha=0.1, loss_type="hinge")
+        check_hparams(beta=0.1, alpha=0.1, loss_type="hinge")
+    check_hparams(beta=0.1, alpha=0.0, loss_type="ipo")  # valid: no error
+
+
+def test_selm_loss_returns_its_optimism_term():
+    torch.manual_seed(0)
+    x = [torch.randn(4) for _ in range(6)]
+    losses, cr, rr, opt = selm_loss(*x, beta=0.5, alpha=0.3, return_optimism=True)
+    torch.testing.assert_close(opt, optimism_term(x[4], x[5], beta=0.5, alpha=0.3))
+    dpo, _, _ = dpo_loss(*x[:4], beta=0.5)
+    torch.testing.assert_close(losses, dpo + opt)
 
 
 # ---- the judge step ------------------------------------------------------------------------
 
-def _judge(scores):
-    return lambda prompt, candidates: [scores[c] for c in candidates]
+def test_best_and_worst_ties():
+    assert best_and_worst([1.0, 3.0, 3.0, 1.0]) == (1, 3)  # earliest max, latest min
+    assert best_and_worst([3.0, 3.0]) is None  # all equal: no preference
+    assert best_and_worst([0.0, 2.0]) == (1, 0)
 
 
-def test_rank_candidates_ties_and_errors():
-    j = _judge({"a": 1.0, "b": 3.0, "c": 3.0, "d": 1.0})
-    assert rank_candidates(j, "x", ["a", "b", "c", "d"]) == (1, 3)  # earliest max, latest min
-    assert rank_candidates(j, "x", ["b", "c"]) is None  # all equal: no preference
-    with pytest.raises(ValueError, match="scores"):
-        rank_candidates(lambda x, c: [1.0], "x", ["a", "b"])
-    with pytest.raises(ValueError, match="NaN"):
-        rank_candidates(lambda x, c: [1.0, float("nan")], "x", ["a", "b"])
+def _scores(named):
+    """A score list in CANDIDATES order from {"W": chosen, "R": y_ref, "L": rejected} scores."""
+    return candidates_of(named["W"], named["R"], named["L"])
 
 
 @pytest.mark.parametrize("scores,pair", [
@@ -413,16 +414,19 @@ def test_rank_candidates_ties_and_errors():
     ({"W": 1, "L": 1, "R": 0}, ("W", "R")),   # better / worse
     ({"W": 1, "L": 1, "R": 1}, None),         # no preference at all
 ])
-def test_online_pairs(scores, pair):
-    assert online_pairs(_judge(scores), ["x"], ["W"], ["L"], ["R"]) == [pair]
+def test_pairs_from_scores(scores, pair):
+    assert CANDIDATES == ("chosen", "y_ref", "rejected")
+    assert pairs_from_scores([_scores(scores)], ["W"], ["L"], ["R"]) == [pair]
 
 
-def test_online_pairs_keep_ties_and_lengths():
-    j = _judge({"W": 1, "L": 1, "R": 1, "A": 0, "B": 2})
-    assert online_pairs(j, ["x", "y"], ["W", "A"], ["L", "B"], ["R", "R"], keep_ties=True) == \
+def test_pairs_from_scores_keep_ties_and_lengths():
+    s = [[1, 1, 1], _scores({"A": 0, "W": 0, "R": 1, "L": 2})]
+    assert pairs_from_scores(s, ["W", "A"], ["L", "B"], ["R", "R"], keep_ties=True) == \
         [("W", "L"), ("B", "A")]
     with pytest.raises(ValueError, match="lengths"):
-        online_pairs(j, ["x"], ["W", "A"], ["L"], ["R"])
+        pairs_from_scores(s[:1], ["W", "A"], ["L"], ["R"])
+    with pytest.raises(ValueError, match="scores"):
+        pairs_from_scores([[1.0, 2.0]], ["W"], ["L"], ["R"])
 
 
 def test_token_logprob_matches_log_softmax_and_gradcheck():

@@ -1,0 +1,284 @@
+"""
+runtime.py -- the plumbing under train.py: devices and precision, processes, logs, bars.
+
+Nothing here is about SELM. It is what lets the same pipeline run on a laptop CPU, one GPU
+or several under torchrun:
+  - the device, the autocast dtype and TF32;
+  - `Ranks`: the processes torchrun started, how work is cut into blocks and gathered back;
+  - `Runtime`: what every stage needs besides the model (device, autocast, ranks, log), and
+    the wrapping of a model for training (DDP, torch.compile);
+  - sampling, scoring and judging a list of prompts in blocks shared out over the ranks;
+  - the metrics log (metrics.jsonl) and progress bars;
+  - the learning-rate schedule and a guarded optimizer step;
+  - a command line made from a configuration dataclass.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data import call_judge, collate
+from sample import generate
+from selm import reference_logps
+
+
+# ---- device and precision -----------------------------------------------------------------
+
+def pick_device(name, local_rank=0):
+    """"auto" picks cuda, then mps, then cpu. Under torchrun each process takes its own GPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    if name == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def amp_dtype(device, dtype):
+    """bf16 autocast on GPUs that support it (fp16 otherwise); fp32 on CPU by default.
+    Log-softmax stays fp32 either way (selm.sequence_logps)."""
+    if dtype == "auto":
+        dtype = "float32" if device.type != "cuda" else (
+            "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    return None if dtype == "float32" else getattr(torch, dtype)
+
+
+# ---- processes ------------------------------------------------------------------------------
+
+class Ranks:
+    """The processes torchrun started (or just this one). Work that produces data --
+    sampling, judging, scoring -- is cut into fixed blocks; block b goes to rank b % world,
+    and the results are gathered in block order, so every rank ends up with the same data
+    in the same order, identical to a single process doing every block itself."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.main = self.rank == 0
+
+    def init(self, device):
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    def map_blocks(self, fn, items, block):
+        """[fn(start, items[start:start + block]) for each block], concatenated in order."""
+        starts = range(0, len(items), block)
+        mine = [(s, fn(s, items[s:s + block])) for s in starts[self.rank::self.world]]
+        if self.world > 1:
+            parts = [None] * self.world
+            dist.all_gather_object(parts, mine)
+            mine = [x for part in parts for x in part]
+        return [y for _, out in sorted(mine, key=lambda t: t[0]) for y in out]
+
+    def gather(self, items):
+        """Every rank's list, concatenated in rank order."""
+        if self.world == 1:
+            return items
+        parts = [None] * self.world
+        dist.all_gather_object(parts, items)
+        return [x for part in parts for x in part]
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+
+# ---- the metrics log ----------------------------------------------------------------------
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, appended and flushed line by line; only
+    rank 0 writes.
+
+    A crash can tear the last line, and a stage that was running when the process died
+    wrote lines that its rerun will write again. So every checkpoint records the file's
+    length, and on --resume the file is cut back to that length (`truncate`)."""
+
+    def __init__(self, path, enabled=True):
+        self.path, self.enabled = path, enabled
+
+    def write(self, row):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+
+    def size(self):
+        return os.path.getsize(self.path) if os.path.exists(self.path) else 0
+
+    def truncate(self, size):
+        if self.enabled and os.path.exists(self.path):
+            with open(self.path, "r+") as f:
+                f.truncate(size)
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl, skipping a torn (unparseable) last line."""
+    rows = []
+    with open(path) as f:
+        lines = f.read().split("\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 2 or (i == len(lines) - 2 and lines[-1] != ""):
+                raise ValueError(f"{path}:{i + 1}: corrupted line (not the last one)") from None
+    return rows
+
+
+# ---- what every stage needs ---------------------------------------------------------------
+
+@dataclass
+class Runtime:
+    """Device, autocast dtype (None = plain fp32), processes, metrics log, and whether the
+    training forward is compiled."""
+    device: torch.device
+    dtype: object
+    ranks: Ranks
+    log: MetricsLog
+    compile: bool = False
+
+    def autocast(self):
+        return nullcontext() if self.dtype is None else torch.autocast(self.device.type, dtype=self.dtype)
+
+    def wrap(self, model):
+        """The module to train through: DDP under torchrun, optionally compiled. Sampling,
+        scoring and saving always use the plain `model`."""
+        m = model
+        if self.ranks.world > 1:
+            m = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.compile:
+            m = torch.compile(m, dynamic=False)
+        return m
+
+    def to_device(self, batch, fixed_len, pad_id):
+        """Move a collated batch to the device. Under compile, first right-pad it to the
+        stage's longest sequence: one shape for the whole stage means one compiled graph
+        (padding is masked out of every loss, and right padding never touches real tokens)."""
+        if self.compile:
+            extra = fixed_len - batch["input_ids"].shape[1]
+            batch = {k: F.pad(v, (0, extra), value=pad_id if k == "input_ids" else False)
+                     for k, v in batch.items()}
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    # -- work cut into blocks and shared out over the ranks (Ranks.map_blocks) --
+
+    def sample(self, model, prompt_ids, block, seed=0, **kw):
+        """sample.generate's responses to every prompt, in blocks of `block` prompts; the
+        seed of a block depends only on its position. kw: generate's keyword arguments."""
+        return self.ranks.map_blocks(lambda start, b: generate(model, b, seed=seed + start, **kw)[0],
+                                     prompt_ids, block)
+
+    def logps(self, model, rows, pad_id, block):
+        """Summed response log-probs of (prompt_ids, response_ids) rows under `model`, without
+        grad in eval mode (selm.reference_logps): (N,) fp32 on the CPU."""
+        def score(_, rows):
+            batches = (collate(rows[i:i + block], pad_id) for i in range(0, len(rows), block))
+            with self.autocast():
+                return reference_logps(model, batches).float().cpu().tolist()
+        return torch.tensor(self.ranks.map_blocks(score, rows, block), dtype=torch.float32)
+
+    def judge(self, judge, prompts, candidates, block):
+        """data.call_judge on every (prompt, candidate list)."""
+        return self.ranks.map_blocks(lambda _, items: [call_judge(judge, p, c) for p, c in items],
+                                     list(zip(prompts, candidates)), block)
+
+    def bar(self, iterable, desc):
+        return tqdm(iterable, desc=desc, leave=False, mininterval=1.0, disable=not self.ranks.main)
+
+    def say(self, *args):
+        if self.ranks.main:
+            print(*args)
+
+
+def setup(device_name, dtype, out_dir, compile=False):
+    """The Runtime of this process: device picked, process group joined, TF32 on for CUDA
+    matmuls (fp32 accuracy is not needed there: training runs under autocast anyway)."""
+    ranks = Ranks()
+    device = pick_device(device_name, ranks.local_rank)
+    ranks.init(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), enabled=ranks.main)
+    return Runtime(device, amp_dtype(device, dtype), ranks, log, compile)
+
+
+# ---- timing and reporting -------------------------------------------------------------------
+
+class Clock:
+    """Seconds between successive laps, by name."""
+
+    def __init__(self):
+        self.t, self.laps = time.time(), {}
+
+    def lap(self, name):
+        now = time.time()
+        self.laps[name], self.t = now - self.t, now
+
+
+def summary_line(stage, seconds, row, info):
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    return (f"[{stage:>7}] {seconds:6.1f}s  reward {row['reward']:.3f}  "
+            f"win vs ref {fmt(row['win_rate_vs_reference'], '.3f')}  win vs sft {row['win_rate_vs_sft']:.3f}  "
+            f"perfect {fmt(row['perfect'], '.1%')}  length {row['length']:.1f}  kl {row['kl']:.2f}"
+            + (f"  (y_ref chosen {info['y_ref_chosen']:.0%})" if info else ""))
+
+
+# ---- optimisation ---------------------------------------------------------------------------
+
+def lr_at(step, total, peak, warmup):
+    """Linear warmup over the first `warmup` fraction of steps, then cosine to zero."""
+    w = max(1, int(warmup * total))
+    if step < w:
+        return peak * (step + 1) / w
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
+
+
+def check_finite(loss, stage, step):
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss ({loss.item()}) in stage {stage} at step {step}; "
+                                 "lower the learning rate (the last good checkpoint is intact)")
+
+
+def optimizer_step(model, opt, grad_clip, stage, step):
+    """Clip the gradient norm (when grad_clip > 0), refuse a non-finite one, then step."""
+    if grad_clip:
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if not torch.isfinite(gn):
+            raise FloatingPointError(f"non-finite gradient in stage {stage} at step {step}; "
+                                     "lower the learning rate (the last good checkpoint is intact)")
+    opt.step()
+
+
+# ---- a command line from a configuration dataclass -------------------------------------------
+
+def parse_config(cls, argv=None, description=None):
+    """One flag per field of the dataclass `cls` (--snake-case), its help the field's
+    metadata["help"]; booleans are switches."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            ap.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            ap.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"])
+    return cls(**vars(ap.parse_args(argv)))
