@@ -121,7 +121,7 @@ def make_task(seed=0, n_sft=8192, n_prompts_per_chunk=1024, n_chunks=4, n_eval=5
 
     Difficulty knobs: min_len/max_len (longer words need more passes, so the same k is
     worse), the pass ranges (inclusive (lo, hi), k ~ uniform) and distinct (letters
-    without repeats). Defaults follow SELM.md's probe: SFT demos after 1-3 passes, offline
+    without repeats). Defaults: SFT demos after 1-3 passes, offline
     responses after 0-4. Eval references use exactly 3 passes: better than any SFT demo
     (mean ~0.63, ~16% perfect at 7-10 letters), so an SFT model mostly loses to them and a
     better model can win, with room left above them.
