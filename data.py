@@ -47,7 +47,9 @@ def load_jsonl(path, fields=("prompt",)):
     for lineno, raw in enumerate(lines, 1):
         where = f"{path}:{lineno}"
         try:
-            line = raw.decode("utf-8")
+            # utf-8-sig on the first line: several Windows tools start a file with a byte-order
+            # mark, which is not part of the first record
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
         except UnicodeDecodeError as e:
             raise DataError(f"{where}: not UTF-8: {e}") from e
         if not line.strip():

@@ -142,3 +142,13 @@ def test_batches():
     assert a == list(data.batches(10, 4, seed=3)) and [len(x) for x in a] == [4, 4, 2]
     assert sorted(i for x in a for i in x) == list(range(10))
     assert list(data.batches(5, 2, shuffle=False, drop_last=True)) == [[0, 1], [2, 3]]
+
+
+def test_jsonl_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + '{"prompt": "a", "chosen": "b", "rejected": "c"}\n'.encode())
+    assert data.load_jsonl(str(path), ("prompt", "chosen", "rejected"))[0]["prompt"] == "a"
+    # a BOM anywhere else is still what it is: a character inside a line, so bad JSON
+    path.write_bytes('{"prompt": "a", "chosen": "b", "rejected": "c"}\n'.encode() + b"\xef\xbb\xbf{}\n")
+    with pytest.raises(DataError, match=":2: bad JSON"):
+        data.load_jsonl(str(path), ("prompt", "chosen", "rejected"))
