@@ -44,10 +44,23 @@ def pick_device(name, local_rank=0):
             name = "mps"
         else:
             name = "cpu"
-    if name == "cuda":
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:N, mps, or auto)") from None
+    usable = {"cuda": torch.cuda.is_available,
+              "mps": lambda: getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if not usable.get(device.type, lambda: True)():
+        build = f"PyTorch {torch.__version__}"
+        if device.type == "cuda":
+            build += f", built with CUDA {torch.version.cuda} but no GPU is visible" if torch.version.cuda \
+                else ", a build without CUDA"
+        raise ValueError(f"--device {name} is not available in this PyTorch build ({build})")
+    if device.type == "cuda":
+        index = local_rank if device.index is None else device.index
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return device
 
 
 def amp_dtype(device, dtype):

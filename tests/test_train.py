@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+import torch
 
 import train
 
@@ -51,3 +52,15 @@ def test_resume_without_checkpoint_is_an_error(tmp_path):
     with pytest.raises(SystemExit) as e:
         train.main(FAST + ["--out-dir", str(tmp_path), "--resume"])
     assert "no checkpoint" in str(e.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+@pytest.mark.parametrize("device", ["cuda", "mps", "tpu9"])
+def test_unavailable_device_is_one_line(tmp_path, device):
+    if device == "mps" and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        pytest.skip("this machine has mps")
+    with pytest.raises(SystemExit) as e:
+        train.main(FAST + ["--out-dir", str(tmp_path), "--device", device])
+    msg = str(e.value)
+    assert f"--device {device}" in msg and "\n" not in msg
+    assert ("not available in this PyTorch build" in msg and torch.__version__ in msg) or "not a device" in msg
