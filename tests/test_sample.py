@@ -90,14 +90,18 @@ def test_top_k_and_top_p_support():
     logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
     keep = lambda x: torch.isfinite(x)[0].tolist()
     assert keep(filter_logits(logits, top_k=2)) == [True, True, False, False, False]
-    # mass ahead: 0, .5, .7, .85, .95 -> top_p=0.7 keeps the first two (0.5 + 0.2 reaches 0.7)
-    assert keep(filter_logits(logits, top_p=0.7)) == [True, True, False, False, False]
+    # mass ahead of each token: 0, .5, .7, .85, .95. A token is dropped once the mass ahead of
+    # it reaches top_p. The thresholds below stay clear of those sums: 0.5 + 0.2 is not 0.7
+    # exactly in float32, so top_p = 0.7 itself would test rounding, not the rule.
+    assert keep(filter_logits(logits, top_p=0.69)) == [True, True, False, False, False]
     assert keep(filter_logits(logits, top_p=0.71)) == [True, True, True, False, False]
+    assert keep(filter_logits(logits, top_p=0.5001)) == [True, True, False, False, False]
+    assert keep(filter_logits(logits, top_p=0.4999)) == [True, False, False, False, False]
     assert keep(filter_logits(logits, top_p=0.1)) == [True, False, False, False, False]
     assert keep(filter_logits(logits, top_k=4, top_p=0.9)) == [True, True, True, True, False]
     assert keep(filter_logits(logits, top_k=2, top_p=0.9)) == [True, True, False, False, False]
     shuffled = logits[:, [3, 0, 4, 2, 1]]  # order must not matter
-    assert keep(filter_logits(shuffled, top_p=0.7)) == [False, True, False, False, True]
+    assert keep(filter_logits(shuffled, top_p=0.69)) == [False, True, False, False, True]
 
 
 def test_sampling_respects_top_k():

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import train
+from checkpoint import load_checkpoint, model_from_checkpoint
+from sample import generate
 
 FAST = ["--model", "tiny", "--n-sft", "1024", "--chunk-size", "128", "--n-eval", "64",
         "--sft-steps", "150", "--iterations", "2"]
@@ -24,7 +26,20 @@ def test_tiny_pipeline_end_to_end(tmp_path):
         for k in ("win_rate_vs_reference", "win_rate_vs_sft", "reward", "perfect"):
             assert 0.0 <= r[k] <= 1.0, (k, r)
         assert r["length"] > 0 and r["kl"] >= -1.0
-    assert on_disk[0]["win_rate_vs_sft"] == 0.5 and on_disk[0]["kl"] == 0.0
+    # "win vs SFT" is the model's greedy answers judged against the SFT model's, which every
+    # checkpoint keeps: recompute both from the saved weights and compare with the last row
+    cfg = train.resolve(train.parse_args(FAST))
+    d, tok = train.load_data(cfg), train.get_tokenizer(cfg, verbose=False)
+    prompt_ids = [tok.encode(e["prompt"]) for e in d.eval]
+
+    def answers(stage):
+        m = model_from_checkpoint(load_checkpoint(str(tmp_path / f"{stage}.pt")))
+        out, _ = generate(m, prompt_ids, cfg.max_new_tokens, temperature=0, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        return [tok.decode([t for t in r if t != tok.eos_id]) for r in out]
+    sft, last = answers("sft"), answers("selm_2")
+    assert load_checkpoint(str(tmp_path / "selm_2.pt"))["sft_answers"] == sft
+    wins = [train.win(*d.judge(e["prompt"], [a, s])) for e, a, s in zip(d.eval, last, sft)]
+    assert on_disk[-1]["win_rate_vs_sft"] == sum(wins) / len(wins) != 0.5
     assert on_disk[-1]["reward"] > on_disk[0]["reward"], on_disk
     assert sorted(os.listdir(tmp_path)) == ["dpo.pt", "metrics.jsonl", "results.json",
                                             "selm_1.pt", "selm_2.pt", "sft.pt"]
