@@ -317,8 +317,8 @@ def evaluate(rt, cfg, tok, stage, model, sft_model, d, sft_answers):
     scores = rt.judge(d.judge, prompts, [[a, s] + ([e["reference"]] if has_ref else [])
                                          for a, s, e in zip(answers, sft_answers, d.eval)], cfg.gen_batch_size)
     n = len(prompts)
-    kl = 0.0
-    if sft_model is not model and cfg.kl_samples > 0:
+    kl = 0.0  # at the SFT stage pi is pi_SFT: KL is 0 by definition, not estimated
+    if stage != "sft" and cfg.kl_samples > 0:
         rows = []
         for k in range(cfg.kl_samples):
             ys = sample_responses(rt, cfg, tok, model, prompt_ids, temperature=1.0, seed=cfg.seed * 7919 + 100_003 * k)
