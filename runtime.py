@@ -249,11 +249,17 @@ class Clock:
 
 
 def summary_line(stage, seconds, row, info):
+    """One line per stage for the terminal: its evaluation, and for a SELM iteration how its
+    y_ref compared with the offline chosen response (shares of the chunk's prompts)."""
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    return (f"[{stage:>7}] {seconds:6.1f}s  reward {row['reward']:.3f}  "
+    line = (f"[{stage:>7}] {seconds:6.1f}s  reward {row['reward']:.3f}  "
             f"win vs ref {fmt(row['win_rate_vs_reference'], '.3f')}  win vs sft {row['win_rate_vs_sft']:.3f}  "
-            f"perfect {fmt(row['perfect'], '.1%')}  length {row['length']:.1f}  kl {row['kl']:.2f}"
-            + (f"  (y_ref chosen {info['y_ref_chosen']:.0%})" if info else ""))
+            f"perfect {fmt(row['perfect'], '.1%')}  length {row['length']:.1f}  kl {row['kl']:.2f}")
+    n = info.get("pairs", 0) + info.get("dropped_ties", 0)
+    if n:
+        line += (f"  (y_ref vs offline chosen: better {info['y_ref_better'] / n:.0%}, "
+                 f"tied {info['y_ref_tied'] / n:.0%}, identical {info['y_ref_identical'] / n:.0%})")
+    return line
 
 
 # ---- optimisation ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ The chapter has four parts:
   1. log-probs of responses under a model        sequence_logps, split_logps, reference_logps
   2. the losses, as pure functions of log-probs  dpo_loss, optimism_term, selm_loss
   3. what to log                                 preference_metrics
-  4. from judge scores to pairs                  CANDIDATES, best_and_worst, pairs_from_scores
+  4. from judge scores to pairs                  CANDIDATES, pairs_from_scores, relabel_counts
 
 Shapes: B examples, T tokens, V vocabulary words. Batches are right-padded: input_ids [B, T]
 long; response_mask [B, T] is 1 on the response tokens (final EOS included), 0 on the prompt
@@ -307,3 +307,24 @@ def pairs_from_scores(scores, chosen, rejected, y_ref, *, keep_ties=False):
         else:
             pairs.append((candidates[ranked[0]], candidates[ranked[1]]))
     return pairs
+
+
+def relabel_counts(scores, chosen, y_ref):
+    """How y_ref fared against the offline chosen response, over a chunk's prompts.
+
+    scores: per-prompt score lists in CANDIDATES order; chosen, y_ref: the responses (equal
+    ones are the same answer). Returns counts of prompts where y_ref was
+      identical  -- the very same response as the offline chosen one;
+      tied       -- a different response with the same score;
+      better     -- scored strictly higher: the loop found better data than it was given;
+    and "y_ref_chosen", the prompts whose new pair has y_ref as its chosen response.
+    """
+    w, r = CANDIDATES.index("chosen"), CANDIDATES.index("y_ref")
+    out = {"identical": 0, "tied": 0, "better": 0, "y_ref_chosen": 0}
+    for s, y_w, y_r in zip(scores, chosen, y_ref):
+        out["identical"] += y_w == y_r
+        out["tied"] += y_w != y_r and s[r] == s[w]
+        out["better"] += s[r] > s[w]
+        ranked = best_and_worst(list(s))
+        out["y_ref_chosen"] += ranked is not None and ranked[0] == r
+    return out

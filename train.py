@@ -28,7 +28,8 @@ import task as sorting
 from checkpoint import open_run, restore, save_stage
 from model import GPT, preset
 from runtime import Clock, check_finite, lr_at, optimizer_step, parse_config, setup, summary_line
-from selm import candidates_of, check_hparams, dpo_loss, pairs_from_scores, preference_metrics, selm_loss, sequence_logps
+from selm import (candidates_of, check_hparams, dpo_loss, pairs_from_scores, preference_metrics, relabel_counts,
+                  selm_loss, sequence_logps)
 
 
 def opt(default, help):
@@ -264,9 +265,9 @@ def selm_iteration(rt, cfg, tok, t, policy, chunk, judge):
     clock.lap("t_judge")
     examples = [(p, tok.encode(pair[0]) + [tok.eos_id], tok.encode(pair[1]) + [tok.eos_id], yr + [tok.eos_id])
                 for p, pair, yr in zip(prompt_ids, pairs, y_ref_ids) if pair is not None]
-    n_ref_best = sum(pair is not None and pair[0] == yr for pair, yr in zip(pairs, y_ref))
+    n = relabel_counts(scores, chosen, y_ref)
     info = {"pairs": len(examples), "dropped_ties": len(pairs) - len(examples),
-            "y_ref_chosen": n_ref_best / max(1, len(examples))}
+            "y_ref_chosen": n.pop("y_ref_chosen") / max(1, len(examples)), **{f"y_ref_{k}": v for k, v in n.items()}}
     opt_ = None
     if examples:
         # 5. the reference log-probs of chosen, rejected and y_ref, once, from pi_{t-1}

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from model import GPT, preset  # noqa: E402
 from selm import (CANDIDATES, best_and_worst, candidates_of, check_hparams,  # noqa: E402
-                  dpo_loss, optimism_term, pairs_from_scores, preference_metrics,
+                  dpo_loss, optimism_term, pairs_from_scores, preference_metrics, relabel_counts,
                   reference_logps, selm_loss, sequence_logps, split_logps)
 
 LOG2 = math.log(2)
@@ -436,3 +436,12 @@ def test_token_logprob_matches_log_softmax_and_gradcheck():
     y = torch.randint(0, 7, (5,))
     torch.testing.assert_close(TokenLogprob.apply(z, y), z.log_softmax(-1).gather(1, y[:, None]).squeeze(1))
     assert torch.autograd.gradcheck(lambda t: TokenLogprob.apply(t, y), (z,))
+
+
+def test_relabel_counts_tell_identical_tied_and_better_apart():
+    scores = [_scores({"W": 1, "R": 1, "L": 0}),   # y_ref is the offline chosen itself
+              _scores({"W": 1, "R": 1, "L": 0}),   # another answer, same score
+              _scores({"W": 1, "R": 2, "L": 0}),   # strictly better: becomes the chosen one
+              _scores({"W": 1, "R": 0, "L": 0.5})]  # worse
+    n = relabel_counts(scores, ["abc", "abc", "abc", "abc"], ["abc", "abd", "xyz", "q"])
+    assert n == {"identical": 1, "tied": 1, "better": 1, "y_ref_chosen": 1}
