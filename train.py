@@ -252,8 +252,10 @@ def selm_iteration(rt, cfg, tok, t, policy, chunk, judge):
     #    reference is computed below, before the policy's first update.
     prompts = [ex["prompt"] for ex in chunk]
     prompt_ids = [tok.encode(p) for p in prompts]
-    # 2. y_ref: the reference's greedy answer to every prompt of the chunk
-    y_ref_ids, y_ref = greedy_responses(rt, cfg, tok, policy, prompt_ids)
+    # 2. y_ref: the reference's greedy answer to every prompt of the chunk, in token ids. One
+    #    cut off at --max-new-tokens has no EOS and gets none: it is no finished answer.
+    y_ref_ids = sample_responses(rt, cfg, tok, policy, prompt_ids)
+    y_ref = [tok.decode(r[:-1] if r[-1] == tok.eos_id else r) for r in y_ref_ids]
     clock.lap("t_sample")
     # 3. the judge scores each prompt's candidates (selm.CANDIDATES order)
     chosen, rejected = [ex["chosen"] for ex in chunk], [ex["rejected"] for ex in chunk]
@@ -261,13 +263,14 @@ def selm_iteration(rt, cfg, tok, t, policy, chunk, judge):
                       cfg.gen_batch_size)
     # 4. the best and the worst of the three become the pair; y_ref stays the example's
     #    reference response whatever its rank
-    pairs = pairs_from_scores(scores, chosen, rejected, y_ref)
+    with_eos = lambda texts: [tok.encode(x) + [tok.eos_id] for x in texts]  # noqa: E731
+    pairs = pairs_from_scores(scores, with_eos(chosen), with_eos(rejected), y_ref_ids)
     clock.lap("t_judge")
-    examples = [(p, tok.encode(pair[0]) + [tok.eos_id], tok.encode(pair[1]) + [tok.eos_id], yr + [tok.eos_id])
-                for p, pair, yr in zip(prompt_ids, pairs, y_ref_ids) if pair is not None]
+    examples = [(p, *pair, yr) for p, pair, yr in zip(prompt_ids, pairs, y_ref_ids) if pair is not None]
     n = relabel_counts(scores, chosen, y_ref)
     info = {"pairs": len(examples), "dropped_ties": len(pairs) - len(examples),
-            "y_ref_chosen": n.pop("y_ref_chosen") / max(1, len(examples)), **{f"y_ref_{k}": v for k, v in n.items()}}
+            "y_ref_chosen": n.pop("y_ref_chosen") / max(1, len(examples)), **{f"y_ref_{k}": v for k, v in n.items()},
+            "y_ref_truncated": sum(r[-1] != tok.eos_id for r in y_ref_ids)}
     opt_ = None
     if examples:
         # 5. the reference log-probs of chosen, rejected and y_ref, once, from pi_{t-1}
@@ -280,7 +283,7 @@ def selm_iteration(rt, cfg, tok, t, policy, chunk, judge):
         clock.lap("t_train")
     else:  # e.g. the judge tied every candidate of every prompt
         rt.say(f"warning: stage selm_{t} has no preference pairs to train on; the model is unchanged")
-    # 7. what happened: pairs kept, ties, how often y_ref won, the time of each step
+    # 7. what happened: pairs kept, ties, how y_ref fared, truncated answers, the time of each step
     info.update(clock.laps)
     rt.log.write({"stage": f"selm_{t}", "online": info})
     return opt_, info

@@ -79,3 +79,24 @@ def test_unavailable_device_is_one_line(tmp_path, device):
     msg = str(e.value)
     assert f"--device {device}" in msg and "\n" not in msg
     assert ("not available in this PyTorch build" in msg and torch.__version__ in msg) or "not a device" in msg
+
+
+def test_truncated_y_ref_keeps_no_eos(tmp_path, monkeypatch):
+    """A y_ref cut off at --max-new-tokens is no finished answer: no EOS is appended to it,
+    where it is the optimism term's sample or a member of the pair, and the log counts it."""
+    import runtime
+    from model import GPT, preset
+    cfg = train.resolve(train.parse_args(FAST + ["--out-dir", str(tmp_path), "--max-new-tokens", "2"]))
+    tok, d = train.get_tokenizer(cfg, verbose=False), train.load_data(cfg)
+    rt = runtime.setup("cpu", "float32", str(tmp_path))
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=tok.vocab_size))
+    seen = {}
+    monkeypatch.setattr(train, "preference_epoch", lambda *a, **k: seen.setdefault("examples", a[5]) and None)
+    chunk = d.chunks[1][:16]
+    _, info = train.selm_iteration(rt, cfg, tok, 1, model, chunk, d.judge)
+    assert info["y_ref_truncated"] == 16  # an untrained model never stops within 2 tokens
+    for _, w, l, y in seen["examples"]:
+        assert len(y) == 2 and y[-1] != tok.eos_id
+        assert w[-1] == tok.eos_id or w == y  # an offline response ends in EOS; y_ref as sampled
+        assert l[-1] == tok.eos_id or l == y
