@@ -181,12 +181,19 @@ def restore(ckpt, model, out_dir, device, log, is_main=True):
     return ckpt["results"], ckpt["sft_answers"], sft_model
 
 
-def save_stage(out_dir, stage, model, optimizer, results, **extra):
-    """The checkpoint is the commit point of a stage: written atomically, and only then
-    results.json, which --resume rewrites from it anyway. `extra` goes into the checkpoint
+def stage_state(stage, model, optimizer, results, **extra):
+    """What a stage's checkpoint holds: weights, optimizer, the results so far, and `extra`
     as it is (the run's config, the SFT answers, the metrics log's size, ...)."""
-    state = {"model": model.state_dict(), "model_config": asdict(model.config), "stage": stage,
-             "results": results, "optimizer": optimizer.state_dict() if optimizer is not None else None,
-             "rng": torch.get_rng_state(), **extra}
-    atomic_save(state, stage_path(out_dir, stage))
-    write_json_atomic(results, os.path.join(out_dir, "results.json"))
+    return {"model": model.state_dict(), "model_config": asdict(model.config), "stage": stage,
+            "results": results, "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "rng": torch.get_rng_state(), **extra}
+
+
+def commit(out_dir, state, is_main=True):
+    """Write a stage's checkpoint atomically, and only then results.json, which --resume
+    rewrites from the checkpoint anyway. A stage is committed twice: once its training is done
+    (state["evaluated"] False), so that a failure while it is evaluated -- a judge that calls
+    a remote service, say -- loses no training; and again with its evaluation."""
+    if is_main:
+        atomic_save(state, stage_path(out_dir, state["stage"]))
+        write_json_atomic(state["results"], os.path.join(out_dir, "results.json"))

@@ -99,15 +99,29 @@ def load_judge(spec):
     return fn
 
 
+class JudgeError(DataError):
+    """The judge raised, or returned something other than one finite score per candidate."""
+
+
+def judge_name(judge_fn):
+    return f"{getattr(judge_fn, '__module__', '?')}:{getattr(judge_fn, '__qualname__', repr(judge_fn))}"
+
+
 def call_judge(judge_fn, prompt, candidates):
-    """judge_fn(prompt, candidates) checked: one finite float per candidate."""
-    scores = judge_fn(prompt, list(candidates))
+    """judge_fn(prompt, candidates) checked: one finite float per candidate. Whatever goes
+    wrong -- the judge raises, or answers nonsense -- is a JudgeError naming the judge and the
+    prompt; the judge's own exception is chained to it (SELM_DEBUG=1 shows its traceback)."""
+    where = f"judge {judge_name(judge_fn)} on prompt {prompt[:40]!r}"
+    try:
+        scores = judge_fn(prompt, list(candidates))
+    except Exception as e:  # noqa: BLE001 -- a user's judge may raise anything
+        raise JudgeError(f"{where} failed: {type(e).__name__}: {e}") from e
     try:
         scores = [float(s) for s in scores]
     except (TypeError, ValueError) as e:
-        raise DataError(f"judge returned non-numeric scores {scores!r}") from e
+        raise JudgeError(f"{where} returned non-numeric scores {scores!r}") from e
     if len(scores) != len(candidates) or not all(math.isfinite(s) for s in scores):
-        raise DataError(f"judge returned {scores!r} for {len(candidates)} candidates")
+        raise JudgeError(f"{where} returned {scores!r} for {len(candidates)} candidates")
     return scores
 
 
@@ -120,12 +134,14 @@ class TrainingData:
     eval:    list of {"prompt", "reference" (an answer to beat, or None)}
     judge:   judge(prompt, candidates) -> list of scores, higher is better
     builtin: True for the built-in task, whose judge's score 1.0 means "fully correct"
+    prompt_template: how the prompts were written, "{prompt}" standing for the user's text
     """
     sft: list
     chunks: list
     eval: list
     judge: object
     builtin: bool = False
+    prompt_template: str = "{prompt}"  # how a plain prompt was formatted; sample.py reuses it
 
 
 def load_user_data(sft_path, prefs_path, prompts_path, judge_spec, n_chunks):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import data
 import task as sorting
-from checkpoint import open_run, restore, save_stage
+from checkpoint import commit, open_run, restore, stage_path, stage_state
 from model import GPT, preset
 from runtime import Clock, check_finite, lr_at, optimizer_step, parse_config, setup, summary_line
 from selm import (candidates_of, check_hparams, dpo_loss, pairs_from_scores, preference_metrics, relabel_counts,
@@ -343,7 +343,8 @@ def load_data(cfg):
     if not any([cfg.sft, cfg.prefs, cfg.prompts, cfg.judge]):
         t = sorting.make_task(seed=cfg.task_seed, n_sft=cfg.n_sft, n_prompts_per_chunk=cfg.chunk_size,
                               n_chunks=cfg.iterations + 1, n_eval=cfg.n_eval, min_len=cfg.min_len, max_len=cfg.max_len)
-        return data.TrainingData(t.sft, t.chunks, t.eval, sorting.judge, builtin=True)
+        return data.TrainingData(t.sft, t.chunks, t.eval, sorting.judge, builtin=True,
+                                 prompt_template=sorting.make_prompt("{prompt}"))
     if not (cfg.prefs and cfg.prompts and cfg.judge):
         raise ValueError("your own data needs --prefs, --prompts and --judge together "
                          "(the built-in judge only scores the sorting task); --sft is optional")
@@ -399,34 +400,48 @@ def run(cfg):
     model = build_model(rt, cfg, tok)
     sft_examples = data.check_fits(d, tok, model.config.block_size, cfg.sft or "built-in SFT data",
                                    cfg.prefs or "built-in pairs")
-    results, sft_answers, sft_model = [], None, None
-    if ckpt is not None:  # continue after the last completed stage
+    results, sft_answers, sft_model, state = [], None, None, None
+    if ckpt is not None:  # continue after the last stage trained; evaluate it if that was cut short
         results, sft_answers, sft_model = restore(ckpt, model, cfg.out_dir, rt.device, rt.log, rt.ranks.main)
-        rt.say(f"continuing after stage {done[-1]}")
+        state = None if ckpt.get("evaluated", True) else ckpt
+        rt.say(f"continuing after stage {done[-1]}" + ("'s training" if state else ""))
     for si, stage in enumerate(stages):
-        if stage in done:
+        if stage in done and (state is None or state["stage"] != stage):
             continue
         t0, info = time.time(), {}
-        torch.manual_seed(cfg.seed * 1000 + si)  # each stage's randomness independent of resume
-        if stage == "sft":
-            opt_ = train_sft(rt, cfg, tok, model, sft_examples)
-            sft_model = copy.deepcopy(model).eval()
-        elif stage == "dpo":
-            opt_ = offline_dpo(rt, cfg, tok, model, d.chunks[0])
-        else:  # selm_t, t = si - 1, on chunk t
-            opt_, info = selm_iteration(rt, cfg, tok, si - 1, model, d.chunks[si - 1], d.judge)
-        row, answers = evaluate(rt, cfg, tok, stage, model, sft_model, d, sft_answers)
+        try:
+            if state is None:  # train the stage, and commit its weights before its evaluation
+                opt_, info = train_stage(rt, cfg, tok, si, stage, model, d, sft_examples)
+                state = stage_state(stage, model, opt_, list(results), evaluated=False, config=asdict(cfg),
+                                    stage_index=si, sft_answers=sft_answers, tokenizer=tok.name,
+                                    metrics_size=rt.log.size(), prompt_template=d.prompt_template)
+                commit(cfg.out_dir, state, rt.ranks.main)
+            sft_model = copy.deepcopy(model).eval() if stage == "sft" else sft_model
+            row, answers = evaluate(rt, cfg, tok, stage, model, sft_model, d, sft_answers)
+        except data.JudgeError as e:
+            raise data.JudgeError(f"{e}; in stage {stage}, " + (
+                f"whose training is saved in {stage_path(cfg.out_dir, stage)} (--resume evaluates it)"
+                if state else "of which nothing was saved (--resume runs it again)")) from e
         sft_answers = answers if stage == "sft" else sft_answers
         results.append(row)  # results.json holds no timings: a resumed run reproduces it exactly
         seconds = time.time() - t0
         rt.log.write({"eval": row, "time": round(seconds, 2), **({"online": info} if info else {})})
-        if rt.ranks.main:
-            save_stage(cfg.out_dir, stage, model, opt_, results, config=asdict(cfg), stage_index=si,
-                       sft_answers=sft_answers, tokenizer=tok.name, metrics_size=rt.log.size(),
-                       prompt_template=sorting.make_prompt("{prompt}") if d.builtin else "{prompt}")
+        state.update(results=results, evaluated=True, sft_answers=sft_answers, metrics_size=rt.log.size())
+        commit(cfg.out_dir, state, rt.ranks.main)
+        state = None
         rt.ranks.barrier()
         rt.say(summary_line(stage, seconds, row, info))
     return results
+
+
+def train_stage(rt, cfg, tok, si, stage, model, d, sft_examples):
+    """Train stage number si; returns (its optimizer, what a SELM iteration logged)."""
+    torch.manual_seed(cfg.seed * 1000 + si)  # each stage's randomness independent of resume
+    if stage == "sft":
+        return train_sft(rt, cfg, tok, model, sft_examples), {}
+    if stage == "dpo":
+        return offline_dpo(rt, cfg, tok, model, d.chunks[0]), {}
+    return selm_iteration(rt, cfg, tok, si - 1, model, d.chunks[si - 1], d.judge)  # selm_t on chunk t = si - 1
 
 
 def main(argv=None):
@@ -434,6 +449,8 @@ def main(argv=None):
     try:
         run(cfg)
     except (ValueError, OSError, FloatingPointError) as e:  # DataError is a ValueError
+        if os.environ.get("SELM_DEBUG"):
+            raise  # the whole traceback, the judge's own included, on request
         sys.exit(f"train.py: error: {e}")
     except KeyboardInterrupt:
         sys.exit(f"train.py: interrupted; `--resume` continues after the last completed stage in {cfg.out_dir}")

@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+import torch
 
 import train
 
@@ -98,3 +99,48 @@ def test_init_from_gpt2_directory_without_bpe_files_names_them(tmp_path, files):
                                            "--out-dir", str(tmp_path / "o")])
     msg = str(e.value)
     assert "merges.txt" in msg and "vocab.json" in msg and "\n" not in msg
+
+
+FLAKY_JUDGE = '''
+import os
+COUNTER = os.path.join(os.path.dirname(__file__), "calls")
+
+def judge(prompt, candidates):
+    # scores like the toy judge above; while the file "fail_after" exists, the evaluation calls
+    # (the ones that include a reference answer "REF...") fail once that many have been made
+    limit = os.path.join(os.path.dirname(__file__), "fail_after")
+    if any(c.startswith("REF") for c in candidates) and os.path.exists(limit):
+        n = int(open(COUNTER).read()) if os.path.exists(COUNTER) else 0
+        with open(COUNTER, "w") as f:
+            f.write(str(n + 1))
+        if n >= int(open(limit).read()):
+            raise ConnectionError("reward service unavailable")
+    want = prompt.strip()[-2]
+    return [c.count(want) / max(1, len(c)) for c in candidates]
+'''
+
+
+def test_failing_judge_loses_no_training(tmp_path, files):
+    """A judge that fails while a stage is evaluated: one line naming the judge, the stage and
+    the prompt; the stage's training is on disk, and --resume only evaluates it."""
+    (tmp_path / "flaky.py").write_text(FLAKY_JUDGE)
+    prompts = [{"prompt": f"say {c}:", "reference": "REF" + c} for c in "abcdefgh"]
+    f = dict(files, **{"--judge": str(tmp_path / "flaky.py") + ":judge",
+                       "--prompts": write_jsonl(tmp_path / "p.jsonl", prompts)})
+    ref = train.run(train.parse_args(SMALL + flags(f) + ["--out-dir", str(tmp_path / "ref")]))
+    (tmp_path / "fail_after").write_text(str(2 * len(prompts)))  # sft and dpo evaluate, selm_1 fails
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        train.main(SMALL + flags(f) + ["--out-dir", str(out)])
+    msg = str(e.value)
+    assert "\n" not in msg and "flaky:judge" in msg and "ConnectionError" in msg and "say " in msg, msg
+    assert "stage selm_1" in msg and "selm_1.pt" in msg and "--resume evaluates it" in msg, msg
+    assert torch.load(out / "selm_1.pt", weights_only=True)["evaluated"] is False
+    assert [r["stage"] for r in json.load(open(out / "results.json"))] == ["sft", "dpo"]
+    os.remove(tmp_path / "fail_after")
+    before = os.path.getmtime(out / "dpo.pt")
+    results = train.run(train.parse_args(SMALL + flags(f) + ["--out-dir", str(out), "--resume"]))
+    assert results == ref and open(out / "results.json").read() == open(tmp_path / "ref" / "results.json").read()
+    assert os.path.getmtime(out / "dpo.pt") == before  # nothing before selm_1 was redone
+    steps = [(r["stage"], r["step"]) for r in map(json.loads, open(out / "metrics.jsonl")) if "step" in r]
+    assert len(steps) == len(set(steps))  # selm_1 was trained once: its training lines appear once
