@@ -39,7 +39,7 @@ import torch
 import data
 import task as sorting
 import train
-from checkpoint import load_checkpoint, model_from_checkpoint, write_json_atomic
+from checkpoint import load_checkpoint, model_from_checkpoint, stage_names, write_json_atomic
 from runtime import read_metrics
 from sample import generate
 from selm import candidates_of, pairs_from_scores, reference_logps
@@ -83,7 +83,7 @@ class Run:
         self.method = "dpo" if base is None else method_name(alpha)
         self.dir = os.path.join(out, difficulty, f"seed{seed}", self.method)
         self.iterations = 0 if base is None else iterations
-        self.stages = train.stage_names(self.iterations)
+        self.stages = stage_names(self.iterations)
         self.name = f"{difficulty}/seed{seed}/{self.method}"
 
     def trained(self):

@@ -3,13 +3,11 @@ train.py -- the whole SELM pipeline in one command, read top to bottom:
 
     python train.py --model small
 
-Config -> SFT -> offline DPO (the reference is the SFT model; the paper's iteration 0) ->
-SELM iterations t = 1..T (Algorithm 1: the reference is the previous iterate, its greedy
-answer joins the offline pair, the judge keeps the best and the worst, one epoch of the SELM
-loss) -> evaluation after every stage -> the main loop. `--alpha 0` is iterative online DPO;
-`--iterations 0` stops after offline DPO. Written to --out-dir: <stage>.pt checkpoints,
-metrics.jsonl and results.json. The plumbing (devices, processes, logs) is runtime.py's;
-what is written to disk, and how a run resumes, is checkpoint.py's.
+Config -> SFT -> offline DPO (iteration 0: the reference is the SFT model) -> SELM
+iterations t = 1..T (Algorithm 1: the reference is the previous iterate; its greedy answer
+joins the offline pair; the judge keeps the best and the worst; one epoch of the SELM loss)
+-> evaluation -> the main loop, which evaluates and checkpoints every stage. `--alpha 0` is
+iterative online DPO. Plumbing lives in runtime.py, what goes to disk in checkpoint.py.
 """
 
 import copy
@@ -24,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 import data
-import task as sorting
-from checkpoint import commit, open_run, restore, stage_path, stage_state
-from model import GPT, preset
+from checkpoint import commit, judge_failure, open_run, restore, stage_names, stage_state
+from inputs import build_model, get_tokenizer, load_data
+from model import preset
 from runtime import Clock, check_finite, lr_at, optimizer_step, parse_config, setup, summary_line
 from selm import (candidates_of, check_hparams, dpo_loss, pairs_from_scores, preference_metrics, relabel_counts,
                   selm_loss, sequence_logps)
@@ -117,20 +115,19 @@ def check_config(cfg):
         check_hparams(cfg.beta, cfg.alpha, cfg.loss_type)  # the losses' own rules, checked once
     except ValueError as e:
         raise ValueError(f"--{str(e).replace('_', '-')}") from None
-    if cfg.iterations < 0:
-        raise ValueError(f"--iterations must be >= 0, got {cfg.iterations}")
-    if cfg.batch_size % cfg.micro_batch_size:
-        raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size {cfg.micro_batch_size}")
-    for name in ("sft_batch_size", "batch_size", "micro_batch_size", "chunk_size", "n_eval", "gen_batch_size",
-                 "max_new_tokens"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive")
-    if cfg.sft_steps < 0:
-        raise ValueError("--sft-steps must be >= 0 (0 skips SFT training)")
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
-    if cfg.start_from and cfg.resume:
-        raise ValueError("--start-from and --resume exclude each other")
+    positive = ("sft_batch_size", "batch_size", "micro_batch_size", "chunk_size", "n_eval", "gen_batch_size",
+                "max_new_tokens")
+    problems = {**{f"--{n.replace('_', '-')} must be positive": getattr(cfg, n) <= 0 for n in positive},
+                f"--iterations must be >= 0, got {cfg.iterations}": cfg.iterations < 0,
+                "--sft-steps must be >= 0 (0 skips SFT training)": cfg.sft_steps < 0,
+                f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size {cfg.micro_batch_size}":
+                    cfg.micro_batch_size > 0 and cfg.batch_size % cfg.micro_batch_size,
+                f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}":
+                    cfg.dtype not in ("auto", "float32", "bfloat16", "float16"),
+                "--start-from and --resume exclude each other": cfg.start_from and cfg.resume}
+    for message, bad in problems.items():
+        if bad:
+            raise ValueError(message)
     preset(cfg.model)  # unknown preset -> clear error
 
 
@@ -295,12 +292,6 @@ def sample_responses(rt, cfg, tok, model, prompt_ids, temperature=0.0, seed=0):
                      temperature=temperature, eos_id=tok.eos_id, pad_id=tok.pad_id)
 
 
-def greedy_responses(rt, cfg, tok, model, prompt_ids):
-    """Greedy responses for a list of prompts: (token lists without EOS, texts)."""
-    ids = [[t for t in r if t != tok.eos_id] for r in sample_responses(rt, cfg, tok, model, prompt_ids)]
-    return ids, [tok.decode(r) for r in ids]
-
-
 # ---- evaluation -----------------------------------------------------------------------------
 
 def win(score_a, score_b):
@@ -315,7 +306,8 @@ def evaluate(rt, cfg, tok, stage, model, sft_model, d, sft_answers):
     the mean of log pi(y) - log pi_SFT(y) over temperature-1 samples y ~ pi."""
     prompts = [e["prompt"] for e in d.eval]
     prompt_ids = [tok.encode(p) for p in prompts]
-    ids, answers = greedy_responses(rt, cfg, tok, model, prompt_ids)
+    ids = [[t for t in r if t != tok.eos_id] for r in sample_responses(rt, cfg, tok, model, prompt_ids)]  # greedy
+    answers = [tok.decode(r) for r in ids]
     sft_answers = answers if sft_answers is None else sft_answers
     has_ref = all(e["reference"] is not None for e in d.eval)
     scores = rt.judge(d.judge, prompts, [[a, s] + ([e["reference"]] if has_ref else [])
@@ -336,56 +328,6 @@ def evaluate(rt, cfg, tok, stage, model, sft_model, d, sft_answers):
     return row, answers
 
 
-# ---- the data, the tokenizer and the model a run starts from ---------------------------------
-
-def load_data(cfg):
-    """The built-in task, or the user's JSONL files and judge (data.load_user_data)."""
-    if not any([cfg.sft, cfg.prefs, cfg.prompts, cfg.judge]):
-        t = sorting.make_task(seed=cfg.task_seed, n_sft=cfg.n_sft, n_prompts_per_chunk=cfg.chunk_size,
-                              n_chunks=cfg.iterations + 1, n_eval=cfg.n_eval, min_len=cfg.min_len, max_len=cfg.max_len)
-        return data.TrainingData(t.sft, t.chunks, t.eval, sorting.judge, builtin=True,
-                                 prompt_template=sorting.make_prompt("{prompt}"))
-    if not (cfg.prefs and cfg.prompts and cfg.judge):
-        raise ValueError("your own data needs --prefs, --prompts and --judge together "
-                         "(the built-in judge only scores the sorting task); --sft is optional")
-    if cfg.sft is None and cfg.init_from is None and cfg.sft_steps > 0:
-        raise ValueError("--prefs without --sft: give --sft demonstrations, or --init-from a "
-                         "pretrained model with --sft-steps 0")
-    return data.load_user_data(cfg.sft, cfg.prefs, cfg.prompts, cfg.judge, cfg.iterations + 1)
-
-
-def get_tokenizer(cfg, verbose=True):
-    """GPT-2's BPE for GPT-2 weights (from --bpe-path, the --init-from directory, or
-    tiktoken's cache); otherwise whatever data.get_tokenizer finds."""
-    path = cfg.bpe_path
-    if path is None and cfg.init_from and any(
-            os.path.isfile(os.path.join(cfg.init_from, f)) for f in ("vocab.bpe", "merges.txt")):
-        path = cfg.init_from
-    tok = data.get_tokenizer(path, verbose=verbose)
-    if cfg.init_from and tok.name != "gpt2":
-        raise ValueError(f"--init-from {cfg.init_from} needs GPT-2's BPE, which is not on this machine: "
-                         "put merges.txt and vocab.json (or vocab.bpe and encoder.json) in that "
-                         "directory or in --bpe-path")
-    return tok
-
-
-def build_model(rt, cfg, tok):
-    """A fresh --model preset sized for the tokenizer, or the --init-from weights."""
-    if cfg.init_from:
-        model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
-    else:
-        model = GPT(preset(cfg.model, vocab_size=tok.vocab_size, dropout=cfg.dropout, block_size=cfg.block_size))
-    if tok.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer {tok.name} has {tok.vocab_size} ids, the model only {model.config.vocab_size}")
-    rt.say(f"model: {cfg.init_from or cfg.model}, {model.num_params() / 1e6:.2f}M parameters, device {rt.device}"
-           + (f", {rt.ranks.world} processes" if rt.ranks.world > 1 else ""))
-    return model.to(rt.device)
-
-
-def stage_names(iterations):
-    return ["sft", "dpo"] + [f"selm_{t}" for t in range(1, iterations + 1)]
-
-
 # ---- the main loop --------------------------------------------------------------------------
 
 def run(cfg):
@@ -397,7 +339,7 @@ def run(cfg):
     tok = get_tokenizer(cfg, verbose=rt.ranks.main)
     d = load_data(cfg)
     torch.manual_seed(cfg.seed)
-    model = build_model(rt, cfg, tok)
+    model = build_model(cfg, tok, rt)
     sft_examples = data.check_fits(d, tok, model.config.block_size, cfg.sft or "built-in SFT data",
                                    cfg.prefs or "built-in pairs")
     results, sft_answers, sft_model, state = [], None, None, None
@@ -409,7 +351,7 @@ def run(cfg):
         if stage in done and (state is None or state["stage"] != stage):
             continue
         t0, info = time.time(), {}
-        try:
+        with judge_failure(stage, cfg.out_dir, saved=lambda: state is not None):
             if state is None:  # train the stage, and commit its weights before its evaluation
                 opt_, info = train_stage(rt, cfg, tok, si, stage, model, d, sft_examples)
                 state = stage_state(stage, model, opt_, list(results), evaluated=False, config=asdict(cfg),
@@ -418,10 +360,6 @@ def run(cfg):
                 commit(cfg.out_dir, state, rt.ranks.main)
             sft_model = copy.deepcopy(model).eval() if stage == "sft" else sft_model
             row, answers = evaluate(rt, cfg, tok, stage, model, sft_model, d, sft_answers)
-        except data.JudgeError as e:
-            raise data.JudgeError(f"{e}; in stage {stage}, " + (
-                f"whose training is saved in {stage_path(cfg.out_dir, stage)} (--resume evaluates it)"
-                if state else "of which nothing was saved (--resume runs it again)")) from e
         sft_answers = answers if stage == "sft" else sft_answers
         results.append(row)  # results.json holds no timings: a resumed run reproduces it exactly
         seconds = time.time() - t0

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import inputs
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
 from sample import generate
@@ -29,7 +30,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     # "win vs SFT" is the model's greedy answers judged against the SFT model's, which every
     # checkpoint keeps: recompute both from the saved weights and compare with the last row
     cfg = train.resolve(train.parse_args(FAST))
-    d, tok = train.load_data(cfg), train.get_tokenizer(cfg, verbose=False)
+    d, tok = inputs.load_data(cfg), inputs.get_tokenizer(cfg, verbose=False)
     prompt_ids = [tok.encode(e["prompt"]) for e in d.eval]
 
     def answers(stage):
@@ -87,7 +88,7 @@ def test_truncated_y_ref_keeps_no_eos(tmp_path, monkeypatch):
     import runtime
     from model import GPT, preset
     cfg = train.resolve(train.parse_args(FAST + ["--out-dir", str(tmp_path), "--max-new-tokens", "2"]))
-    tok, d = train.get_tokenizer(cfg, verbose=False), train.load_data(cfg)
+    tok, d = inputs.get_tokenizer(cfg, verbose=False), inputs.load_data(cfg)
     rt = runtime.setup("cpu", "float32", str(tmp_path))
     torch.manual_seed(0)
     model = GPT(preset("tiny", vocab_size=tok.vocab_size))
