@@ -138,6 +138,8 @@ def train_sft(rt, cfg, tok, model, examples):
     over the response tokens of the global batch. Under torchrun every rank draws the same
     global batch and takes its share; DDP averages gradients over ranks, so each rank
     scales its token sum by world / (global token count)."""
+    if not examples:  # --init-from weights and no --sft file: the stage keeps the weights
+        return None
     W = rt.ranks.world
     fixed_len = max(len(p) + len(r) for p, r in examples)
     train_model = rt.wrap(model)

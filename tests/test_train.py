@@ -101,3 +101,16 @@ def test_truncated_y_ref_keeps_no_eos(tmp_path, monkeypatch):
         assert len(y) == 2 and y[-1] != tok.eos_id
         assert w[-1] == tok.eos_id or w == y  # an offline response ends in EOS; y_ref as sampled
         assert l[-1] == tok.eos_id or l == y
+
+
+def test_sft_without_demonstrations_keeps_the_weights(tmp_path):
+    """--init-from weights with --prefs but no --sft: the SFT stage has nothing to train on,
+    which must leave the model as it is (it used to fail on max() of an empty list)."""
+    import runtime
+    from model import GPT, preset
+    cfg = train.resolve(train.parse_args(FAST + ["--out-dir", str(tmp_path), "--sft-steps", "0"]))
+    model = GPT(preset("tiny", vocab_size=300))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rt = runtime.setup("cpu", "float32", str(tmp_path))
+    assert train.train_sft(rt, cfg, inputs.get_tokenizer(cfg, verbose=False), model, []) is None
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
