@@ -53,7 +53,8 @@ def _read_json(path):
 
 def config_from_hf(hf, block_size=None, dropout=0.0):
     """GPTConfig from a config.json dict. block_size: the context the model will be used at;
-    default its max_position_embeddings (GPT-2: n_positions, the rows of its position table)."""
+    default its max_position_embeddings. (GPT-2 keeps its n_positions, the rows of its position
+    table: a block_size above that is an error, one below it changes nothing.)"""
     mt = hf.get("model_type")
     if mt not in SUPPORTED:
         raise ValueError(f"model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED)}")
@@ -77,6 +78,8 @@ def config_from_hf(hf, block_size=None, dropout=0.0):
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind not in ("default", "llama3"):
             raise ValueError(f"{mt}: rope scaling type {kind!r} is not supported (default, llama3)")
+        if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise ValueError(f"{mt}: partial rotary embeddings are not supported")
         scaling = None
         if kind == "llama3":
             scaling = {k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
@@ -86,7 +89,8 @@ def config_from_hf(hf, block_size=None, dropout=0.0):
         if ctx > max_pos:
             raise ValueError(f"context of {ctx} is longer than this model's max_position_embeddings {max_pos}")
         window = hf.get("sliding_window")
-        windowed = mt == "mistral" or hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or ())
+        windowed = (mt == "mistral" or hf.get("use_sliding_window")
+                    or "sliding_attention" in (hf.get("layer_types") or ()))
         if windowed and window is not None and window < ctx:
             # our attention sees the whole context; that equals a window only if the window covers it
             raise ValueError(f"{mt} uses sliding-window attention over {window} tokens, narrower than the "
@@ -294,7 +298,8 @@ def save_pretrained(model, path, tokenizer_dir=None):
     if tokenizer_dir is not None:
         sources = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, f))]
         if "tokenizer.json" not in sources and "vocab.json" not in sources:
-            raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt)")
+            raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer files "
+                                    "(tokenizer.json, or vocab.json + merges.txt)")
     os.makedirs(path, exist_ok=True)
     _atomic(os.path.join(path, "config.json"), lambda tmp: _write_json(cfg, tmp))
     if has_safetensors():
@@ -303,7 +308,7 @@ def save_pretrained(model, path, tokenizer_dir=None):
         _atomic(os.path.join(path, weights), lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
     else:
         weights = "pytorch_model.bin"
-        _atomic(os.path.join(path, weights), lambda tmp: torch.save(sd, tmp))
+        _atomic(os.path.join(path, weights), lambda tmp: _write_bytes(sd, tmp, torch.save))
     # weights of an earlier export in another format would shadow these: transformers prefers
     # safetensors and reads an index before a single file
     for stale in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
@@ -321,6 +326,6 @@ def _write_json(obj, path):
         json.dump(obj, f, indent=2)
 
 
-def _write_bytes(data, path):
-    with open(path, "wb") as f:
-        f.write(data)
+def _write_bytes(data, path, write=lambda data, f: f.write(data)):
+    with open(path, "wb") as f:  # (torch.save given a path would name its archive after it)
+        write(data, f)

@@ -243,3 +243,19 @@ def test_loader_errors(tmp_path, monkeypatch):
     one_line_error(FileNotFoundError, "model-1-of-2.safetensors, listed in model.safetensors.index.json, is missing",
                    hf.load_pretrained, path)
     one_line_error(FileNotFoundError, "config.json", hf.load_pretrained, str(tmp_path / "nowhere"))
+
+
+def test_export_without_safetensors_writes_pytorch_model_bin(tmp_path, monkeypatch):
+    ours = hf.load_pretrained(saved(hf_model("qwen3-qknorm-headdim"), tmp_path / "src")).eval()
+    hf.save_pretrained(ours, str(tmp_path / "out"))  # first with safetensors ...
+    monkeypatch.setattr(hf, "has_safetensors", lambda: False)
+    hf.save_pretrained(ours, str(tmp_path / "out"))  # ... then without: the stale file must go
+    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "pytorch_model.bin"]
+    idx, am, pos = ragged_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(hf.load_pretrained(str(tmp_path / "out")).eval()(idx, pos, am), ours(idx, pos, am))
+    monkeypatch.undo()
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf_logits(back, idx, am, pos)[am.bool()], ours(idx, pos, am)[am.bool()],
+                                   atol=1e-4, rtol=0)
