@@ -49,15 +49,18 @@ class Tokenizer:
         become U+FFFD instead of raising.
     eos_id: the end-of-sequence id appended to training responses (a chat model's end-of-turn
         token, e.g. <|im_end|>); eos_ids: every id that ends a generation (generation_config
-        may list several), eos_id included. name, source: what the tokenizer is and the
-        directory it came from (None: built in or tiktoken's cache), for checkpoints.
+        may list several), eos_id included. bos_id: the token Hugging Face's tokenizer puts
+        before every text (Llama-3's <|begin_of_text|>), None if it adds none; encode never
+        adds it. name, source: what the tokenizer is and the directory it came from (None:
+        built in or tiktoken's cache), for checkpoints.
     """
 
-    def __init__(self, enc, name, eos_id, pad_id, eos_ids=(), source=None, always_special=()):
+    def __init__(self, enc, name, eos_id, pad_id, eos_ids=(), source=None, always_special=(), bos_id=None):
         self.enc, self.name, self.eos_id, self.pad_id = enc, name, eos_id, pad_id
         self.eos_ids = frozenset(eos_ids) | {eos_id}
         self.source = None if source is None else os.path.abspath(source)
         self.always_special = frozenset(always_special)  # matched even in plain text (see above)
+        self.bos_id = bos_id
         self.vocab_size = enc.n_vocab  # the model may round this up
 
     def encode(self, text, allow_special=False):
@@ -165,7 +168,8 @@ def _byte_of_char():
 def _split_pattern(pre, where):
     """The regex whose matches are the pieces that tokenizer.json's pre_tokenizer cuts text
     into, before each piece is mapped to byte-level characters."""
-    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre or {}]
+    steps = (pre.get("pretokenizers") if pre and pre.get("type") == "Sequence" else [pre]) or [{}]
+    steps = [s or {} for s in steps]
     kinds = [s.get("type") for s in steps]
     *first, last = steps
     if last.get("type") == "ByteLevel" and not last.get("add_prefix_space"):
@@ -173,10 +177,13 @@ def _split_pattern(pre, where):
             return _GPT2_SPLIT  # GPT-2
         if kinds[:-1] == ["Split"] and not last.get("use_regex", True):  # Llama-3, Qwen2/3
             split = first[0]
-            if "Regex" in split.get("pattern", {}) and split.get("behavior") == "Isolated" and not split.get("invert"):
+            isolated = split.get("behavior") == "Isolated" and not split.get("invert")
+            if "Regex" in split.get("pattern", {}) and isolated:
                 return split["pattern"]["Regex"]
         if kinds[:-1] == ["Digits"] and last.get("use_regex", True):  # SmolLM2
-            return _DIGITS_GPT2_SPLIT if first[0].get("individual_digits") else _DIGITS_GPT2_SPLIT.replace(r"\p{N}|", r"\p{N}+|", 1)
+            if first[0].get("individual_digits"):
+                return _DIGITS_GPT2_SPLIT
+            return _DIGITS_GPT2_SPLIT.replace(r"\p{N}|", r"\p{N}+|", 1)  # runs of digits
     raise ValueError(f"{where}: pre-tokenizer {' + '.join(map(str, kinds))} (with these options) is not one "
                      "tiktoken can reproduce: byte-level BPE with a regex split is needed")
 
@@ -210,7 +217,8 @@ def hf_tokenizer(path):
         if t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
             raise ValueError(f"{where}: added token {t['content']!r} strips whitespace or matches whole "
                              "words only, which tiktoken cannot reproduce")
-    names = sorted(added)  # a token that is a prefix of another would be matched first by one, longest by the other
+    # a token that is a prefix of another: tiktoken may match either, Hugging Face the longest
+    names = sorted(added)
     for a, b in zip(names, names[1:]):
         if b.startswith(a):
             raise ValueError(f"{where}: added token {a!r} is a prefix of {b!r}; tiktoken may match either")
@@ -245,8 +253,18 @@ def hf_tokenizer(path):
     except ValueError as e:  # e.g. a regex tiktoken's engine does not accept
         raise ValueError(f"{where}: tiktoken cannot use it: {e}") from None
     eos_id, eos_ids, pad_id = _eos_and_pad(path, enc)
-    return Tokenizer(enc, enc.name, eos_id, pad_id, eos_ids=eos_ids, source=path,
+    return Tokenizer(enc, enc.name, eos_id, pad_id, eos_ids=eos_ids, source=path, bos_id=_bos(tj),
                      always_special=[c for c, t in added.items() if not t.get("special")])
+
+
+def _bos(tj):
+    """The id a TemplateProcessing post-processor puts before a single text, if any."""
+    pp = tj.get("post_processor") or {}
+    for p in pp.get("processors", [pp]):
+        first = (p.get("single") or [{}])[0] if p.get("type") == "TemplateProcessing" else {}
+        if "SpecialToken" in first:
+            return p["special_tokens"][first["SpecialToken"]["id"]]["ids"][0]
+    return None
 
 
 def _eos_and_pad(path, enc):

@@ -103,7 +103,22 @@ def test_same_ids_as_tokenizers_library(style, tmp_path):
     im_end = hf.token_to_id("<|im_end|>")
     assert im_end not in ours.encode("a<|im_end|>b")
     assert ours.encode("a<|im_end|>b", allow_special=True).count(im_end) == 1
-    assert (ours.name, ours.source) == (d.name, str(d))
+    assert (ours.name, ours.source, ours.bos_id) == (d.name, str(d), None)
+
+
+def test_bos_from_a_template_post_processor(tmp_path):
+    from tokenizers import processors
+    hf, d = qwen2_style(tmp_path)
+    start = hf.token_to_id("<|im_start|>")  # stands in for Llama-3's <|begin_of_text|>
+    hf.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", start)])])
+    hf.save(str(d / "tokenizer.json"))
+    write_configs(d, {"eos_token": "<|im_end|>"})
+    ours = tokenizer.get_tokenizer(str(d), verbose=False)
+    assert ours.bos_id == start
+    text = "hello world"
+    assert [ours.bos_id] + ours.encode(text) == hf.encode(text).ids  # Hugging Face adds it by default
 
 
 def test_eos_and_pad_from_the_config_files(tmp_path):
