@@ -55,7 +55,7 @@ class GPTConfig:
     n_inner: int = None  # MLP hidden width; None = 4 * n_embd
     rope_theta: float = 10000.0  # rotary base: the longest wavelength is ~ 2 pi theta positions
     rope_scaling: dict = None  # Llama-3.1's "llama3" rescaling of the rotary frequencies
-    qkv_bias: bool = False  # Qwen2 keeps biases on q, k and v (only)
+    qkv_bias: bool = False  # Qwen2: biases on q, k, v only (Qwen found them to help length extrapolation)
     qk_norm: bool = False  # Qwen3 RMS-normalises every head's q and k, bounding attention logits
     tie_embeddings: bool = True  # the LM head reuses the token embedding (GPT-2, small Llamas)
     hf_config: dict = None  # the source config.json, kept so that export can round-trip it
@@ -172,7 +172,7 @@ class CausalSelfAttention(nn.Module):
         # q, k and v come out of one matmul; with grouped-query attention k and v are narrower
         self.c_attn = nn.Linear(config.n_embd, (nh + 2 * nkv) * hd, bias=config.bias or config.qkv_bias)
         self.c_proj = nn.Linear(nh * hd, config.n_embd, bias=config.bias)
-        if config.qk_norm:  # Qwen3: per-head RMSNorm of q and k, before the rotation
+        if config.qk_norm:  # Qwen3: per-head RMSNorm of q and k, before the rotation (stable logits)
             self.q_norm = RMSNorm(hd, config.layer_norm_epsilon)
             self.k_norm = RMSNorm(hd, config.layer_norm_epsilon)
         self.resid_dropout = nn.Dropout(config.dropout)
