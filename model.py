@@ -1,25 +1,35 @@
 """
-model.py -- a GPT-2 style causal transformer, written out by hand.
+model.py -- a causal transformer written out by hand: GPT-2, or the Llama family by configuration.
 
-One file, one module: learned absolute positions, pre-LayerNorm blocks, a GELU MLP and an
-output head tied to the token embedding. Parameter names are GPT-2's own (transformer.wte,
-transformer.h.0.attn.c_attn, ...), so a Hugging Face GPT-2 checkpoint loads by transposing
-its Conv1D weights and nothing else.
+One file, one module. GPT-2 (learned absolute positions, pre-LayerNorm blocks, a GELU MLP, an
+output head tied to the token embedding) is the default; `model_type` "llama", "mistral",
+"qwen2" or "qwen3" switches the same classes to the Llama family's choices: rotary positions,
+RMSNorm, a SwiGLU MLP, grouped-query attention, and the few per-family variants (Qwen2's q/k/v
+biases, Qwen3's per-head q/k norms and wider heads, tied or untied output head). Each switch is
+a line or two next to GPT-2's code, with a comment saying why the family made that choice.
+
+Parameter names are GPT-2's own for both families (transformer.wte, transformer.h.0.attn.c_attn,
+...): one set of module names keeps one Block and one attention class that read the same for
+both families. hf.py translates at the door: a Hugging Face GPT-2 checkpoint by transposing its
+Conv1D weights, a Llama-family one through an explicit name table (its separate q/k/v and
+gate/up matrices stacked into our fused c_attn and c_fc, so each runs as one matmul).
 
 `GPT.forward` serves the three callers the project has:
   1. training and scoring: a full, padded batch with an optional attention mask and explicit
      position ids (left- and right-padded rows then see the same positions);
   2. sampling: a few new tokens at a time against a preallocated KV cache (`KVCache`);
   3. log-probs: the LM head applied only where the caller asks (`output_mask`), because a
-     [B, T, V] logits tensor with GPT-2's 50257-word vocabulary is the largest thing in
-     memory and most of it (the prompt) is never needed.
+     [B, T, V] logits tensor with a 50k-150k-word vocabulary is the largest thing in memory
+     and most of it (the prompt) is never needed.
+It is `GPT.hidden` (embeddings -> blocks -> final norm) followed by `GPT.head` (the LM head),
+so that the trunk alone can be torch.compile'd: the head's boolean selection has a
+data-dependent shape.
 
-This file knows nothing of the rest of the project.
+This file knows nothing of the rest of the project; hf.py reads and writes Hugging Face
+directories.
 """
 
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -29,14 +39,38 @@ import torch.nn.functional as F
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024  # maximum sequence length (learned positions)
+    block_size: int = 1024  # maximum sequence length (GPT-2: the rows of its position table)
     vocab_size: int = 50257  # GPT-2's BPE; the byte-level tokenizer needs 258
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0
-    bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
-    layer_norm_epsilon: float = 1e-5
+    bias: bool = None  # biases in every Linear and LayerNorm (GPT-2: yes, Llama family: no); None = the family's
+    layer_norm_epsilon: float = 1e-5  # LayerNorm's epsilon, or RMSNorm's (Llama family)
+    # The Llama family. model_type is Hugging Face's name; anything but "gpt2" means rotary
+    # positions, RMSNorm and SwiGLU. The fields below default to GPT-2's shapes.
+    model_type: str = "gpt2"
+    n_kv_head: int = None  # grouped-query attention: fewer K/V heads than query heads; None = n_head
+    head_dim: int = None  # None = n_embd // n_head (Qwen3 sets wider heads)
+    n_inner: int = None  # MLP hidden width; None = 4 * n_embd
+    rope_theta: float = 10000.0  # rotary base: the longest wavelength is ~ 2 pi theta positions
+    rope_scaling: dict = None  # Llama-3.1's "llama3" rescaling of the rotary frequencies
+    qkv_bias: bool = False  # Qwen2: biases on q, k, v only (Qwen found them to help length extrapolation)
+    qk_norm: bool = False  # Qwen3 RMS-normalises every head's q and k, bounding attention logits
+    tie_embeddings: bool = True  # the LM head reuses the token embedding (GPT-2, small Llamas)
+    hf_config: dict = None  # the source config.json, kept so that export can round-trip it
+
+    def __post_init__(self):
+        self.bias = not self.llama if self.bias is None else self.bias
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
+        self.n_inner = self.n_inner or 4 * self.n_embd
+        assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
+        assert self.llama or self.n_embd % self.n_head == 0, "GPT-2: n_embd must be a multiple of n_head"
+
+    @property
+    def llama(self):
+        return self.model_type != "gpt2"
 
 
 # Architecture presets. `vocab_size` and `block_size` of the small ones are set by the caller
@@ -59,63 +93,142 @@ def preset(name, **overrides):
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: [n_layer, B, n_head, max_len, head_dim].
+    """Preallocated keys and values for every layer: [n_layer, B, n_kv_head, max_len, head_dim].
 
     Slots are written at explicit positions (`cache_pos` in GPT.forward), so there is no
-    concatenation and no reallocation while decoding.
+    concatenation and no reallocation while decoding. With grouped-query attention only the
+    n_kv_head shared heads are stored: the cache is n_head / n_kv_head times smaller.
     """
 
     def __init__(self, config, batch_size, max_len, device, dtype):
-        hd = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, hd)
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
 
 
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight (Zhang & Sennrich, 2019): LayerNorm without the
+    centring and the bias, which cost time and buy nothing measurable. Computed in float32,
+    as the Llama family's reference code does, then cast back."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def norm(config, dim):
+    # the Llama family swaps LayerNorm for the cheaper RMSNorm
+    if config.llama:
+        return RMSNorm(dim, config.layer_norm_epsilon)
+    return nn.LayerNorm(dim, eps=config.layer_norm_epsilon, bias=config.bias)
+
+
+def rope_frequencies(config, device=None):
+    """The rotary angular frequencies theta^(-2i/d), i < d/2, d = head_dim (RoFormer, eq. 15):
+    (head_dim / 2,) float32.
+
+    Llama 3.1's "llama3" scaling stretches the context without retraining the short-range
+    heads: frequencies whose wavelength 2 pi / f is longer than original_context /
+    low_freq_factor are divided by `factor` (position interpolation), those shorter than
+    original_context / high_freq_factor are kept, and the band between is blended linearly in
+    original_context / wavelength.
+    """
+    d = config.head_dim
+    f = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+    s = config.rope_scaling
+    if s:
+        waves = s["original_max_position_embeddings"] * f / (2 * math.pi)  # waves per original context
+        keep = ((waves - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])).clamp(0, 1)
+        f = (1 - keep) * f / s["factor"] + keep * f
+    return f
+
+
+def rotary(config, position_ids):
+    """cos and sin of each position's rotation angles, from the explicit position ids (so a
+    left-padded row rotates exactly as it would unpadded): two (B, 1, T, head_dim / 2)."""
+    angles = position_ids[:, None, :, None].float() * rope_frequencies(config, position_ids.device)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate the pairs (x_i, x_{i + d/2}) of every head of x (B, h, T, d) by the angles
+    (RoFormer eq. 34, with the pairs split in halves as the Llama family's weights expect).
+    q.k then depends on positions only through their difference."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        nh, nkv, hd = config.n_head, config.n_kv_head, config.head_dim
+        # q, k and v come out of one matmul; with grouped-query attention k and v are narrower
+        self.c_attn = nn.Linear(config.n_embd, (nh + 2 * nkv) * hd, bias=config.bias or config.qkv_bias)
+        self.c_proj = nn.Linear(nh * hd, config.n_embd, bias=config.bias)
+        if config.qk_norm:  # Qwen3: per-head RMSNorm of q and k, before the rotation (stable logits)
+            self.q_norm = RMSNorm(hd, config.layer_norm_epsilon)
+            self.k_norm = RMSNorm(hd, config.layer_norm_epsilon)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.n_head, self.n_kv_head, self.head_dim = nh, nkv, hd
+        self.qk_norm, self.dropout = config.qk_norm, config.dropout
 
-    def forward(self, x, mask, cache=None, layer=0, cache_pos=0):
+    def forward(self, x, mask, rope=None, cache=None, layer=0, cache_pos=0):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split([nh * hd, nkv * hd, nkv * hd], dim=2)
+        q, k, v = q.view(B, T, nh, hd), k.view(B, T, nkv, hd), v.view(B, T, nkv, hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             # write this step's keys/values at their slots, attend over everything so far
             end = cache_pos + T
             cache.k[layer, :, :, cache_pos:end] = k
             cache.v[layer, :, :, cache_pos:end] = v
-            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]  # (B, nh, S, hd)
+            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]  # (B, nkv, S, hd)
         dropout_p = self.dropout if self.training else 0.0
+        gqa = nkv != nh  # query head h reads K/V head h // (nh // nkv)
         if cache is not None and T == 1 and dropout_p == 0.0:
             # decoding, one new token per row: attention written out is two thin batched
-            # matmuls, which on one CPU thread run up to 2x faster than SDPA's fused kernel
-            att = (q * (1.0 / math.sqrt(C // self.n_head))) @ k.transpose(-2, -1)  # (B, nh, 1, S)
+            # matmuls, which on one CPU thread run up to 2x faster than SDPA's fused kernel.
+            # The nh // nkv query heads sharing a K/V head are rows of one matmul against it,
+            # so the cache is read as it is, never expanded to nh heads.
+            q = q.reshape(B, nkv, nh // nkv, hd)
+            att = (q * (1.0 / math.sqrt(hd))) @ k.transpose(-2, -1)  # (B, nkv, nh // nkv, S)
             if mask is not None:
                 att = torch.where(mask, att, float("-inf"))
-            y = att.softmax(-1) @ v
+            y = (att.softmax(-1) @ v).view(B, nh, 1, hd)
         elif mask is None:  # plain causal attention over a batch with no left padding
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
         else:  # explicit (B, 1, T, S) boolean mask; True = may attend
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
+        y = y.transpose(1, 2).contiguous().view(B, T, nh * hd)
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        # SwiGLU (Shazeer, 2020), the Llama family's MLP: silu(gate) * up, a learned gate that
+        # beats GELU at equal parameters. c_fc holds [gate; up] stacked: one matmul for both.
+        self.swiglu = config.llama
+        self.c_fc = nn.Linear(config.n_embd, (2 if self.swiglu else 1) * config.n_inner, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_inner, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
+        if self.swiglu:
+            gate, up = self.c_fc(x).chunk(2, dim=-1)
+            return self.dropout(self.c_proj(F.silu(gate) * up))
         # GPT-2 uses the tanh approximation of GELU; matching it keeps HF logits within 1e-5
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
@@ -123,13 +236,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.ln_1 = norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.ln_2 = norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask, cache=None, layer=0, cache_pos=0):
-        x = x + self.attn(self.ln_1(x), mask, cache, layer, cache_pos)
+    def forward(self, x, mask, rope=None, cache=None, layer=0, cache_pos=0):
+        x = x + self.attn(self.ln_1(x), mask, rope, cache, layer, cache_pos)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -162,13 +275,15 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            # GPT-2 learns a table of absolute positions; the Llama family rotates q and k instead
+            **({} if config.llama else dict(wpe=nn.Embedding(config.block_size, config.n_embd))),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
+            ln_f=norm(config, config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-2
+        if config.tie_embeddings:  # GPT-2 and small Llamas/Qwens: one V x C matrix, not two
+            self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
         # GPT-2's scaled init: residual projections shrink with depth so the sum stays O(1)
         for name, p in self.named_parameters():
@@ -196,6 +311,13 @@ class GPT(nn.Module):
         output_mask:    (B, T) bool; if given, logits only at these positions, as (N, V) in
                         row-major order, N = output_mask.sum(). Otherwise (B, T, V).
         """
+        x = self.hidden(idx, position_ids, attention_mask, cache, cache_pos)
+        return self.head(x, output_mask, decode=cache is not None and idx.size(1) == 1)
+
+    def hidden(self, idx, position_ids=None, attention_mask=None, cache=None, cache_pos=0):
+        """The trunk: embeddings -> blocks -> final norm. Arguments as in forward; returns the
+        final hidden states (B, T, C). Shapes depend only on the inputs' shapes, so this part
+        compiles to one graph."""
         B, T = idx.shape
         if position_ids is None:
             position_ids = torch.arange(cache_pos, cache_pos + T, device=idx.device).expand(B, T)
@@ -211,17 +333,27 @@ class GPT(nn.Module):
             mask = attention_mask_4d(attention_mask, T, cache_pos)
         elif cache_pos > 0:  # T != S: is_causal would align the triangle wrongly
             mask = attention_mask_4d(torch.ones(B, cache_pos + T, device=idx.device), T, cache_pos)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
+        x, rope = self.transformer.wte(idx), None
+        if self.config.llama:
+            rope = rotary(self.config, position_ids)  # computed once, used by every layer
+        else:
+            x = x + self.transformer.wpe(position_ids)
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, mask, cache, i, cache_pos)  # (B, T, C)
-        x = self.transformer.ln_f(x)
+            x = block(x, mask, rope, cache, i, cache_pos)  # (B, T, C)
+        return self.transformer.ln_f(x)
+
+    def head(self, x, output_mask=None, decode=False):
+        """Logits from hidden states x (B, T, C): (N, V) at the output_mask positions (in
+        row-major order), else (B, T, V). decode: x holds one new position per row."""
         if output_mask is not None:
             x = x[output_mask]  # (N, C): the LM head runs only where it is needed
-        elif cache is not None and T == 1:
-            # Decoding. The same product as x @ W^T, computed as (W @ x^T)^T: with a few rows
-            # against a large vocabulary, multithreaded CPU BLAS splits the V rows of W over
-            # its threads far better than the B rows of x (GPT-2, 32 rows, 2 threads: ~30 ms
-            # instead of ~38 ms, a tenth of the whole step).
+        elif decode:
+            # The same product as x @ W^T, computed as (W @ x^T)^T: with a few rows against a
+            # large vocabulary, multithreaded CPU BLAS splits the V rows of W over its threads
+            # far better than the B rows of x (GPT-2, 32 rows, 2 threads: ~30 ms instead of
+            # ~38 ms, a tenth of the whole step).
+            B = x.size(0)
             return (self.lm_head.weight @ x.view(B, -1).t()).t().contiguous().view(B, 1, -1)
         return self.lm_head(x)  # (B, T, V) or (N, V)
 
@@ -232,80 +364,22 @@ class GPT(nn.Module):
     # ---- bookkeeping -----------------------------------------------------------------
 
     def num_params(self, non_embedding=False):
-        """Parameter count (tied weights once). non_embedding drops the position table, and
-        the token table too, as the scaling-law papers count them."""
+        """Parameter count (tied weights once). non_embedding drops the embedding tables (token,
+        positions if any, and an untied output head), as the scaling-law papers count them."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel() + self.transformer.wte.weight.numel()
+            n -= self.transformer.wte.weight.numel()
+            n -= self.transformer.wpe.weight.numel() if "wpe" in self.transformer else 0
+            n -= 0 if self.config.tie_embeddings else self.lm_head.weight.numel()
         return n
 
     def flops_per_token(self, seq_len, training=True):
-        """Approximate FLOPs per token: 2N per matmul weight per token forward (N the
-        non-embedding parameters plus the LM head) plus attention's 2 * 2 * L * T * C for
-        QK^T and AV; backward is twice the forward (PaLM, appendix B)."""
+        """Approximate FLOPs per token: 2 per matmul weight per token forward (the
+        non-embedding parameters, whatever their shapes: narrower K/V projections under GQA,
+        SwiGLU's three matrices, plus the LM head) and attention's 2 * 2 * L * T * (n_head *
+        head_dim) for QK^T and AV (every query head attends, shared K/V or not); backward is
+        twice the forward (PaLM, appendix B)."""
         cfg = self.config
         n = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.n_embd
-        fwd = 2 * n + 4 * cfg.n_layer * seq_len * cfg.n_embd
+        fwd = 2 * n + 4 * cfg.n_layer * seq_len * cfg.n_head * cfg.head_dim
         return 3 * fwd if training else fwd
-
-    # ---- loading ---------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(cls, path, dropout=0.0):
-        """Load a Hugging Face GPT-2 directory already on disk: config.json plus
-        pytorch_model.bin (or model.safetensors when `safetensors` is installed)."""
-        cfg_file = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_file):
-            raise FileNotFoundError(f"{path}: not a GPT-2 checkpoint directory; it must contain "
-                                    "config.json and pytorch_model.bin (or model.safetensors)")
-        with open(cfg_file) as f:
-            hf = json.load(f)
-        config = GPTConfig(block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
-                           vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
-                           n_embd=hf["n_embd"], dropout=dropout,
-                           layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
-        bin_file, st_file = os.path.join(path, "pytorch_model.bin"), os.path.join(path, "model.safetensors")
-        if os.path.isfile(st_file) and _has_safetensors():
-            from safetensors.torch import load_file
-            sd = load_file(st_file)
-        elif os.path.isfile(bin_file):
-            sd = torch.load(bin_file, map_location="cpu", weights_only=True)
-        else:
-            extra = "" if _has_safetensors() else " (model.safetensors needs the safetensors package)"
-            raise FileNotFoundError(f"{path}: no weights found; expected pytorch_model.bin or "
-                                    f"model.safetensors{extra}")
-        model = cls(config)
-        model.load_state_dict(hf_to_ours(sd, model.state_dict()))
-        return model
-
-
-def _has_safetensors():
-    try:
-        import safetensors  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-# Hugging Face stores these four as Conv1D, i.e. (in, out); nn.Linear wants (out, in).
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def hf_to_ours(hf_sd, our_sd):
-    """Map a Hugging Face GPT-2 state dict onto ours: same names (GPT2Model's keys lack the
-    'transformer.' prefix), Conv1D weights transposed, buffers and the tied head dropped."""
-    out = {}
-    for k, v in hf_sd.items():
-        if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
-            continue
-        name = k if k.startswith("transformer.") else "transformer." + k
-        out[name] = v.t() if name.endswith(_CONV1D) else v
-    out["lm_head.weight"] = out["transformer.wte.weight"]
-    missing = set(our_sd) - set(out)
-    if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
-    for name, v in out.items():
-        if name not in our_sd or our_sd[name].shape != v.shape:
-            want = tuple(our_sd[name].shape) if name in our_sd else "nothing"
-            raise ValueError(f"checkpoint tensor {name} has shape {tuple(v.shape)}, model expects {want}")
-    return out

@@ -81,8 +81,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     max_new_tokens: at most this many new tokens per row. A prompt that leaves no room in
         the model's context is an error; otherwise max_new_tokens is cut to what fits.
     temperature: 0 is greedy argmax; top_k / top_p filter the distribution first.
-    eos_id: a row stops after emitting it. seed: a private torch.Generator, so the global
-        RNG is neither used nor disturbed, and the same seed gives the same samples.
+    eos_id: a row stops after emitting it; one id, or several (Tokenizer.eos_ids: a chat
+        model may end its turn with either of two tokens). seed: a private torch.Generator,
+        so the global RNG is neither used nor disturbed, and the same seed gives the same samples.
     Returns (responses, finished): per row the new tokens only, cut after the first EOS
     (the EOS itself included), and whether that row emitted EOS.
     """
@@ -98,6 +99,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     max_new_tokens = min(max_new_tokens, block - P)
     device = model.transformer.wte.weight.device
     B = len(prompts)
+    eos_ids = set(eos_id) if isinstance(eos_id, (set, frozenset, list, tuple)) else \
+        None if eos_id is None else {int(eos_id)}
+    eos = None if eos_id is None else torch.tensor(sorted(eos_ids), device=device)
 
     idx = torch.full((B, P), pad_id, dtype=torch.long)
     mask = torch.zeros(B, P + max_new_tokens, dtype=torch.bool)  # key slots holding real tokens
@@ -126,7 +130,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
         tok = next_token(logits, temperature, top_k, top_p, generator)
         if eos_id is not None:
             tok = tok.masked_fill(done, pad_id)  # a stopped row only writes padding
-            done |= tok == eos_id
+            done |= torch.isin(tok, eos)
         out[:, t] = tok
         n = t + 1
         if eos_id is not None and (t + 1) % stop_check_every == 0 and bool(done.all()):
@@ -138,8 +142,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     out = out[:, :n].tolist()
     responses, finished = [], []
     for row in out:
-        if eos_id is not None and eos_id in row:
-            row = row[:row.index(eos_id) + 1]
+        stop = next((i for i, t in enumerate(row) if t in eos_ids), None) if eos_ids else None
+        if stop is not None:
+            row = row[:stop + 1]
             finished.append(True)
         else:
             finished.append(False)

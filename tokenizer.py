@@ -1,7 +1,13 @@
 """
 tokenizer.py -- text to token ids and back, with nothing to download.
 
-Two tokenizers, both tiktoken Encodings wrapped in one small class:
+Three tokenizers, all tiktoken Encodings wrapped in one small class:
+  - a Hugging Face tokenizer.json of the byte-level BPE kind (GPT-2, Llama-3, Qwen2/3,
+    SmolLM2), rebuilt as a tiktoken Encoding from its vocabulary, merges, pre-tokenization
+    regex and added tokens; its end-of-sequence and padding ids come from the directory's
+    generation_config.json and tokenizer_config.json. A tokenizer.json that tiktoken cannot
+    reproduce exactly (SentencePiece, a text-changing normalizer, ids out of merge order, ...)
+    is an error, never a silently different tokenization;
   - GPT-2's BPE, when its files are on this machine: a directory holding the original
     release's vocab.bpe + encoder.json (or Hugging Face's merges.txt + vocab.json), or
     tiktoken's own cache;
@@ -12,6 +18,7 @@ This file knows nothing of the rest of the project.
 """
 
 import hashlib
+import json
 import os
 import tempfile
 
@@ -32,25 +39,43 @@ _announced = set()  # tokenizer names already printed, so we say it once per pro
 class Tokenizer:
     """A tiktoken.Encoding plus the ids the rest of selm needs.
 
-    encode(text) -> list[int]: plain text only; a literal "<|endoftext|>" inside user
-        text is encoded as ordinary characters, never as the EOS id.
+    encode(text, allow_special=False) -> list[int]. By default text is plain text: a literal
+        "<|endoftext|>" or "<|im_end|>" inside user data is encoded as ordinary characters,
+        never as a control token (tokenizer.json's non-special added tokens are still matched,
+        as Hugging Face always matches them). allow_special=True turns the text of every
+        added/special token into its id, as Hugging Face's tokenizers do by default: for
+        prompts written by a chat template. Neither adds a BOS or EOS token.
     decode(ids) -> str: undecodable bytes (a token sequence cut inside a UTF-8 character)
         become U+FFFD instead of raising.
+    eos_id: the end-of-sequence id appended to training responses (a chat model's end-of-turn
+        token, e.g. <|im_end|>); eos_ids: every id that ends a generation (generation_config
+        may list several), eos_id included. bos_id: the token Hugging Face's tokenizer puts
+        before every text (Llama-3's <|begin_of_text|>), None if it adds none; encode never
+        adds it. name, source: what the tokenizer is and the directory it came from (None:
+        built in or tiktoken's cache), for checkpoints.
     """
 
-    def __init__(self, enc, name, eos_id, pad_id):
+    def __init__(self, enc, name, eos_id, pad_id, eos_ids=(), source=None, always_special=(), bos_id=None):
         self.enc, self.name, self.eos_id, self.pad_id = enc, name, eos_id, pad_id
+        self.eos_ids = frozenset(eos_ids) | {eos_id}
+        self.source = None if source is None else os.path.abspath(source)
+        self.always_special = frozenset(always_special)  # matched even in plain text (see above)
+        self.bos_id = bos_id
         self.vocab_size = enc.n_vocab  # the model may round this up
 
-    def encode(self, text):
+    def encode(self, text, allow_special=False):
+        if allow_special:
+            return self.enc.encode(text, allowed_special="all")
+        if self.always_special:
+            return self.enc.encode(text, allowed_special=self.always_special, disallowed_special=())
         return self.enc.encode_ordinary(text)
 
     def decode(self, ids):
         return self.enc.decode([int(i) for i in ids], errors="replace")
 
     def __repr__(self):
-        return (f"Tokenizer({self.name}, vocab={self.vocab_size}, "
-                f"eos={self.eos_id}, pad={self.pad_id})")
+        eos = self.eos_id if len(self.eos_ids) == 1 else sorted(self.eos_ids)
+        return f"Tokenizer({self.name}, vocab={self.vocab_size}, eos={eos}, pad={self.pad_id})"
 
 
 def _gpt2_in_cache():
@@ -77,7 +102,7 @@ def _gpt2_from_dir(bpe_path):
         if os.path.isfile(m) and os.path.isfile(v):
             break
     else:
-        raise ValueError(f"{bpe_path}: no vocab.bpe+encoder.json (or merges.txt+vocab.json) here")
+        raise ValueError(f"{bpe_path}: no tokenizer.json, vocab.bpe+encoder.json or merges.txt+vocab.json here")
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
     # tiktoken would copy even local files into its cache under sha1(path), and later
@@ -96,14 +121,18 @@ def _gpt2_from_dir(bpe_path):
 
 
 def get_tokenizer(bpe_path=None, verbose=True):
-    """GPT-2 BPE if available locally (bpe_path, else tiktoken's cache), else bytes.
+    """The tokenizer of a directory (bpe_path) if given, else GPT-2's BPE from tiktoken's
+    cache if there, else bytes.
 
-    Nothing here ever downloads. An explicit bpe_path that lacks the files is an error
-    rather than a silent fallback. GPT-2: eos = pad = 50256 (masks never use `ids != pad`,
-    see data.py's batching). Bytes: ids 0..255 are the bytes, 256 = <|endoftext|> (EOS), 257 = <|pad|>.
+    A directory's tokenizer.json wins over GPT-2 release files beside it. Nothing here ever
+    downloads. An explicit bpe_path that lacks the files is an error rather than a silent
+    fallback. GPT-2: eos = pad = 50256 (masks never use `ids != pad`, see data.py's
+    batching). Bytes: ids 0..255 are the bytes, 256 = <|endoftext|> (EOS), 257 = <|pad|>.
     """
-    if bpe_path is not None:
-        tok = Tokenizer(_gpt2_from_dir(bpe_path), "gpt2", 50256, 50256)
+    if bpe_path is not None and os.path.isfile(os.path.join(bpe_path, "tokenizer.json")):
+        tok = hf_tokenizer(bpe_path)
+    elif bpe_path is not None:
+        tok = Tokenizer(_gpt2_from_dir(bpe_path), "gpt2", 50256, 50256, source=bpe_path)
     elif _gpt2_in_cache():
         tok = Tokenizer(tiktoken.get_encoding("gpt2"), "gpt2", 50256, 50256)
     else:
@@ -115,3 +144,159 @@ def get_tokenizer(bpe_path=None, verbose=True):
         _announced.add(tok.name)
         print(f"tokenizer: {tok}")
     return tok
+
+
+# ---- Hugging Face tokenizer.json -------------------------------------------------------
+
+# GPT-2's pre-tokenization split: the ByteLevel pre-tokenizer's own when use_regex is on.
+_GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Digits (each number character a piece of its own) and then GPT-2's split, as SmolLM2 and
+# StarCoder chain them, as one regex: nothing else crosses a number character, and whitespace
+# just before one ends like whitespace at the end of a text, hence the lookahead (?![^\s\p{N}]).
+_DIGITS_GPT2_SPLIT = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+
+
+def _byte_of_char():
+    """Byte-level BPE files spell the 256 bytes as printable characters (GPT-2's
+    bytes_to_unicode): printable Latin-1 bytes stand for themselves, the other 68 bytes take
+    the characters 256, 257, ... in byte order. Returns that character -> byte map."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+def _split_pattern(pre, where):
+    """The regex whose matches are the pieces that tokenizer.json's pre_tokenizer cuts text
+    into, before each piece is mapped to byte-level characters."""
+    steps = (pre.get("pretokenizers") if pre and pre.get("type") == "Sequence" else [pre]) or [{}]
+    steps = [s or {} for s in steps]
+    kinds = [s.get("type") for s in steps]
+    *first, last = steps
+    if last.get("type") == "ByteLevel" and not last.get("add_prefix_space"):
+        if not first and last.get("use_regex", True):
+            return _GPT2_SPLIT  # GPT-2
+        if kinds[:-1] == ["Split"] and not last.get("use_regex", True):  # Llama-3, Qwen2/3
+            split = first[0]
+            isolated = split.get("behavior") == "Isolated" and not split.get("invert")
+            if "Regex" in split.get("pattern", {}) and isolated:
+                return split["pattern"]["Regex"]
+        if kinds[:-1] == ["Digits"] and last.get("use_regex", True):  # SmolLM2
+            if first[0].get("individual_digits"):
+                return _DIGITS_GPT2_SPLIT
+            return _DIGITS_GPT2_SPLIT.replace(r"\p{N}|", r"\p{N}+|", 1)  # runs of digits
+    raise ValueError(f"{where}: pre-tokenizer {' + '.join(map(str, kinds))} (with these options) is not one "
+                     "tiktoken can reproduce: byte-level BPE with a regex split is needed")
+
+
+def hf_tokenizer(path):
+    """A Tokenizer from a Hugging Face directory: tokenizer.json (byte-level BPE) plus EOS and
+    padding from generation_config.json / tokenizer_config.json.
+
+    tiktoken splits text with one regex, maps each piece to bytes and merges adjacent parts
+    lowest rank first, the rank being the merged token's id. That is Hugging Face's BPE
+    exactly when the merges are applied in id order, so ids out of merge order are refused,
+    as is every pre- or post-processing step tiktoken has no equivalent for.
+    """
+    where = os.path.join(path, "tokenizer.json")
+    with open(where, encoding="utf-8") as f:
+        tj = json.load(f)
+    model = tj.get("model", {})
+    if model.get("type") != "BPE":
+        raise ValueError(f"{where}: a {model.get('type')} model (SentencePiece-style?) is not byte-level BPE, "
+                         "which is all tiktoken can reproduce")
+    if tj.get("normalizer") or (tj.get("decoder") or {}).get("type") != "ByteLevel":
+        raise ValueError(f"{where}: a normalizer, or a decoder other than ByteLevel, changes the text "
+                         "(SentencePiece-style?); tiktoken cannot reproduce it")
+    if model.get("dropout") or model.get("byte_fallback") or model.get("continuing_subword_prefix") \
+            or model.get("end_of_word_suffix"):
+        raise ValueError(f"{where}: BPE dropout / byte_fallback / subword affixes are not reproducible by tiktoken")
+    pattern = _split_pattern(tj.get("pre_tokenizer"), where)
+    vocab, byte_of = model["vocab"], _byte_of_char()
+    added = {t["content"]: t for t in tj.get("added_tokens", [])}
+    for t in added.values():
+        if t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
+            raise ValueError(f"{where}: added token {t['content']!r} strips whitespace or matches whole "
+                             "words only, which tiktoken cannot reproduce")
+    # a token that is a prefix of another: tiktoken may match either, Hugging Face the longest
+    names = sorted(added)
+    for a, b in zip(names, names[1:]):
+        if b.startswith(a):
+            raise ValueError(f"{where}: added token {a!r} is a prefix of {b!r}; tiktoken may match either")
+    ranks = {}
+    for piece, i in vocab.items():
+        if piece in added:
+            continue
+        try:
+            ranks[bytes(byte_of[c] for c in piece)] = i
+        except KeyError:
+            raise ValueError(f"{where}: vocabulary entry {piece!r} is not byte-level") from None
+    if any(bytes([b]) not in ranks for b in range(256)):
+        raise ValueError(f"{where}: the vocabulary lacks some of the 256 single bytes")
+    last, made = -1, set()
+    for n, m in enumerate(model.get("merges", [])):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        i = vocab.get(a + b)
+        if i is None or a not in vocab or b not in vocab:
+            raise ValueError(f"{where}: merge {n} ({a!r} {b!r}) involves a token the vocabulary lacks")
+        if i < last:  # several merges may make one token (Llama-3 lists every split), hence <
+            raise ValueError(f"{where}: token ids are not in merge order (merge {n} makes id {i} after id "
+                             f"{last}); tiktoken merges by id, so it would tokenize differently")
+        last = i
+        made.add(i)
+    unmade = [p for p, i in vocab.items() if p not in added and len(p) > 1 and i not in made]
+    if unmade:
+        raise ValueError(f"{where}: vocabulary entry {unmade[0]!r} is made by no merge; tiktoken could "
+                         "produce it where Hugging Face never does")
+    try:
+        enc = tiktoken.Encoding(name=os.path.basename(os.path.normpath(path)), pat_str=pattern,
+                                mergeable_ranks=ranks, special_tokens={c: t["id"] for c, t in added.items()})
+    except ValueError as e:  # e.g. a regex tiktoken's engine does not accept
+        raise ValueError(f"{where}: tiktoken cannot use it: {e}") from None
+    eos_id, eos_ids, pad_id = _eos_and_pad(path, enc)
+    return Tokenizer(enc, enc.name, eos_id, pad_id, eos_ids=eos_ids, source=path, bos_id=_bos(tj),
+                     always_special=[c for c, t in added.items() if not t.get("special")])
+
+
+def _bos(tj):
+    """The id a TemplateProcessing post-processor puts before a single text, if any."""
+    pp = tj.get("post_processor") or {}
+    for p in pp.get("processors", [pp]):
+        first = (p.get("single") or [{}])[0] if p.get("type") == "TemplateProcessing" else {}
+        if "SpecialToken" in first:
+            return p["special_tokens"][first["SpecialToken"]["id"]]["ids"][0]
+    return None
+
+
+def _eos_and_pad(path, enc):
+    """(eos_id, eos_ids, pad_id). eos_id is tokenizer_config.json's eos_token, what a chat
+    model ends its turn with (<|im_end|>, <|eot_id|>), else generation_config.json's first
+    eos_token_id; eos_ids adds every id that generation_config.json stops on. Padding:
+    pad_token, else generation_config's pad_token_id, else eos_id."""
+    def read(name):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return {}
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+
+    tc, gen = read("tokenizer_config.json"), read("generation_config.json")
+
+    def token_id(token):  # "<|im_end|>", or {"content": "<|im_end|>", ...} in older files
+        token = token.get("content") if isinstance(token, dict) else token
+        if token is None:
+            return None
+        try:
+            return enc.encode_single_token(token)
+        except KeyError:
+            raise ValueError(f"{path}: tokenizer_config.json names {token!r}, which is not one token") from None
+
+    listed = gen.get("eos_token_id")
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    first = token_id(tc.get("eos_token"))
+    eos_ids = ([] if first is None else [first]) + listed
+    if not eos_ids:
+        raise ValueError(f"{path}: no end-of-sequence token: neither tokenizer_config.json's eos_token "
+                         "nor generation_config.json's eos_token_id names one")
+    pad = token_id(tc.get("pad_token"))
+    pad = gen.get("pad_token_id") if pad is None else pad
+    return eos_ids[0], eos_ids, eos_ids[0] if pad is None else pad

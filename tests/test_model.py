@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from checkpoint import atomic_save, load_checkpoint, model_from_checkpoint
+from hf import load_pretrained
 from model import GPT, PRESETS, positions_from_mask, preset
 
 
@@ -129,7 +130,7 @@ def test_checkpoint_roundtrip_and_errors(tmp_path):
 
 def test_from_pretrained_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        GPT.from_pretrained(str(tmp_path))
+        load_pretrained(str(tmp_path))
 
 
 def test_matches_huggingface_gpt2():
@@ -141,7 +142,7 @@ def test_matches_huggingface_gpt2():
     import tempfile
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        ours = GPT.from_pretrained(d).eval()
+        ours = load_pretrained(d).eval()
     x = torch.randint(0, 61, (3, 20))
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-4, rtol=0)

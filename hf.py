@@ -1,0 +1,331 @@
+"""
+hf.py -- Hugging Face model directories in and out: GPT-2, Llama, Mistral, Qwen2, Qwen3.
+
+    model = load_pretrained("Qwen2-0.5B-Instruct")       # config.json + weights -> GPT
+    save_pretrained(model, "out/hf", tokenizer_dir=...)   # -> AutoModelForCausalLM loads it
+
+A directory is a config.json (its `model_type` picks the family) and the weights: one
+model.safetensors, shards listed by model.safetensors.index.json, or pytorch_model.bin.
+Everything that can be wrong with one is a one-line ValueError or FileNotFoundError: an
+unsupported family or option, a missing or mis-shaped tensor, a missing file.
+
+Our parameter names are GPT-2's for every family (see model.py); `hf_names` below is the
+one table that maps them onto a family's Hugging Face names, read in one direction to load
+and in the other to export. This file imports model.py only.
+"""
+
+import json
+import os
+import tempfile
+
+import torch
+
+from model import GPT, GPTConfig
+
+LLAMA_FAMILY = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+SUPPORTED = ("gpt2", *LLAMA_FAMILY)
+# Hugging Face stores these four GPT-2 weights as Conv1D, i.e. (in, out); nn.Linear wants (out, in).
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Files a tokenizer directory may hold, copied next to an export so that it is complete.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")
+
+
+def has_safetensors():
+    try:
+        import safetensors  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable JSON ({e})") from None
+
+
+# ---- configuration -------------------------------------------------------------------
+
+def config_from_hf(hf, block_size=None, dropout=0.0):
+    """GPTConfig from a config.json dict. block_size: the context the model will be used at;
+    default its max_position_embeddings. (GPT-2 keeps its n_positions, the rows of its position
+    table: a block_size above that is an error, one below it changes nothing.)"""
+    mt = hf.get("model_type")
+    if mt not in SUPPORTED:
+        raise ValueError(f"model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED)}")
+    try:
+        if mt == "gpt2":
+            if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+                raise ValueError(f"GPT-2 activation {hf['activation_function']!r} is not supported (gelu_new)")
+            n_pos = hf.get("n_positions", hf.get("n_ctx", 1024))
+            if block_size is not None and block_size > n_pos:
+                raise ValueError(f"context of {block_size} is longer than this GPT-2's {n_pos} positions")
+            return GPTConfig(block_size=n_pos, vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                             n_head=hf["n_head"], n_embd=hf["n_embd"], n_inner=hf.get("n_inner"),
+                             dropout=dropout, layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+                             hf_config=hf)
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{mt}: hidden_act {hf['hidden_act']!r} is not supported (silu)")
+        if hf.get("attention_bias") or hf.get("mlp_bias"):
+            raise ValueError(f"{mt}: attention_bias / mlp_bias are not supported")
+        # transformers 5 writes rope_parameters (rope_theta inside); older files rope_scaling + rope_theta
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ("default", "llama3"):
+            raise ValueError(f"{mt}: rope scaling type {kind!r} is not supported (default, llama3)")
+        if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise ValueError(f"{mt}: partial rotary embeddings are not supported")
+        scaling = None
+        if kind == "llama3":
+            scaling = {k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                            "original_max_position_embeddings")}
+        max_pos = hf["max_position_embeddings"]
+        ctx = block_size or max_pos
+        if ctx > max_pos:
+            raise ValueError(f"context of {ctx} is longer than this model's max_position_embeddings {max_pos}")
+        window = hf.get("sliding_window")
+        windowed = (mt == "mistral" or hf.get("use_sliding_window")
+                    or "sliding_attention" in (hf.get("layer_types") or ()))
+        if windowed and window is not None and window < ctx:
+            # our attention sees the whole context; that equals a window only if the window covers it
+            raise ValueError(f"{mt} uses sliding-window attention over {window} tokens, narrower than the "
+                             f"context of {ctx} it would be used at; load it with block_size <= {window}")
+        return GPTConfig(
+            block_size=ctx, vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
+            n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"], dropout=dropout, bias=False,
+            layer_norm_epsilon=hf.get("rms_norm_eps", 1e-6), model_type=mt,
+            n_kv_head=hf.get("num_key_value_heads"), head_dim=hf.get("head_dim"),
+            n_inner=hf["intermediate_size"], rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+            rope_scaling=scaling, qkv_bias=mt == "qwen2", qk_norm=mt == "qwen3",
+            tie_embeddings=hf.get("tie_word_embeddings", False), hf_config=hf)
+    except KeyError as e:
+        raise ValueError(f"{mt} config lacks {e.args[0]!r}") from None
+
+
+def hf_config(config, dtype=torch.float32):
+    """The config.json dict for an export: the source's own (every field it had round-trips)
+    when the model was loaded from one, else one written from our fields."""
+    if config.hf_config:
+        cfg = dict(config.hf_config)
+    elif not config.llama:
+        if not (config.bias and config.tie_embeddings):
+            raise ValueError("a GPT-2 checkpoint has biases and a tied head; this model lacks one")
+        cfg = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=config.vocab_size,
+                   n_positions=config.block_size, n_ctx=config.block_size, n_embd=config.n_embd,
+                   n_layer=config.n_layer, n_head=config.n_head, n_inner=config.n_inner,
+                   layer_norm_epsilon=config.layer_norm_epsilon, activation_function="gelu_new",
+                   tie_word_embeddings=True)
+    else:
+        mt = config.model_type
+        if mt not in LLAMA_FAMILY:
+            raise ValueError(f"model_type {mt!r} cannot be exported; supported: {', '.join(SUPPORTED)}")
+        # each family's checkpoint format fixes these switches; anything else it cannot express
+        if config.bias or config.qkv_bias != (mt == "qwen2") or config.qk_norm != (mt == "qwen3"):
+            raise ValueError(f"a {mt} checkpoint cannot express bias={config.bias}, "
+                             f"qkv_bias={config.qkv_bias}, qk_norm={config.qk_norm}")
+        cfg = dict(model_type=mt, architectures=[LLAMA_FAMILY[mt]], vocab_size=config.vocab_size,
+                   hidden_size=config.n_embd, intermediate_size=config.n_inner,
+                   num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
+                   num_key_value_heads=config.n_kv_head, head_dim=config.head_dim, hidden_act="silu",
+                   max_position_embeddings=config.block_size, rms_norm_eps=config.layer_norm_epsilon,
+                   rope_theta=config.rope_theta, tie_word_embeddings=config.tie_embeddings,
+                   rope_scaling={**config.rope_scaling, "rope_type": "llama3"} if config.rope_scaling else None,
+                   sliding_window=None, use_sliding_window=False)
+    cfg["torch_dtype"] = cfg["dtype"] = str(dtype).removeprefix("torch.")
+    return cfg
+
+
+# ---- tensor names --------------------------------------------------------------------
+
+def hf_names(model):
+    """[(our tensor name, [its Hugging Face names])] for every tensor of `model` that a
+    checkpoint stores. One name is a rename; several are stacked along dim 0 into ours (the
+    Llama family's separate q, k, v into c_attn and gate, up into c_fc). A tied head is
+    stored once, as the token embedding. GPT-2's names are ours (its Conv1D weights
+    transposed, see _CONV1D)."""
+    config = model.config
+    if not config.llama:
+        return [(n, [n]) for n in model.state_dict() if n != "lm_head.weight"]
+    names = [("transformer.wte.weight", ["model.embed_tokens.weight"])]
+    for i in range(config.n_layer):
+        o, h = f"transformer.h.{i}.", f"model.layers.{i}."
+        names += [(o + "ln_1.weight", [h + "input_layernorm.weight"]),
+                  (o + "attn.c_attn.weight", [h + f"self_attn.{p}_proj.weight" for p in "qkv"]),
+                  (o + "attn.c_proj.weight", [h + "self_attn.o_proj.weight"]),
+                  (o + "ln_2.weight", [h + "post_attention_layernorm.weight"]),
+                  (o + "mlp.c_fc.weight", [h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"]),
+                  (o + "mlp.c_proj.weight", [h + "mlp.down_proj.weight"])]
+        if config.qkv_bias:
+            names.append((o + "attn.c_attn.bias", [h + f"self_attn.{p}_proj.bias" for p in "qkv"]))
+        if config.qk_norm:
+            names += [(o + "attn.q_norm.weight", [h + "self_attn.q_norm.weight"]),
+                      (o + "attn.k_norm.weight", [h + "self_attn.k_norm.weight"])]
+    names.append(("transformer.ln_f.weight", ["model.norm.weight"]))
+    if not config.tie_embeddings:
+        names.append(("lm_head.weight", ["lm_head.weight"]))
+    return names
+
+
+def _stacked_sizes(name, config):
+    """Row counts of the Hugging Face tensors stacked into our `name` (see hf_names)."""
+    if "c_attn" in name:
+        return [config.n_head * config.head_dim] + [config.n_kv_head * config.head_dim] * 2
+    return [config.n_inner] * 2  # c_fc: gate, up
+
+
+def _ignorable(name):
+    # buffers some checkpoints carry (GPT-2's causal mask, old Llamas' rotary frequencies), and
+    # a tied head's copy of the embedding
+    return name.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")) or name == "lm_head.weight"
+
+
+def hf_to_ours(hf_sd, model, where="checkpoint"):
+    """Our state dict from a Hugging Face one, checked tensor by tensor against `model`."""
+    gpt2 = not model.config.llama
+    if gpt2:  # GPT2Model's keys lack GPT2LMHeadModel's "transformer." prefix
+        hf_sd = {k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k: v
+                 for k, v in hf_sd.items()}
+    want, out, used = model.state_dict(), {}, set()
+    for ours, theirs in hf_names(model):
+        lacking = [n for n in theirs if n not in hf_sd]
+        if lacking:
+            raise ValueError(f"{where} lacks tensor {lacking[0]}")
+        t = torch.cat([hf_sd[n] for n in theirs]) if len(theirs) > 1 else hf_sd[theirs[0]]
+        t = t.t() if gpt2 and ours.endswith(_CONV1D) else t
+        if t.shape != want[ours].shape:
+            raise ValueError(f"{where}: tensor {' + '.join(theirs)} has shape {tuple(t.shape)}, the "
+                             f"config implies {tuple(want[ours].shape)}")
+        out[ours] = t.to(want[ours].dtype).contiguous()
+        used.update(theirs)
+    extra = sorted(k for k in hf_sd if k not in used and not _ignorable(k))
+    if extra:
+        raise ValueError(f"{where} has tensor {extra[0]} that its config does not explain "
+                         f"({len(extra)} such tensors)")
+    if model.config.tie_embeddings:
+        out["lm_head.weight"] = out["transformer.wte.weight"]
+    return out
+
+
+def ours_to_hf(model):
+    """The Hugging Face state dict of `model`: contiguous CPU tensors, none sharing memory."""
+    sd, config, out = model.state_dict(), model.config, {}
+    for ours, theirs in hf_names(model):
+        t = sd[ours].detach().cpu()
+        t = t.t() if not config.llama and ours.endswith(_CONV1D) else t
+        parts = t.split(_stacked_sizes(ours, config)) if len(theirs) > 1 else [t]
+        out.update({n: p.contiguous().clone() for n, p in zip(theirs, parts)})
+    return out
+
+
+# ---- files ---------------------------------------------------------------------------
+
+def read_weights(path):
+    """Every tensor of a directory: model.safetensors, or the shards its index lists; else
+    pytorch_model.bin, or the shards its index lists."""
+    kinds = (("model.safetensors", "model.safetensors.index.json"),
+             ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+    for single, index in kinds if has_safetensors() else kinds[1:]:
+        if os.path.isfile(os.path.join(path, single)):
+            files = [single]
+        elif os.path.isfile(os.path.join(path, index)):
+            files = sorted(set(_read_json(os.path.join(path, index))["weight_map"].values()))
+        else:
+            continue
+        sd = {}
+        for f in files:
+            file = os.path.join(path, f)
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{path}: weights file {f}, listed in {index}, is missing")
+            try:
+                if f.endswith(".safetensors"):
+                    from safetensors.torch import load_file
+                    sd.update(load_file(file))
+                else:
+                    sd.update(torch.load(file, map_location="cpu", weights_only=True))
+            except Exception as e:  # truncated, corrupted, or not a weights file at all
+                raise ValueError(f"{file}: unreadable weights ({type(e).__name__})") from None
+        return sd
+    extra = "" if has_safetensors() else " (model.safetensors needs the safetensors package)"
+    raise FileNotFoundError(f"{path}: no weights found; expected model.safetensors, "
+                            f"pytorch_model.bin, or a sharded index of either{extra}")
+
+
+def load_pretrained(path, dropout=0.0, block_size=None):
+    """A GPT from a Hugging Face directory on disk: GPT-2, Llama, Mistral, Qwen2 or Qwen3.
+    block_size: the context it will be used at (see config_from_hf). Weights come back float32."""
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"{path}: not a Hugging Face model directory; it must contain config.json "
+                                "and the weights (model.safetensors, shards, or pytorch_model.bin)")
+    config = config_from_hf(_read_json(cfg_file), block_size, dropout)
+    hf_sd = read_weights(path)
+    with torch.device("meta"):  # no memory and no random init for weights about to be replaced
+        model = GPT(config)
+    model.load_state_dict(hf_to_ours(hf_sd, model, path), assign=True)
+    if config.tie_embeddings:  # assign=True gave the two names two Parameters: tie them again
+        model.lm_head.weight = model.transformer.wte.weight
+    return model
+
+
+def _atomic(path, save):
+    """save(temporary path) in the same directory, fsync, rename over path: a crash leaves the
+    old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    os.close(fd)
+    try:
+        save(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_pretrained(model, path, tokenizer_dir=None):
+    """Write `model` as a Hugging Face directory that transformers' AutoModelForCausalLM
+    loads, in its family's own format: config.json, then model.safetensors (pytorch_model.bin
+    without the safetensors package), and the tokenizer's files from tokenizer_dir if given."""
+    dtype = model.transformer.wte.weight.dtype
+    cfg, sd = hf_config(model.config, dtype), ours_to_hf(model)
+    sources = []
+    if tokenizer_dir is not None:
+        sources = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, f))]
+        if "tokenizer.json" not in sources and "vocab.json" not in sources:
+            raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer files "
+                                    "(tokenizer.json, or vocab.json + merges.txt)")
+    os.makedirs(path, exist_ok=True)
+    _atomic(os.path.join(path, "config.json"), lambda tmp: _write_json(cfg, tmp))
+    if has_safetensors():
+        from safetensors.torch import save_file
+        weights = "model.safetensors"
+        _atomic(os.path.join(path, weights), lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+    else:
+        weights = "pytorch_model.bin"
+        _atomic(os.path.join(path, weights), lambda tmp: _write_bytes(sd, tmp, torch.save))
+    # weights of an earlier export in another format would shadow these: transformers prefers
+    # safetensors and reads an index before a single file
+    for stale in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                  "pytorch_model.bin.index.json"):
+        if stale != weights and os.path.isfile(os.path.join(path, stale)):
+            os.unlink(os.path.join(path, stale))
+    for f in sources:
+        with open(os.path.join(tokenizer_dir, f), "rb") as src:
+            data = src.read()
+        _atomic(os.path.join(path, f), lambda tmp: _write_bytes(data, tmp))
+
+
+def _write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def _write_bytes(data, path, write=lambda data, f: f.write(data)):
+    with open(path, "wb") as f:  # (torch.save given a path would name its archive after it)
+        write(data, f)
