@@ -25,18 +25,27 @@ from model import GPT, GPTConfig
 def atomic_write(path, write, binary=True):
     """Call write(file) on a temporary file in the same directory, fsync, then rename: a
     crash leaves either the old file or the new one, never half of one."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+    atomic_write_path(path, lambda tmp: _write_file(tmp, write, "wb" if binary else "w"))
+
+
+def atomic_write_path(path, save):
+    """atomic_write for writers that want a file name, not a file: save(temporary path)."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
+        save(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _write_file(path, write, mode):
+    with open(path, mode) as f:
+        write(f)
 
 
 def atomic_save(obj, path):

@@ -175,7 +175,7 @@ def check_fits(d, tok, block_size, sft_where, prefs_where):
     sft = encode_all(d.sft, sft_where)
     encode_all([(e["prompt"], e[k]) for c in d.chunks for e in c for k in ("chosen", "rejected")], prefs_where)
     for e in d.eval + [e for c in d.chunks for e in c]:
-        if len(tok.encode(e["prompt"])) >= block_size - 1:
+        if len(tok.encode_prompt(e["prompt"])) >= block_size - 1:
             raise DataError(f"prompt {e['prompt'][:40]!r}... leaves no room for a response in the "
                             f"context of {block_size} tokens")
     return sft
@@ -202,8 +202,8 @@ def encode_pair(tok, prompt, response, max_len, eos=True):
     and maybe the very part that made it chosen. Filter or shorten data beforehand (the
     sampler keeps its own outputs within the context). An empty prompt is an error too.
     """
-    p = tok.encode(prompt)
-    r = tok.encode(response) + ([tok.eos_id] if eos else [])
+    p = tok.encode_prompt(prompt)
+    r = tok.encode_response(response) if eos else tok.encode(response)
     if not p:
         raise DataError("empty prompt: the first response token needs a prompt token before it")
     if len(p) >= max_len:

@@ -11,15 +11,15 @@ unsupported family or option, a missing or mis-shaped tensor, a missing file.
 
 Our parameter names are GPT-2's for every family (see model.py); `hf_names` below is the
 one table that maps them onto a family's Hugging Face names, read in one direction to load
-and in the other to export. This file imports model.py only.
+and in the other to export. Files are written atomically (checkpoint.atomic_write).
 """
 
 import json
 import os
-import tempfile
 
 import torch
 
+from checkpoint import atomic_write, atomic_write_path
 from model import GPT, GPTConfig
 
 LLAMA_FAMILY = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -272,22 +272,6 @@ def load_pretrained(path, dropout=0.0, block_size=None):
     return model
 
 
-def _atomic(path, save):
-    """save(temporary path) in the same directory, fsync, rename over path: a crash leaves the
-    old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    os.close(fd)
-    try:
-        save(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_pretrained(model, path, tokenizer_dir=None):
     """Write `model` as a Hugging Face directory that transformers' AutoModelForCausalLM
     loads, in its family's own format: config.json, then model.safetensors (pytorch_model.bin
@@ -301,14 +285,14 @@ def save_pretrained(model, path, tokenizer_dir=None):
             raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer files "
                                     "(tokenizer.json, or vocab.json + merges.txt)")
     os.makedirs(path, exist_ok=True)
-    _atomic(os.path.join(path, "config.json"), lambda tmp: _write_json(cfg, tmp))
+    atomic_write(os.path.join(path, "config.json"), lambda f: json.dump(cfg, f, indent=2), binary=False)
     if has_safetensors():
         from safetensors.torch import save_file
         weights = "model.safetensors"
-        _atomic(os.path.join(path, weights), lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+        atomic_write_path(os.path.join(path, weights), lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
     else:
         weights = "pytorch_model.bin"
-        _atomic(os.path.join(path, weights), lambda tmp: _write_bytes(sd, tmp, torch.save))
+        atomic_write(os.path.join(path, weights), lambda f: torch.save(sd, f))
     # weights of an earlier export in another format would shadow these: transformers prefers
     # safetensors and reads an index before a single file
     for stale in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
@@ -318,14 +302,4 @@ def save_pretrained(model, path, tokenizer_dir=None):
     for f in sources:
         with open(os.path.join(tokenizer_dir, f), "rb") as src:
             data = src.read()
-        _atomic(os.path.join(path, f), lambda tmp: _write_bytes(data, tmp))
-
-
-def _write_json(obj, path):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-
-
-def _write_bytes(data, path, write=lambda data, f: f.write(data)):
-    with open(path, "wb") as f:  # (torch.save given a path would name its archive after it)
-        write(data, f)
+        atomic_write(os.path.join(path, f), lambda out: out.write(data))

@@ -3,7 +3,8 @@ inputs.py -- what a run starts from: its tokenizer, its data and its model.
 
   tokenizer  GPT-2's BPE for GPT-2 weights, else whatever tokenizer.get_tokenizer finds;
   data       the built-in sorting task (task.py), or the user's JSON Lines files and judge;
-  model      a fresh preset sized for the tokenizer, or pretrained weights from disk.
+  model      a fresh preset sized for the tokenizer, or a Hugging Face directory on disk
+             (GPT-2, Llama, Mistral, Qwen2, Qwen3: hf.py).
 Each function takes the run's configuration (train.Config) and fails with one line that
 names the problem, before anything is trained.
 """
@@ -12,6 +13,7 @@ import os
 
 import data
 import task as sorting
+from hf import load_pretrained
 from model import GPT, preset
 
 
@@ -32,24 +34,24 @@ def load_data(cfg):
 
 
 def get_tokenizer(cfg, verbose=True):
-    """GPT-2's BPE for GPT-2 weights (from --bpe-path, the --init-from directory, or
-    tiktoken's cache); otherwise whatever data.get_tokenizer finds."""
+    """The tokenizer of --bpe-path or of the --init-from directory (its tokenizer.json, or
+    GPT-2's vocab/merges files); without either, whatever data.get_tokenizer finds."""
     path = cfg.bpe_path
-    if path is None and cfg.init_from and any(
-            os.path.isfile(os.path.join(cfg.init_from, f)) for f in ("vocab.bpe", "merges.txt")):
+    if path is None and cfg.init_from and any(os.path.isfile(os.path.join(cfg.init_from, f))
+                                              for f in ("tokenizer.json", "vocab.bpe", "merges.txt")):
         path = cfg.init_from
     tok = data.get_tokenizer(path, verbose=verbose)
-    if cfg.init_from and tok.name != "gpt2":
-        raise ValueError(f"--init-from {cfg.init_from} needs GPT-2's BPE, which is not on this machine: "
-                         "put merges.txt and vocab.json (or vocab.bpe and encoder.json) in that "
-                         "directory or in --bpe-path")
+    if cfg.init_from and tok.name == "bytes":
+        raise ValueError(f"--init-from {cfg.init_from} has no tokenizer files and none is on this machine: "
+                         "put its tokenizer.json (or GPT-2's merges.txt and vocab.json) in that directory "
+                         "or in --bpe-path")
     return tok
 
 
 def build_model(cfg, tok, rt):
     """A fresh --model preset sized for the tokenizer, or the --init-from weights."""
     if cfg.init_from:
-        model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
+        model = load_pretrained(cfg.init_from, dropout=cfg.dropout, block_size=cfg.block_size)
     else:
         model = GPT(preset(cfg.model, vocab_size=tok.vocab_size, dropout=cfg.dropout, block_size=cfg.block_size))
     if tok.vocab_size > model.config.vocab_size:

@@ -44,7 +44,8 @@ class Tokenizer:
         never as a control token (tokenizer.json's non-special added tokens are still matched,
         as Hugging Face always matches them). allow_special=True turns the text of every
         added/special token into its id, as Hugging Face's tokenizers do by default: for
-        prompts written by a chat template. Neither adds a BOS or EOS token.
+        prompts written by a chat template. Neither adds a BOS or EOS token; encode_prompt
+        and encode_response do.
     decode(ids) -> str: undecodable bytes (a token sequence cut inside a UTF-8 character)
         become U+FFFD instead of raising.
     eos_id: the end-of-sequence id appended to training responses (a chat model's end-of-turn
@@ -69,6 +70,15 @@ class Tokenizer:
         if self.always_special:
             return self.enc.encode(text, allowed_special=self.always_special, disallowed_special=())
         return self.enc.encode_ordinary(text)
+
+    def encode_prompt(self, text):
+        """A prompt's ids: BOS first when the tokenizer has one (as the model saw every text
+        in pretraining), then the plain text."""
+        return ([] if self.bos_id is None else [self.bos_id]) + self.encode(text)
+
+    def encode_response(self, text):
+        """A finished response's ids: the plain text, then EOS."""
+        return self.encode(text) + [self.eos_id]
 
     def decode(self, ids):
         return self.enc.decode([int(i) for i in ids], errors="replace")

@@ -236,8 +236,8 @@ def preference_epoch(rt, cfg, tok, stage, policy, examples, ref_logps, lr, alpha
 
 def offline_dpo(rt, cfg, tok, policy, chunk):
     """DPO on the chunk's fixed pairs; the reference is the policy as it enters (the SFT model)."""
-    examples = [(tok.encode(e["prompt"]), tok.encode(e["chosen"]) + [tok.eos_id],
-                 tok.encode(e["rejected"]) + [tok.eos_id], None) for e in chunk]
+    examples = [(tok.encode_prompt(e["prompt"]), tok.encode_response(e["chosen"]), tok.encode_response(e["rejected"]),
+                 None) for e in chunk]
     ref_logps = reference_logps_of(rt, cfg, tok, policy, examples)
     return preference_epoch(rt, cfg, tok, "dpo", policy, examples, ref_logps, cfg.lr, 0.0, seed=cfg.seed * 1000 + 1)
 
@@ -250,11 +250,11 @@ def selm_iteration(rt, cfg, tok, t, policy, chunk, judge):
     # 1. pi_ref = pi_{t-1}: the policy as it enters. Everything the iteration needs of the
     #    reference is computed below, before the policy's first update.
     prompts = [ex["prompt"] for ex in chunk]
-    prompt_ids = [tok.encode(p) for p in prompts]
+    prompt_ids = [tok.encode_prompt(p) for p in prompts]
     # 2. y_ref: the reference's greedy answer to every prompt of the chunk, in token ids. One
     #    cut off at --max-new-tokens has no EOS and gets none: it is no finished answer.
     y_ref_ids = sample_responses(rt, cfg, tok, policy, prompt_ids)
-    y_ref = [tok.decode(r[:-1] if r[-1] == tok.eos_id else r) for r in y_ref_ids]
+    y_ref = [tok.decode(r[:-1] if r[-1] in tok.eos_ids else r) for r in y_ref_ids]
     clock.lap("t_sample")
     # 3. the judge scores each prompt's candidates (selm.CANDIDATES order)
     chosen, rejected = [ex["chosen"] for ex in chunk], [ex["rejected"] for ex in chunk]
@@ -262,14 +262,14 @@ def selm_iteration(rt, cfg, tok, t, policy, chunk, judge):
                       cfg.gen_batch_size)
     # 4. the best and the worst of the three become the pair; y_ref stays the example's
     #    reference response whatever its rank
-    with_eos = lambda texts: [tok.encode(x) + [tok.eos_id] for x in texts]  # noqa: E731
-    pairs = pairs_from_scores(scores, with_eos(chosen), with_eos(rejected), y_ref_ids)
+    pairs = pairs_from_scores(scores, [tok.encode_response(x) for x in chosen],
+                              [tok.encode_response(x) for x in rejected], y_ref_ids)
     clock.lap("t_judge")
     examples = [(p, *pair, yr) for p, pair, yr in zip(prompt_ids, pairs, y_ref_ids) if pair is not None]
     n = relabel_counts(scores, chosen, y_ref)
     info = {"pairs": len(examples), "dropped_ties": len(pairs) - len(examples),
             "y_ref_chosen": n.pop("y_ref_chosen") / max(1, len(examples)), **{f"y_ref_{k}": v for k, v in n.items()},
-            "y_ref_truncated": sum(r[-1] != tok.eos_id for r in y_ref_ids)}
+            "y_ref_truncated": sum(r[-1] not in tok.eos_ids for r in y_ref_ids)}
     opt_ = None
     if examples:
         # 5. the reference log-probs of chosen, rejected and y_ref, once, from pi_{t-1}
@@ -291,7 +291,7 @@ def selm_iteration(rt, cfg, tok, t, policy, chunk, judge):
 def sample_responses(rt, cfg, tok, model, prompt_ids, temperature=0.0, seed=0):
     """Responses to every prompt (token lists, EOS included when emitted), sharded over ranks."""
     return rt.sample(model, prompt_ids, cfg.gen_batch_size, seed=seed, max_new_tokens=cfg.max_new_tokens,
-                     temperature=temperature, eos_id=tok.eos_id, pad_id=tok.pad_id)
+                     temperature=temperature, eos_id=tok.eos_ids, pad_id=tok.pad_id)
 
 
 # ---- evaluation -----------------------------------------------------------------------------
@@ -307,8 +307,8 @@ def evaluate(rt, cfg, tok, stage, model, sft_model, d, sft_answers):
     against the SFT model's answers (ties count half), plus KL(pi || pi_SFT) estimated as
     the mean of log pi(y) - log pi_SFT(y) over temperature-1 samples y ~ pi."""
     prompts = [e["prompt"] for e in d.eval]
-    prompt_ids = [tok.encode(p) for p in prompts]
-    ids = [[t for t in r if t != tok.eos_id] for r in sample_responses(rt, cfg, tok, model, prompt_ids)]  # greedy
+    prompt_ids = [tok.encode_prompt(p) for p in prompts]
+    ids = [[t for t in r if t not in tok.eos_ids] for r in sample_responses(rt, cfg, tok, model, prompt_ids)]  # greedy
     answers = [tok.decode(r) for r in ids]
     sft_answers = answers if sft_answers is None else sft_answers
     has_ref = all(e["reference"] is not None for e in d.eval)

@@ -88,6 +88,11 @@ class PadIsEos:
     def encode(self, text):
         return list(text.encode())
 
+    encode_prompt = encode
+
+    def encode_response(self, text):
+        return self.encode(text) + [self.eos_id]
+
 
 def test_encode_pair_appends_eos_and_checks_length(tok):
     p, r = data.encode_pair(tok, "sort: cba\n", "abc", max_len=64)
