@@ -16,6 +16,7 @@ a response for every prompt of its chunk. So the sampler is written for speed:
 """
 
 import argparse
+import os
 import sys
 
 import torch
@@ -166,25 +167,39 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         ckpt = load_checkpoint(args.ckpt)
-        model = model_from_checkpoint(ckpt, args.ckpt).to(args.device)
-        # The tokenizer is data.py's business; the command line borrows it, the sampler
-        # above does not need it.
-        from data import get_tokenizer
-        tok = get_tokenizer(ckpt.get("tokenizer_path"), verbose=False)
-        if tok.vocab_size > model.config.vocab_size:
-            raise ValueError(f"checkpoint {args.ckpt} was trained with another tokenizer "
-                             f"({model.config.vocab_size} ids, {tok.name} has {tok.vocab_size})")
+        try:
+            model = model_from_checkpoint(ckpt, args.ckpt).to(args.device)
+        except (AssertionError, RuntimeError) as e:  # e.g. cuda on a PyTorch built without it
+            raise ValueError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
+        tok = checkpoint_tokenizer(ckpt, args.ckpt)
         # train.py stores how its prompts were formatted, e.g. "sort: {prompt}\n"
-        ids = tok.encode(ckpt.get("prompt_template", "{prompt}").replace("{prompt}", args.prompt))
+        ids = tok.encode_prompt(ckpt.get("prompt_template", "{prompt}").replace("{prompt}", args.prompt))
         responses, finished = generate(model, [ids] * args.num_samples, args.max_new_tokens,
                                        args.temperature, args.top_k, args.top_p,
-                                       eos_id=tok.eos_id, seed=args.seed, pad_id=tok.pad_id)
+                                       eos_id=tok.eos_ids, seed=args.seed, pad_id=tok.pad_id)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"sample.py: error: {e}")
     for r, f in zip(responses, finished):
-        text = tok.decode([t for t in r if t != tok.eos_id])
+        text = tok.decode([t for t in r if t not in tok.eos_ids])
         print(repr(text) + ("" if f else "  [no EOS: cut at --max-new-tokens]"))
 
+
+def checkpoint_tokenizer(ckpt, path):
+    """The tokenizer a checkpoint was trained with: its name and the directory it came from
+    are stored in it. Another tokenizer would turn the prompt into ids the model never saw,
+    and nothing would say so: a mismatch is an error."""
+    # The tokenizer is tokenizer.py's business; the command line borrows it, the sampler
+    # above does not need it.
+    from tokenizer import get_tokenizer
+    saved = ckpt.get("tokenizer") or {}  # absent (a hand-made checkpoint): the default tokenizer
+    name, source = (saved, None) if isinstance(saved, str) else (saved.get("name"), saved.get("source"))
+    if source is not None and not os.path.isdir(source):
+        raise ValueError(f"checkpoint {path} was trained with the tokenizer in {source}, which is not there")
+    tok = get_tokenizer(source, verbose=False)
+    if (name is not None and tok.name != name) or tok.vocab_size > ckpt["model_config"]["vocab_size"]:
+        raise ValueError(f"checkpoint {path} was trained with tokenizer {name!r} "
+                         f"({source or 'built in, or tiktoken cache'}), but this machine gives {tok.name!r}")
+    return tok
 
 if __name__ == "__main__":
     main()

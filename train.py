@@ -357,7 +357,7 @@ def run(cfg):
             if state is None:  # train the stage, and commit its weights before its evaluation
                 opt_, info = train_stage(rt, cfg, tok, si, stage, model, d, sft_examples)
                 state = stage_state(stage, model, opt_, list(results), evaluated=False, config=asdict(cfg),
-                                    stage_index=si, sft_answers=sft_answers, tokenizer=tok.name,
+                                    stage_index=si, sft_answers=sft_answers, tokenizer={"name": tok.name, "source": tok.source},
                                     metrics_size=rt.log.size(), prompt_template=d.prompt_template)
                 commit(cfg.out_dir, state, rt.ranks.main)
             sft_model = copy.deepcopy(model).eval() if stage == "sft" else sft_model

@@ -133,8 +133,8 @@ def test_command_line(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     m = GPT(preset("tiny", vocab_size=258))
     ckpt = tmp_path / "m.pt"
-    atomic_save({"model": m.state_dict(), "model_config": asdict(m.config),
-                 "prompt_template": "sort: {prompt}\n"}, str(ckpt))
+    atomic_save({"model": m.state_dict(), "model_config": asdict(m.config), "prompt_template": "sort: {prompt}\n",
+                 "tokenizer": {"name": "bytes", "source": None}}, str(ckpt))
     run = lambda *a: subprocess.run([sys.executable, os.path.join(root, "sample.py"), *a],  # noqa: E731
                                     capture_output=True, text=True, cwd=root)
     ok = run("--ckpt", str(ckpt), "--prompt", "dcba", "--num-samples", "3", "--max-new-tokens", "5", "--seed", "1")
@@ -144,3 +144,11 @@ def test_command_line(tmp_path):
                       (("--ckpt", str(ckpt), "--prompt", "x" * 80), "leaves no room")]:
         bad = run(*args, *(() if "--prompt" in args else ("--prompt", "x")))
         assert bad.returncode != 0 and msg in bad.stderr and "Traceback" not in bad.stderr
+
+    # the tokenizer the checkpoint names must be the one this machine gives, or nothing runs
+    for saved, msg in [({"name": "gpt2", "source": None}, "trained with tokenizer 'gpt2'"),
+                       ({"name": "qwen", "source": str(tmp_path / "gone")}, "which is not there")]:
+        other = tmp_path / "other.pt"
+        atomic_save({"model": m.state_dict(), "model_config": asdict(m.config), "tokenizer": saved}, str(other))
+        bad = run("--ckpt", str(other), "--prompt", "x")
+        assert bad.returncode != 0 and msg in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
