@@ -157,6 +157,22 @@ def read_metrics(path):
     return rows
 
 
+class CompiledTrunk(torch.nn.Module):
+    """model.forward with its trunk (embeddings -> blocks -> final norm) compiled and its LM
+    head eager. The head selects the positions to score with a boolean mask, a shape that
+    changes with every batch: inside a compiled graph that would recompile at every new count
+    (and fall back to eager after eight). The trunk's shapes are the batch's, which the
+    stage pads to one length (Runtime.to_device): one graph serves a whole stage."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.trunk = torch.compile(model.hidden, dynamic=False)
+
+    def forward(self, idx, position_ids=None, attention_mask=None, output_mask=None):
+        return self.model.head(self.trunk(idx, position_ids, attention_mask), output_mask)
+
+
 # ---- what every stage needs ---------------------------------------------------------------
 
 @dataclass
@@ -173,13 +189,11 @@ class Runtime:
         return nullcontext() if self.dtype is None else torch.autocast(self.device.type, dtype=self.dtype)
 
     def wrap(self, model):
-        """The module to train through: DDP under torchrun, optionally compiled. Sampling,
-        scoring and saving always use the plain `model`."""
-        m = model
+        """The module to train through: DDP under torchrun, optionally with a compiled trunk.
+        Sampling, scoring and saving always use the plain `model`."""
+        m = CompiledTrunk(model) if self.compile else model
         if self.ranks.world > 1:
-            m = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if self.compile:
-            m = torch.compile(m, dynamic=False)
+            m = DDP(m, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         return m
 
     def to_device(self, batch, fixed_len, pad_id):
