@@ -113,7 +113,7 @@ def prepare_out_dir(path):
 
 
 # Settings that never change what a run computes; a resumed run may differ in them.
-IGNORED_ON_RESUME = ("resume", "device", "start_from", "compile")
+IGNORED_ON_RESUME = ("resume", "device", "start_from", "compile", "export")
 
 
 def last_checkpoint(out_dir, stages, config):
@@ -184,7 +184,11 @@ def restore(ckpt, model, out_dir, device, log, is_main=True):
     """Continue after a checkpoint: load its weights into `model`, rebuild the SFT model (the
     KL reference of every evaluation), cut the metrics log back to what the checkpoint saw
     (the interrupted stage's lines are dropped; its rerun writes them again) and rewrite
-    results.json from it. Returns (results so far, the SFT model's eval answers, the SFT model)."""
+    results.json from it. Returns (results so far, the SFT model's eval answers, the SFT
+    model, and the checkpoint itself if its stage was trained but not evaluated -- the
+    caller's to evaluate -- else None). Without a checkpoint: a fresh start."""
+    if ckpt is None:
+        return [], None, None, None
     if ckpt["model_config"] != asdict(model.config):
         raise ValueError(f"checkpoint in {out_dir} holds a different model ({ckpt['model_config']}) "
                          f"than this run's ({asdict(model.config)})")
@@ -194,7 +198,7 @@ def restore(ckpt, model, out_dir, device, log, is_main=True):
     log.truncate(ckpt.get("metrics_size", log.size()))
     if is_main:
         write_json_atomic(ckpt["results"], os.path.join(out_dir, "results.json"))
-    return ckpt["results"], ckpt["sft_answers"], sft_model
+    return ckpt["results"], ckpt["sft_answers"], sft_model, (None if ckpt.get("evaluated", True) else ckpt)
 
 
 def stage_state(stage, model, optimizer, results, **extra):

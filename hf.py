@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from checkpoint import atomic_write, atomic_write_path
+from checkpoint import atomic_write, atomic_write_path, load_checkpoint, model_from_checkpoint, stage_path
 from model import GPT, GPTConfig
 
 LLAMA_FAMILY = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -303,3 +303,32 @@ def save_pretrained(model, path, tokenizer_dir=None):
         with open(os.path.join(tokenizer_dir, f), "rb") as src:
             data = src.read()
         atomic_write(os.path.join(path, f), lambda out: out.write(data))
+
+
+# ---- a run's stages as Hugging Face directories -------------------------------------------
+
+def export_stages(which, out_dir, stages, tokenizer_dir=None):
+    """Write the checkpoints of the chosen stages as Hugging Face directories
+    <out_dir>/hf-<stage>/, tokenizer files included when the run's tokenizer came from a
+    directory. which: "last", "all", or stage names separated by commas ("" exports nothing).
+    Call with the stages' checkpoints on disk; check_stages(which, stages) first."""
+    written = []
+    for stage in check_stages(which, stages):
+        model = model_from_checkpoint(load_checkpoint(stage_path(out_dir, stage)), stage_path(out_dir, stage))
+        save_pretrained(model, os.path.join(out_dir, f"hf-{stage}"), tokenizer_dir)
+        written.append(os.path.join(out_dir, f"hf-{stage}"))
+    return written
+
+
+def check_stages(which, stages):
+    """The stages --export names, in run order; a name that is no stage of the run is an error."""
+    if not which:
+        return []
+    if which in ("last", "all"):
+        return stages[-1:] if which == "last" else list(stages)
+    names = [s.strip() for s in which.split(",") if s.strip()]
+    unknown = [s for s in names if s not in stages]
+    if unknown:
+        raise ValueError(f"--export {which}: {', '.join(unknown)} is no stage of this run "
+                         f"({', '.join(stages)}; or 'last', 'all')")
+    return [s for s in stages if s in names]

@@ -21,7 +21,7 @@ With alpha = 0 SELM is iterative online DPO, and the code below makes that exact
 The chapter has four parts:
   1. log-probs of responses under a model        sequence_logps, split_logps, reference_logps
   2. the losses, as pure functions of log-probs  dpo_loss, optimism_term, selm_loss
-  3. what to log                                 preference_metrics
+  3. what to log                                 preference_metrics, win
   4. from judge scores to pairs                  CANDIDATES, pairs_from_scores, relabel_counts
 
 Shapes: B examples, T tokens, V vocabulary words. Batches are right-padded: input_ids [B, T]
@@ -248,6 +248,12 @@ def preference_metrics(losses, chosen_rewards, rejected_rewards, *, policy_chose
     # one stack and one .tolist(): a single device-to-host copy rather than one per metric
     means = torch.stack([v.detach().float().mean() for v in named.values()]).tolist()
     return dict(zip(named, means))
+
+
+def win(score_a, score_b):
+    """One comparison of a win rate (AlpacaEval's, against reference answers): 1 for a win,
+    0.5 for a tie, 0 for a loss."""
+    return 1.0 if score_a > score_b else 0.5 if score_a == score_b else 0.0
 
 
 # ---- 4. from judge scores to preference pairs --------------------------------------------

@@ -42,7 +42,7 @@ import train
 from checkpoint import load_checkpoint, model_from_checkpoint, stage_names, write_json_atomic
 from runtime import read_metrics
 from sample import generate
-from selm import candidates_of, pairs_from_scores, reference_logps
+from selm import candidates_of, pairs_from_scores, reference_logps, win
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # alpha*beta = 0.002 .. 0.16 at beta 2: from "no measurable effect" to "clearly too optimistic"
@@ -313,7 +313,7 @@ def ms(xs, fmt="{:.3f}"):
 
 def h2h(judge_prompts, a, b):
     """Win rate of answers a over answers b (ties half), judged per prompt."""
-    return sum(train.win(*sorting.judge(p, [x, y])) for p, x, y in zip(judge_prompts, a, b)) / len(judge_prompts)
+    return sum(win(*sorting.judge(p, [x, y])) for p, x, y in zip(judge_prompts, a, b)) / len(judge_prompts)
 
 
 def report(runs, args):

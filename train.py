@@ -23,11 +23,12 @@ import torch.nn.functional as F
 
 import data
 from checkpoint import commit, judge_failure, open_run, restore, stage_names, stage_state
+from hf import check_stages, export_stages
 from inputs import build_model, get_tokenizer, load_data
 from model import preset
 from runtime import Clock, check_finite, lr_at, optimizer_step, parse_config, setup, summary_line
 from selm import (candidates_of, check_hparams, dpo_loss, pairs_from_scores, preference_metrics, relabel_counts,
-                  selm_loss, sequence_logps)
+                  selm_loss, sequence_logps, win)
 
 
 def opt(default, help):
@@ -85,6 +86,8 @@ class Config:
                                 "(same model, task, SFT and seed); they are copied into --out-dir")
     log_every: int = opt(10, "write a metrics line every this many steps")
     compile: bool = opt(False, "torch.compile the training forward (sampling and checkpoints use the plain model)")
+    export: str = opt("", "after the run, write these stages as Hugging Face directories <out-dir>/hf-<stage>: "
+                          "'last', 'all', or stage names separated by commas")
 
 
 # Data and step counts that fit each preset's time budget on a 2-core CPU (`tiny`: about a
@@ -129,6 +132,7 @@ def check_config(cfg):
         if bad:
             raise ValueError(message)
     preset(cfg.model)  # unknown preset -> clear error
+    check_stages(cfg.export, stage_names(cfg.iterations))
 
 
 # ---- stage 1: SFT -------------------------------------------------------------------------
@@ -296,11 +300,6 @@ def sample_responses(rt, cfg, tok, model, prompt_ids, temperature=0.0, seed=0):
 
 # ---- evaluation -----------------------------------------------------------------------------
 
-def win(score_a, score_b):
-    """One comparison of a win rate: 1 for a win, 0.5 for a tie, 0 for a loss."""
-    return 1.0 if score_a > score_b else 0.5 if score_a == score_b else 0.0
-
-
 @torch.no_grad()
 def evaluate(rt, cfg, tok, stage, model, sft_model, d, sft_answers):
     """Greedy answers on held-out prompts, judged against the fixed reference answers and
@@ -338,16 +337,14 @@ def run(cfg):
     stages = stage_names(cfg.iterations)
     ckpt, done = open_run(cfg.out_dir, stages, asdict(cfg), rt.ranks.main, rt.ranks.barrier)
     rt.say("config:", json.dumps(asdict(cfg)))
-    tok = get_tokenizer(cfg, verbose=rt.ranks.main)
-    d = load_data(cfg)
+    tok, d = get_tokenizer(cfg, verbose=rt.ranks.main), load_data(cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, tok, rt)
     sft_examples = data.check_fits(d, tok, model.config.block_size, cfg.sft or "built-in SFT data",
                                    cfg.prefs or "built-in pairs")
-    results, sft_answers, sft_model, state = [], None, None, None
-    if ckpt is not None:  # continue after the last stage trained; evaluate it if that was cut short
-        results, sft_answers, sft_model = restore(ckpt, model, cfg.out_dir, rt.device, rt.log, rt.ranks.main)
-        state = None if ckpt.get("evaluated", True) else ckpt
+    # continue after the last stage trained (state: that stage, if its evaluation was cut short)
+    results, sft_answers, sft_model, state = restore(ckpt, model, cfg.out_dir, rt.device, rt.log, rt.ranks.main)
+    if ckpt is not None:
         rt.say(f"continuing after stage {done[-1]}" + ("'s training" if state else ""))
     for si, stage in enumerate(stages):
         if stage in done and (state is None or state["stage"] != stage):
@@ -371,6 +368,8 @@ def run(cfg):
         state = None
         rt.ranks.barrier()
         rt.say(summary_line(stage, seconds, row, info))
+    if rt.ranks.main and cfg.export:
+        rt.say("exported:", *export_stages(cfg.export, cfg.out_dir, stages, tok.source))
     return results
 
 

@@ -9,6 +9,7 @@ import inputs
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
 from sample import generate
+from selm import win
 
 FAST = ["--model", "tiny", "--n-sft", "1024", "--chunk-size", "128", "--n-eval", "64",
         "--sft-steps", "150", "--iterations", "2"]
@@ -39,7 +40,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
         return [tok.decode([t for t in r if t != tok.eos_id]) for r in out]
     sft, last = answers("sft"), answers("selm_2")
     assert load_checkpoint(str(tmp_path / "selm_2.pt"))["sft_answers"] == sft
-    wins = [train.win(*d.judge(e["prompt"], [a, s])) for e, a, s in zip(d.eval, last, sft)]
+    wins = [win(*d.judge(e["prompt"], [a, s])) for e, a, s in zip(d.eval, last, sft)]
     assert on_disk[-1]["win_rate_vs_sft"] == sum(wins) / len(wins) != 0.5
     assert on_disk[-1]["reward"] > on_disk[0]["reward"], on_disk
     assert sorted(os.listdir(tmp_path)) == ["dpo.pt", "metrics.jsonl", "results.json",
