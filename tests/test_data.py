@@ -17,19 +17,6 @@ def tok():
     return data.get_tokenizer(verbose=False)
 
 
-def byte_tok():
-    # force the byte-level tokenizer whatever is cached on this machine
-    saved = os.environ.get("TIKTOKEN_CACHE_DIR")
-    os.environ["TIKTOKEN_CACHE_DIR"] = ""
-    try:
-        return data.get_tokenizer(verbose=False)
-    finally:
-        if saved is None:
-            del os.environ["TIKTOKEN_CACHE_DIR"]
-        else:
-            os.environ["TIKTOKEN_CACHE_DIR"] = saved
-
-
 # ---------------------------------------------------------------- JSONL and judges
 
 def write(tmp_path, text, name="d.jsonl"):

@@ -37,8 +37,10 @@ def test_hf_names():
         assert n in names
 
 
-def test_left_and_right_padding_give_same_logits():
-    m = tiny()
+@pytest.mark.parametrize("kw", [{}, dict(model_type="llama", n_head=4, n_kv_head=2, n_inner=96, tie_embeddings=False)],
+                         ids=["gpt2", "llama-gqa"])
+def test_left_and_right_padding_give_same_logits(kw):
+    m = tiny(**kw)
     rows = [[5, 6, 7, 8, 9], [3, 4], [10, 11, 12]]
     T = 5
     full = [m(torch.tensor([r]))[0] for r in rows]
@@ -67,8 +69,10 @@ def test_output_mask_selects_positions():
     torch.testing.assert_close(part, full[sel])
 
 
-def test_kv_cache_matches_full_recompute_ragged():
-    m = tiny()
+@pytest.mark.parametrize("kw", [{}, dict(model_type="llama", n_head=4, n_kv_head=2, n_inner=96, tie_embeddings=False)],
+                         ids=["gpt2", "llama-gqa"])
+def test_kv_cache_matches_full_recompute_ragged(kw):
+    m = tiny(**kw)
     prompts = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11]]
     P, steps, B = 6, 8, 3
     idx = torch.zeros(B, P, dtype=torch.long)

@@ -10,23 +10,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tokenizer  # noqa: E402
 
 
-def byte_tok():
-    # force the byte-level tokenizer whatever is cached on this machine
-    saved = os.environ.get("TIKTOKEN_CACHE_DIR")
-    os.environ["TIKTOKEN_CACHE_DIR"] = ""
-    try:
-        return tokenizer.get_tokenizer(verbose=False)
-    finally:
-        if saved is None:
-            del os.environ["TIKTOKEN_CACHE_DIR"]
-        else:
-            os.environ["TIKTOKEN_CACHE_DIR"] = saved
-
-
 # ---------------------------------------------------------------- tokenizer
 
 def test_byte_tokenizer_round_trip_and_specials():
-    t = byte_tok()
+    t = tokenizer.get_tokenizer(verbose=False)  # bytes: conftest.py switches tiktoken's cache off
     assert (t.name, t.eos_id, t.pad_id, t.vocab_size) == ("bytes", 256, 257, 258)
     text = "sort: dbca\nhéllo 日本 🙂"
     ids = t.encode(text)
