@@ -235,20 +235,19 @@ def collate(sequences, pad_id):
             "response_mask": response_mask}
 
 
-def collate_preferences(prompt_ids_list, chosen_ids_list, rejected_ids_list,
-                        ref_ids_list=None, *, pad_id):
+def collate_preferences(prompt_ids_list, *response_groups, pad_id):
     """One batch for one forward pass over every response of B preference examples.
 
-    Row order: rows 0..B-1 are (prompt_i, chosen_i), rows B..2B-1 (prompt_i, rejected_i),
-    and with ref_ids_list rows 2B..3B-1 (prompt_i, y_ref_i). So B_total = 2B or 3B, and
-    per-row results split with `.chunk(2 or 3, dim=0)`. All padded to one T.
+    response_groups: lists aligned with the prompts, e.g. chosen, rejected, then SELM's
+    reference answers y_ref (one list per answer when there are several). Row order: group
+    after group, so rows 0..B-1 are (prompt_i, chosen_i), rows B..2B-1 (prompt_i,
+    rejected_i), and so on; per-row results split with `.view(len(groups), B)`. All padded
+    to one T.
     """
-    groups = [chosen_ids_list, rejected_ids_list]
-    groups += [ref_ids_list] if ref_ids_list is not None else []
     B = len(prompt_ids_list)
-    if any(len(g) != B for g in groups):
-        raise ValueError(f"collate_preferences: lists of lengths {[B] + [len(g) for g in groups]}")
-    return collate([(p, r) for g in groups for p, r in zip(prompt_ids_list, g)], pad_id)
+    if any(len(g) != B for g in response_groups):
+        raise ValueError(f"collate_preferences: lists of lengths {[B] + [len(g) for g in response_groups]}")
+    return collate([(p, r) for g in response_groups for p, r in zip(prompt_ids_list, g)], pad_id)
 
 
 def batches(n, batch_size, seed=0, shuffle=True, drop_last=False):

@@ -1,6 +1,7 @@
 """
-inputs.py -- what a run starts from: its tokenizer, its data and its model.
+inputs.py -- what a run starts from: its settings checked, its tokenizer, data and model.
 
+  settings   the per-preset defaults filled in, impossible combinations refused;
   tokenizer  GPT-2's BPE for GPT-2 weights, else whatever tokenizer.get_tokenizer finds;
   data       the built-in sorting task (task.py), or the user's JSON Lines files and judge;
   model      a fresh preset sized for the tokenizer, or a Hugging Face directory on disk
@@ -13,15 +14,18 @@ import os
 
 import data
 import task as sorting
-from hf import load_pretrained
+from checkpoint import stage_names
+from hf import check_stages, load_pretrained
 from model import GPT, preset
+from selm import check_hparams
 
 
 def load_data(cfg):
     """The built-in task, or the user's JSONL files and judge (data.load_user_data)."""
     if not any([cfg.sft, cfg.prefs, cfg.prompts, cfg.judge]):
         t = sorting.make_task(seed=cfg.task_seed, n_sft=cfg.n_sft, n_prompts_per_chunk=cfg.chunk_size,
-                              n_chunks=cfg.iterations + 1, n_eval=cfg.n_eval, min_len=cfg.min_len, max_len=cfg.max_len)
+                              n_chunks=cfg.iterations + 1, n_eval=cfg.n_eval, min_len=cfg.min_len, max_len=cfg.max_len,
+                              sft_passes=passes(cfg.sft_passes, "sft"), offline_passes=passes(cfg.offline_passes, "offline"))
         return data.TrainingData(t.sft, t.chunks, t.eval, sorting.judge, builtin=True,
                                  prompt_template=sorting.make_prompt("{prompt}"))
     if not (cfg.prefs and cfg.prompts and cfg.judge):
@@ -59,3 +63,64 @@ def build_model(cfg, tok, rt):
     rt.say(f"model: {cfg.init_from or cfg.model}, {model.num_params() / 1e6:.2f}M parameters, device {rt.device}"
            + (f", {rt.ranks.world} processes" if rt.ranks.world > 1 else ""))
     return model.to(rt.device)
+
+
+# ---- settings ---------------------------------------------------------------------------------
+
+# Data and step counts that fit each preset's time budget on a 2-core CPU (`tiny`: about a
+# minute, the rest: about ten). Flags override them.
+SCALE = {"tiny": dict(n_sft=4096, chunk_size=512, n_eval=256, sft_steps=800),
+         "default": dict(n_sft=8192, chunk_size=1024, n_eval=512, sft_steps=1500)}
+
+
+def resolve(cfg):
+    """Fill the per-preset defaults (fields left at None)."""
+    for k, v in SCALE.get(cfg.model, SCALE["default"]).items():
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, v)
+    if cfg.max_new_tokens is None:  # a sorted word is as long as the word; other data: 64
+        cfg.max_new_tokens = 64 if cfg.prefs else cfg.max_len + 4
+    return cfg
+
+
+def check_config(cfg):
+    """Impossible settings fail here, in one line, before anything is written."""
+    resolve(cfg)
+    try:
+        check_hparams(cfg.beta, cfg.alpha, cfg.loss_type)  # the losses' own rules, checked once
+    except ValueError as e:
+        raise ValueError(f"--{str(e).replace('_', '-')}") from None
+    positive = ("sft_batch_size", "batch_size", "micro_batch_size", "chunk_size", "n_eval", "gen_batch_size",
+                "max_new_tokens")
+    problems = {**{f"--{n.replace('_', '-')} must be positive": getattr(cfg, n) <= 0 for n in positive},
+                f"--iterations must be >= 0, got {cfg.iterations}": cfg.iterations < 0,
+                "--sft-steps must be >= 0 (0 skips SFT training)": cfg.sft_steps < 0,
+                f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size {cfg.micro_batch_size}":
+                    cfg.micro_batch_size > 0 and cfg.batch_size % cfg.micro_batch_size,
+                f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}":
+                    cfg.dtype not in ("auto", "float32", "bfloat16", "float16"),
+                "--start-from and --resume exclude each other": cfg.start_from and cfg.resume,
+                f"--y-ref must be greedy or sampled, got {cfg.y_ref!r}": cfg.y_ref not in ("greedy", "sampled"),
+                f"--tie-order must be offline-first or authors, got {cfg.tie_order!r}":
+                    cfg.tie_order not in ("offline-first", "authors"),
+                "--online-samples and --optimism-samples must be at least 1": min(cfg.online_samples,
+                                                                                  cfg.optimism_samples) < 1,
+                "--optimism-samples above 1 needs --y-ref sampled (greedy decoding gives one answer)":
+                    cfg.optimism_samples > 1 and cfg.y_ref == "greedy",
+                f"--temperature must be positive, got {cfg.temperature}": not cfg.temperature > 0}
+    for message, bad in problems.items():
+        if bad:
+            raise ValueError(message)
+    preset(cfg.model)  # unknown preset -> clear error
+    check_stages(cfg.export, stage_names(cfg.iterations))
+    passes(cfg.sft_passes, "sft"), passes(cfg.offline_passes, "offline")
+
+
+def passes(spec, which):
+    """--sft-passes / --offline-passes "lo,hi" -> (lo, hi), 0 <= lo <= hi."""
+    try:
+        lo, hi = (int(x) for x in spec.split(","))
+        assert 0 <= lo <= hi
+    except (ValueError, AssertionError):
+        raise ValueError(f"--{which}-passes must be lo,hi with 0 <= lo <= hi, got {spec!r}") from None
+    return lo, hi

@@ -258,56 +258,64 @@ def win(score_a, score_b):
 
 # ---- 4. from judge scores to preference pairs --------------------------------------------
 
-# The order in which each prompt's three candidates reach the judge, and in which their scores
-# come back. With the tie rule of `best_and_worst` this order is a prior: the offline labels
-# come first and last, so y_ref displaces the offline chosen only when the judge scores it
-# strictly higher, and the offline rejected only when strictly lower.
-CANDIDATES = ("chosen", "y_ref", "rejected")
+# Where the offline pair and the policy's own responses (y_ref, or several samples y_1..y_n)
+# sit in the list the judge scores. With the tie rule that goes with it, an order is a prior:
+#   "offline-first" (the default): [chosen, y_1..y_n, rejected]; the best is the earliest
+#       maximum, the worst the latest minimum. A policy response displaces the offline chosen
+#       only when the judge scores it strictly higher, the offline rejected only when lower.
+#   "authors": [y_1..y_n, chosen, rejected]; the best is the earliest maximum and the worst
+#       the earliest minimum, as the authors' script takes argmax and argmin of PairRM's
+#       ranks. PairRM's scores are continuous, so ties never arose there; a discrete judge
+#       meets them often, and then this order favours the policy's answer as chosen.
+CANDIDATES = {"offline-first": ("chosen", "y_ref", "rejected"), "authors": ("y_ref", "chosen", "rejected")}
 
 
-def candidates_of(chosen, y_ref, rejected):
-    """One prompt's candidates as a list in CANDIDATES order: what the judge is shown."""
-    named = {"chosen": chosen, "y_ref": y_ref, "rejected": rejected}
-    return [named[name] for name in CANDIDATES]
+def candidates_of(chosen, responses, rejected, order="offline-first"):
+    """One prompt's candidates, as the judge is shown them: the offline chosen and rejected
+    responses and the policy's `responses` (a list: y_ref, or n samples) in `order`."""
+    named = {"chosen": [chosen], "y_ref": list(responses), "rejected": [rejected]}
+    return [c for name in CANDIDATES[order] for c in named[name]]
 
 
-def best_and_worst(scores):
+def best_and_worst(scores, order="offline-first"):
     """Indices (best, worst) of one prompt's candidate scores, or None when all are equal.
 
     scores: sequence of >= 2 floats, higher is better. Among equal scores the EARLIER
-    candidate is the best and the LATER one the worst, so the order of the candidates breaks
-    ties. Equal best and worst scores carry no preference: None.
+    candidate is the best; the worst is the LATER one ("offline-first") or the EARLIER one
+    ("authors"). Equal best and worst scores carry no preference: None.
     """
     hi, lo = max(scores), min(scores)
     if hi == lo:
         return None
     best = scores.index(hi)                                 # earliest of the maxima
-    worst = len(scores) - 1 - scores[::-1].index(lo)        # latest of the minima
-    return best, worst
+    if order == "authors":
+        return best, scores.index(lo)                       # earliest of the minima
+    return best, len(scores) - 1 - scores[::-1].index(lo)   # latest of the minima
 
 
-def pairs_from_scores(scores, chosen, rejected, y_ref, *, keep_ties=False):
-    """SELM's relabelling step (Algorithm 1): per prompt, the best and the worst of the three
-    candidates {chosen, y_ref, rejected} by the judge's scores become the new pair.
+def pairs_from_scores(scores, chosen, rejected, responses, *, order="offline-first", keep_ties=False):
+    """SELM's relabelling step (Algorithm 1): per prompt, the best and the worst of the
+    candidates {chosen, the policy's responses, rejected} by the judge's scores become the
+    new pair.
 
-    scores:           list of per-prompt score lists, each in CANDIDATES order
+    scores:           list of per-prompt score lists, each in candidates_of's order
     chosen, rejected: lists of the chunk's offline responses (any type: strings or token ids)
-    y_ref:            list of the reference's own responses, one per prompt
-    keep_ties:        what to return when all three scores are equal
+    responses:        list, per prompt, of the policy's responses (y_ref alone in the paper)
+    keep_ties:        what to return when all the scores are equal
     Returns a list aligned with the prompts: (chosen, rejected) pairs, and for a full tie None
-    (the candidates carry no preference; drop the example, y_ref with it) or, with
-    keep_ties=True, the offline pair. Whatever its rank, y_ref stays the example's reference
-    response for the optimism term, so it may appear in the pair as well.
+    (the candidates carry no preference; drop the example) or, with keep_ties=True, the
+    offline pair. Whatever its rank, y_ref stays the example's reference response for the
+    optimism term, so it may appear in the pair as well.
     """
-    if not len(scores) == len(chosen) == len(rejected) == len(y_ref):
+    if not len(scores) == len(chosen) == len(rejected) == len(responses):
         raise ValueError(f"lengths differ: {len(scores)} score lists, {len(chosen)} chosen, "
-                         f"{len(rejected)} rejected, {len(y_ref)} y_ref")
+                         f"{len(rejected)} rejected, {len(responses)} response lists")
     pairs = []
-    for s, y_w, y_r, y_l in zip(scores, chosen, y_ref, rejected):
-        candidates = candidates_of(y_w, y_r, y_l)
+    for s, y_w, ys, y_l in zip(scores, chosen, responses, rejected):
+        candidates = candidates_of(y_w, ys, y_l, order)
         if len(s) != len(candidates):
             raise ValueError(f"{len(s)} scores for {len(candidates)} candidates")
-        ranked = best_and_worst(list(s))
+        ranked = best_and_worst(list(s), order)
         if ranked is None:
             pairs.append((y_w, y_l) if keep_ties else None)
         else:
@@ -315,22 +323,28 @@ def pairs_from_scores(scores, chosen, rejected, y_ref, *, keep_ties=False):
     return pairs
 
 
-def relabel_counts(scores, chosen, y_ref):
-    """How y_ref fared against the offline chosen response, over a chunk's prompts.
+def relabel_counts(scores, chosen, responses, order="offline-first"):
+    """How the policy's best response (y_ref, or the best of its samples) fared against the
+    offline chosen one, over a chunk's prompts.
 
-    scores: per-prompt score lists in CANDIDATES order; chosen, y_ref: the responses (equal
-    ones are the same answer). Returns counts of prompts where y_ref was
+    scores: per-prompt score lists in candidates_of's order; chosen: the offline chosen
+    responses; responses: per prompt, the policy's (equal ones are the same answer). Returns
+    counts of prompts where the policy's best response was
       identical  -- the very same response as the offline chosen one;
       tied       -- a different response with the same score;
       better     -- scored strictly higher: the loop found better data than it was given;
-    and "y_ref_chosen", the prompts whose new pair has y_ref as its chosen response.
+    and "y_ref_chosen", the prompts whose new chosen response is one of the policy's.
     """
-    w, r = CANDIDATES.index("chosen"), CANDIDATES.index("y_ref")
     out = {"identical": 0, "tied": 0, "better": 0, "y_ref_chosen": 0}
-    for s, y_w, y_r in zip(scores, chosen, y_ref):
-        out["identical"] += y_w == y_r
-        out["tied"] += y_w != y_r and s[r] == s[w]
-        out["better"] += s[r] > s[w]
-        ranked = best_and_worst(list(s))
-        out["y_ref_chosen"] += ranked is not None and ranked[0] == r
+    for s, y_w, ys in zip(scores, chosen, responses):
+        slots = [name for name in CANDIDATES[order] for _ in (ys if name == "y_ref" else [None])]
+        w = slots.index("chosen")
+        own = [k for k, name in enumerate(slots) if name == "y_ref"]
+        k = max(own, key=lambda j: (s[j], -j))  # the best-scored, the earliest among equals
+        y = ys[own.index(k)]
+        out["identical"] += y_w == y
+        out["tied"] += y_w != y and s[k] == s[w]
+        out["better"] += s[k] > s[w]
+        ranked = best_and_worst(list(s), order)
+        out["y_ref_chosen"] += ranked is not None and slots[ranked[0]] == "y_ref"
     return out

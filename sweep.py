@@ -38,6 +38,7 @@ import torch
 
 import data
 import task as sorting
+import inputs
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint, stage_names, write_json_atomic
 from runtime import read_metrics
@@ -286,8 +287,8 @@ def analyse(d, k, n_diag):
             else:  # rebuild the iteration's pairs: greedy y_ref from pi_ref, judge the three
                 y_ref = [a for _, a in responses(tok, ref, cids, max_new, 0)]
                 ch, rj = [e["chosen"] for e in chunk], [e["rejected"] for e in chunk]
-                scores = [sorting.judge(p, candidates_of(w, r, l)) for p, w, r, l in zip(cp, ch, y_ref, rj)]
-                pairs = pairs_from_scores(scores, ch, rj, y_ref)
+                scores = [sorting.judge(p, candidates_of(w, [r], l)) for p, w, r, l in zip(cp, ch, y_ref, rj)]
+                pairs = pairs_from_scores(scores, ch, rj, [[r] for r in y_ref])
                 chosen = [None if p is None else p[0] for p in pairs]
             rows = [(c, tok.encode(y) + [tok.eos_id]) for c, y in zip(cids, chosen) if y is not None]
             fresh = responses(tok, model, [c for c in cids for _ in range(k)], max_new, 1.0, seed=2000 + i)
@@ -429,7 +430,7 @@ def main(argv=None):
     args.alphas = [a for a in args.alphas if a > 0]
     for d in args.difficulties:
         difficulty_range(d)
-    args.train = train.resolve(train.parse_args(extra))  # the pass-through flags, checked here
+    args.train = inputs.resolve(train.parse_args(extra))  # the pass-through flags, checked here
     runs = make_grid(args)
     t0 = time.time()
     failed = set() if args.report_only else run_all(runs, args, extra)

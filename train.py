@@ -23,11 +23,10 @@ import torch.nn.functional as F
 
 import data
 from checkpoint import commit, judge_failure, open_run, restore, stage_names, stage_state
-from hf import check_stages, export_stages
-from inputs import build_model, get_tokenizer, load_data
-from model import preset
+from hf import export_stages
+from inputs import build_model, check_config, get_tokenizer, load_data
 from runtime import Clock, check_finite, lr_at, optimizer_step, parse_config, setup, summary_line
-from selm import (candidates_of, check_hparams, dpo_loss, pairs_from_scores, preference_metrics, relabel_counts,
+from selm import (candidates_of, dpo_loss, pairs_from_scores, preference_metrics, relabel_counts,
                   selm_loss, sequence_logps, win)
 
 
@@ -39,7 +38,8 @@ def opt(default, help):
 class Config:
     # model
     model: str = opt("small", "model preset: tiny, small, gpt2, gpt2-medium, gpt2-large, gpt2-xl")
-    init_from: str = opt(None, "start from a Hugging Face GPT-2 directory on disk instead of a fresh --model")
+    init_from: str = opt(None, "start from a Hugging Face model directory on disk (GPT-2, Llama, Mistral, Qwen2, Qwen3) "
+                               "instead of a fresh --model")
     dropout: float = opt(0.0, "dropout in every block")
     # your own data (JSON Lines); without them the built-in sorting task is used
     sft: str = opt(None, "SFT demonstrations: JSONL with 'prompt' and 'completion'")
@@ -53,9 +53,11 @@ class Config:
     task_seed: int = opt(0, "seed of the built-in task's data (kept fixed across training seeds)")
     min_len: int = opt(7, "shortest word to sort")
     max_len: int = opt(10, "longest word to sort")
-    n_sft: int = opt(None, "SFT demonstrations (default: per preset, see SCALE)")
+    n_sft: int = opt(None, "SFT demonstrations (default: per preset, see inputs.SCALE)")
     chunk_size: int = opt(None, "prompts per chunk; offline DPO uses chunk 1, SELM iteration t chunk t+1 (default: per preset)")
     n_eval: int = opt(None, "held-out evaluation prompts (default: per preset)")
+    sft_passes: str = opt("1,3", "bubble-sort passes of the SFT demonstrations: lo,hi (more passes, better answers)")
+    offline_passes: str = opt("0,4", "bubble-sort passes of the offline pairs' two responses: lo,hi")
     # SFT
     sft_steps: int = opt(None, "SFT optimizer steps (default: per preset)")
     sft_lr: float = opt(2e-3, "SFT peak learning rate")
@@ -72,6 +74,15 @@ class Config:
     warmup: float = opt(0.1, "fraction of each stage's steps spent warming the learning rate up")
     weight_decay: float = opt(0.0, "AdamW weight decay for DPO/SELM")
     grad_clip: float = opt(1.0, "clip the gradient norm to this (0 = off)")
+    # the online step (the defaults are the authors' recipe)
+    y_ref: str = opt("greedy", "how pi_ref answers each prompt: greedy (the authors' code), or sampled at --temperature")
+    temperature: float = opt(1.0, "temperature of pi_ref's sampled answers (--y-ref sampled; answers after the first)")
+    online_samples: int = opt(1, "n: answers of pi_ref that join each offline pair before the judge keeps the best "
+                                 "and the worst (with --alpha 0 and n = 2: online DPO)")
+    optimism_samples: int = opt(1, "m: answers y ~ pi_ref the optimism term averages over (Eq. 4.2 as written; "
+                                   "more than 1 needs --y-ref sampled)")
+    tie_order: str = opt("offline-first", "candidate order and tie rule: offline-first (the offline labels win ties), "
+                                          "or authors ([y_ref, chosen, rejected], the first best and the first worst)")
     # sampling and evaluation
     max_new_tokens: int = opt(None, "response length cap (default: longest word + 4)")
     gen_batch_size: int = opt(256, "prompts per call of the sampler")
@@ -90,49 +101,9 @@ class Config:
                           "'last', 'all', or stage names separated by commas")
 
 
-# Data and step counts that fit each preset's time budget on a 2-core CPU (`tiny`: about a
-# minute, the rest: about ten). Flags override them.
-SCALE = {"tiny": dict(n_sft=4096, chunk_size=512, n_eval=256, sft_steps=800),
-         "default": dict(n_sft=8192, chunk_size=1024, n_eval=512, sft_steps=1500)}
-
-
 def parse_args(argv=None):
     return parse_config(Config, argv, "The SELM pipeline: SFT -> offline DPO -> SELM iterations, "
                                       "each stage evaluated and checkpointed.")
-
-
-def resolve(cfg):
-    """Fill the per-preset defaults (fields left at None)."""
-    for k, v in SCALE.get(cfg.model, SCALE["default"]).items():
-        if getattr(cfg, k) is None:
-            setattr(cfg, k, v)
-    if cfg.max_new_tokens is None:  # a sorted word is as long as the word; other data: 64
-        cfg.max_new_tokens = 64 if cfg.prefs else cfg.max_len + 4
-    return cfg
-
-
-def check_config(cfg):
-    """Impossible settings fail here, in one line, before anything is written."""
-    resolve(cfg)
-    try:
-        check_hparams(cfg.beta, cfg.alpha, cfg.loss_type)  # the losses' own rules, checked once
-    except ValueError as e:
-        raise ValueError(f"--{str(e).replace('_', '-')}") from None
-    positive = ("sft_batch_size", "batch_size", "micro_batch_size", "chunk_size", "n_eval", "gen_batch_size",
-                "max_new_tokens")
-    problems = {**{f"--{n.replace('_', '-')} must be positive": getattr(cfg, n) <= 0 for n in positive},
-                f"--iterations must be >= 0, got {cfg.iterations}": cfg.iterations < 0,
-                "--sft-steps must be >= 0 (0 skips SFT training)": cfg.sft_steps < 0,
-                f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size {cfg.micro_batch_size}":
-                    cfg.micro_batch_size > 0 and cfg.batch_size % cfg.micro_batch_size,
-                f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}":
-                    cfg.dtype not in ("auto", "float32", "bfloat16", "float16"),
-                "--start-from and --resume exclude each other": cfg.start_from and cfg.resume}
-    for message, bad in problems.items():
-        if bad:
-            raise ValueError(message)
-    preset(cfg.model)  # unknown preset -> clear error
-    check_stages(cfg.export, stage_names(cfg.iterations))
 
 
 # ---- stage 1: SFT -------------------------------------------------------------------------
@@ -175,23 +146,24 @@ def train_sft(rt, cfg, tok, model, examples):
 # ---- what offline DPO and SELM share: reference log-probs, one epoch of the loss ----------
 
 def reference_logps_of(rt, cfg, tok, ref, examples):
-    """log pi_ref of every example's responses: (2 or 3, N) on the device, rows chosen,
-    rejected and (for SELM) y_ref. examples: (prompt_ids, chosen_ids, rejected_ids, y_ref_ids
-    or None). The reference is the policy before its first update, so no second model copy
-    is kept: these numbers are all the training epoch needs of it."""
-    parts = [1, 2, 3] if examples[0][3] is not None else [1, 2]
-    rows = [(ex[0], ex[k]) for k in parts for ex in examples]  # all chosen, all rejected, (all y_ref)
+    """log pi_ref of every example's responses: (2 + m, N) on the device, rows chosen,
+    rejected and (SELM) the m reference answers. examples: (prompt_ids, chosen_ids,
+    rejected_ids, a tuple of m y_ref ids (empty for DPO)). The reference is the policy before
+    its first update, so no second model copy is kept: these numbers are all the training
+    epoch needs of it."""
+    parts = [[ex[1] for ex in examples], [ex[2] for ex in examples]] + [list(ys) for ys in zip(*(ex[3] for ex in examples))]
+    rows = [(ex[0], r) for part in parts for ex, r in zip(examples, part)]  # all chosen, all rejected, all y_ref_1, ...
     return rt.logps(ref, rows, tok.pad_id, 4 * cfg.micro_batch_size).to(rt.device).view(len(parts), len(examples))
 
 
 def preference_epoch(rt, cfg, tok, stage, policy, examples, ref_logps, lr, alpha, seed):
-    """One epoch of the SELM loss (DPO when the examples carry no y_ref) over `examples`,
-    with the reference's log-probs given. Each optimizer step takes batch_size examples;
+    """One epoch of the SELM loss (DPO when the examples carry no y_ref) over `examples`
+    (as reference_logps_of takes them), with the reference's log-probs given. Each optimizer step takes batch_size examples;
     under torchrun each rank takes its share, in micro-batches whose gradients are
     all-reduced only at the last one."""
     W, rank = rt.ranks.world, rt.ranks.rank
-    with_ref = examples[0][3] is not None
-    fixed_len = max(len(ex[0]) + len(ex[k]) for ex in examples for k in ((1, 2, 3) if with_ref else (1, 2)))
+    with_ref = len(examples[0][3]) > 0
+    fixed_len = max(len(ex[0]) + len(r) for ex in examples for r in (ex[1], ex[2], *ex[3]))
     train_model = rt.wrap(policy)
     opt_ = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     # a batch too small to give every rank an example is dropped (only ever the last one)
@@ -207,16 +179,17 @@ def preference_epoch(rt, cfg, tok, stage, policy, examples, ref_logps, lr, alpha
         stats = []
         for k, mi in enumerate(micro):
             b = data.collate_preferences(*([examples[i][j] for i in mi] for j in range(3)),
-                                         [examples[i][3] for i in mi] if with_ref else None, pad_id=tok.pad_id)
+                                         *zip(*(examples[i][3] for i in mi)), pad_id=tok.pad_id)
             b = rt.to_device(b, fixed_len, tok.pad_id)
             sync = k == len(micro) - 1 or W == 1
             with (nullcontext() if sync else train_model.no_sync()), rt.autocast():
-                # chosen, rejected (and y_ref) rows in one forward: (parts * B,)
+                # chosen, rejected (and the m y_ref) rows in one forward: (parts * B,)
                 pol = sequence_logps(train_model, b["input_ids"], b["response_mask"]).view(-1, len(mi))
                 ref = ref_logps[:, mi]
-                if with_ref:  # SELM, Eq. 4.2
-                    losses, cr, rr, optimism = selm_loss(pol[0], pol[1], ref[0], ref[1], pol[2], ref[2], beta=cfg.beta,
-                                                         alpha=alpha, loss_type=cfg.loss_type, return_optimism=True)
+                if with_ref:  # SELM, Eq. 4.2; E_{y ~ pi_ref} estimated by the mean over the m y_ref
+                    losses, cr, rr, optimism = selm_loss(pol[0], pol[1], ref[0], ref[1], pol[2:].mean(0), ref[2:].mean(0),
+                                                         beta=cfg.beta, alpha=alpha, loss_type=cfg.loss_type,
+                                                         return_optimism=True)
                 else:  # offline DPO: no reference response, no optimism term
                     losses, cr, rr = dpo_loss(pol[0], pol[1], ref[0], ref[1], beta=cfg.beta, loss_type=cfg.loss_type)
                     optimism = torch.zeros_like(cr)
@@ -241,7 +214,7 @@ def preference_epoch(rt, cfg, tok, stage, policy, examples, ref_logps, lr, alpha
 def offline_dpo(rt, cfg, tok, policy, chunk):
     """DPO on the chunk's fixed pairs; the reference is the policy as it enters (the SFT model)."""
     examples = [(tok.encode_prompt(e["prompt"]), tok.encode_response(e["chosen"]), tok.encode_response(e["rejected"]),
-                 None) for e in chunk]
+                 ()) for e in chunk]
     ref_logps = reference_logps_of(rt, cfg, tok, policy, examples)
     return preference_epoch(rt, cfg, tok, "dpo", policy, examples, ref_logps, cfg.lr, 0.0, seed=cfg.seed * 1000 + 1)
 
@@ -255,25 +228,27 @@ def selm_iteration(rt, cfg, tok, t, policy, chunk, judge):
     #    reference is computed below, before the policy's first update.
     prompts = [ex["prompt"] for ex in chunk]
     prompt_ids = [tok.encode_prompt(p) for p in prompts]
-    # 2. y_ref: the reference's greedy answer to every prompt of the chunk, in token ids. One
-    #    cut off at --max-new-tokens has no EOS and gets none: it is no finished answer.
-    y_ref_ids = sample_responses(rt, cfg, tok, policy, prompt_ids)
-    y_ref = [tok.decode(r[:-1] if r[-1] in tok.eos_ids else r) for r in y_ref_ids]
+    # 2. y_ref: pi_ref's answers to every prompt of the chunk, in token ids (the authors: one,
+    #    greedy). One cut off at --max-new-tokens has no EOS and gets none: it is unfinished.
+    answers = reference_answers(rt, cfg, tok, policy, prompt_ids, seed=cfg.seed * 1000 + t)  # per prompt, k lists
+    texts = [[tok.decode(r[:-1] if r[-1] in tok.eos_ids else r) for r in a] for a in answers]
     clock.lap("t_sample")
-    # 3. the judge scores each prompt's candidates (selm.CANDIDATES order)
+    # 3. the judge scores each prompt's candidates: the offline pair and n of pi_ref's answers
+    n, order = cfg.online_samples, cfg.tie_order
     chosen, rejected = [ex["chosen"] for ex in chunk], [ex["rejected"] for ex in chunk]
-    scores = rt.judge(judge, prompts, [candidates_of(w, r, l) for w, r, l in zip(chosen, y_ref, rejected)],
+    scores = rt.judge(judge, prompts, [candidates_of(w, ys[:n], l, order) for w, ys, l in zip(chosen, texts, rejected)],
                       cfg.gen_batch_size)
-    # 4. the best and the worst of the three become the pair; y_ref stays the example's
-    #    reference response whatever its rank
-    pairs = pairs_from_scores(scores, [tok.encode_response(x) for x in chosen],
-                              [tok.encode_response(x) for x in rejected], y_ref_ids)
+    # 4. the best and the worst candidates become the pair; m of pi_ref's answers are the
+    #    example's reference responses for the optimism term, whatever their rank
+    pairs = pairs_from_scores(scores, [tok.encode_response(x) for x in chosen], [tok.encode_response(x) for x in rejected],
+                              [a[:n] for a in answers], order=order)
     clock.lap("t_judge")
-    examples = [(p, *pair, yr) for p, pair, yr in zip(prompt_ids, pairs, y_ref_ids) if pair is not None]
-    n = relabel_counts(scores, chosen, y_ref)
+    examples = [(p, *pair, tuple(a[:cfg.optimism_samples])) for p, pair, a in zip(prompt_ids, pairs, answers) if pair]
+    counts = relabel_counts(scores, chosen, [ys[:n] for ys in texts], order)
     info = {"pairs": len(examples), "dropped_ties": len(pairs) - len(examples),
-            "y_ref_chosen": n.pop("y_ref_chosen") / max(1, len(examples)), **{f"y_ref_{k}": v for k, v in n.items()},
-            "y_ref_truncated": sum(r[-1] not in tok.eos_ids for r in y_ref_ids)}
+            "y_ref_chosen": counts.pop("y_ref_chosen") / max(1, len(examples)),
+            **{f"y_ref_{k}": v for k, v in counts.items()},
+            "y_ref_truncated": sum(r[-1] not in tok.eos_ids for a in answers for r in a)}
     opt_ = None
     if examples:
         # 5. the reference log-probs of chosen, rejected and y_ref, once, from pi_{t-1}
@@ -290,6 +265,15 @@ def selm_iteration(rt, cfg, tok, t, policy, chunk, judge):
     info.update(clock.laps)
     rt.log.write({"stage": f"selm_{t}", "online": info})
     return opt_, info
+
+
+def reference_answers(rt, cfg, tok, ref, prompt_ids, seed):
+    """k = max(n, m) answers of pi_ref per prompt (n: --online-samples, m: --optimism-samples):
+    with --y-ref greedy, the greedy answer and k - 1 samples at --temperature; sampled: k samples."""
+    k, greedy = max(cfg.online_samples, cfg.optimism_samples), cfg.y_ref == "greedy"
+    first = sample_responses(rt, cfg, tok, ref, prompt_ids, 0.0 if greedy else cfg.temperature, seed)
+    more = [sample_responses(rt, cfg, tok, ref, prompt_ids, cfg.temperature, seed + 7 * j) for j in range(1, k)]
+    return [list(a) for a in zip(first, *more)]
 
 
 def sample_responses(rt, cfg, tok, model, prompt_ids, temperature=0.0, seed=0):

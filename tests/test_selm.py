@@ -400,7 +400,7 @@ def test_best_and_worst_ties():
 
 def _scores(named):
     """A score list in CANDIDATES order from {"W": chosen, "R": y_ref, "L": rejected} scores."""
-    return candidates_of(named["W"], named["R"], named["L"])
+    return candidates_of(named["W"], [named["R"]], named["L"])
 
 
 @pytest.mark.parametrize("scores,pair", [
@@ -415,18 +415,40 @@ def _scores(named):
     ({"W": 1, "L": 1, "R": 1}, None),         # no preference at all
 ])
 def test_pairs_from_scores(scores, pair):
-    assert CANDIDATES == ("chosen", "y_ref", "rejected")
-    assert pairs_from_scores([_scores(scores)], ["W"], ["L"], ["R"]) == [pair]
+    assert CANDIDATES["offline-first"] == ("chosen", "y_ref", "rejected")
+    assert pairs_from_scores([_scores(scores)], ["W"], ["L"], [["R"]]) == [pair]
 
 
 def test_pairs_from_scores_keep_ties_and_lengths():
     s = [[1, 1, 1], _scores({"A": 0, "W": 0, "R": 1, "L": 2})]
-    assert pairs_from_scores(s, ["W", "A"], ["L", "B"], ["R", "R"], keep_ties=True) == \
+    assert pairs_from_scores(s, ["W", "A"], ["L", "B"], [["R"], ["R"]], keep_ties=True) == \
         [("W", "L"), ("B", "A")]
     with pytest.raises(ValueError, match="lengths"):
-        pairs_from_scores(s[:1], ["W", "A"], ["L"], ["R"])
+        pairs_from_scores(s[:1], ["W", "A"], ["L"], [["R"]])
     with pytest.raises(ValueError, match="scores"):
-        pairs_from_scores([[1.0, 2.0]], ["W"], ["L"], ["R"])
+        pairs_from_scores([[1.0, 2.0]], ["W"], ["L"], [["R"]])
+
+
+@pytest.mark.parametrize("scores,offline_first,authors", [
+    ({"W": 2, "L": 0, "R": 2}, ("W", "L"), ("R", "L")),   # a tie for best: the order's first
+    ({"W": 2, "L": 0, "R": 0}, ("W", "L"), ("W", "R")),   # a tie for worst: latest vs first
+    ({"W": 1, "L": 1, "R": 0}, ("W", "R"), ("W", "R")),
+    ({"W": 1, "L": 1, "R": 3}, ("R", "L"), ("R", "W")),
+])
+def test_authors_order_breaks_ties_the_other_way(scores, offline_first, authors):
+    """The authors' script ranks [y_ref, chosen, rejected] and takes the first best and the
+    first worst; the default puts the offline labels first and last."""
+    for order, want in (("offline-first", offline_first), ("authors", authors)):
+        s = candidates_of(scores["W"], [scores["R"]], scores["L"], order)
+        assert pairs_from_scores([s], ["W"], ["L"], [["R"]], order=order) == [want], order
+
+
+def test_several_policy_answers_join_the_pair():
+    # [chosen, y_1, y_2, y_3, rejected]: y_2 is the best, y_3 the worst
+    s = [[0.5, 0.4, 0.9, 0.1, 0.2]]
+    assert pairs_from_scores(s, ["W"], ["L"], [["a", "b", "c"]]) == [("b", "c")]
+    n = relabel_counts(s, ["W"], [["a", "b", "c"]])
+    assert n == {"identical": 0, "tied": 0, "better": 1, "y_ref_chosen": 1}
 
 
 def test_token_logprob_matches_log_softmax_and_gradcheck():
@@ -443,5 +465,5 @@ def test_relabel_counts_tell_identical_tied_and_better_apart():
               _scores({"W": 1, "R": 1, "L": 0}),   # another answer, same score
               _scores({"W": 1, "R": 2, "L": 0}),   # strictly better: becomes the chosen one
               _scores({"W": 1, "R": 0, "L": 0.5})]  # worse
-    n = relabel_counts(scores, ["abc", "abc", "abc", "abc"], ["abc", "abd", "xyz", "q"])
+    n = relabel_counts(scores, ["abc", "abc", "abc", "abc"], [["abc"], ["abd"], ["xyz"], ["q"]])
     assert n == {"identical": 1, "tied": 1, "better": 1, "y_ref_chosen": 1}

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import inputs
+import task
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
 from sample import generate
@@ -30,7 +31,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
         assert r["length"] > 0 and r["kl"] >= -1.0
     # "win vs SFT" is the model's greedy answers judged against the SFT model's, which every
     # checkpoint keeps: recompute both from the saved weights and compare with the last row
-    cfg = train.resolve(train.parse_args(FAST))
+    cfg = inputs.resolve(train.parse_args(FAST))
     d, tok = inputs.load_data(cfg), inputs.get_tokenizer(cfg, verbose=False)
     prompt_ids = [tok.encode(e["prompt"]) for e in d.eval]
 
@@ -88,7 +89,7 @@ def test_truncated_y_ref_keeps_no_eos(tmp_path, monkeypatch):
     where it is the optimism term's sample or a member of the pair, and the log counts it."""
     import runtime
     from model import GPT, preset
-    cfg = train.resolve(train.parse_args(FAST + ["--out-dir", str(tmp_path), "--max-new-tokens", "2"]))
+    cfg = inputs.resolve(train.parse_args(FAST + ["--out-dir", str(tmp_path), "--max-new-tokens", "2"]))
     tok, d = inputs.get_tokenizer(cfg, verbose=False), inputs.load_data(cfg)
     rt = runtime.setup("cpu", "float32", str(tmp_path))
     torch.manual_seed(0)
@@ -98,7 +99,7 @@ def test_truncated_y_ref_keeps_no_eos(tmp_path, monkeypatch):
     chunk = d.chunks[1][:16]
     _, info = train.selm_iteration(rt, cfg, tok, 1, model, chunk, d.judge)
     assert info["y_ref_truncated"] == 16  # an untrained model never stops within 2 tokens
-    for _, w, l, y in seen["examples"]:
+    for _, w, l, (y,) in seen["examples"]:  # one y_ref per example (m = 1)
         assert len(y) == 2 and y[-1] != tok.eos_id
         assert w[-1] == tok.eos_id or w == y  # an offline response ends in EOS; y_ref as sampled
         assert l[-1] == tok.eos_id or l == y
@@ -109,9 +110,74 @@ def test_sft_without_demonstrations_keeps_the_weights(tmp_path):
     which must leave the model as it is (it used to fail on max() of an empty list)."""
     import runtime
     from model import GPT, preset
-    cfg = train.resolve(train.parse_args(FAST + ["--out-dir", str(tmp_path), "--sft-steps", "0"]))
+    cfg = inputs.resolve(train.parse_args(FAST + ["--out-dir", str(tmp_path), "--sft-steps", "0"]))
     model = GPT(preset("tiny", vocab_size=300))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rt = runtime.setup("cpu", "float32", str(tmp_path))
     assert train.train_sft(rt, cfg, inputs.get_tokenizer(cfg, verbose=False), model, []) is None
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_online_step_options(tmp_path, monkeypatch):
+    """--y-ref sampled, --online-samples n, --optimism-samples m, --tie-order: how many of
+    pi_ref's answers reach the judge and the optimism term, and that they are samples."""
+    import runtime
+    from model import GPT, preset
+    cfg = train.parse_args(FAST + ["--out-dir", str(tmp_path), "--y-ref", "sampled", "--online-samples", "3",
+                                   "--optimism-samples", "2", "--tie-order", "authors", "--max-new-tokens", "6"])
+    inputs.check_config(cfg)
+    tok, d = inputs.get_tokenizer(cfg, verbose=False), inputs.load_data(cfg)
+    rt = runtime.setup("cpu", "float32", str(tmp_path))
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=tok.vocab_size))
+    seen = {"candidates": []}
+    judge = d.judge
+    def spy(prompt, candidates):
+        seen["candidates"].append(candidates)
+        return judge(prompt, candidates)
+    monkeypatch.setattr(train, "preference_epoch", lambda *a, **k: seen.setdefault("examples", a[5]) and None)
+    chunk = d.chunks[1][:16]
+    train.selm_iteration(rt, cfg, tok, 1, model, chunk, spy)
+    assert all(len(c) == 5 for c in seen["candidates"])  # the offline pair and n = 3 answers of pi_ref
+    assert [c[3] for c in seen["candidates"]] == [e["chosen"] for e in chunk]  # authors: [y_1..y_n, chosen, rejected]
+    assert any(len(set(c[:3])) > 1 for c in seen["candidates"])  # sampled answers differ
+    assert all(len(ex[3]) == 2 for ex in seen["examples"])  # m = 2 answers for the optimism term
+
+
+def test_m_optimism_samples_average_in_the_loss(tmp_path):
+    """The optimism term with m samples is alpha*beta*(mean log pi - mean log pi_ref): one
+    training run with m = 2 logs the optimism term of exactly that."""
+    out = train.run(train.parse_args(FAST + ["--out-dir", str(tmp_path), "--iterations", "1", "--y-ref", "sampled",
+                                             "--optimism-samples", "2", "--alpha", "0.1"]))
+    assert [r["stage"] for r in out] == ["sft", "dpo", "selm_1"]
+    rows = [r for r in runtime_rows(tmp_path) if r.get("stage") == "selm_1" and "optimism" in r]
+    assert rows and abs(rows[0]["optimism"]) < 1e-6 and any(abs(r["optimism"]) > 1e-4 for r in rows)  # 0 at pi = pi_ref
+
+
+def runtime_rows(out):
+    import runtime
+    return runtime.read_metrics(os.path.join(out, "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--optimism-samples", "2"], "needs --y-ref sampled"),
+    (["--y-ref", "beam"], "--y-ref must be greedy or sampled"),
+    (["--tie-order", "random"], "--tie-order must be"),
+    (["--online-samples", "0"], "at least 1"),
+    (["--sft-passes", "3,1"], "--sft-passes must be lo,hi"),
+    (["--offline-passes", "x"], "--offline-passes must be lo,hi"),
+    (["--export", "selm_9"], "selm_9 is no stage"),
+])
+def test_bad_online_flags_are_one_line_errors(tmp_path, flags, msg):
+    with pytest.raises(SystemExit) as e:
+        train.main(FAST + ["--out-dir", str(tmp_path)] + flags)
+    assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_task_difficulty_knobs_change_the_data():
+    easy = inputs.load_data(inputs.resolve(train.parse_args(FAST + ["--sft-passes", "4,6", "--offline-passes", "3,6"])))
+    base = inputs.load_data(inputs.resolve(train.parse_args(FAST)))
+    reward = lambda rows: sum(task.reward(p, r) for p, r in rows) / len(rows)  # noqa: E731
+    assert reward(easy.sft) > reward(base.sft) + 0.1
+    chosen = lambda d: [(e["prompt"], e["chosen"]) for c in d.chunks for e in c]  # noqa: E731
+    assert reward(chosen(easy)) > reward(chosen(base))
