@@ -135,10 +135,12 @@ def last_checkpoint(out_dir, stages, config):
 SHARED_BY_STAGE = {
     "sft": ("model", "init_from", "sft", "prefs", "prompts", "judge", "bpe_path", "block_size",
             "dropout", "task_seed", "min_len", "max_len", "n_sft", "n_eval",
-            "sft_steps", "sft_lr", "sft_batch_size", "seed", "max_new_tokens", "kl_samples"),
+            "sft_steps", "sft_lr", "sft_batch_size", "seed", "max_new_tokens", "kl_samples", "sft_passes"),
     "dpo": ("chunk_size", "beta", "loss_type", "lr", "batch_size", "micro_batch_size", "warmup",
-            "weight_decay", "grad_clip"),
+            "weight_decay", "grad_clip", "offline_passes"),
 }
+# ... and what the online stages depend on besides
+ONLINE = ("alpha", "lr_decay", "y_ref", "temperature", "online_samples", "optimism_samples", "tie_order")
 
 
 def adopt_stages(start_from, out_dir, stages, config):
@@ -151,7 +153,7 @@ def adopt_stages(start_from, out_dir, stages, config):
     if last not in stages:
         raise ValueError(f"--start-from: stage {last!r} is not one of this run's stages {stages}")
     done = stages[:stages.index(last) + 1]
-    keys = [k for s in done[:2] for k in SHARED_BY_STAGE[s]] + (["alpha", "lr_decay"] if len(done) > 2 else [])
+    keys = [k for s in done[:2] for k in SHARED_BY_STAGE[s]] + (list(ONLINE) if len(done) > 2 else [])
     diff = [k for k in keys if src["config"].get(k) != config[k]]
     if diff:
         raise ValueError(f"--start-from: {start_from} was made with different {', '.join(diff)}")
