@@ -235,12 +235,16 @@ def preference_metrics(losses, chosen_rewards, rejected_rewards, *, policy_chose
     optimism: [B] optional, optimism_term's output -> "optimism"
     "rewards/accuracies" is the fraction of pairs with chosen reward > rejected reward (ties
     count as wrong, so it starts at 0 when policy == reference), "rewards/margins" the mean of
-    chosen - rejected. Watch "logps/chosen": DPO often lowers the chosen log-prob too.
+    chosen - rejected, and "rewards/saturated" the fraction of pairs whose DPO gradient has all
+    but vanished: sigmoid(-(r_w - r_l)) < 0.01, the factor the DPO gradient carries, while the
+    optimism term's gradient never shrinks. Watch "logps/chosen": DPO often lowers the chosen
+    log-prob too.
     """
+    margins = chosen_rewards - rejected_rewards
     named = {"loss": losses, "rewards/chosen": chosen_rewards,
              "rewards/rejected": rejected_rewards,
              "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-             "rewards/margins": chosen_rewards - rejected_rewards}
+             "rewards/margins": margins, "rewards/saturated": (torch.sigmoid(-margins) < 0.01).float()}
     for key, value in (("logps/chosen", policy_chosen_logps),
                        ("logps/rejected", policy_rejected_logps), ("optimism", optimism)):
         if value is not None:

@@ -71,8 +71,12 @@ def test_metrics_by_hand():
                            optimism=torch.tensor([0.1, 0.3]))
     assert m == pytest.approx({"loss": 2.0, "rewards/chosen": -0.25, "rewards/rejected": 0.625,
                                "rewards/accuracies": 0.5, "rewards/margins": (0.25 - 2.0) / 2,
+                               "rewards/saturated": 0.0,
                                "logps/chosen": -3.0, "logps/rejected": -7.0, "optimism": 0.2})
     assert all(type(v) is float for v in m.values())
+    # saturated: sigmoid(-(r_w - r_l)) < 0.01, i.e. a margin above log(99) = 4.595
+    sat = preference_metrics(losses, torch.tensor([4.6, 4.5]), torch.tensor([0.0, 0.0]))["rewards/saturated"]
+    assert sat == 0.5
 
 
 def test_alpha_zero_is_dpo_bitwise_including_gradients():
