@@ -247,16 +247,19 @@ def implicit_reward(beta, model, ref, rows, pad_id):
 
 
 @torch.no_grad()
-def analyse(d, k, n_diag):
+def analyse(d, k, n_diag, implicit=True):
+    """Per stage of the run in d: greedy answers to the eval prompts, k temperature-1 samples
+    on the first n_diag of them (distinct, best and mean reward, best of the first 8, pass@k:
+    any sample exactly right), and with `implicit` the implicit rewards of fresh samples and of
+    the stage's chosen responses (only for greedy single-y_ref runs, whose pairs it rebuilds)."""
     path = os.path.join(d, "analysis.json")
     out = read_json(path, {})
     stages = [r["stage"] for r in read_json(os.path.join(d, "results.json"))]
     cfg = load_checkpoint(os.path.join(d, f"{stages[-1]}.pt"))["config"]
     own = stages if cfg["iterations"] == 0 else stages[2:]
     tok = data.get_tokenizer(verbose=False)
-    task = sorting.make_task(seed=cfg["task_seed"], n_sft=cfg["n_sft"], n_prompts_per_chunk=cfg["chunk_size"],
-                          n_chunks=cfg["iterations"] + 1, n_eval=cfg["n_eval"],
-                          min_len=cfg["min_len"], max_len=cfg["max_len"])
+    task = inputs.load_data(train.Config(**{k: v for k, v in cfg.items() if k in train.Config.__dataclass_fields__}))
+    implicit = implicit and cfg.get("y_ref", "greedy") == "greedy" and cfg.get("online_samples", 1) == 1
     beta, max_new = cfg["beta"], cfg["max_new_tokens"]
     eval_prompts = [e["prompt"] for e in task.eval]
     eval_ids = [tok.encode(p) for p in eval_prompts]
@@ -277,7 +280,9 @@ def analyse(d, k, n_diag):
         row["distinct"] = statistics.mean(len(set(ys)) for ys in per)
         row["best_of_k"] = statistics.mean(max(s) for s in scores)
         row["mean_of_k"] = statistics.mean(statistics.mean(s) for s in scores)
-        if i > 0:  # implicit rewards against this stage's reference, the previous stage
+        row["best_of_8"] = statistics.mean(max(s[:8]) for s in scores)
+        row["pass_at_k"] = statistics.mean(any(x >= 1.0 for x in s) for s in scores)
+        if i > 0 and implicit:  # implicit rewards against this stage's reference, the previous stage
             ref = load_model(d, stages[i - 1])
             chunk = task.chunks[i - 1][:n_diag]  # the prompts this stage trained on
             cp = [e["prompt"] for e in chunk]
@@ -419,10 +424,16 @@ def main(argv=None):
     ap.add_argument("--report", default=None, help="report path (default <out>/report.md)")
     ap.add_argument("--bases-only", action="store_true", help="only the shared SFT + offline DPO runs")
     ap.add_argument("--report-only", action="store_true", help="tabulate what is there, run nothing")
+    ap.add_argument("--study", action="store_true", help="the preregistered study (docs/preregistration.md, study.py) "
+                                                          "instead of the alpha sweep")
     ap.add_argument("--analyse", default=None, help=argparse.SUPPRESS)  # internal: analyse one run dir
+    ap.add_argument("--no-implicit", action="store_true", help=argparse.SUPPRESS)  # internal: skip implicit rewards
     args, extra = ap.parse_known_args(argv)
     if args.analyse:
-        return analyse(args.analyse, args.k, args.diag_prompts)
+        return analyse(args.analyse, args.k, args.diag_prompts, implicit=not args.no_implicit)
+    if args.study:
+        import study
+        return study.main(args, extra)
     args.out = args.out or ("out/sweep-quick" if args.quick else "out/sweep")
     args.seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
     args.difficulties = (args.difficulties or ("len7-10" if args.quick else "len7-10,len11-14")).split(",")

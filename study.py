@@ -1,0 +1,323 @@
+"""
+study.py -- the preregistered study of SELM's mechanism (docs/preregistration.md).
+
+    python sweep.py --study             # calibration, tuning, 5 held-out seeds, report (hours)
+    python sweep.py --study --quick     # the same machinery at toy scale, in minutes
+
+Where the theory says the optimism term can pay off -- good answers rare under greedy
+decoding but within reach of sampling, pi_ref's own answers usually not the best, sampled
+answers judged, the term averaged over samples of pi_ref -- does SELM beat iterative DPO?
+
+Phases, run in order; each decision is written to <out>/decisions.json once and never
+revised, so the command can be stopped and started again at any point:
+  1. calibration   the first word-length range that meets the preregistered criteria
+  2. tuning        beta and lr for the alpha = 0 arms, then alpha for each SELM arm
+  3. held out      five seeds x (the shared SFT + offline DPO, five arms)
+  4. report        tables, decisions against the rule, a figure (<out>/report.md, .json, .png)
+Every run is a train.py process (sweep.run_all: `--jobs` at a time, resumable) followed by
+its analysis (sweep.py --analyse: pass@16, best-of-8, greedy answers for the head-to-head).
+"""
+
+import json
+import math
+import os
+import statistics
+import sys
+
+from checkpoint import stage_names, write_json_atomic
+from runtime import read_metrics
+from selm import win
+from task import judge
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ARMS = {  # the preregistered arms: train.py flags besides the shared ones (alpha is tuned for B, D)
+    "A": ("iterative DPO, greedy", ["--alpha", "0"]),
+    "B": ("SELM, greedy", ["--alpha", "{alpha_B}"]),
+    "C": ("iterative DPO, sampled", ["--alpha", "0", "--y-ref", "sampled"]),
+    "D": ("SELM, sampled, m = 4", ["--alpha", "{alpha_D}", "--y-ref", "sampled", "--optimism-samples", "4"]),
+    "E": ("online DPO, 2 samples", ["--alpha", "0", "--y-ref", "sampled", "--online-samples", "2"]),
+}
+FULL = dict(model=["--model", "small"], T=6, chunk=512, tuning=[100, 101], tuning_task=100, heldout=[0, 1, 2, 3, 4],
+            lengths=[(8, 11), (9, 12), (10, 13)], settings=[(2.0, 1e-4), (2.0, 5e-5), (0.5, 1e-4), (0.5, 3e-5)],
+            alphas=[0.0005, 0.002, 0.008], k=16, diag=128)
+QUICK = dict(model=["--model", "tiny", "--n-sft", "512", "--n-eval", "64", "--sft-steps", "100"], T=2, chunk=64,
+             tuning=[100], tuning_task=100, heldout=[0, 1], lengths=[(8, 11), (9, 12)],
+             settings=[(2.0, 1e-4), (0.5, 1e-4)], alphas=[0.002, 0.008], k=16, diag=16)
+T_QUANTILE = {1: 25.452, 2: 6.205, 3: 4.177, 4: 3.495, 5: 3.163, 6: 2.969}  # t_{0.9875, df}: 97.5% two-sided
+DELTA = 0.01  # the equivalence margin, in reward
+
+
+class Job:
+    """One train.py run and its analysis, in the shape sweep.run_all expects."""
+
+    def __init__(self, out, name, flags, iterations, base=None):
+        self.name, self.dir, self.flags, self.base = name, os.path.join(out, name), flags, base
+        self.iterations, self.stages = iterations, stage_names(iterations)
+
+    def results(self):
+        try:
+            with open(os.path.join(self.dir, "results.json")) as f:
+                return {r["stage"]: r for r in json.load(f)}
+        except (OSError, ValueError):
+            return {}
+
+    def trained(self):
+        return list(self.results()) == self.stages
+
+    def analysis(self):
+        try:
+            with open(os.path.join(self.dir, "analysis.json")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def complete(self):
+        own = self.stages if self.base is None else self.stages[2:]
+        return self.trained() and set(own) <= set(self.analysis())
+
+    def commands(self, args, extra):
+        cmds = []
+        if not self.trained():
+            cmd = [sys.executable, os.path.join(HERE, "train.py"), *self.flags, "--iterations", str(self.iterations),
+                   "--out-dir", self.dir, "--log-every", "1"] + extra
+            if any(f.endswith(".pt") for f in os.listdir(self.dir)):
+                cmd += ["--resume"]
+            elif self.base is not None:
+                cmd += ["--start-from", os.path.join(self.base.dir, "dpo.pt")]
+            cmds.append(cmd)
+        cmds.append([sys.executable, os.path.join(HERE, "sweep.py"), "--analyse", self.dir, "--k", str(args.k),
+                     "--diag-prompts", str(args.diag), "--no-implicit"])
+        return cmds
+
+
+def base_flags(P, seed, task_seed, lengths, beta, lr):
+    return [*P["model"], "--seed", str(seed), "--task-seed", str(task_seed), "--min-len", str(lengths[0]),
+            "--max-len", str(lengths[1]), "--chunk-size", str(P["chunk"]), "--beta", f"{beta:g}", "--lr", f"{lr:g}"]
+
+
+def jobs_for(out, P, seed, task_seed, lengths, beta, lr, arms, iterations, alphas=None, tag=""):
+    """The base run (SFT + offline DPO) of one seed and setting, and the given arms from it."""
+    flags = base_flags(P, seed, task_seed, lengths, beta, lr)
+    where = f"len{lengths[0]}-{lengths[1]}/b{beta:g}-lr{lr:g}/seed{seed}"
+    base = Job(out, f"{where}/base", flags, 0)
+    arms_ = [Job(out, f"{where}/{arm}{tag}", flags + [f.format(**(alphas or {})) for f in ARMS[arm[0]][1]],
+                 iterations, base) for arm in arms]
+    return base, arms_
+
+
+def final(job, key="reward"):
+    return job.results()[job.stages[-1]][key]
+
+
+# ---- the phases -------------------------------------------------------------------------------
+
+def calibrate(out, P, run, decisions):
+    """Preregistration, "Task calibration": the first length range meeting all three criteria."""
+    stats = decisions.setdefault("calibration", {})
+    for lengths in P["lengths"]:
+        key = f"len{lengths[0]}-{lengths[1]}"
+        if key not in stats:
+            jobs = [j for s in P["tuning"] for b, arms in [jobs_for(out, P, s, P["tuning_task"], lengths, 2.0, 1e-4,
+                                                                     ["C1"], 1)] for j in (b, *arms)]
+            run(jobs)
+            bases, c1 = jobs[0::2], jobs[1::2]
+            stats[key] = {
+                "exact_match": statistics.mean(final(b, "perfect") for b in bases),
+                "pass_at_16": statistics.mean(b.analysis()["dpo"]["pass_at_k"] for b in bases),
+                "strictly_better": statistics.mean(online(j, "selm_1")["y_ref_better"] / (online(j, "selm_1")["pairs"]
+                                                   + online(j, "selm_1")["dropped_ties"]) for j in c1)}
+        s = stats[key]
+        s["meets"] = [0.02 <= s["exact_match"] <= 0.10, s["pass_at_16"] >= 0.25, s["strictly_better"] <= 0.30]
+        if all(s["meets"]):
+            return lengths, False
+    fewest = min(stats, key=lambda k: (stats[k]["meets"].count(False), abs(math.log(max(stats[k]["exact_match"], 1e-4) / 0.05))))
+    return tuple(int(x) for x in fewest[3:].split("-")), True  # a deviation: none met all three
+
+
+def online(job, stage):
+    return next(r["online"] for r in read_metrics(os.path.join(job.dir, "metrics.jsonl"))
+                if r.get("stage") == stage and "online" in r and "eval" not in r)
+
+
+def tune(out, P, run, lengths):
+    """Preregistration, "Tuning protocol": beta and lr on arms A and C, then alpha per SELM arm."""
+    grid = {}
+    for beta, lr in P["settings"]:
+        jobs = [jobs_for(out, P, s, P["tuning_task"], lengths, beta, lr, ["A", "C"], P["T"]) for s in P["tuning"]]
+        run([j for b, arms in jobs for j in (b, *arms)])
+        grid[f"{beta:g},{lr:g}"] = statistics.mean(final(j) for _, arms in jobs for j in arms)
+    beta, lr = (float(x) for x in max(grid, key=grid.get).split(","))
+    alphas, alpha_grid = {}, {}
+    for arm in ("B", "D"):
+        scores = {}
+        for a in P["alphas"]:
+            jobs = [jobs_for(out, P, s, P["tuning_task"], lengths, beta, lr, [arm], P["T"], {f"alpha_{arm}": a},
+                             tag=f"-a{a:g}") for s in P["tuning"]]
+            run([j for b, arms in jobs for j in (b, *arms)])
+            scores[f"{a:g}"] = statistics.mean(final(j) for _, arms in jobs for j in arms)
+        best = max(scores.values())
+        alphas[f"alpha_{arm}"] = min(float(a) for a, v in scores.items() if v >= best - 0.002)  # ties: the smaller
+        alpha_grid[arm] = scores
+    return {"beta": beta, "lr": lr, "beta_lr_grid": grid, **alphas, "alpha_grid": alpha_grid}
+
+
+def held_out(out, P, run, d):
+    runs = {s: jobs_for(out, P, s, 0, d["lengths"], d["beta"], d["lr"], list(ARMS), P["T"],
+                        {k: d[k] for k in ("alpha_B", "alpha_D")}) for s in P["heldout"]}
+    run([j for b, arms in runs.values() for j in (b, *arms)])
+    return {s: dict(zip(ARMS, arms)) for s, (_, arms) in runs.items()}
+
+
+# ---- the report ---------------------------------------------------------------------------------
+
+def interval(xs, q):
+    """(mean, std, lower, upper): the two-sided t-interval of the mean, q the t quantile table."""
+    n, m = len(xs), statistics.mean(xs)
+    sd = statistics.stdev(xs) if n > 1 else float("nan")
+    half = q.get(n - 1, float("nan")) * sd / math.sqrt(n)
+    return m, sd, m - half, m + half
+
+
+def decide(lo, hi):
+    if lo > 0:
+        return "helps" + (", by less than the margin" if hi <= DELTA else "")
+    if hi < 0:
+        return "hurts"
+    return "equivalent" if -DELTA <= lo and hi <= DELTA else "inconclusive"
+
+
+def per_stage(job, stage):
+    """Every endpoint of one run at one stage."""
+    res, ana = job.results()[stage], job.analysis().get(stage, {})
+    rows = [r for r in read_metrics(os.path.join(job.dir, "metrics.jsonl")) if r.get("stage") == stage and "step" in r]
+    o = online(job, stage)
+    return {"reward": res["reward"], "perfect": res["perfect"], "kl": res["kl"],
+            "pass_at_16": ana.get("pass_at_k"), "best_of_8": ana.get("best_of_8"),
+            "strictly_better": o["y_ref_better"] / max(1, o["pairs"] + o["dropped_ties"]),
+            "saturated": statistics.mean(r["rewards/saturated"] for r in rows),
+            "chosen_logp_drift": rows[-1]["logps/chosen"] - rows[0]["logps/chosen"]}
+
+
+def report(out, P, d, runs):
+    import inputs
+    import train
+    from checkpoint import load_checkpoint
+    T, seeds = P["T"], sorted(runs)
+    saved = load_checkpoint(os.path.join(runs[seeds[0]]["A"].base.dir, "dpo.pt"))["config"]  # the eval prompts
+    prompts = [e["prompt"] for e in inputs.load_data(train.Config(**saved)).eval]
+    ep = {a: {t: [per_stage(runs[s][a], f"selm_{t}") for s in seeds] for t in range(1, T + 1)} for a in ARMS}
+    keys = ["reward", "perfect", "pass_at_16", "best_of_8", "strictly_better", "saturated", "chosen_logp_drift", "kl"]
+    fmt = lambda xs: f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"  # noqa: E731
+    lines = ["# The preregistered study: results", "",
+             f"Task: words of {d['lengths'][0]}-{d['lengths'][1]} letters"
+             + (" (a deviation: no candidate met every calibration criterion)" if d["deviation"] else "")
+             + f"; beta {d['beta']:g}, lr {d['lr']:g}; alpha_B {d['alpha_B']:g}, alpha_D {d['alpha_D']:g}; "
+             f"T = {T}; held-out seeds {seeds}. Calibration: {json.dumps(d['calibration'])}. "
+             f"Tuning: beta/lr grid {json.dumps(d['beta_lr_grid'])}, alpha grid {json.dumps(d['alpha_grid'])}.", "",
+             "## Endpoints per arm and iteration (mean ± std over held-out seeds)", "",
+             "| arm | iter | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for a, (name, _) in ARMS.items():
+        for t in range(1, T + 1):
+            lines.append(f"| {a}: {name} | {t} | " + " | ".join(fmt([e[k] for e in ep[a][t] if e[k] is not None])
+                                                                  if any(e[k] is not None for e in ep[a][t]) else "-"
+                                                                  for k in keys) + " |")
+    summary = {"decisions": {}, "per_iteration": {}}
+    lines += ["", "## Primary endpoint: paired difference in final greedy reward", "",
+              "| comparison | iteration | mean | std | 97.5% interval | decision |", "|---|---|---|---|---|---|"]
+    for label, x, y in (("H1: D - C", "D", "C"), ("H2: B - A", "B", "A")):
+        for t in range(1, T + 1):
+            diffs = [ex["reward"] - ey["reward"] for ex, ey in zip(ep[x][t], ep[y][t])]
+            m, sd, lo, hi = interval(diffs, T_QUANTILE)
+            summary["per_iteration"].setdefault(label, []).append([m, lo, hi])
+            verdict = decide(lo, hi) if t == T else ""
+            if t == T:
+                summary["decisions"][label] = {"mean": m, "std": sd, "interval": [lo, hi], "decision": verdict}
+            lines.append(f"| {label} | {t} | {m:+.4f} | {sd:.4f} | [{lo:+.4f}, {hi:+.4f}] | {verdict} |")
+    t95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447}
+    lines += ["", "## Secondary comparisons at the last iteration (95% intervals, no decision)", "",
+              "| comparison | endpoint | mean | 95% interval |", "|---|---|---|---|"]
+    for label, x, y in (("H3: E - C", "E", "C"), ("D - C", "D", "C"), ("B - A", "B", "A")):
+        for k in keys[1:]:
+            diffs = [ex[k] - ey[k] for ex, ey in zip(ep[x][T], ep[y][T]) if ex[k] is not None and ey[k] is not None]
+            if diffs:
+                m, _, lo, hi = interval(diffs, t95)
+                lines.append(f"| {label} | {k} | {m:+.4f} | [{lo:+.4f}, {hi:+.4f}] |")
+        if label.startswith("H3"):
+            m, _, lo, hi = interval([ex["reward"] - ey["reward"] for ex, ey in zip(ep[x][T], ep[y][T])], t95)
+            lines.append(f"| {label} | reward | {m:+.4f} | [{lo:+.4f}, {hi:+.4f}] |")
+    lines += ["", "## Head-to-head at the last iteration (greedy answers, ties half)", "",
+              "| comparison | win rate, mean ± std over seeds |", "|---|---|"]
+    for x, y in (("D", "C"), ("B", "A"), ("E", "C")):
+        wr = [statistics.mean(win(*judge(p, [ax, ay])) for p, ax, ay in
+                              zip(prompts, runs[s][x].analysis()[f"selm_{T}"]["answers"],
+                                  runs[s][y].analysis()[f"selm_{T}"]["answers"])) for s in seeds]
+        summary.setdefault("head_to_head", {})[f"{x} vs {y}"] = wr
+        lines.append(f"| {x} vs {y} | {fmt(wr)} |")
+    cov = [ex["pass_at_16"] - ey["pass_at_16"] for ex, ey in zip(ep["D"][T], ep["C"][T])]
+    better = [statistics.mean(ep["D"][t][i]["strictly_better"] - ep["C"][t][i]["strictly_better"]
+                              for t in range(max(1, T - 2), T + 1)) for i in range(len(seeds))]
+    h1 = summary["decisions"]["H1: D - C"]["decision"]
+    shown = statistics.mean(cov) > 0 and statistics.mean(better) > 0
+    mech = (("confirmed" if shown else "helps; mechanism not shown") if h1.startswith("helps")
+            else "the term explores, and it does not pay" if shown else "not confirmed")
+    summary["mechanism"] = {"pass_at_16_diff": cov, "strictly_better_diff_late": better, "verdict": mech}
+    lines += ["", f"Mechanism (D vs C): pass@16 difference at iteration {T}: {fmt(cov)}; strictly better online "
+              f"answers, iterations {max(1, T - 2)}-{T}: {fmt(better)}. Verdict: **{mech}**."]
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    write_json_atomic(summary, os.path.join(out, "report.json"))
+    plot(summary, T, os.path.join(out, "primary.png"))
+    print("\n".join(lines))
+
+
+def plot(summary, T, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return  # optional: no PNG without matplotlib
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, rows in summary["per_iteration"].items():
+        m, lo, hi = zip(*rows)
+        ax.errorbar(range(1, T + 1), m, yerr=[[a - b for a, b in zip(m, lo)], [b - a for a, b in zip(m, hi)]],
+                    marker="o", capsize=3, label=label)
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.axhspan(-DELTA, DELTA, color="gray", alpha=0.15)
+    ax.set_xlabel("SELM iteration")
+    ax.set_ylabel("paired difference in greedy reward")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---- the command ------------------------------------------------------------------------------
+
+def main(args, extra):
+    """sweep.py --study: args from sweep.py's parser (out, jobs, quick, report_only); extra:
+    train.py flags added to every run."""
+    import sweep
+    P = QUICK if args.quick else FULL
+    out = args.out or ("out/study-quick" if args.quick else "out/study")
+    args.out, args.k, args.diag = out, P["k"], P["diag"]
+    path = os.path.join(out, "decisions.json")
+    os.makedirs(out, exist_ok=True)
+    decisions = json.load(open(path)) if os.path.exists(path) else {}  # noqa: SIM115
+
+    def run(jobs):
+        if args.report_only and not all(j.complete() for j in jobs):
+            sys.exit("study: --report-only, but runs are missing")
+        failed = sweep.run_all(jobs, args, extra)
+        if failed:
+            sys.exit(f"study: {len(failed)} runs failed: {', '.join(sorted(failed))}")
+
+    if "lengths" not in decisions:
+        lengths, deviation = calibrate(out, P, run, decisions)
+        decisions.update(lengths=list(lengths), deviation=deviation)
+        write_json_atomic(decisions, path)
+    if "alpha_D" not in decisions:
+        decisions.update(tune(out, P, run, decisions["lengths"]))
+        write_json_atomic(decisions, path)
+    runs = held_out(out, P, run, decisions)
+    report(out, P, decisions, runs)
