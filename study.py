@@ -124,19 +124,31 @@ def calibrate(out, P, run, decisions):
             stats[key] = {
                 "exact_match": statistics.mean(final(b, "perfect") for b in bases),
                 "pass_at_16": statistics.mean(b.analysis()["dpo"]["pass_at_k"] for b in bases),
-                "strictly_better": statistics.mean(online(j, "selm_1")["y_ref_better"] / (online(j, "selm_1")["pairs"]
-                                                   + online(j, "selm_1")["dropped_ties"]) for j in c1)}
-        s = stats[key]
+                "strictly_better": statistics.mean(better_share(j, "selm_1") for j in c1)}
+        if choose(stats, P["lengths"])[1] is False:
+            break  # this candidate meets every criterion: the later ones are never run
+    return choose(stats, P["lengths"])
+
+
+def choose(stats, candidates):
+    """The calibration rule on the statistics gathered so far: (the first candidate meeting
+    all three criteria, False), or, when none does, (the one failing the fewest, ties broken
+    by the exact-match rate closest to 5%, True: a deviation)."""
+    for s in stats.values():
         s["meets"] = [0.02 <= s["exact_match"] <= 0.10, s["pass_at_16"] >= 0.25, s["strictly_better"] <= 0.30]
-        if all(s["meets"]):
-            return lengths, False
-    fewest = min(stats, key=lambda k: (stats[k]["meets"].count(False), abs(math.log(max(stats[k]["exact_match"], 1e-4) / 0.05))))
-    return tuple(int(x) for x in fewest[3:].split("-")), True  # a deviation: none met all three
+    for lo, hi in candidates:
+        if f"len{lo}-{hi}" in stats and all(stats[f"len{lo}-{hi}"]["meets"]):
+            return (lo, hi), False
+    fewest = min(stats, key=lambda k: (stats[k]["meets"].count(False),
+                                       abs(math.log(max(stats[k]["exact_match"], 1e-4) / 0.05))))
+    return tuple(int(x) for x in fewest[3:].split("-")), True
 
 
-def online(job, stage):
-    return next(r["online"] for r in read_metrics(os.path.join(job.dir, "metrics.jsonl"))
-                if r.get("stage") == stage and "online" in r and "eval" not in r)
+def better_share(job, stage):
+    """The share of an iteration's prompts where pi_ref's best answer beat the offline chosen."""
+    o = next(r["online"] for r in read_metrics(os.path.join(job.dir, "metrics.jsonl"))
+             if r.get("stage") == stage and "online" in r and "eval" not in r)
+    return o["y_ref_better"] / max(1, o["pairs"] + o["dropped_ties"])
 
 
 def tune(out, P, run, lengths):
@@ -190,10 +202,9 @@ def per_stage(job, stage):
     """Every endpoint of one run at one stage."""
     res, ana = job.results()[stage], job.analysis().get(stage, {})
     rows = [r for r in read_metrics(os.path.join(job.dir, "metrics.jsonl")) if r.get("stage") == stage and "step" in r]
-    o = online(job, stage)
     return {"reward": res["reward"], "perfect": res["perfect"], "kl": res["kl"],
             "pass_at_16": ana.get("pass_at_k"), "best_of_8": ana.get("best_of_8"),
-            "strictly_better": o["y_ref_better"] / max(1, o["pairs"] + o["dropped_ties"]),
+            "strictly_better": better_share(job, stage),
             "saturated": statistics.mean(r["rewards/saturated"] for r in rows),
             "chosen_logp_drift": rows[-1]["logps/chosen"] - rows[0]["logps/chosen"]}
 

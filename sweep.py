@@ -3,23 +3,21 @@ sweep.py -- the paper's comparison in miniature: offline DPO vs iterative DPO vs
 
     python sweep.py            # 2 difficulties x 3 seeds x {offline DPO, iterative DPO, SELM at 4 alphas}
     python sweep.py --quick    # 1 seed, 1 difficulty, 2 alphas
+    python sweep.py --study    # the preregistered study instead (study.py, docs/preregistration.md)
 
 For every difficulty and seed, one base run of train.py (SFT, then offline DPO on chunk 1,
-`--iterations 0`) is the "offline DPO" method; every online method then starts from its
-checkpoint (`train.py --start-from .../dpo/dpo.pt`), so all methods of a seed share the SFT
-and offline-DPO stages and differ only in alpha (alpha = 0 is iterative DPO). Runs go to
-    <out>/<difficulty>/seed<k>/<method>/      method: dpo, idpo, selm_a<alpha>
-as subprocesses, `--jobs` at a time, one progress line per finished run. A run whose
-results.json has every stage is skipped; an interrupted one continues with train.py's
-`--resume`. Unknown flags go to every train.py call (e.g. `--model tiny --sft-steps 100`).
+`--iterations 0`) is the "offline DPO" method; every online method starts from its checkpoint
+(`--start-from .../dpo/dpo.pt`) and differs only in alpha (0: iterative DPO). Runs go to
+<out>/<difficulty>/seed<k>/<method>/ (method: dpo, idpo, selm_a<alpha>) as subprocesses,
+`--jobs` at a time; a finished run is skipped, an interrupted one continues with `--resume`.
+Unknown flags go to every train.py call (e.g. `--model tiny --sft-steps 100`).
 
-After training, each run is analysed once (`analysis.json` in its directory, also resumable):
-greedy answers on the eval prompts (for the head-to-head of SELM against iterative DPO, the
-paper's Fig. 2) and exploration diagnostics (Figs. 4-5): k temperature-1 samples per prompt
--> distinct responses and best-of-k reward; implicit reward beta*log(pi/pi_ref) of fresh
-samples and of the chosen responses the stage trained on (pi_ref = the previous stage).
-The tables (mean +- std over seeds) go to <out>/report.md and report.json, and a PNG per
-difficulty when matplotlib is installed.
+Each run is then analysed once (analysis.json, resumable): greedy answers on the eval prompts
+(for the head-to-head, the paper's Fig. 2) and exploration diagnostics (Figs. 4-5): k
+temperature-1 samples per prompt -> distinct responses, best-of-k reward, pass@k; implicit
+reward beta*log(pi/pi_ref) of fresh samples and of the chosen responses the stage trained on.
+Tables (mean +- std over seeds) go to <out>/report.md and report.json, a PNG per difficulty
+when matplotlib is installed.
 """
 
 import argparse
