@@ -113,7 +113,7 @@ def prepare_out_dir(path):
 
 
 # Settings that never change what a run computes; a resumed run may differ in them.
-IGNORED_ON_RESUME = ("resume", "device", "start_from", "compile", "export")
+IGNORED_ON_RESUME = ("resume", "device", "start_from", "compile", "export", "fsdp", "activation_checkpointing")
 
 
 def last_checkpoint(out_dir, stages, config):
@@ -203,12 +203,12 @@ def restore(ckpt, model, out_dir, device, log, is_main=True):
     return ckpt["results"], ckpt["sft_answers"], sft_model, (None if ckpt.get("evaluated", True) else ckpt)
 
 
-def stage_state(stage, model, optimizer, results, **extra):
-    """What a stage's checkpoint holds: weights, optimizer, the results so far, and `extra`
-    as it is (the run's config, the SFT answers, the metrics log's size, ...)."""
-    return {"model": model.state_dict(), "model_config": asdict(model.config), "stage": stage,
-            "results": results, "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "rng": torch.get_rng_state(), **extra}
+def stage_state(stage, model_config, weights, optimizer_state, results, **extra):
+    """What a stage's checkpoint holds: weights and optimizer state (plain tensors, as
+    runtime.Runtime.state_dict gathers them), the results so far, and `extra` as it is (the
+    run's config, the SFT answers, the metrics log's size, ...)."""
+    return {"model": weights, "model_config": asdict(model_config), "stage": stage, "results": results,
+            "optimizer": optimizer_state, "rng": torch.get_rng_state(), **extra}
 
 
 def commit(out_dir, state, is_main=True):

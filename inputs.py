@@ -107,7 +107,10 @@ def check_config(cfg):
                                                                                   cfg.optimism_samples) < 1,
                 "--optimism-samples above 1 needs --y-ref sampled (greedy decoding gives one answer)":
                     cfg.optimism_samples > 1 and cfg.y_ref == "greedy",
-                f"--temperature must be positive, got {cfg.temperature}": not cfg.temperature > 0}
+                f"--temperature must be positive, got {cfg.temperature}": not cfg.temperature > 0,
+                "--fsdp shards over the processes of torchrun: start it with torchrun --nproc_per_node N":
+                    cfg.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2,
+                "--compile is not supported with --fsdp": cfg.fsdp and cfg.compile}
     for message, bad in problems.items():
         if bad:
             raise ValueError(message)

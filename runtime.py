@@ -20,6 +20,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
+from copy import deepcopy
 from dataclasses import dataclass
 
 import torch
@@ -177,24 +178,83 @@ class CompiledTrunk(torch.nn.Module):
 
 @dataclass
 class Runtime:
-    """Device, autocast dtype (None = plain fp32), processes, metrics log, and whether the
-    training forward is compiled."""
+    """Device, autocast dtype (None = plain fp32), processes, metrics log, whether the
+    training forward is compiled, whether the model is sharded (FSDP2) and its blocks'
+    activations recomputed in the backward pass."""
     device: torch.device
     dtype: object
     ranks: Ranks
     log: MetricsLog
     compile: bool = False
+    fsdp: bool = False
+    checkpointing: bool = False
 
     def autocast(self):
         return nullcontext() if self.dtype is None else torch.autocast(self.device.type, dtype=self.dtype)
 
     def wrap(self, model):
-        """The module to train through: DDP under torchrun, optionally with a compiled trunk.
-        Sampling, scoring and saving always use the plain `model`."""
+        """The module to train through: DDP under torchrun, optionally with a compiled trunk;
+        under FSDP the model itself (`prepare` sharded it). Sampling and scoring use
+        `unsharded(model)`, saving `state_dict(model)`."""
+        if self.fsdp:
+            return model
         m = CompiledTrunk(model) if self.compile else model
         if self.ranks.world > 1:
             m = DDP(m, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         return m
+
+    # -- sharding (FSDP2) and activation checkpointing --
+
+    def prepare(self, model):
+        """Once per run, after the weights are loaded: recompute each block's activations in
+        the backward pass instead of keeping them (--activation-checkpointing), and shard every
+        block and the root over the ranks (--fsdp): each rank then holds 1/world of the
+        weights, gradients and AdamW state. On a GPU the shards compute in the autocast dtype
+        and reduce gradients in fp32. Both keep the parameter names, so checkpoints are alike."""
+        from torch.distributed._composable import checkpoint
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        blocks = list(model.transformer.h)
+        if self.checkpointing:
+            for block in blocks:
+                checkpoint(block)
+        if self.fsdp:
+            mp = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32) \
+                if self.device.type == "cuda" and self.dtype is not None else MixedPrecisionPolicy()
+            for block in blocks:
+                fully_shard(block, mp_policy=mp)
+            fully_shard(model, mp_policy=mp)
+        return model
+
+    def unsharded(self, model, copy=False):
+        """The model to sample and score with, outside training. Under FSDP: a plain copy with
+        the full weights, gathered once (decoding through sharded blocks would all-gather every
+        weight at every token); it costs one full set of weights per rank while it lives.
+        Otherwise the model itself (a deep copy with copy=True)."""
+        if not self.fsdp:
+            return deepcopy(model) if copy else model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        plain = type(model)(model.config).to(self.device)
+        plain.load_state_dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))
+        return plain.train(model.training)
+
+    def state_dict(self, model, optimizer=None):
+        """(weights, optimizer state) as plain tensors on the CPU for a checkpoint: under FSDP
+        gathered to rank 0 (every rank must call this; the others get empty dicts)."""
+        if not self.fsdp:
+            return model.state_dict(), None if optimizer is None else optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(model, options=full),
+                None if optimizer is None else get_optimizer_state_dict(model, optimizer, options=full))
+
+    def accumulate(self, train_model, sync):
+        """Around one micro-batch's backward: all-reduce (DDP) or reduce-scatter (FSDP) the
+        gradients only at the last micro-batch of a step (`sync`)."""
+        if self.fsdp:
+            train_model.set_requires_gradient_sync(sync)
+            return nullcontext()
+        return nullcontext() if sync or self.ranks.world == 1 else train_model.no_sync()
 
     def to_device(self, batch, fixed_len, pad_id):
         """Move a collated batch to the device. Under compile, first right-pad it to the
@@ -236,7 +296,7 @@ class Runtime:
             print(*args)
 
 
-def setup(device_name, dtype, out_dir, compile=False):
+def setup(device_name, dtype, out_dir, compile=False, fsdp=False, checkpointing=False):
     """The Runtime of this process: device picked, process group joined, TF32 on for CUDA
     matmuls (fp32 accuracy is not needed there: training runs under autocast anyway)."""
     ranks = Ranks()
@@ -246,7 +306,7 @@ def setup(device_name, dtype, out_dir, compile=False):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), enabled=ranks.main)
-    return Runtime(device, amp_dtype(device, dtype), ranks, log, compile)
+    return Runtime(device, amp_dtype(device, dtype), ranks, log, compile, fsdp, checkpointing)
 
 
 # ---- timing and reporting -------------------------------------------------------------------
@@ -296,6 +356,7 @@ def optimizer_step(model, opt, grad_clip, stage, step):
     """Clip the gradient norm (when grad_clip > 0), refuse a non-finite one, then step."""
     if grad_clip:
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn  # a DTensor under FSDP
         if not torch.isfinite(gn):
             raise FloatingPointError(f"non-finite gradient in stage {stage} at step {step}; "
                                      "lower the learning rate (the last good checkpoint is intact)")

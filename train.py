@@ -10,12 +10,10 @@ joins the offline pair; the judge keeps the best and the worst; one epoch of the
 iterative online DPO. Plumbing lives in runtime.py, what goes to disk in checkpoint.py.
 """
 
-import copy
 import json
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -97,6 +95,10 @@ class Config:
                                 "(same model, task, SFT and seed); they are copied into --out-dir")
     log_every: int = opt(10, "write a metrics line every this many steps")
     compile: bool = opt(False, "torch.compile the training forward (sampling and checkpoints use the plain model)")
+    fsdp: bool = opt(False, "under torchrun, shard weights, gradients and AdamW state over the ranks (FSDP2) instead "
+                            "of a full copy on each (DDP)")
+    activation_checkpointing: bool = opt(False, "recompute each block's activations in the backward pass instead of "
+                                                "keeping them: less memory for long responses, more compute")
     export: str = opt("", "after the run, write these stages as Hugging Face directories <out-dir>/hf-<stage>: "
                           "'last', 'all', or stage names separated by commas")
 
@@ -181,8 +183,7 @@ def preference_epoch(rt, cfg, tok, stage, policy, examples, ref_logps, lr, alpha
             b = data.collate_preferences(*([examples[i][j] for i in mi] for j in range(3)),
                                          *zip(*(examples[i][3] for i in mi)), pad_id=tok.pad_id)
             b = rt.to_device(b, fixed_len, tok.pad_id)
-            sync = k == len(micro) - 1 or W == 1
-            with (nullcontext() if sync else train_model.no_sync()), rt.autocast():
+            with rt.accumulate(train_model, sync=k == len(micro) - 1), rt.autocast():
                 # chosen, rejected (and the m y_ref) rows in one forward: (parts * B,)
                 pol = sequence_logps(train_model, b["input_ids"], b["response_mask"]).view(-1, len(mi))
                 ref = ref_logps[:, mi]
@@ -215,7 +216,7 @@ def offline_dpo(rt, cfg, tok, policy, chunk):
     """DPO on the chunk's fixed pairs; the reference is the policy as it enters (the SFT model)."""
     examples = [(tok.encode_prompt(e["prompt"]), tok.encode_response(e["chosen"]), tok.encode_response(e["rejected"]),
                  ()) for e in chunk]
-    ref_logps = reference_logps_of(rt, cfg, tok, policy, examples)
+    ref_logps = reference_logps_of(rt, cfg, tok, rt.unsharded(policy), examples)
     return preference_epoch(rt, cfg, tok, "dpo", policy, examples, ref_logps, cfg.lr, 0.0, seed=cfg.seed * 1000 + 1)
 
 
@@ -230,7 +231,8 @@ def selm_iteration(rt, cfg, tok, t, policy, chunk, judge):
     prompt_ids = [tok.encode_prompt(p) for p in prompts]
     # 2. y_ref: pi_ref's answers to every prompt of the chunk, in token ids (the authors: one,
     #    greedy). One cut off at --max-new-tokens has no EOS and gets none: it is unfinished.
-    answers = reference_answers(rt, cfg, tok, policy, prompt_ids, seed=cfg.seed * 1000 + t)  # per prompt, k lists
+    ref = rt.unsharded(policy)  # pi_{t-1} itself; under FSDP a gathered plain copy of it
+    answers = reference_answers(rt, cfg, tok, ref, prompt_ids, seed=cfg.seed * 1000 + t)  # per prompt, k lists
     texts = [[tok.decode(r[:-1] if r[-1] in tok.eos_ids else r) for r in a] for a in answers]
     clock.lap("t_sample")
     # 3. the judge scores each prompt's candidates: the offline pair and n of pi_ref's answers
@@ -252,7 +254,7 @@ def selm_iteration(rt, cfg, tok, t, policy, chunk, judge):
     opt_ = None
     if examples:
         # 5. the reference log-probs of chosen, rejected and y_ref, once, from pi_{t-1}
-        ref_logps = reference_logps_of(rt, cfg, tok, policy, examples)
+        ref_logps = reference_logps_of(rt, cfg, tok, ref, examples)
         clock.lap("t_ref_logps")
         # 6. one epoch of the SELM loss: the policy becomes pi_t
         lr = cfg.lr * cfg.lr_decay ** (t - 1)
@@ -291,6 +293,7 @@ def evaluate(rt, cfg, tok, stage, model, sft_model, d, sft_answers):
     the mean of log pi(y) - log pi_SFT(y) over temperature-1 samples y ~ pi."""
     prompts = [e["prompt"] for e in d.eval]
     prompt_ids = [tok.encode_prompt(p) for p in prompts]
+    model = rt.unsharded(model)
     ids = [[t for t in r if t not in tok.eos_ids] for r in sample_responses(rt, cfg, tok, model, prompt_ids)]  # greedy
     answers = [tok.decode(r) for r in ids]
     sft_answers = answers if sft_answers is None else sft_answers
@@ -317,7 +320,7 @@ def evaluate(rt, cfg, tok, stage, model, sft_model, d, sft_answers):
 
 def run(cfg):
     check_config(cfg)
-    rt = setup(cfg.device, cfg.dtype, cfg.out_dir, cfg.compile)
+    rt = setup(cfg.device, cfg.dtype, cfg.out_dir, cfg.compile, cfg.fsdp, cfg.activation_checkpointing)
     stages = stage_names(cfg.iterations)
     ckpt, done = open_run(cfg.out_dir, stages, asdict(cfg), rt.ranks.main, rt.ranks.barrier)
     rt.say("config:", json.dumps(asdict(cfg)))
@@ -328,6 +331,7 @@ def run(cfg):
                                    cfg.prefs or "built-in pairs")
     # continue after the last stage trained (state: that stage, if its evaluation was cut short)
     results, sft_answers, sft_model, state = restore(ckpt, model, cfg.out_dir, rt.device, rt.log, rt.ranks.main)
+    rt.prepare(model)  # --fsdp, --activation-checkpointing
     if ckpt is not None:
         rt.say(f"continuing after stage {done[-1]}" + ("'s training" if state else ""))
     for si, stage in enumerate(stages):
@@ -337,11 +341,12 @@ def run(cfg):
         with judge_failure(stage, cfg.out_dir, saved=lambda: state is not None):
             if state is None:  # train the stage, and commit its weights before its evaluation
                 opt_, info = train_stage(rt, cfg, tok, si, stage, model, d, sft_examples)
-                state = stage_state(stage, model, opt_, list(results), evaluated=False, config=asdict(cfg),
+                state = stage_state(stage, model.config, *rt.state_dict(model, opt_), list(results), evaluated=False,
+                                    config=asdict(cfg),
                                     stage_index=si, sft_answers=sft_answers, tokenizer={"name": tok.name, "source": tok.source},
                                     metrics_size=rt.log.size(), prompt_template=d.prompt_template)
                 commit(cfg.out_dir, state, rt.ranks.main)
-            sft_model = copy.deepcopy(model).eval() if stage == "sft" else sft_model
+            sft_model = rt.unsharded(model, copy=True).eval() if stage == "sft" else sft_model
             row, answers = evaluate(rt, cfg, tok, stage, model, sft_model, d, sft_answers)
         sft_answers = answers if stage == "sft" else sft_answers
         results.append(row)  # results.json holds no timings: a resumed run reproduces it exactly
