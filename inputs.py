@@ -2,7 +2,8 @@
 inputs.py -- what a run starts from: its tokenizer, its data and its model.
 
   tokenizer  GPT-2's BPE for GPT-2 weights, else whatever tokenizer.get_tokenizer finds;
-  data       the built-in sorting task (task.py), or the user's JSON Lines files and judge;
+  data       the built-in sorting task (task.py), or the user's JSON Lines files and judge
+             (conversations rendered with the tokenizer directory's chat template, chat.py);
   model      a fresh preset sized for the tokenizer, or a Hugging Face directory on disk
              (GPT-2, Llama, Mistral, Qwen2, Qwen3: hf.py).
 Each function takes the run's configuration (train.Config) and fails with one line that
@@ -11,13 +12,21 @@ names the problem, before anything is trained.
 
 import os
 
+import chat
 import data
 import task as sorting
 from hf import load_pretrained
 from model import GPT, preset
 
 
-def load_data(cfg):
+def tokenizer_and_data(cfg, rt):
+    """The run's tokenizer and data: conversations are rendered with the chat template of the
+    tokenizer's directory, and a reward-model judge runs on the training device."""
+    tok = get_tokenizer(cfg, verbose=rt.ranks.main)
+    return tok, load_data(cfg, chat.load_template(tok), rt.device)
+
+
+def load_data(cfg, template=None, device=None):
     """The built-in task, or the user's JSONL files and judge (data.load_user_data)."""
     if not any([cfg.sft, cfg.prefs, cfg.prompts, cfg.judge]):
         t = sorting.make_task(seed=cfg.task_seed, n_sft=cfg.n_sft, n_prompts_per_chunk=cfg.chunk_size,
@@ -30,7 +39,7 @@ def load_data(cfg):
     if cfg.sft is None and cfg.init_from is None and cfg.sft_steps > 0:
         raise ValueError("--prefs without --sft: give --sft demonstrations, or --init-from a "
                          "pretrained model with --sft-steps 0")
-    return data.load_user_data(cfg.sft, cfg.prefs, cfg.prompts, cfg.judge, cfg.iterations + 1)
+    return data.load_user_data(cfg.sft, cfg.prefs, cfg.prompts, cfg.judge, cfg.iterations + 1, template, device)
 
 
 def get_tokenizer(cfg, verbose=True):
