@@ -9,7 +9,8 @@ HuggingFaceH4/ultrafeedback_binarized write them. A preference record holds one 
                    common prefix (ultrafeedback_binarized's "prompt" string is then ignored, as
                    are "prompt_id", "messages", "score_chosen", ...).
 SFT records are "messages" (the last turn the assistant's) or "prompt" + "completion"; an
-evaluation record is a "prompt" conversation, and its "reference" an answer text.
+evaluation record is a "prompt" conversation and optionally a "reference" answer, or a
+preference record, whose chosen answer is then the reference.
 
 The pipeline trains on strings (data.py), so a conversation becomes the strings the model's
 chat template writes, marked Templated so that the tokenizer encodes their special tokens:
@@ -45,7 +46,7 @@ class ChatTemplate:
 
     def render(self, messages, add_generation_prompt=False):
         if self._compiled is None:
-            self._compiled = compile_template(self.text)
+            self._compiled = compile_template(self.text, self.source)
         # as transformers: keys whose value is None are dropped (a template handles a missing key)
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
         try:
@@ -69,11 +70,12 @@ class ChatTemplate:
         end = turn.rfind(self.end_of_turn)
         if end < 0:
             raise ValueError(f"the chat template of {self.source} does not end the assistant's turn with the "
-                             f"tokenizer's end-of-sequence token {self.end_of_turn!r}")
+                             f"tokenizer's end-of-sequence token {self.end_of_turn!r} (tokenizer_config.json's "
+                             "eos_token should be the template's end-of-turn token)")
         return Templated(turn[:end])
 
 
-def compile_template(text):
+def compile_template(text, source="?"):
     """The template compiled as transformers compiles it (utils/chat_template_utils.py)."""
     try:
         import jinja2
@@ -106,7 +108,7 @@ def compile_template(text):
     try:
         return env.from_string(text)
     except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"the chat template does not parse: {e} (its line {e.lineno})") from None
+        raise ValueError(f"the chat template of {source} does not parse: {e} (its line {e.lineno})") from None
 
 
 def load_template(tok):
@@ -116,9 +118,13 @@ def load_template(tok):
     if tok.source is None:
         return None
     config = {}
-    if os.path.isfile(os.path.join(tok.source, "tokenizer_config.json")):
-        with open(os.path.join(tok.source, "tokenizer_config.json"), encoding="utf-8") as f:
-            config = json.load(f)
+    file = os.path.join(tok.source, "tokenizer_config.json")
+    if os.path.isfile(file):
+        try:
+            with open(file, encoding="utf-8") as f:
+                config = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{file}: unreadable JSON ({e})") from None
     text = config.get("chat_template")
     jinja = os.path.join(tok.source, "chat_template.jinja")
     if os.path.isfile(jinja):
@@ -219,7 +225,12 @@ def demonstration(rec, template):
 
 def evaluation_prompt(rec, template):
     """{"prompt", "reference"} of an evaluation record: the prompt conversation (or string)
-    rendered, its last turn not the assistant's; the reference answer, if any, as a response."""
+    rendered, its last turn not the assistant's; the reference answer, if any, as a response.
+    A preference record without a "reference" (ultrafeedback_binarized's test_prefs) gives
+    its prompt, and its chosen answer as the reference."""
+    if "chosen" in rec and "reference" not in rec:
+        p = preference_pair(rec, template)
+        return {"prompt": p["prompt"], "reference": p["chosen"]}
     if "prompt" not in rec:
         raise ValueError("missing field 'prompt'")
     msgs = user_turn(rec["prompt"], "prompt")

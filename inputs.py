@@ -27,7 +27,8 @@ def tokenizer_and_data(cfg, rt):
 
 
 def load_data(cfg, template=None, device=None):
-    """The built-in task, or the user's JSONL files and judge (data.load_user_data)."""
+    """The built-in task, or the user's JSONL files and judge (data.load_user_data: `template`
+    renders conversations, `device` is where a reward model judges)."""
     if not any([cfg.sft, cfg.prefs, cfg.prompts, cfg.judge]):
         t = sorting.make_task(seed=cfg.task_seed, n_sft=cfg.n_sft, n_prompts_per_chunk=cfg.chunk_size,
                               n_chunks=cfg.iterations + 1, n_eval=cfg.n_eval, min_len=cfg.min_len, max_len=cfg.max_len)

@@ -64,7 +64,7 @@ def load_reward_model(path):
     score = sd.pop("score.weight", None)
     if score is None or score.shape != (1, config.n_embd):
         got = "no tensor score.weight" if score is None else f"score.weight of shape {tuple(score.shape)}"
-        raise ValueError(f"{path} has {got}; a reward model's head is one output, ({1}, {config.n_embd})")
+        raise ValueError(f"{path} has {got}; a reward model's head is one output, (1, {config.n_embd})")
     with torch.device("meta"):  # no memory and no random init for weights about to be replaced
         model = RewardModel(config)
     trunk = hf_to_ours(sd, model.trunk, path)
@@ -109,9 +109,9 @@ class RewardJudge:
         limit = self.model.trunk.config.block_size
         owner = [i for i, cs in enumerate(candidate_lists) for _ in cs]
         for s, i in zip(seqs, owner):
-            if len(s) > limit or not s:
-                raise ValueError(f"prompt {str(prompts[i])[:40]!r} with a response is {len(s)} tokens, "
-                                 f"the reward model's context {limit}")
+            if len(s) > limit:
+                raise ValueError(f"prompt {str(prompts[i])[:40]!r} with a response is {len(s)} tokens, longer than "
+                                 f"the reward model's context of {limit}")
         order = sorted(range(len(seqs)), key=lambda j: len(seqs[j]))
         rewards = [0.0] * len(seqs)
         start = 0

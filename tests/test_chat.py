@@ -82,7 +82,8 @@ def test_conversational_records_load_as_rendered_strings(tmp_path):
     tok, template = loaded(d)
     prefs = write(tmp_path, "prefs.jsonl", [EXPLICIT, IMPLICIT, ULTRAFEEDBACK])
     prompts = write(tmp_path, "prompts.jsonl", [{"prompt": [SYSTEM, USER], "reference": "aaaa"},
-                                                {"prompt": "say b:"}])  # a string: one user turn
+                                                {"prompt": "say b:"},  # a string: one user turn
+                                                ULTRAFEEDBACK])  # test_prefs: its chosen answer is the reference
     sft = write(tmp_path, "sft.jsonl", [{"messages": conversation("aaaa")},
                                         {"prompt": "say b:", "completion": "bbbb"}])
     td = data.load_user_data(sft, prefs, prompts, "task:judge", 1, template)
@@ -95,6 +96,7 @@ def test_conversational_records_load_as_rendered_strings(tmp_path):
     assert pairs[2]["prompt"].messages == [SYSTEM, USER]
     assert td.eval[0] == {"prompt": want, "reference": "aaaa"} and td.eval[1]["reference"] is None
     assert td.eval[1]["prompt"].messages == [{"role": "user", "content": "say b:"}]
+    assert td.eval[2] == {"prompt": want, "reference": "aaaa"}
     assert td.sft == [(want, "aaaa"), (template.prompt([{"role": "user", "content": "say b:"}]), "bbbb")]
     # plain-text records load as they always did, Templated nowhere
     plain = write(tmp_path, "plain.jsonl", [{"prompt": "say a:", "chosen": "aaaa", "rejected": "x", "extra": 1}])
@@ -169,3 +171,27 @@ def test_a_users_judge_sees_the_rendered_prompt_and_its_messages(tmp_path):
     prompt = template.prompt([SYSTEM, USER])
     data.judge_block(lambda p, cs: seen.append((p, p.messages, cs)) or [0.0] * len(cs), [(prompt, ["aaaa", "b"])])
     assert seen == [(prompt, [SYSTEM, USER], ["aaaa", "b"])] and str(prompt).endswith("<|im_start|>assistant\n")
+
+
+def test_fit_keeps_the_records_that_fit(tmp_path, capsys):
+    d = tok_dir(tmp_path)
+    long = {"chosen": conversation("a" * 2000), "rejected": conversation("x")}
+    path = write(tmp_path, "prefs.jsonl", [IMPLICIT, long, ULTRAFEEDBACK])
+    data.main(["fit", d, "128", path])
+    out, err = capsys.readouterr()
+    assert [json.loads(line) for line in out.splitlines()] == [IMPLICIT, ULTRAFEEDBACK]
+    assert "kept 2 of 3 records" in err
+    # what it keeps, a run loads and fits; a malformed record is an error, not dropped
+    kept = write(tmp_path, "kept.jsonl", [json.loads(line) for line in out.splitlines()])
+    td = data.load_user_data(None, kept, kept, "task:judge", 1, loaded(d)[1])
+    data.check_fits(td, tokenizer.get_tokenizer(d, verbose=False), 128, "", kept)
+    with pytest.raises(SystemExit, match=r"prefs.jsonl:2: chosen has no assistant turn"):
+        data.main(["fit", d, "128", write(tmp_path, "prefs.jsonl", [IMPLICIT, {"chosen": [USER], "rejected": [USER]}])])
+
+
+def test_a_template_that_does_not_parse_or_does_not_end_turns_with_eos():
+    with pytest.raises(ValueError, match=r"^the chat template of dir does not parse: .*line 1"):
+        chat.ChatTemplate("{% if %}", "dir", {}, "<|im_end|>").prompt([USER])
+    plain = chat.ChatTemplate("{% for m in messages %}{{ m.content }}\n{% endfor %}", "dir", {}, "<|im_end|>")
+    with pytest.raises(ValueError, match="does not end the assistant's turn with the tokenizer's end-of-sequence"):
+        plain.response(plain.prompt([USER]), "aaaa")
