@@ -102,6 +102,16 @@ def test_directories_that_are_no_reward_model(tmp_path):
         data.load_judge(f"rm:{tmp_path / 'two'}")
 
 
+def test_a_sequence_longer_than_the_reward_models_context_is_a_judge_error(tmp_path):
+    reward_dir(tmp_path / "rm", "qwen2")
+    judge = data.load_judge(f"rm:{tmp_path / 'rm'}")
+    with pytest.raises(data.JudgeError) as e:
+        data.judge_block(judge, [("say a:", ["aaaa"]), ("say b:", ["b" * 3000])])
+    msg = str(e.value)
+    assert f"judge rm:{tmp_path / 'rm'}" in msg and "longer than the reward model's context of 256" in msg, msg
+    assert "'say b:'" in msg and "\n" not in msg
+
+
 def write(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
