@@ -1,8 +1,10 @@
 """
 data.py -- user data and batches: JSON Lines records, judges, padded tensors.
 
-  1. user data: JSON Lines files and "module:function" judges;
-  2. batching: right-padded tensors with prompt/response masks.
+  1. user data: JSON Lines files (plain strings, or conversations that chat.py renders) and
+     judges ("module:function", or "rm:DIR": a reward model, reward.py);
+  2. batching: right-padded tensors with prompt/response masks;
+  3. `python data.py fit MODEL_DIR BLOCK_SIZE in.jsonl`: the records of a file that fit a context.
 Tokenizers live in tokenizer.py and the built-in sorting task in task.py; `get_tokenizer` is
 re-exported here so that everything about turning text into batches has one front door.
 
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+import chat
 from tokenizer import Tokenizer, get_tokenizer  # noqa: F401  (re-exported)
 
 
@@ -29,15 +32,9 @@ class DataError(ValueError):
 # -----------------------------------------------------------------------------
 # 1. User data: JSON Lines and judges
 
-def load_jsonl(path, fields=("prompt",)):
-    """Read a JSON Lines file: one object per line, each with the string `fields`.
-
-    ("prompt", "completion") for SFT, ("prompt", "chosen", "rejected") for preferences,
-    ("prompt",) for prompts. Blank lines are skipped; extra fields are kept. Required
-    fields must be non-empty strings: an empty response teaches nothing, and an empty
-    prompt leaves the first response token with no position to be predicted from.
-    Any problem raises DataError "path:line: ..." before anything is returned.
-    """
+def read_jsonl(path):
+    """[(where, record)] of a JSON Lines file, where = "path:line": one JSON object per line,
+    blank lines skipped. A file that cannot be read or parsed raises DataError "path:line: ..."."""
     rows = []
     try:
         with open(path, "rb") as f:
@@ -60,23 +57,53 @@ def load_jsonl(path, fields=("prompt",)):
             raise DataError(f"{where}: bad JSON: {e.msg} (column {e.colno})") from e
         if not isinstance(rec, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-        for name in fields:
-            if name not in rec:
-                raise DataError(f"{where}: missing field {name!r}")
-            if not isinstance(rec[name], str):
-                raise DataError(f"{where}: field {name!r} must be a string, "
-                                f"got {type(rec[name]).__name__}")
-            if rec[name] == "":
-                raise DataError(f"{where}: field {name!r} is empty")
-        rows.append(rec)
+        rows.append((where, rec))
     if not rows:
         raise DataError(f"{path}:1: empty file, no JSON records")
     return rows
 
 
-def load_judge(spec):
-    """A judge from "package.module:function" or "path/to/file.py:function".
-    The function must follow judge(prompt, candidates) -> list[float]."""
+def check_strings(rec, fields):
+    """rec, once each of `fields` is a non-empty string: an empty response teaches nothing, and
+    an empty prompt leaves the first response token with no position to be predicted from."""
+    for name in fields:
+        if name not in rec:
+            raise ValueError(f"missing field {name!r}")
+        if not isinstance(rec[name], str):
+            raise ValueError(f"field {name!r} must be a string, got {type(rec[name]).__name__}")
+        if rec[name] == "":
+            raise ValueError(f"field {name!r} is empty")
+    return rec
+
+
+def load_jsonl(path, fields=("prompt",), convert=None):
+    """The records of a JSON Lines file, each with the string `fields` (check_strings):
+    ("prompt", "completion") for SFT, ("prompt", "chosen", "rejected") for preferences,
+    ("prompt",) for prompts; extra fields are kept. convert(record), if given, replaces that
+    check: it returns what to keep of a record, or raises ValueError saying what is wrong
+    (chat.py's readers of conversations). Any problem raises DataError "path:line: ..."
+    before anything is returned."""
+    convert = convert or (lambda rec: check_strings(rec, fields))
+    return [converted(where, rec, convert) for where, rec in read_jsonl(path)]
+
+
+def converted(where, rec, convert):
+    try:
+        return convert(rec)
+    except ValueError as e:
+        raise DataError(f"{where}: {e}") from None
+
+
+def load_judge(spec, device=None):
+    """A judge from "package.module:function" or "path/to/file.py:function" -- the function
+    must follow judge(prompt, candidates) -> list[float] -- or from "rm:DIR", a reward model
+    in a Hugging Face directory (reward.py), run on `device`."""
+    if spec.startswith("rm:"):
+        # reward.py is imported by name, as a user's judge module is: this file imports no model code
+        try:
+            return importlib.import_module("reward").load_judge(spec[3:], device=device)
+        except (ValueError, OSError) as e:
+            raise DataError(f"judge {spec!r}: {e}") from None
     target, _, name = spec.rpartition(":")  # the last ":", so C:\dir\f.py:fn works
     if not target or not name:
         raise DataError(f"judge {spec!r}: expected 'module:function' or 'file.py:function'")
@@ -104,6 +131,8 @@ class JudgeError(DataError):
 
 
 def judge_name(judge_fn):
+    if isinstance(getattr(judge_fn, "name", None), str):  # e.g. a reward model's "rm:DIR"
+        return judge_fn.name
     return f"{getattr(judge_fn, '__module__', '?')}:{getattr(judge_fn, '__qualname__', repr(judge_fn))}"
 
 
@@ -116,6 +145,10 @@ def call_judge(judge_fn, prompt, candidates):
         scores = judge_fn(prompt, list(candidates))
     except Exception as e:  # noqa: BLE001 -- a user's judge may raise anything
         raise JudgeError(f"{where} failed: {type(e).__name__}: {e}") from e
+    return checked_scores(where, scores, candidates)
+
+
+def checked_scores(where, scores, candidates):
     try:
         scores = [float(s) for s in scores]
     except (TypeError, ValueError) as e:
@@ -123,6 +156,22 @@ def call_judge(judge_fn, prompt, candidates):
     if len(scores) != len(candidates) or not all(math.isfinite(s) for s in scores):
         raise JudgeError(f"{where} returned {scores!r} for {len(candidates)} candidates")
     return scores
+
+
+def judge_block(judge_fn, items):
+    """The scores of every (prompt, candidates) of `items`, each list checked as call_judge
+    checks it. A judge with a `batch` method -- a reward model (reward.py) -- scores the whole
+    block in one call, batch(prompts, candidate lists) -> a list of scores per prompt."""
+    if not hasattr(judge_fn, "batch"):
+        return [call_judge(judge_fn, p, c) for p, c in items]
+    where = f"judge {judge_name(judge_fn)} on prompts {items[0][0][:40]!r}, ..."
+    try:
+        out = list(judge_fn.batch([p for p, _ in items], [list(c) for _, c in items]))
+    except Exception as e:  # noqa: BLE001
+        raise JudgeError(f"{where} failed: {type(e).__name__}: {e}") from e
+    if len(out) != len(items):
+        raise JudgeError(f"{where} returned {len(out)} score lists for {len(items)} prompts")
+    return [checked_scores(f"judge {judge_name(judge_fn)} on prompt {p[:40]!r}", s, c) for (p, c), s in zip(items, out)]
 
 
 @dataclass
@@ -135,6 +184,7 @@ class TrainingData:
     judge:   judge(prompt, candidates) -> list of scores, higher is better
     builtin: True for the built-in task, whose judge's score 1.0 means "fully correct"
     prompt_template: how the prompts were written, "{prompt}" standing for the user's text
+    lines:   where each record of the user's files came from, for check_fits' messages
     """
     sft: list
     chunks: list
@@ -142,42 +192,74 @@ class TrainingData:
     judge: object
     builtin: bool = False
     prompt_template: str = "{prompt}"  # how a plain prompt was formatted; sample.py reuses it
+    lines: dict = None  # {"sft" | "prefs" | "prompts": ["path:line" of each record]}, for messages
 
 
-def load_user_data(sft_path, prefs_path, prompts_path, judge_spec, n_chunks):
+def load_user_data(sft_path, prefs_path, prompts_path, judge_spec, n_chunks, template=None, device=None):
     """The user's JSON Lines files and judge as TrainingData. A malformed record stops the
     run with its file, line and field, before anything is trained on partial data. The pairs
-    are cut into n_chunks equal chunks (a remainder is left out)."""
-    judge = load_judge(judge_spec)
-    sft = [(r["prompt"], r["completion"]) for r in load_jsonl(sft_path, ("prompt", "completion"))] if sft_path else []
-    prefs = load_jsonl(prefs_path, ("prompt", "chosen", "rejected"))
+    are cut into n_chunks equal chunks (a remainder is left out).
+
+    Records are plain strings, or conversations (chat.py). One conversation in any of the
+    files makes the run conversational: every record is then rendered with `template`, the
+    model's chat template (chat.ChatTemplate), which must exist. The judge is loaded last,
+    once the data is known to be good; a reward model ("rm:DIR") runs on `device`."""
+    files = {"sft": sft_path, "prefs": prefs_path, "prompts": prompts_path}
+    raw = {k: read_jsonl(path) for k, path in files.items() if path}
+    first = next((where for recs in raw.values() for where, rec in recs if chat.is_conversational(rec)), None)
+    if first and template is None:
+        raise DataError(f"{first}: a conversation needs the model's chat template, and its tokenizer has none "
+                        "(chat_template.jinja or tokenizer_config.json's \"chat_template\" in the --init-from directory)")
+    if first:
+        readers = {"sft": lambda r: chat.demonstration(r, template),
+                   "prefs": lambda r: chat.preference_pair(r, template),
+                   "prompts": lambda r: chat.evaluation_prompt(r, template)}
+    else:
+        readers = {"sft": plain_demonstration, "prefs": lambda r: check_strings(r, ("prompt", "chosen", "rejected")),
+                   "prompts": plain_prompt}
+    sft, prefs, evals = ([converted(where, rec, readers[k]) for where, rec in raw.get(k, [])] for k in files)
+    lines = {k: [where for where, _ in recs] for k, recs in raw.items()}
     n = len(prefs) // n_chunks
     if n == 0:
         raise DataError(f"{prefs_path}: {len(prefs)} pairs cannot fill {n_chunks} chunks "
                         f"(offline DPO + {n_chunks - 1} iterations)")
     chunks = [prefs[i * n:(i + 1) * n] for i in range(n_chunks)]
-    evals = [{"prompt": r["prompt"], "reference": r.get("reference")} for r in load_jsonl(prompts_path, ("prompt",))]
-    return TrainingData(sft, chunks, evals, judge)
+    return TrainingData(sft, chunks, evals, load_judge(judge_spec, device), lines=lines)
+
+
+def plain_demonstration(rec):
+    check_strings(rec, ("prompt", "completion"))
+    return rec["prompt"], rec["completion"]
+
+
+def plain_prompt(rec):
+    return {"prompt": check_strings(rec, ("prompt",))["prompt"], "reference": rec.get("reference")}
 
 
 def check_fits(d, tok, block_size, sft_where, prefs_where):
     """Encode every text of `d` and refuse what does not fit the context: a prompt or pair
-    that is too long stops the run (encode_pair), it is never silently truncated. Returns
-    the SFT demonstrations encoded, as (prompt_ids, response_ids) pairs."""
-    def encode_all(pairs, where):
-        out = []
-        for i, (p, r) in enumerate(pairs):
-            try:
-                out.append(encode_pair(tok, p, r, block_size))
-            except DataError as e:
-                raise DataError(f"{where}, record {i + 1}: {e}") from None
-        return out
-    sft = encode_all(d.sft, sft_where)
-    encode_all([(e["prompt"], e[k]) for c in d.chunks for e in c for k in ("chosen", "rejected")], prefs_where)
-    for e in d.eval + [e for c in d.chunks for e in c]:
-        if len(tok.encode_prompt(e["prompt"])) >= block_size - 1:
-            raise DataError(f"prompt {e['prompt'][:40]!r}... leaves no room for a response in the "
-                            f"context of {block_size} tokens")
+    that is too long stops the run (encode_pair), it is never silently truncated; the error
+    names the record's file and line (d.lines), or its number in sft_where / prefs_where.
+    Returns the SFT demonstrations encoded, as (prompt_ids, response_ids) pairs."""
+    def where(kind, i, default):
+        lines = (d.lines or {}).get(kind)
+        return lines[i] if lines else f"{default}, record {i + 1}"
+
+    def encode(kind, i, default, prompt, response, what=""):
+        try:
+            return encode_pair(tok, prompt, response, block_size)
+        except DataError as e:
+            raise DataError(f"{where(kind, i, default)}: {what}{e}") from None
+    sft = [encode("sft", i, sft_where, p, r) for i, (p, r) in enumerate(d.sft)]
+    for i, e in enumerate(e for c in d.chunks for e in c):
+        for k in ("chosen", "rejected"):
+            encode("prefs", i, prefs_where, e["prompt"], e[k], f"{k}: ")
+    for kind, records, default in (("prompts", d.eval, "evaluation prompts"),
+                                   ("prefs", [e for c in d.chunks for e in c], prefs_where)):
+        for i, e in enumerate(records):
+            if len(tok.encode_prompt(e["prompt"])) >= block_size - 1:
+                raise DataError(f"{where(kind, i, default)}: prompt {e['prompt'][:40]!r}... leaves no room for a "
+                                f"response in the context of {block_size} tokens")
     return sft
 
 
@@ -260,3 +342,58 @@ def batches(n, batch_size, seed=0, shuffle=True, drop_last=False):
         if drop_last and len(idx) < batch_size:
             return
         yield idx
+
+
+# -----------------------------------------------------------------------------
+# 3. On the command line: the records of a file that fit a context
+#
+#     python data.py fit MODEL_DIR BLOCK_SIZE in.jsonl > out.jsonl
+#
+# A run refuses a record that does not fit (check_fits); real data such as UltraFeedback has
+# some, so this keeps the ones that do, encoded exactly as a run with MODEL_DIR's tokenizer and
+# chat template encodes them. A malformed record is still an error, never silently dropped.
+
+def fits(rec, tok, template, block_size):
+    """Whether a record (preference, SFT or evaluation) fits a context of block_size tokens."""
+    conversation = chat.is_conversational(rec)
+    if conversation and template is None:
+        raise ValueError("a conversation needs the model's chat template, and its tokenizer has none")
+    if "chosen" in rec:
+        e = chat.preference_pair(rec, template) if conversation else check_strings(rec, ("prompt", "chosen", "rejected"))
+        pairs = [(e["prompt"], e[k]) for k in ("chosen", "rejected")]
+    elif "messages" in rec or "completion" in rec:
+        pairs = [chat.demonstration(rec, template) if conversation else plain_demonstration(rec)]
+    else:
+        pairs = [((chat.evaluation_prompt(rec, template) if conversation else plain_prompt(rec))["prompt"], None)]
+    for prompt, response in pairs:  # the rules of check_fits and encode_pair
+        n = len(tok.encode_prompt(prompt))
+        if n >= block_size - 1 or response is not None and n + len(tok.encode_response(response)) > block_size:
+            return False
+    return True
+
+
+def main(argv=None):
+    import argparse
+    import sys
+    ap = argparse.ArgumentParser(prog="data.py", description="Write the records of a JSON Lines file that fit "
+                                 "the context, as a run with this model's tokenizer and chat template encodes them.")
+    ap.add_argument("command", choices=["fit"])
+    ap.add_argument("model_dir", help="the --init-from directory (its tokenizer.json and chat template)")
+    ap.add_argument("block_size", type=int, help="the run's --block-size")
+    ap.add_argument("path", help="a JSON Lines file: preferences, SFT demonstrations or evaluation prompts")
+    args = ap.parse_args(argv)
+    try:
+        tok = get_tokenizer(args.model_dir, verbose=False)
+        template, kept = chat.load_template(tok), 0
+        records = read_jsonl(args.path)
+        for where, rec in records:
+            if converted(where, rec, lambda r: fits(r, tok, template, args.block_size)):
+                print(json.dumps(rec, ensure_ascii=False))
+                kept += 1
+    except ValueError as e:  # DataError included
+        sys.exit(f"data.py: error: {e}")
+    print(f"data.py: kept {kept} of {len(records)} records of {args.path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

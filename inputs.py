@@ -3,7 +3,8 @@ inputs.py -- what a run starts from: its settings checked, its tokenizer, data a
 
   settings   the per-preset defaults filled in, impossible combinations refused;
   tokenizer  GPT-2's BPE for GPT-2 weights, else whatever tokenizer.get_tokenizer finds;
-  data       the built-in sorting task (task.py), or the user's JSON Lines files and judge;
+  data       the built-in sorting task (task.py), or the user's JSON Lines files and judge
+             (conversations rendered with the tokenizer directory's chat template, chat.py);
   model      a fresh preset sized for the tokenizer, or a Hugging Face directory on disk
              (GPT-2, Llama, Mistral, Qwen2, Qwen3: hf.py).
 Each function takes the run's configuration (train.Config) and fails with one line that
@@ -12,6 +13,7 @@ names the problem, before anything is trained.
 
 import os
 
+import chat
 import data
 import task as sorting
 from checkpoint import stage_names
@@ -20,8 +22,16 @@ from model import GPT, preset
 from selm import check_hparams
 
 
-def load_data(cfg):
-    """The built-in task, or the user's JSONL files and judge (data.load_user_data)."""
+def tokenizer_and_data(cfg, rt):
+    """The run's tokenizer and data: conversations are rendered with the chat template of the
+    tokenizer's directory, and a reward-model judge runs on the training device."""
+    tok = get_tokenizer(cfg, verbose=rt.ranks.main)
+    return tok, load_data(cfg, chat.load_template(tok), rt.device)
+
+
+def load_data(cfg, template=None, device=None):
+    """The built-in task, or the user's JSONL files and judge (data.load_user_data: `template`
+    renders conversations, `device` is where a reward model judges)."""
     if not any([cfg.sft, cfg.prefs, cfg.prompts, cfg.judge]):
         t = sorting.make_task(seed=cfg.task_seed, n_sft=cfg.n_sft, n_prompts_per_chunk=cfg.chunk_size,
                               n_chunks=cfg.iterations + 1, n_eval=cfg.n_eval, min_len=cfg.min_len, max_len=cfg.max_len,
@@ -34,7 +44,7 @@ def load_data(cfg):
     if cfg.sft is None and cfg.init_from is None and cfg.sft_steps > 0:
         raise ValueError("--prefs without --sft: give --sft demonstrations, or --init-from a "
                          "pretrained model with --sft-steps 0")
-    return data.load_user_data(cfg.sft, cfg.prefs, cfg.prompts, cfg.judge, cfg.iterations + 1)
+    return data.load_user_data(cfg.sft, cfg.prefs, cfg.prompts, cfg.judge, cfg.iterations + 1, template, device)
 
 
 def get_tokenizer(cfg, verbose=True):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import call_judge, collate
+from data import collate, judge_block
 from sample import generate
 from selm import reference_logps
 
@@ -284,9 +284,9 @@ class Runtime:
         return torch.tensor(self.ranks.map_blocks(score, rows, block), dtype=torch.float32)
 
     def judge(self, judge, prompts, candidates, block):
-        """data.call_judge on every (prompt, candidate list)."""
-        return self.ranks.map_blocks(lambda _, items: [call_judge(judge, p, c) for p, c in items],
-                                     list(zip(prompts, candidates)), block)
+        """The judge's checked scores of every (prompt, candidate list) (data.judge_block: a
+        reward model scores a whole block in batches)."""
+        return self.ranks.map_blocks(lambda _, items: judge_block(judge, items), list(zip(prompts, candidates)), block)
 
     def bar(self, iterable, desc):
         return tqdm(iterable, desc=desc, leave=False, mininterval=1.0, disable=not self.ranks.main)

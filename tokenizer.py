@@ -36,6 +36,18 @@ _GPT2_FILES = {
 _announced = set()  # tokenizer names already printed, so we say it once per process
 
 
+class Templated(str):
+    """Text that a chat template wrote (chat.py): a rendered prompt, or an assistant turn as the
+    template writes it. It is a str for everyone else; Tokenizer.encode_prompt and
+    encode_response encode it with its special tokens. `messages`: the conversation a prompt
+    was rendered from (None for a response), for a judge that renders it again its own way."""
+
+    def __new__(cls, text, messages=None):
+        self = super().__new__(cls, text)
+        self.messages = messages
+        return self
+
+
 class Tokenizer:
     """A tiktoken.Encoding plus the ids the rest of selm needs.
 
@@ -73,12 +85,16 @@ class Tokenizer:
 
     def encode_prompt(self, text):
         """A prompt's ids: BOS first when the tokenizer has one (as the model saw every text
-        in pretraining), then the plain text."""
+        in pretraining), then the plain text. Text a chat template wrote (Templated) is encoded
+        as transformers encodes apply_chat_template's output: special tokens' text as those
+        tokens, and no BOS added (a template that wants one writes it, as Llama-3's does)."""
+        if isinstance(text, Templated):
+            return self.encode(text, allow_special=True)
         return ([] if self.bos_id is None else [self.bos_id]) + self.encode(text)
 
     def encode_response(self, text):
-        """A finished response's ids: the plain text, then EOS."""
-        return self.encode(text) + [self.eos_id]
+        """A finished response's ids: the text (plain, or Templated as above), then EOS."""
+        return self.encode(text, allow_special=isinstance(text, Templated)) + [self.eos_id]
 
     def decode(self, ids):
         return self.enc.decode([int(i) for i in ids], errors="replace")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import data
 from checkpoint import commit, judge_failure, open_run, restore, stage_names, stage_state
 from hf import export_stages
-from inputs import build_model, check_config, get_tokenizer, load_data
+from inputs import build_model, check_config, tokenizer_and_data
 from runtime import Clock, check_finite, lr_at, optimizer_step, parse_config, setup, summary_line
 from selm import (candidates_of, dpo_loss, pairs_from_scores, preference_metrics, relabel_counts,
                   selm_loss, sequence_logps, win)
@@ -39,12 +39,13 @@ class Config:
     init_from: str = opt(None, "start from a Hugging Face model directory on disk (GPT-2, Llama, Mistral, Qwen2, Qwen3) "
                                "instead of a fresh --model")
     dropout: float = opt(0.0, "dropout in every block")
-    # your own data (JSON Lines); without them the built-in sorting task is used
+    # your own data (JSON Lines of strings, or of TRL's conversations: chat.py); without them the built-in task is used
     sft: str = opt(None, "SFT demonstrations: JSONL with 'prompt' and 'completion'")
     prefs: str = opt(None, "offline preference pairs: JSONL with 'prompt', 'chosen', 'rejected' "
                            "(split into iterations + 1 equal chunks)")
     prompts: str = opt(None, "evaluation prompts: JSONL with 'prompt' and optionally 'reference' (an answer to beat)")
-    judge: str = opt(None, "the ranker, 'module:function' or 'file.py:function': judge(prompt, candidates) -> scores")
+    judge: str = opt(None, "the ranker: 'module:function' or 'file.py:function', judge(prompt, candidates) -> scores; "
+                           "or 'rm:DIR', a reward model (*ForSequenceClassification directory)")
     bpe_path: str = opt(None, "directory with GPT-2's BPE files (vocab.bpe + encoder.json, or merges.txt + vocab.json)")
     block_size: int = opt(None, "context length of the fresh model (default: the preset's)")
     # the built-in task
@@ -324,7 +325,7 @@ def run(cfg):
     stages = stage_names(cfg.iterations)
     ckpt, done = open_run(cfg.out_dir, stages, asdict(cfg), rt.ranks.main, rt.ranks.barrier)
     rt.say("config:", json.dumps(asdict(cfg)))
-    tok, d = get_tokenizer(cfg, verbose=rt.ranks.main), load_data(cfg)
+    tok, d = tokenizer_and_data(cfg, rt)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, tok, rt)
     sft_examples = data.check_fits(d, tok, model.config.block_size, cfg.sft or "built-in SFT data",

@@ -144,3 +144,11 @@ def test_jsonl_with_a_byte_order_mark_loads(tmp_path):
     path.write_bytes('{"prompt": "a", "chosen": "b", "rejected": "c"}\n'.encode() + b"\xef\xbb\xbf{}\n")
     with pytest.raises(DataError, match=":2: bad JSON"):
         data.load_jsonl(str(path), ("prompt", "chosen", "rejected"))
+
+
+def test_chat_templates_without_jinja2_name_it(monkeypatch):
+    import chat
+    monkeypatch.setitem(sys.modules, "jinja2", None)  # import jinja2 -> ImportError
+    template = chat.ChatTemplate("{{ messages[0].content }}", "dir", {}, "<|im_end|>")
+    with pytest.raises(ValueError, match=r"^chat templates need jinja2: pip install jinja2$"):
+        template.prompt([{"role": "user", "content": "hi"}])
