@@ -97,7 +97,9 @@ class Tokenizer:
         return self.encode(text, allow_special=isinstance(text, Templated)) + [self.eos_id]
 
     def decode(self, ids):
-        return self.enc.decode([int(i) for i in ids], errors="replace")
+        # ids past the tokenizer's vocabulary (a checkpoint's embedding is often padded beyond
+        # it, e.g. Qwen2.5's 151936 rows for 151665 tokens) stand for no text
+        return self.enc.decode([int(i) for i in ids if int(i) < self.vocab_size], errors="replace")
 
     def __repr__(self):
         eos = self.eos_id if len(self.eos_ids) == 1 else sorted(self.eos_ids)

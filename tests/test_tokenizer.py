@@ -22,6 +22,7 @@ def test_byte_tokenizer_round_trip_and_specials():
     # special-token text inside user data stays plain text, never the EOS id
     assert 256 not in t.encode("a<|endoftext|>b")
     assert t.decode([97, 256]) == "a<|endoftext|>"
+    assert t.decode([97, 258, 5000, 98]) == "ab"  # ids past the vocabulary (padded embeddings) are no text
     # half a UTF-8 character decodes with a replacement char instead of raising
     assert t.decode(list("日".encode())[:2]) == "\ufffd"
     assert t.decode(torch.tensor([104, 105])) == "hi"
