@@ -95,13 +95,54 @@ def command(name, ranks, fsdp, checkpointing, seq):
             f"{flags} --sft-steps 0 --prefs prefs.jsonl --prompts eval.jsonl --judge judge.py:judge")
 
 
+def measure(config, device, checkpointing, micro_pairs=4, seq=1024, response=512):
+    """The peak memory of SELM training steps, measured: a random-weight model of `config` on
+    one device, two steps (the first creates AdamW's state), under bf16 autocast on a GPU.
+    Returns (measured bytes, planned bytes) for the second step, weights included."""
+    from runtime import Ranks, Runtime
+    from selm import selm_loss, sequence_logps, split_logps
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    Runtime(device, None, Ranks(), None, checkpointing=checkpointing).prepare(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-7)
+    ids = torch.randint(0, config.vocab_size, (3 * micro_pairs, seq), device=device)
+    resp = torch.zeros_like(ids, dtype=torch.bool)
+    resp[:, seq - response:] = True
+    ref = torch.zeros(3, micro_pairs, device=device)
+    cuda = device.type == "cuda"
+    for step in range(2):
+        if step == 1 and cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            pc, pr, py = split_logps(sequence_logps(model, ids, resp), 3)
+            losses, _, _ = selm_loss(pc, pr, ref[0], ref[1], py, ref[2], beta=0.1, alpha=1e-3)
+        losses.mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_allocated(device) if cuda else float("nan")
+    planned = plan(config, ranks=1, fsdp=False, checkpointing=checkpointing, micro_pairs=micro_pairs, seq=seq,
+                   response=response, act_bytes=0.5 if cuda else 1.0)[1]["total"]
+    return peak, planned
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Bytes per rank of SELM training, from model configs.")
+    ap.add_argument("--measure", default=None, help=f"one of {', '.join(MODELS)}: measure its training peak on "
+                                                     "--device (random weights) against the plan")
+    ap.add_argument("--device", default="cuda", help="for --measure")
     ap.add_argument("--seq", type=int, default=1024, help="tokens per sequence (prompt + response)")
     ap.add_argument("--response", type=int, default=512, help="response tokens per sequence")
     ap.add_argument("--micro", type=int, default=4, help="preference pairs per forward (--micro-batch-size)")
     ap.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU")
     args = ap.parse_args(argv)
+    if args.measure:
+        config = GPTConfig(block_size=args.seq, **MODELS[args.measure])
+        for ckpt in (False, True):
+            peak, planned = measure(config, torch.device(args.device), ckpt, args.micro, args.seq, args.response)
+            print(f"{args.measure}, 1 device, activation checkpointing {'on' if ckpt else 'off'}: "
+                  f"measured {peak / GB:.1f} GB, planned {planned / GB:.1f} GB")
+        return
     print(f"| model | params | GPUs | sharding | activation checkpointing | weights+grads+AdamW | activations | "
           f"LM head | total per GPU | fits {args.gpu_gb:g} GB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
