@@ -13,12 +13,10 @@ metrics.jsonl and results.json. The functions at the end find where a killed run
 import json
 import os
 import tempfile
-from contextlib import contextmanager
 from dataclasses import asdict, fields
 
 import torch
 
-from data import JudgeError
 from model import GPT, GPTConfig
 
 
@@ -219,15 +217,3 @@ def commit(out_dir, state, is_main=True):
     if is_main:
         atomic_save(state, stage_path(out_dir, state["stage"]))
         write_json_atomic(state["results"], os.path.join(out_dir, "results.json"))
-
-
-@contextmanager
-def judge_failure(stage, out_dir, saved):
-    """A judge that fails (a remote service, say) stops the run with one line that also says
-    what of the stage is on disk; saved() tells whether its training was committed."""
-    try:
-        yield
-    except JudgeError as e:
-        raise JudgeError(f"{e}; in stage {stage}, " + (
-            f"whose training is saved in {stage_path(out_dir, stage)} (--resume evaluates it)"
-            if saved() else "of which nothing was saved (--resume runs it again)")) from e

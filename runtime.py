@@ -19,7 +19,7 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from copy import deepcopy
 from dataclasses import dataclass
 
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import collate, judge_block
+from checkpoint import stage_path
+from data import JudgeError, collate, judge_block
 from sample import generate
 from selm import reference_logps
 
@@ -307,6 +308,20 @@ def setup(device_name, dtype, out_dir, compile=False, fsdp=False, checkpointing=
         torch.backends.cudnn.allow_tf32 = True
     log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), enabled=ranks.main)
     return Runtime(device, amp_dtype(device, dtype), ranks, log, compile, fsdp, checkpointing)
+
+
+# ---- errors that say what was saved -----------------------------------------------------------
+
+@contextmanager
+def judge_failure(stage, out_dir, saved):
+    """A judge that fails (a remote service, say) stops the run with one line that also says
+    what of the stage is on disk; saved() tells whether its training was committed."""
+    try:
+        yield
+    except JudgeError as e:
+        raise JudgeError(f"{e}; in stage {stage}, " + (
+            f"whose training is saved in {stage_path(out_dir, stage)} (--resume evaluates it)"
+            if saved() else "of which nothing was saved (--resume runs it again)")) from e
 
 
 # ---- timing and reporting -------------------------------------------------------------------

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 import data
-from checkpoint import commit, judge_failure, open_run, restore, stage_names, stage_state
+from checkpoint import commit, open_run, restore, stage_names, stage_state
 from hf import export_stages
 from inputs import build_model, check_config, tokenizer_and_data
-from runtime import Clock, check_finite, lr_at, optimizer_step, parse_config, setup, summary_line
+from runtime import Clock, check_finite, judge_failure, lr_at, optimizer_step, parse_config, setup, summary_line
 from selm import (candidates_of, dpo_loss, pairs_from_scores, preference_metrics, relabel_counts,
                   selm_loss, sequence_logps, win)
 
