@@ -148,7 +148,8 @@ def test_m_optimism_samples_average_in_the_loss(tmp_path):
     """The optimism term with m samples is alpha*beta*(mean log pi - mean log pi_ref): one
     training run with m = 2 logs the optimism term of exactly that."""
     out = train.run(train.parse_args(FAST + ["--out-dir", str(tmp_path), "--iterations", "1", "--y-ref", "sampled",
-                                             "--optimism-samples", "2", "--alpha", "0.1"]))
+                                             "--optimism-samples", "2", "--alpha", "0.1", "--sft-steps", "10",
+                                             "--n-eval", "16"]))
     assert [r["stage"] for r in out] == ["sft", "dpo", "selm_1"]
     rows = [r for r in runtime_rows(tmp_path) if r.get("stage") == "selm_1" and "optimism" in r]
     assert rows and abs(rows[0]["optimism"]) < 1e-6 and any(abs(r["optimism"]) > 1e-4 for r in rows)  # 0 at pi = pi_ref
