@@ -152,21 +152,20 @@ def better_share(job, stage):
 
 
 def tune(out, P, run, lengths):
-    """Preregistration, "Tuning protocol": beta and lr on arms A and C, then alpha per SELM arm."""
-    grid = {}
-    for beta, lr in P["settings"]:
-        jobs = [jobs_for(out, P, s, P["tuning_task"], lengths, beta, lr, ["A", "C"], P["T"]) for s in P["tuning"]]
-        run([j for b, arms in jobs for j in (b, *arms)])
-        grid[f"{beta:g},{lr:g}"] = statistics.mean(final(j) for _, arms in jobs for j in arms)
+    """Preregistration, "Tuning protocol": beta and lr on arms A and C, then alpha per SELM arm.
+    Each step's runs go to the pool together, so that both cores stay busy."""
+    runs = {(beta, lr): [jobs_for(out, P, s, P["tuning_task"], lengths, beta, lr, ["A", "C"], P["T"])
+                         for s in P["tuning"]] for beta, lr in P["settings"]}
+    run([j for jobs in runs.values() for b, arms in jobs for j in (b, *arms)])
+    grid = {f"{beta:g},{lr:g}": statistics.mean(final(j) for _, arms in jobs for j in arms)
+            for (beta, lr), jobs in runs.items()}
     beta, lr = (float(x) for x in max(grid, key=grid.get).split(","))
+    runs = {(arm, a): [jobs_for(out, P, s, P["tuning_task"], lengths, beta, lr, [arm], P["T"], {f"alpha_{arm}": a},
+                                tag=f"-a{a:g}") for s in P["tuning"]] for arm in ("B", "D") for a in P["alphas"]}
+    run([j for jobs in runs.values() for b, arms in jobs for j in (b, *arms)])
     alphas, alpha_grid = {}, {}
     for arm in ("B", "D"):
-        scores = {}
-        for a in P["alphas"]:
-            jobs = [jobs_for(out, P, s, P["tuning_task"], lengths, beta, lr, [arm], P["T"], {f"alpha_{arm}": a},
-                             tag=f"-a{a:g}") for s in P["tuning"]]
-            run([j for b, arms in jobs for j in (b, *arms)])
-            scores[f"{a:g}"] = statistics.mean(final(j) for _, arms in jobs for j in arms)
+        scores = {f"{a:g}": statistics.mean(final(j) for _, arms in runs[(arm, a)] for j in arms) for a in P["alphas"]}
         best = max(scores.values())
         alphas[f"alpha_{arm}"] = min(float(a) for a, v in scores.items() if v >= best - 0.002)  # ties: the smaller
         alpha_grid[arm] = scores
