@@ -316,6 +316,7 @@ def main(args, extra):
     decisions = json.load(open(path)) if os.path.exists(path) else {}  # noqa: SIM115
 
     def run(jobs):
+        jobs = list({j.name: j for j in jobs}.values())  # a shared base run once
         if args.report_only and not all(j.complete() for j in jobs):
             sys.exit("study: --report-only, but runs are missing")
         failed = sweep.run_all(jobs, args, extra)
