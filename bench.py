@@ -10,8 +10,11 @@ Sections (all on random-weight models; no data, no checkpoint):
             (a) a sampler that recomputes the whole sequence for every new token, as nanoGPT's
             generate does, and (b) Hugging Face's GPT2LMHeadModel.generate on the same weights
             (when transformers is installed), whose tokens must equal ours.
+  qwen2     (bench_sampling.py) sample.generate against Hugging Face's Qwen2ForCausalLM.generate
+            on a Qwen2-0.5B-shaped model (depth cut to 4 layers on a CPU): equal tokens, tokens/s.
   logps     peak memory and time of forward + backward through selm.sequence_logps against
-            log_softmax over every position's logits, on GPT-2's 50257-word vocabulary.
+            log_softmax over every position's logits, on GPT-2's 50257-word vocabulary and
+            Qwen2's 151936.
   train     tokens/s of a full SELM training step on GPT-2 124M and its model FLOPs
             utilisation against a large matmul's FLOP/s measured in the same run.
 
@@ -34,7 +37,7 @@ import time
 
 import torch
 
-from bench_sampling import bench_sampling
+from bench_sampling import bench_sampling, bench_sampling_qwen2
 from measure import (RESULTS, _stderr_silenced, autocast, busy_warning, compare, header, machine,
                      peak_memory, random_model, report)
 from model import preset
@@ -52,8 +55,15 @@ def naive_logps(model, input_ids, response_mask):
 
 
 def bench_logps(args, device):
-    B, T = (4, 128) if args.quick else (8, 256)
-    cfg = preset("small", vocab_size=50257, block_size=T)
+    # GPT-2's vocabulary, and the Llama family's larger ones (Qwen2: 151936), where the naive
+    # [B, T, V] log-softmax is 3x larger again
+    for V in (50257, 151936):
+        bench_logps_at(args, device, V)
+
+
+def bench_logps_at(args, device, V):
+    B, T = (4, 128) if args.quick else (8, 256) if V <= 50257 else (4, 256)
+    cfg = preset("small", vocab_size=V, block_size=T)
     model = random_model(cfg, device).train()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (B, T), generator=g).to(device)
@@ -75,10 +85,10 @@ def bench_logps(args, device):
     mem = {k: peak_memory(fn, device) for k, fn in fns.items()}
     with torch.no_grad():
         diff = (sequence_logps(model, ids, resp) - naive_logps(model, ids, resp)).abs().max().item()
-    report("logps peak memory", mem["ours"] / 2**20, mem["naive"] / 2**20, "MiB", target=0.5,
+    report(f"logps peak memory V={V}", mem["ours"] / 2**20, mem["naive"] / 2**20, "MiB", target=0.5,
            better="lower", note=f"allocator peak above start, grads included; max |ours - naive| "
                                f"log-prob {diff:.1e}")
-    report("logps time (fwd+bwd)", 1e3 * t["ours"], 1e3 * t["naive"], "ms", target=1.0,
+    report(f"logps time (fwd+bwd) V={V}", 1e3 * t["ours"], 1e3 * t["naive"], "ms", target=1.0,
            better="lower")
 
 
@@ -160,7 +170,7 @@ def bench_pipeline(args, device):
                target=target, better="lower", note=f"{sec:.2f} s of {total:.2f} s")
 
 
-SECTIONS = {"sampling": bench_sampling, "logps": bench_logps, "train": bench_train,
+SECTIONS = {"sampling": bench_sampling, "qwen2": bench_sampling_qwen2, "logps": bench_logps, "train": bench_train,
             "pipeline": bench_pipeline}
 
 
@@ -175,6 +185,8 @@ def main(argv=None):
     ap.add_argument("--bf16", action="store_true", help="run ours and the baselines under bf16 "
                                                         "autocast (meant for CUDA)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--qwen2-layers", type=int, default=None,
+                    help="depth of the Qwen2-0.5B-shaped model (default: 24 on CUDA, 4 on a CPU)")
     args = ap.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]

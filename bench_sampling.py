@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from measure import RESULTS, autocast, compare, header, random_model, report, timed
-from model import positions_from_mask, preset
+from model import GPTConfig, positions_from_mask, preset
 from sample import generate
 
 def make_prompts(vocab_size, n=32, lo=8, hi=40, seed=0):
@@ -83,28 +83,34 @@ def naive_estimate(model, prompts, max_new_tokens, device, args):
     return sum(cost(S) for S in range(P, P + max_new_tokens)), dict(zip(xs, ys))
 
 
-# Hugging Face stores these as Conv1D, (in, out); our nn.Linear weights are (out, in).
-HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+def qwen2_config(n_layer=24, **overrides):
+    """Qwen2-0.5B's shapes (random weights here): a 151936-word vocabulary, width 896, 14 query
+    heads sharing 2 K/V heads of 64, SwiGLU 4864 wide, q/k/v biases, a tied head, rope base 1e6.
+    Depth 24 in full; the benchmark may cut it on a CPU (the LM head's cost is depth's alone)."""
+    return GPTConfig(**{**dict(model_type="qwen2", vocab_size=151936, n_embd=896, n_head=14,
+                               n_kv_head=2, head_dim=64, n_inner=4864, qkv_bias=True,
+                               tie_embeddings=True, rope_theta=1e6, layer_norm_epsilon=1e-6,
+                               n_layer=n_layer, block_size=32768), **overrides})
 
 
 def hf_twin(model, device):
-    """GPT2LMHeadModel with our model's dimensions and weights, or None without transformers."""
+    """The transformers model of our model's family (GPT-2, Llama, Qwen2, ...), with its
+    dimensions and weights, built from hf.py's config.json and state dict; None without
+    transformers."""
     try:
         import transformers
     except ImportError:
         return None
+    from hf import hf_config, ours_to_hf
     transformers.logging.set_verbosity_error()
-    c = model.config
-    cfg = transformers.GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size,
-                                  n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
-                                  layer_norm_epsilon=c.layer_norm_epsilon, resid_pdrop=0.0,
-                                  embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None,
-                                  eos_token_id=None, pad_token_id=0)
-    hf = transformers.GPT2LMHeadModel(cfg)
-    sd = {k: (v.t() if k.endswith(HF_CONV1D) else v) for k, v in model.state_dict().items()}
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    if unexpected or any(not k.endswith(".attn.bias") for k in missing):
-        raise RuntimeError(f"weights do not map onto GPT2LMHeadModel: {missing} {unexpected}")
+    cfg = hf_config(model.config)
+    cfg.update(pad_token_id=0, bos_token_id=None, eos_token_id=None)  # no EOS: fixed lengths
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg))
+    missing, unexpected = hf.load_state_dict(ours_to_hf(model), strict=False)
+    tied = ["lm_head.weight"] if model.config.tie_embeddings else []
+    if unexpected or [k for k in missing if k not in tied and not k.endswith(".attn.bias")]:
+        raise RuntimeError(f"weights do not map onto {type(hf).__name__}: {missing} {unexpected}")
+    hf.tie_weights()  # a tied head shares the embedding we loaded
     return hf.to(device).eval()
 
 
@@ -228,4 +234,45 @@ def bench_sampling(args, device):
                     f"({B}, C) input, the faster of two orientations")
         del model
 
+
+def bench_sampling_qwen2(args, device):
+    """The sampler against Hugging Face's generate on a Qwen2-0.5B-shaped model: grouped-query
+    attention, rotary positions and a 151936-word LM head. Full depth (24 layers) on a GPU; on a
+    CPU 4 layers unless --qwen2-layers says otherwise (the LM head, a third of the weights at
+    full depth, weighs more here)."""
+    if args.quick:  # the same code path at toy sizes
+        cfg, B, N = qwen2_config(2, vocab_size=1000, n_embd=128, n_head=4, n_kv_head=2, head_dim=32,
+                                 n_inner=256, block_size=256), 8, 16
+    else:
+        cfg, B, N = qwen2_config(args.qwen2_layers or (24 if device.type == "cuda" else 4)), 32, 128
+    model = random_model(cfg, device)
+    hf = hf_twin(model, device)
+    depth = f"{cfg.n_layer} of Qwen2-0.5B's 24 layers" if cfg.n_layer != 24 else "full depth"
+    name = "qwen2 (toy)" if args.quick else "qwen2-0.5b"
+    prompts = make_prompts(cfg.vocab_size, n=B)
+    header(f"sampling: {name} shape ({model.num_params() / 1e6:.1f}M params, {depth}), batch {B}, "
+           f"prompts {min(map(len, prompts))}..{max(map(len, prompts))} tokens, greedy, no EOS")
+    if hf is None:
+        print("  (transformers not installed: no Hugging Face baseline)")
+        return
+
+    def ours():
+        with autocast(args, device):
+            return generate(model, prompts, N, temperature=0)[0]
+
+    def theirs():
+        with autocast(args, device):
+            return hf_generate(hf, prompts, N, device)
+
+    ours_short = generate(model, prompts, 2, temperature=0)[0]  # warm-up, at 2 tokens
+    hf_short = hf_generate(hf, prompts, 2, device)
+    t, out = compare({"ours": ours, "hf": theirs}, device, repeats=3, warmup=0)
+    a, b = out["ours"], out["hf"]
+    same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / (B * N)
+    rows = sum(ra == rb for ra, rb in zip(a, b))
+    report(f"{name} vs HF generate @{N}", B * N / t["ours"], B * N / t["hf"], "tok/s", target=1.2,
+           note=f"{depth}; tokens equal to HF's: {same:.3f}, rows identical {rows}/{B} (first 2 "
+                f"tokens: {ours_short == hf_short}); HF {hf.config._attn_implementation} "
+                f"attention; medians of 3 interleaved runs")
+    RESULTS[f"{name} vs HF generate @{N}"]["token_match"] = same
 
