@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from bench_sampling import bench_sampling, bench_sampling_qwen2
+from bench_sampling import SHAPES, bench_sampling
 from measure import (RESULTS, _stderr_silenced, autocast, busy_warning, compare, header, machine,
                      peak_memory, random_model, report)
 from model import preset
@@ -82,6 +82,7 @@ def bench_logps_at(args, device, V):
 
     fns = {"ours": run(sequence_logps), "naive": run(naive_logps)}
     t = compare(fns, device, repeats=3 if args.quick else 5)[0]
+    r, spread = t.ratio("ours", "naive")
     mem = {k: peak_memory(fn, device) for k, fn in fns.items()}
     with torch.no_grad():
         diff = (sequence_logps(model, ids, resp) - naive_logps(model, ids, resp)).abs().max().item()
@@ -89,20 +90,20 @@ def bench_logps_at(args, device, V):
            better="lower", note=f"allocator peak above start, grads included; max |ours - naive| "
                                f"log-prob {diff:.1e}")
     report(f"logps time (fwd+bwd) V={V}", 1e3 * t["ours"], 1e3 * t["naive"], "ms", target=1.0,
-           better="lower")
+           better="lower", ratio=r, spread=spread)
 
 
 
 # ---- 3. the training step -------------------------------------------------------------------
 
-def matmul_peak(device, args):
-    """FLOP/s of one large matmul: the machine's practical ceiling for what training does."""
+def big_matmul(device, args):
+    """One large matmul, (fn, its FLOPs, n): the machine's practical ceiling for what training
+    does."""
     n = 2048 if device.type == "cpu" else 8192
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    t = compare({"mm": lambda: a @ b}, device, repeats=5)[0]["mm"]
-    return 2 * n**3 / t, n
+    return (lambda: a @ b), 2 * n**3, n
 
 
 def bench_train(args, device):
@@ -128,13 +129,16 @@ def bench_train(args, device):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    t = compare({"step": step}, device, repeats=2)[0]["step"]
-    peak, n = matmul_peak(device, args)
+    mm, mm_flops, n = big_matmul(device, args)
+    times = compare({"step": step, "mm": mm}, device, repeats=3)[0]
+    t = times["step"]
     tokens = 3 * rows * T
-    achieved = model.flops_per_token(T) * tokens / t
+    flops = model.flops_per_token(T) * tokens
+    r, spread = times.ratio("mm", "step")  # achieved FLOP/s / peak = (flops / t_step) / (mm_flops / t_mm)
     report(f"{name} train step", tokens / t, None, "tok/s",
            note=f"{t:.2f}s per step of {tokens} tokens")
-    report(f"{name} train MFU", achieved / 1e9, peak / 1e9, "GFLOP/s", target=0.5,
+    report(f"{name} train MFU", flops / t / 1e9, mm_flops / times["mm"] / 1e9, "GFLOP/s", target=0.5,
+           ratio=r * flops / mm_flops, spread=tuple(x * flops / mm_flops for x in spread),
            note=f"model FLOPs (model.flops_per_token) / a {n}^3 matmul's FLOP/s; the LM head "
                 f"runs at the response positions only, so fewer FLOPs than counted are executed")
 
@@ -170,7 +174,7 @@ def bench_pipeline(args, device):
                target=target, better="lower", note=f"{sec:.2f} s of {total:.2f} s")
 
 
-SECTIONS = {"sampling": bench_sampling, "qwen2": bench_sampling_qwen2, "logps": bench_logps, "train": bench_train,
+SECTIONS = {"sampling": bench_sampling, "logps": bench_logps, "train": bench_train,
             "pipeline": bench_pipeline}
 
 
@@ -185,6 +189,7 @@ def main(argv=None):
     ap.add_argument("--bf16", action="store_true", help="run ours and the baselines under bf16 "
                                                         "autocast (meant for CUDA)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--shapes", default=None, help=f"sampling: comma-separated, from: {', '.join(SHAPES)} (default all)")
     ap.add_argument("--qwen2-layers", type=int, default=None,
                     help="depth of the Qwen2-0.5B-shaped model (default: 24 on CUDA, 4 on a CPU)")
     args = ap.parse_args(argv)
