@@ -2,31 +2,36 @@
 bench.py -- how fast selm's hot paths are, each against a baseline timed in the same run.
 
     python bench.py                                   # every section, default sizes
-    python bench.py --sections sampling --device cuda
-    python bench.py --quick                           # a smoke test: small sizes, seconds
+    python bench.py --sections sampling --shapes gpt2-w4,qwen2-0.5b
+    python bench.py --sections sampling --shapes qwen2-0.5b --device cuda
+    python bench.py --quick                           # a smoke test: toy sizes, under a minute
 
 Sections (all on random-weight models; no data, no checkpoint):
-  sampling  (bench_sampling.py) tokens/s of sample.generate (ragged batch of 32 prompts, greedy, no EOS) against
-            (a) a sampler that recomputes the whole sequence for every new token, as nanoGPT's
-            generate does, and (b) Hugging Face's GPT2LMHeadModel.generate on the same weights
-            (when transformers is installed), whose tokens must equal ours.
-  qwen2     (bench_sampling.py) sample.generate against Hugging Face's Qwen2ForCausalLM.generate
-            on a Qwen2-0.5B-shaped model (depth cut to 4 layers on a CPU): equal tokens, tokens/s.
+  sampling  (bench_sampling.py) per shape (d256, gpt2-w4, gpt2, qwen2-0.5b; --shapes): tokens/s
+            of sample.generate, eager and compiled, on a ragged batch, greedy, no EOS, against
+            Hugging Face's generate on the same weights (its tokens must equal ours), and for
+            d256 and gpt2 against a sampler that recomputes the whole sequence for every new
+            token, as nanoGPT's generate does; the compiled step's compile time; the decode
+            step against its own matmuls. Qwen2-0.5B's shapes at 4 of its 24 layers on a CPU
+            (--qwen2-layers).
   logps     peak memory and time of forward + backward through selm.sequence_logps against
             log_softmax over every position's logits, on GPT-2's 50257-word vocabulary and
             Qwen2's 151936.
   train     tokens/s of a full SELM training step on GPT-2 124M and its model FLOPs
             utilisation against a large matmul's FLOP/s measured in the same run.
+  pipeline  where one SELM iteration of the small pipeline spends its time.
 
 Every figure is printed as ours, baseline, ratio and target; the last line of the output is
 one JSON object with every ratio and a description of the machine. Ratios are defined so
 that the target says which way is better: speed-ups (baseline time / our time) should be
 above it, memory and time fractions (ours / baseline) below it.
 
-Timings are medians of a few repeats after a warm-up; where a baseline is too slow to run in
-full, the output says how it was estimated. On a shared machine the numbers move with the
-load: the header prints the load average, and ours and the baseline are interleaved so that
-both see the same conditions.
+A ratio comes from at least 3 rounds in which ours and the baseline run interleaved (after a
+warm-up): it is the median of the per-round ratios, printed with their range, and marked
+TOO WIDE TO TRUST when that range exceeds a tenth of it. Where a baseline is too slow to run
+in full, the output says how it was estimated. On a shared machine the numbers move with the
+load: the header prints the load average, with a warning when other processes are busy.
+Compile time is a figure of its own, never inside a tokens/s figure.
 """
 
 
@@ -185,7 +190,7 @@ def main(argv=None):
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help=f"comma-separated, from: {', '.join(SECTIONS)}")
     ap.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
-    ap.add_argument("--quick", action="store_true", help="small sizes: a smoke test in seconds")
+    ap.add_argument("--quick", action="store_true", help="toy sizes: a smoke test, under a minute")
     ap.add_argument("--bf16", action="store_true", help="run ours and the baselines under bf16 "
                                                         "autocast (meant for CUDA)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -197,6 +202,9 @@ def main(argv=None):
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         ap.error(f"unknown section(s) {', '.join(unknown)}; valid: {', '.join(SECTIONS)}")
+    unknown = [s for s in (args.shapes or "").split(",") if s.strip() and s.strip() not in SHAPES]
+    if unknown:
+        ap.error(f"unknown shape(s) {', '.join(unknown)}; valid: {', '.join(SHAPES)}")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
