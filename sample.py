@@ -10,7 +10,11 @@ a response for every prompt of its chunk. So the sampler is written for speed:
     recomputation of the prefix);
   - the LM head runs only at the last position during prefill;
   - no Python loop over rows inside a step, and the only host-device sync is the check
-    "has every row stopped?", made every few steps.
+    "has every row stopped?", made every few steps;
+  - generate(compile=True) compiles the decode step, whose tensors then have the same shapes
+    at every token, once per bucket of batch size and cache length (CUDA graphs on a GPU).
+    On a CPU it gains little: eager reads only the cache slots written so far, and wins
+    there (bench.py measures both).
 
     python sample.py --ckpt out/selm_3.pt --prompt dcbagfe --num-samples 4
 """
