@@ -2,28 +2,36 @@
 bench.py -- how fast selm's hot paths are, each against a baseline timed in the same run.
 
     python bench.py                                   # every section, default sizes
-    python bench.py --sections sampling --device cuda
-    python bench.py --quick                           # a smoke test: small sizes, seconds
+    python bench.py --sections sampling --shapes gpt2-w4,qwen2-0.5b
+    python bench.py --sections sampling --shapes qwen2-0.5b --device cuda
+    python bench.py --quick                           # a smoke test: toy sizes, under a minute
 
 Sections (all on random-weight models; no data, no checkpoint):
-  sampling  (bench_sampling.py) tokens/s of sample.generate (ragged batch of 32 prompts, greedy, no EOS) against
-            (a) a sampler that recomputes the whole sequence for every new token, as nanoGPT's
-            generate does, and (b) Hugging Face's GPT2LMHeadModel.generate on the same weights
-            (when transformers is installed), whose tokens must equal ours.
+  sampling  (bench_sampling.py) per shape (d256, gpt2-w4, gpt2, qwen2-0.5b; --shapes): tokens/s
+            of sample.generate, eager and compiled, on a ragged batch, greedy, no EOS, against
+            Hugging Face's generate on the same weights (its tokens must equal ours), and for
+            d256 and gpt2 against a sampler that recomputes the whole sequence for every new
+            token, as nanoGPT's generate does; the compiled step's compile time; the decode
+            step against its own matmuls. Qwen2-0.5B's shapes at 4 of its 24 layers on a CPU
+            (--qwen2-layers).
   logps     peak memory and time of forward + backward through selm.sequence_logps against
-            log_softmax over every position's logits, on GPT-2's 50257-word vocabulary.
+            log_softmax over every position's logits, on GPT-2's 50257-word vocabulary and
+            Qwen2's 151936.
   train     tokens/s of a full SELM training step on GPT-2 124M and its model FLOPs
             utilisation against a large matmul's FLOP/s measured in the same run.
+  pipeline  where one SELM iteration of the small pipeline spends its time.
 
 Every figure is printed as ours, baseline, ratio and target; the last line of the output is
 one JSON object with every ratio and a description of the machine. Ratios are defined so
 that the target says which way is better: speed-ups (baseline time / our time) should be
 above it, memory and time fractions (ours / baseline) below it.
 
-Timings are medians of a few repeats after a warm-up; where a baseline is too slow to run in
-full, the output says how it was estimated. On a shared machine the numbers move with the
-load: the header prints the load average, and ours and the baseline are interleaved so that
-both see the same conditions.
+A ratio comes from at least 3 rounds in which ours and the baseline run interleaved (after a
+warm-up): it is the median of the per-round ratios, printed with their range, and marked
+TOO WIDE TO TRUST when that range exceeds a tenth of it. Where a baseline is too slow to run
+in full, the output says how it was estimated. On a shared machine the numbers move with the
+load: the header prints the load average, with a warning when other processes are busy.
+Compile time is a figure of its own, never inside a tokens/s figure.
 """
 
 
@@ -34,7 +42,7 @@ import time
 
 import torch
 
-from bench_sampling import bench_sampling
+from bench_sampling import SHAPES, bench_sampling
 from measure import (RESULTS, _stderr_silenced, autocast, busy_warning, compare, header, machine,
                      peak_memory, random_model, report)
 from model import preset
@@ -52,8 +60,15 @@ def naive_logps(model, input_ids, response_mask):
 
 
 def bench_logps(args, device):
-    B, T = (4, 128) if args.quick else (8, 256)
-    cfg = preset("small", vocab_size=50257, block_size=T)
+    # GPT-2's vocabulary, and the Llama family's larger ones (Qwen2: 151936), where the naive
+    # [B, T, V] log-softmax is 3x larger again
+    for V in (50257, 151936):
+        bench_logps_at(args, device, V)
+
+
+def bench_logps_at(args, device, V):
+    B, T = (4, 128) if args.quick else (8, 256) if V <= 50257 else (4, 256)
+    cfg = preset("small", vocab_size=V, block_size=T)
     model = random_model(cfg, device).train()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (B, T), generator=g).to(device)
@@ -72,27 +87,28 @@ def bench_logps(args, device):
 
     fns = {"ours": run(sequence_logps), "naive": run(naive_logps)}
     t = compare(fns, device, repeats=3 if args.quick else 5)[0]
+    r, spread = t.ratio("ours", "naive")
     mem = {k: peak_memory(fn, device) for k, fn in fns.items()}
     with torch.no_grad():
         diff = (sequence_logps(model, ids, resp) - naive_logps(model, ids, resp)).abs().max().item()
-    report("logps peak memory", mem["ours"] / 2**20, mem["naive"] / 2**20, "MiB", target=0.5,
+    report(f"logps peak memory V={V}", mem["ours"] / 2**20, mem["naive"] / 2**20, "MiB", target=0.5,
            better="lower", note=f"allocator peak above start, grads included; max |ours - naive| "
                                f"log-prob {diff:.1e}")
-    report("logps time (fwd+bwd)", 1e3 * t["ours"], 1e3 * t["naive"], "ms", target=1.0,
-           better="lower")
+    report(f"logps time (fwd+bwd) V={V}", 1e3 * t["ours"], 1e3 * t["naive"], "ms", target=1.0,
+           better="lower", ratio=r, spread=spread)
 
 
 
 # ---- 3. the training step -------------------------------------------------------------------
 
-def matmul_peak(device, args):
-    """FLOP/s of one large matmul: the machine's practical ceiling for what training does."""
+def big_matmul(device, args):
+    """One large matmul, (fn, its FLOPs, n): the machine's practical ceiling for what training
+    does."""
     n = 2048 if device.type == "cpu" else 8192
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    t = compare({"mm": lambda: a @ b}, device, repeats=5)[0]["mm"]
-    return 2 * n**3 / t, n
+    return (lambda: a @ b), 2 * n**3, n
 
 
 def bench_train(args, device):
@@ -118,13 +134,16 @@ def bench_train(args, device):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    t = compare({"step": step}, device, repeats=2)[0]["step"]
-    peak, n = matmul_peak(device, args)
+    mm, mm_flops, n = big_matmul(device, args)
+    times = compare({"step": step, "mm": mm}, device, repeats=3)[0]
+    t = times["step"]
     tokens = 3 * rows * T
-    achieved = model.flops_per_token(T) * tokens / t
+    flops = model.flops_per_token(T) * tokens
+    r, spread = times.ratio("mm", "step")  # achieved FLOP/s / peak = (flops / t_step) / (mm_flops / t_mm)
     report(f"{name} train step", tokens / t, None, "tok/s",
            note=f"{t:.2f}s per step of {tokens} tokens")
-    report(f"{name} train MFU", achieved / 1e9, peak / 1e9, "GFLOP/s", target=0.5,
+    report(f"{name} train MFU", flops / t / 1e9, mm_flops / times["mm"] / 1e9, "GFLOP/s", target=0.5,
+           ratio=r * flops / mm_flops, spread=tuple(x * flops / mm_flops for x in spread),
            note=f"model FLOPs (model.flops_per_token) / a {n}^3 matmul's FLOP/s; the LM head "
                 f"runs at the response positions only, so fewer FLOPs than counted are executed")
 
@@ -171,15 +190,21 @@ def main(argv=None):
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help=f"comma-separated, from: {', '.join(SECTIONS)}")
     ap.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
-    ap.add_argument("--quick", action="store_true", help="small sizes: a smoke test in seconds")
+    ap.add_argument("--quick", action="store_true", help="toy sizes: a smoke test, under a minute")
     ap.add_argument("--bf16", action="store_true", help="run ours and the baselines under bf16 "
                                                         "autocast (meant for CUDA)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--shapes", default=None, help=f"sampling: comma-separated, from: {', '.join(SHAPES)} (default all)")
+    ap.add_argument("--qwen2-layers", type=int, default=None,
+                    help="depth of the Qwen2-0.5B-shaped model (default: 24 on CUDA, 4 on a CPU)")
     args = ap.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         ap.error(f"unknown section(s) {', '.join(unknown)}; valid: {', '.join(SECTIONS)}")
+    unknown = [s for s in (args.shapes or "").split(",") if s.strip() and s.strip() not in SHAPES]
+    if unknown:
+        ap.error(f"unknown shape(s) {', '.join(unknown)}; valid: {', '.join(SHAPES)}")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)

@@ -1,18 +1,27 @@
 """
-bench_sampling.py -- bench.py's sampling section: tokens/s of sample.generate against a
-sampler that recomputes everything and against Hugging Face's generate on the same weights.
+bench_sampling.py -- bench.py's sampling section: tokens/s of sample.generate, eager and
+compiled, against Hugging Face's generate on the same weights and against a sampler that
+recomputes everything; the decode step against its own matmuls; compile time.
 
-The batch is ragged (32 prompts of 8-40 tokens, left-padded), decoding greedy with no EOS,
-so every sampler produces the same number of tokens and, where the weights agree, the same
-tokens: the benchmark checks that they do before it trusts a timing.
+Shapes (random weights; --shapes picks some):
+  d256        6 layers of width 256, a 260-word vocabulary: a small model, bound by overheads
+  gpt2-w4     GPT-2's width and vocabulary, 4 layers
+  gpt2        GPT-2 124M
+  qwen2-0.5b  Qwen2-0.5B's shapes (GQA, 151936-word vocabulary); 4 of its 24 layers on a CPU
+The batch is ragged (prompts of 8-40 tokens, left-padded), decoding greedy with no EOS, so
+every sampler produces the same number of tokens and, where the weights agree, the same
+tokens: the benchmark checks that they do before it trusts a timing. Every ratio is the
+median over interleaved rounds, with its spread (measure.py).
 """
 
 import torch
 import torch.nn.functional as F
 
 from measure import RESULTS, autocast, compare, header, random_model, report, timed
-from model import positions_from_mask, preset
-from sample import generate
+from model import GPTConfig, positions_from_mask, preset
+from sample import (COMPILE_SECONDS, StaticCache, bucket, compiled_decode_step, decode_step,
+                    generate, prefill)
+
 
 def make_prompts(vocab_size, n=32, lo=8, hi=40, seed=0):
     """n prompts of random lengths in [lo, hi] and random tokens (id 0, the padding, unused)."""
@@ -83,28 +92,34 @@ def naive_estimate(model, prompts, max_new_tokens, device, args):
     return sum(cost(S) for S in range(P, P + max_new_tokens)), dict(zip(xs, ys))
 
 
-# Hugging Face stores these as Conv1D, (in, out); our nn.Linear weights are (out, in).
-HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+def qwen2_config(n_layer=24, **overrides):
+    """Qwen2-0.5B's shapes (random weights here): a 151936-word vocabulary, width 896, 14 query
+    heads sharing 2 K/V heads of 64, SwiGLU 4864 wide, q/k/v biases, a tied head, rope base 1e6.
+    Depth 24 in full; the benchmark may cut it on a CPU (the LM head's cost is depth's alone)."""
+    return GPTConfig(**{**dict(model_type="qwen2", vocab_size=151936, n_embd=896, n_head=14,
+                               n_kv_head=2, head_dim=64, n_inner=4864, qkv_bias=True,
+                               tie_embeddings=True, rope_theta=1e6, layer_norm_epsilon=1e-6,
+                               n_layer=n_layer, block_size=32768), **overrides})
 
 
 def hf_twin(model, device):
-    """GPT2LMHeadModel with our model's dimensions and weights, or None without transformers."""
+    """The transformers model of our model's family (GPT-2, Llama, Qwen2, ...), with its
+    dimensions and weights, built from hf.py's config.json and state dict; None without
+    transformers."""
     try:
         import transformers
     except ImportError:
         return None
+    from hf import hf_config, ours_to_hf
     transformers.logging.set_verbosity_error()
-    c = model.config
-    cfg = transformers.GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size,
-                                  n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
-                                  layer_norm_epsilon=c.layer_norm_epsilon, resid_pdrop=0.0,
-                                  embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None,
-                                  eos_token_id=None, pad_token_id=0)
-    hf = transformers.GPT2LMHeadModel(cfg)
-    sd = {k: (v.t() if k.endswith(HF_CONV1D) else v) for k, v in model.state_dict().items()}
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    if unexpected or any(not k.endswith(".attn.bias") for k in missing):
-        raise RuntimeError(f"weights do not map onto GPT2LMHeadModel: {missing} {unexpected}")
+    cfg = hf_config(model.config)
+    cfg.update(pad_token_id=0, bos_token_id=None, eos_token_id=None)  # no EOS: fixed lengths
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg))
+    missing, unexpected = hf.load_state_dict(ours_to_hf(model), strict=False)
+    tied = ["lm_head.weight"] if model.config.tie_embeddings else []
+    if unexpected or [k for k in missing if k not in tied and not k.endswith(".attn.bias")]:
+        raise RuntimeError(f"weights do not map onto {type(hf).__name__}: {missing} {unexpected}")
+    hf.tie_weights()  # a tied head shares the embedding we loaded
     return hf.to(device).eval()
 
 
@@ -121,111 +136,183 @@ def hf_generate(hf, prompts, max_new_tokens, device):
     return out[:, idx.shape[1]:].tolist()
 
 
-@torch.inference_mode()
-def matmul_only_step(model, batch, device, repeats, args):
-    """Seconds of the decode step's matmuls alone: every linear layer of the model and the LM
-    head applied to a (batch, in) input, with nothing in between. Each product is timed both
-    as x @ W^T and as (W @ x^T)^T (BLAS threads the two very differently) and the faster
-    sweep counts: a lower bound for one decode step on this machine."""
+def matmul_floor(model, batch, device, args):
+    """The decode step's matmuls alone: every linear layer of the model and the LM head applied
+    to a (batch, in) input, with nothing in between, as two fns: x @ W^T and (W @ x^T)^T
+    (BLAS threads the two very differently). The faster, round by round, is a lower bound
+    for one decode step on this machine."""
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     xs = {m.in_features: torch.randn(batch, m.in_features, device=device) for m in layers}
 
+    @torch.inference_mode()
     def x_wt():
         with autocast(args, device):
             for m in layers:
                 F.linear(xs[m.in_features], m.weight, m.bias)
 
+    @torch.inference_mode()
     def w_xt():
         with autocast(args, device):
             for m in layers:
-                y = m.weight @ xs[m.in_features].t()
-                if m.bias is not None:
-                    y += m.bias[:, None]
-    return min(compare({"x_wt": x_wt, "w_xt": w_xt}, device, repeats)[0].values())
+                if m.bias is None:
+                    m.weight @ xs[m.in_features].t()
+                else:
+                    torch.addmm(m.bias[:, None], m.weight, xs[m.in_features].t())
+    return {"x @ W^T": x_wt, "W @ x^T": w_xt}
+
+
+def decode_loop(model, prompts, max_new_tokens, n_steps, device, args, compiled):
+    """A fn that runs n_steps greedy decode steps as generate(prompts, max_new_tokens) does
+    (the step and the argmax choosing the next token, on the same cache), from the same state
+    every time: the prompts prefilled once, beforehand. Eager: a cache of exactly the slots
+    needed; compiled: the bucket's, and its compiled step."""
+    B, dtype = len(prompts), model.transformer.wte.weight.dtype
+    idx, mask = left_pad(prompts, device)
+    P, need = idx.shape[1], idx.shape[1] + max_new_tokens
+    if compiled:
+        step, cache, _ = compiled_decode_step(model, B, min(bucket(need), model.config.block_size),
+                                              dtype, device)
+    else:
+        step, cache = decode_step, StaticCache(model.config, B, need, device, dtype)
+    with torch.inference_mode(), autocast(args, device):
+        first = prefill(model, idx, mask.bool(), cache).argmax(-1)
+
+    @torch.inference_mode()
+    def run():
+        cache.mask[:, P:] = False
+        cache.slot.fill_(P)
+        cache.pos.copy_(mask.sum(1))
+        tok = first
+        with autocast(args, device):
+            for t in range(n_steps):  # eager reads the slots written so far, as generate does
+                logits = step(model, tok, cache) if compiled else step(model, tok, cache, P + t + 1)
+                tok = logits.argmax(-1)
+        return tok
+    return run
+
+
+SHAPES = ("d256", "gpt2-w4", "gpt2", "qwen2-0.5b")
+
+
+def shape(name, args, device):
+    """(config, batch, new tokens, target against HF generate, note) of a benchmark shape."""
+    if name == "d256":
+        return GPTConfig(n_layer=6, n_head=8, n_embd=256, vocab_size=260, block_size=1024), 32, 128, 1.4, ""
+    if name == "gpt2-w4":
+        return preset("gpt2", n_layer=4), 16, 128, 1.35, ""
+    if name == "gpt2":
+        return preset("gpt2"), 32, 128, 1.3, ""
+    if name == "qwen2-0.5b":
+        depth = args.qwen2_layers or (24 if device.type == "cuda" else 4)
+        note = "full depth" if depth == 24 else f"{depth} of Qwen2-0.5B's 24 layers"
+        return qwen2_config(depth), 32, 128, 1.2, note
+    if name == "small":  # --quick: the same code paths at toy sizes
+        return preset("small", vocab_size=258, block_size=1024), 32, 32, 1.4, "toy"
+    if name == "qwen2-toy":
+        return qwen2_config(2, vocab_size=1000, n_embd=128, n_head=4, n_kv_head=2, head_dim=32,
+                            n_inner=256, block_size=256), 8, 16, 1.2, "toy"
+    raise ValueError(f"unknown shape {name!r}; valid: {', '.join(SHAPES)}")
 
 
 def bench_sampling(args, device):
-    B = 32
-    lengths = (8, 32) if args.quick else (32, 128, 512)
-    N = lengths[-1] if args.quick else 128  # where ours is compared with the baselines
-    for name in ["small"] if args.quick else ["small", "gpt2"]:
-        big = name == "gpt2"
-        cfg = preset("gpt2") if big else preset("small", vocab_size=258, block_size=1024)
-        model = random_model(cfg, device)
-        prompts = make_prompts(cfg.vocab_size, n=B)
-        reps = 1 if big else 3  # a gpt2 generate takes seconds: one timed run each
-        header(f"sampling: {name} ({model.num_params() / 1e6:.1f}M params), batch {B}, "
-               f"prompts {min(map(len, prompts))}..{max(map(len, prompts))} tokens, greedy, "
-               f"no EOS")
+    names = ["small", "qwen2-toy"] if args.quick else \
+        [s.strip() for s in (args.shapes or ",".join(SHAPES)).split(",") if s.strip()]
+    for name in names:
+        bench_shape(name, args, device)
 
-        def ours(n, model=model):
-            with autocast(args, device):
-                return generate(model, prompts, n, temperature=0)[0]
 
-        # warm-up, and a first check that the baselines decode what we decode
-        hf = hf_twin(model, device)
-        def naive(n, model=model):
-            with autocast(args, device):
-                return naive_generate(model, prompts, n, device)
+def bench_shape(name, args, device):
+    cfg, B, N, target, note = shape(name, args, device)
+    model = random_model(cfg, device)
+    prompts = make_prompts(cfg.vocab_size, n=B)
+    reps = 3
+    header(f"sampling: {name} ({model.num_params() / 1e6:.1f}M params{', ' + note if note else ''}), "
+           f"batch {B}, prompts {min(map(len, prompts))}..{max(map(len, prompts))} tokens, "
+           f"{N} new tokens, greedy, no EOS")
+    note = f"{note}; " if note else ""
 
-        first_two_agree = naive(2) == ours(2)
-        if hf is not None:
-            hf_generate(hf, prompts, 2, device)
+    def ours(n, compile=False):
+        with autocast(args, device):
+            return generate(model, prompts, n, temperature=0, compile=compile)[0]
 
-        # ours at N against the baselines, interleaved; then ours at the other lengths
-        fns = {"ours": lambda: ours(N)}
-        if hf is not None:
-            fns["hf"] = lambda: hf_generate(hf, prompts, N, device)
-        t, out = compare(fns, device, reps, warmup=0)
-        t_ours = {N: t["ours"]}
-        for n in (1,) + lengths:  # 1: the prefill and a first token, to separate out
-            if n != N:
-                t_ours[n] = compare({"ours": lambda n=n: ours(n)}, device, reps, warmup=0)[0]["ours"]
+    # compiling: the first call of a new bucket, timed on its own (never inside a tok/s figure)
+    first_step = len(COMPILE_SECONDS)
+    t_first, _ = timed(lambda: ours(N, compile=True), device)
+    t_compile = sum(s for _, s in COMPILE_SECONDS[first_step:])
 
-        report(f"{name} prefill", 1e3 * t_ours[1], None, "ms",
-               note=f"generate(max_new_tokens=1): {B} left-padded prompts in one forward")
-        n0 = lengths[0]
-        per_token = {n: (t_ours[n] - t_ours[1]) / (n - 1) for n in lengths}
-        for n in lengths:  # a KV cache keeps a new token's cost nearly flat in n
-            report(f"{name} decode @{n}: ms/new token", 1e3 * per_token[n], 1e3 * per_token[n0],
-                   "ms", note=f"{B * n / t_ours[n]:.0f} tok/s overall; decode = (t@{n} - t@1) / "
-                              f"{n - 1}; baseline column and ratio: ours @{n0}")
+    hf = hf_twin(model, device)
+    fns = {"eager": lambda: ours(N), "compiled": lambda: ours(N, compile=True)}
+    if hf is not None:
+        hf_generate(hf, prompts, 2, device)  # warm-up
+        fns["hf"] = lambda: hf_generate(hf, prompts, N, device)
+    t, out = compare(fns, device, reps, warmup=1)
+    same_compiled = out["compiled"] == out["eager"]
+    report(f"{name} compiled vs eager @{N}", B * N / t["compiled"], B * N / t["eager"], "tok/s",
+           target=3.0 if device.type == "cuda" and name == "qwen2-0.5b" else None,
+           ratio=t.ratio("eager", "compiled")[0], spread=t.ratio("eager", "compiled")[1],
+           note=f"{note}tokens equal: {same_compiled}")
+    report(f"{name} compile time", t_compile, None, "s",
+           note=f"the first decode step of a new bucket (batch {B}, cache "
+                f"{min(bucket(max(map(len, prompts)) + N), cfg.block_size)}); the whole first "
+                f"call {t_first:.1f}s; later calls reuse the graph")
+    if hf is None:
+        print("  (transformers not installed: no Hugging Face baseline)")
+    else:
+        a, b = out["eager"], out["hf"]
+        same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / (B * N)
+        rows = sum(ra == rb for ra, rb in zip(a, b))
+        for kind in ("eager", "compiled"):
+            r, spread = t.ratio("hf", kind)
+            report(f"{name} {kind} vs HF generate @{N}", B * N / t[kind], B * N / t["hf"], "tok/s",
+                   target=target, ratio=r, spread=spread,
+                   note=f"{note}tokens equal to HF's: {same:.3f}, rows identical {rows}/{B}; "
+                        f"HF {hf.config._attn_implementation} attention, dynamic cache")
+            RESULTS[f"{name} {kind} vs HF generate @{N}"]["token_match"] = same
+        del hf
 
-        # (a) the recompute-everything sampler
-        if big:
-            est, steps = naive_estimate(model, prompts, N, device, args)
-            note = ("estimated: its step timed at lengths " +
+    # the decode step (and its argmax) against its own matmuls, per step, rounds interleaved;
+    # the steps of a whole response, as their cost grows with the slots attended over
+    K = N - 1
+    steps = {kind: decode_loop(model, prompts, N, K, device, args, compiled=kind == "compiled")
+             for kind in ("eager", "compiled")}
+    floor = matmul_floor(model, B, device, args)
+    loops = {**steps, **{k: (lambda f=f: [f() for _ in range(K)]) for k, f in floor.items()}}
+    t, _ = compare(loops, device, reps, warmup=0)  # (all warm: generate ran them)
+    best = [min(a, b) for a, b in zip(*(t.rounds(k) for k in floor))]  # the floor, round by round
+    for kind in ("eager", "compiled"):
+        r = sorted(a / b for a, b in zip(t.rounds(kind), best))
+        report(f"{name} decode step / matmuls ({kind})", 1e3 * t[kind] / K,
+               1e3 * sorted(best)[len(best) // 2] / K, "ms", better="lower",
+               target=1.2 if name == "gpt2-w4" else None, ratio=r[len(r) // 2], spread=(r[0], r[-1]),
+               note=f"{note}mean of {K} steps at batch {B}; matmuls: every linear layer and the "
+                    f"LM head on a ({B}, C) input, the faster orientation of each round")
+
+    if name in ("d256", "gpt2", "small"):
+        bench_naive(name, model, prompts, N, out["eager"], device, args)
+
+
+def bench_naive(name, model, prompts, N, ours_out, device, args):
+    """Ours against the sampler that recomputes the whole sequence for every new token: run in
+    full, interleaved, for a small model; for gpt2 estimated from three of its steps."""
+    B = len(prompts)
+
+    def ours():
+        with autocast(args, device):
+            return generate(model, prompts, N, temperature=0)[0]
+
+    def naive():
+        with autocast(args, device):
+            return naive_generate(model, prompts, N, device)
+
+    if name == "gpt2":
+        t_ours = compare({"ours": ours}, device, 3, warmup=0)[0]["ours"]
+        est, steps = naive_estimate(model, prompts, N, device, args)
+        report(f"{name} vs naive @{N}", B * N / t_ours, B * N / est, "tok/s", target=5.0,
+               note="estimated, no spread: its step timed at lengths " +
                     ", ".join(f"{s} ({v:.2f}s)" for s, v in steps.items()) +
-                    f", the quadratic through them summed over {N} steps; first 2 tokens "
-                    f"equal to ours: {first_two_agree}")
-        else:
-            est, naive_out = timed(lambda: naive(N), device)
-            check, _ = naive_estimate(model, prompts, N, device, args)
-            note = (f"run in full, once ({est:.2f}s); the 3-point estimate used for gpt2 says "
-                    f"{check:.2f}s; tokens equal to ours: {naive_out == out['ours']}")
-        report(f"{name} vs naive @{N}", B * N / t["ours"], B * N / est, "tok/s",
-               target=5.0 if big else None, note=note)
-
-        # (b) Hugging Face
-        if hf is None:
-            print("  (transformers not installed: no Hugging Face baseline)")
-        else:
-            a, b = out["ours"], out["hf"]
-            same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / (B * N)
-            rows = sum(ra == rb for ra, rb in zip(a, b))
-            report(f"{name} vs HF generate @{N}", B * N / t["ours"], B * N / t["hf"], "tok/s",
-                   target=1.1 if big else 1.5,
-                   note=f"tokens equal to HF's: {same:.3f}, rows identical {rows}/{B}; HF "
-                        f"{hf.config._attn_implementation} attention, dynamic cache")
-            RESULTS[f"{name} vs HF generate @{N}"]["token_match"] = same
-            del hf
-
-        # the decode step against its own matmuls
-        mm = matmul_only_step(model, B, device, 3 if big else 10, args)
-        step = (t_ours[N] - t_ours[1]) / (N - 1)
-        report(f"{name} decode step / its matmuls", 1e3 * step, 1e3 * mm, "ms", better="lower",
-               note=f"mean decode step @{N}; matmuls: every linear layer and the LM head on a "
-                    f"({B}, C) input, the faster of two orientations")
-        del model
-
-
+                    f", the quadratic through them summed over {N} steps")
+    else:
+        t, out = compare({"ours": ours, "naive": naive}, device, 3, warmup=0)
+        r, spread = t.ratio("naive", "ours")
+        report(f"{name} vs naive @{N}", B * N / t["ours"], B * N / t["naive"], "tok/s", ratio=r,
+               spread=spread, note=f"tokens equal to ours: {out['naive'] == ours_out}")

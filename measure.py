@@ -2,8 +2,9 @@
 measure.py -- timing, memory and reporting for the benchmarks (bench.py, bench_sampling.py).
 
 Every figure is printed as ours, baseline, ratio and target, and kept in RESULTS for the
-JSON line bench.py ends with. Timings interleave ours and the baseline round-robin and take
-medians, so that a change in the machine's load hits both alike.
+JSON line bench.py ends with. Timings interleave ours and the baseline round-robin, at least
+three rounds; a ratio is the median of the per-round ratios, printed with their spread, so
+that a change in the machine's load hits both sides alike and a noisy figure says so.
 """
 
 import contextlib
@@ -37,8 +38,9 @@ def timed(fn, device):
 
 
 def compare(fns, device, repeats, warmup=1):
-    """Median seconds of each fn in the dict, calls interleaved round-robin so that a change
-    in the machine's load hits all of them alike. Also returns each fn's last output."""
+    """Seconds per call of each fn in the dict, calls interleaved round-robin so that a change
+    in the machine's load hits all of them alike: a Timings of every round's seconds per fn,
+    and each fn's last output."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -47,12 +49,34 @@ def compare(fns, device, repeats, warmup=1):
         for name, fn in fns.items():
             t, outs[name] = timed(fn, device)
             times[name].append(t)
-    return {name: statistics.median(ts) for name, ts in times.items()}, outs
+    return Timings(times), outs
 
 
-def report(name, ours, baseline, unit, target=None, better="higher", ratio=None, note=""):
+class Timings(dict):
+    """{fn name: [seconds, one per round]}, rounds interleaved. t[name] is the median; ratio()
+    compares two fns round by round, so that a slow round slows both sides of its ratio."""
+
+    def __getitem__(self, name):
+        return statistics.median(self.rounds(name))
+
+    def rounds(self, name):
+        return dict.__getitem__(self, name)
+
+    def ratio(self, num, den):
+        """Per-round ratios seconds[num] / seconds[den]: their median and their (min, max)."""
+        r = [a / b for a, b in zip(self.rounds(num), self.rounds(den))]
+        return statistics.median(r), (min(r), max(r))
+
+
+SPREAD_LIMIT = 0.10  # a ratio whose rounds spread wider than this, relative, is not trusted
+
+
+def report(name, ours, baseline, unit, target=None, better="higher", ratio=None, note="",
+           spread=None):
     """Print one figure and keep it for the JSON line. ratio defaults to ours / baseline;
-    a figure without a baseline (baseline None) has no ratio."""
+    a figure without a baseline (baseline None) has no ratio. spread: (lowest, highest) ratio
+    over the interleaved rounds the ratio is the median of; printed, and flagged when wider
+    than SPREAD_LIMIT of the ratio: such a figure is not to be trusted."""
     if ratio is None and baseline is not None:
         ratio = ours / baseline
     ok = ""
@@ -60,11 +84,17 @@ def report(name, ours, baseline, unit, target=None, better="higher", ratio=None,
         met = ratio >= target if better == "higher" else ratio <= target
         ok = f"{'>=' if better == 'higher' else '<='} {target:g}  {'MET' if met else 'MISSED'}"
     shown = "-" if ratio is None else f"{ratio:.3f}x"
-    print(f"  {name:<36} {_fmt(ours):>10} {_fmt(baseline):>10} {unit:<7} {shown:>9}  {ok}"
+    wide = spread is not None and (spread[1] - spread[0]) > SPREAD_LIMIT * ratio
+    if spread is not None:
+        note = (f"rounds {spread[0]:.3f}..{spread[1]:.3f}x" +
+                (" TOO WIDE TO TRUST" if wide else "") + (f"; {note}" if note else ""))
+    print(f"  {name:<40} {_fmt(ours):>10} {_fmt(baseline):>10} {unit:<7} {shown:>9}  {ok}"
           + (f"  ({note})" if note else ""), flush=True)
     RESULTS[name] = {"ours": ours, "baseline": baseline, "unit": unit,
                      "ratio": None if ratio is None else round(ratio, 4),
-                     "target": target, "better": better}
+                     "target": target, "better": better,
+                     "spread": None if spread is None else [round(x, 4) for x in spread],
+                     "trusted": not wide}
 
 
 def _fmt(x):
@@ -73,7 +103,7 @@ def _fmt(x):
 
 def header(title):
     print(f"\n== {title}", flush=True)
-    print(f"  {'figure':<36} {'ours':>10} {'baseline':>10} {'unit':<7} {'ratio':>9}  target",
+    print(f"  {'figure':<40} {'ours':>10} {'baseline':>10} {'unit':<7} {'ratio':>9}  target",
           flush=True)
 
 

@@ -98,6 +98,8 @@ class KVCache:
     Slots are written at explicit positions (`cache_pos` in GPT.forward), so there is no
     concatenation and no reallocation while decoding. With grouped-query attention only the
     n_kv_head shared heads are stored: the cache is n_head / n_kv_head times smaller.
+    Attention reads layer i's keys as cache.k[i]: a list of per-layer tensors serves as well
+    (sample.py's compiled decode step needs one tensor per layer, see StaticCache there).
     """
 
     def __init__(self, config, batch_size, max_len, device, dtype):
@@ -156,6 +158,21 @@ def rotary(config, position_ids):
     return angles.cos(), angles.sin()
 
 
+def linear(layer, x, decode=False):
+    """layer(x). decode: x (B, 1, in) holds one new token per row, and a large product is
+    computed as (W @ x^T)^T instead of x @ W^T: the same numbers up to float rounding, but
+    with a few rows against a large matrix, multithreaded CPU BLAS splits the rows of W over
+    its threads far better than the B rows of x (GPT-2's width on 2 cores: the whole decode
+    step 11% faster; on CUDA no different). The result is a transposed view (B, 1, out): no
+    copy, the next op reads it as it is. Below half a million weights (a model of width 256)
+    the split gains nothing and the transposed result costs the next ops more: x @ W^T."""
+    if not decode or layer.weight.numel() < 1 << 19:
+        return layer(x)
+    xt = x.view(x.size(0), -1).t()  # (in, B)
+    y = layer.weight @ xt if layer.bias is None else torch.addmm(layer.bias[:, None], layer.weight, xt)
+    return y.t()[:, None]  # (out, B) -> (B, 1, out)
+
+
 def apply_rotary(x, cos, sin):
     """Rotate the pairs (x_i, x_{i + d/2}) of every head of x (B, h, T, d) by the angles
     (RoFormer eq. 34, with the pairs split in halves as the Llama family's weights expect).
@@ -182,22 +199,32 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, mask, rope=None, cache=None, layer=0, cache_pos=0):
         B, T, C = x.shape
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.c_attn(x).split([nh * hd, nkv * hd, nkv * hd], dim=2)
+        dropout_p = self.dropout if self.training else 0.0
+        decode = cache is not None and T == 1  # one new token per row
+        q, k, v = linear(self.c_attn, x, decode).split([nh * hd, nkv * hd, nkv * hd], dim=2)
         q, k, v = q.view(B, T, nh, hd), k.view(B, T, nkv, hd), v.view(B, T, nkv, hd)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if cache is not None:
+        if cache is not None and torch.is_tensor(cache_pos):
+            # sample.py's decode step: the slots are a tensor (T,), so a compiled step is one
+            # graph for every token. Attention reads the first S slots of the cache, S the
+            # mask's width: the whole cache (fixed shapes, compiled) or the slots written so
+            # far (eager); the mask hides the slots within not written yet
+            kc, vc = cache.k[layer], cache.v[layer]  # (B, nkv, max_len, hd)
+            kc.index_copy_(2, cache_pos, k.to(kc.dtype))  # (under autocast k may be bf16)
+            vc.index_copy_(2, cache_pos, v.to(vc.dtype))
+            k, v = kc[:, :, :mask.size(-1)], vc[:, :, :mask.size(-1)]  # (B, nkv, S, hd)
+        elif cache is not None:
             # write this step's keys/values at their slots, attend over everything so far
             end = cache_pos + T
-            cache.k[layer, :, :, cache_pos:end] = k
-            cache.v[layer, :, :, cache_pos:end] = v
-            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]  # (B, nkv, S, hd)
-        dropout_p = self.dropout if self.training else 0.0
+            cache.k[layer][:, :, cache_pos:end] = k
+            cache.v[layer][:, :, cache_pos:end] = v
+            k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]  # (B, nkv, S, hd)
         gqa = nkv != nh  # query head h reads K/V head h // (nh // nkv)
-        if cache is not None and T == 1 and dropout_p == 0.0:
+        if decode and dropout_p == 0.0:
             # decoding, one new token per row: attention written out is two thin batched
             # matmuls, which on one CPU thread run up to 2x faster than SDPA's fused kernel.
             # The nh // nkv query heads sharing a K/V head are rows of one matmul against it,
@@ -211,8 +238,8 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
         else:  # explicit (B, 1, T, S) boolean mask; True = may attend
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
-        y = y.transpose(1, 2).contiguous().view(B, T, nh * hd)
-        return self.resid_dropout(self.c_proj(y))
+        y = y.transpose(1, 2).reshape(B, T, nh * hd)
+        return self.resid_dropout(linear(self.c_proj, y, decode))
 
 
 class MLP(nn.Module):
@@ -225,12 +252,12 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(config.n_inner, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x):
+    def forward(self, x, decode=False):
         if self.swiglu:
-            gate, up = self.c_fc(x).chunk(2, dim=-1)
-            return self.dropout(self.c_proj(F.silu(gate) * up))
+            gate, up = linear(self.c_fc, x, decode).chunk(2, dim=-1)
+            return self.dropout(linear(self.c_proj, F.silu(gate) * up, decode))
         # GPT-2 uses the tanh approximation of GELU; matching it keeps HF logits within 1e-5
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(linear(self.c_proj, F.gelu(linear(self.c_fc, x, decode), approximate="tanh"), decode))
 
 
 class Block(nn.Module):
@@ -243,7 +270,8 @@ class Block(nn.Module):
 
     def forward(self, x, mask, rope=None, cache=None, layer=0, cache_pos=0):
         x = x + self.attn(self.ln_1(x), mask, rope, cache, layer, cache_pos)
-        return x + self.mlp(self.ln_2(x))
+        decode = cache is not None and x.size(1) == 1  # one new token per row
+        return x + self.mlp(self.ln_2(x), decode)
 
 
 def attention_mask_4d(attention_mask, T, cache_pos=0):
@@ -348,14 +376,9 @@ class GPT(nn.Module):
         row-major order), else (B, T, V). decode: x holds one new position per row."""
         if output_mask is not None:
             x = x[output_mask]  # (N, C): the LM head runs only where it is needed
-        elif decode:
-            # The same product as x @ W^T, computed as (W @ x^T)^T: with a few rows against a
-            # large vocabulary, multithreaded CPU BLAS splits the V rows of W over its threads
-            # far better than the B rows of x (GPT-2, 32 rows, 2 threads: ~30 ms instead of
-            # ~38 ms, a tenth of the whole step).
-            B = x.size(0)
-            return (self.lm_head.weight @ x.view(B, -1).t()).t().contiguous().view(B, 1, -1)
-        return self.lm_head(x)  # (B, T, V) or (N, V)
+        # decoding: (W @ x^T)^T, see `linear` (GPT-2, 32 rows, 2 threads: ~30 ms instead of
+        # ~38 ms, a tenth of the whole step); the logits come back as a transposed view
+        return linear(self.lm_head, x, decode and output_mask is None)  # (B, T, V) or (N, V)
 
     def new_cache(self, batch_size, max_len, device=None, dtype=None):
         p = self.transformer.wte.weight

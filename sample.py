@@ -10,7 +10,11 @@ a response for every prompt of its chunk. So the sampler is written for speed:
     recomputation of the prefix);
   - the LM head runs only at the last position during prefill;
   - no Python loop over rows inside a step, and the only host-device sync is the check
-    "has every row stopped?", made every few steps.
+    "has every row stopped?", made every few steps;
+  - generate(compile=True) compiles the decode step, whose tensors then have the same shapes
+    at every token, once per bucket of batch size and cache length (CUDA graphs on a GPU).
+    On a CPU it gains little: eager reads only the cache slots written so far, and wins
+    there (bench.py measures both).
 
     python sample.py --ckpt out/selm_3.pt --prompt dcbagfe --num-samples 4
 """
@@ -18,6 +22,9 @@ a response for every prompt of its chunk. So the sampler is written for speed:
 import argparse
 import os
 import sys
+import time
+import types
+import weakref
 
 import torch
 
@@ -55,27 +62,110 @@ def next_token(logits, temperature, top_k, top_p, generator):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+# ---- the decode step: fixed shapes ----------------------------------------------------------
+#
+# A decode step whose tensors have the same shapes at every token can be compiled once and
+# replayed (torch.compile; on CUDA, CUDA graphs: one launch instead of hundreds). So the step
+# never slices anything to the current length: the new keys and values are written at a
+# tensor slot, attention reads the whole preallocated cache, and a boolean mask hides the
+# slots not yet written. The step's inputs all live in one StaticCache.
+
+class StaticCache:
+    """What the decode step reads and writes, all of fixed shape:
+      k, v   one (B, n_kv_head, max_len, head_dim) tensor per layer. Not one tensor for all
+             layers: a compiled step that writes a slot of a shared tensor copies all of it
+             at every step;
+      mask   (B, max_len) bool, True where a slot holds a real token;
+      pos    (B,) each row's position of its next token (padding does not count);
+      slot   (1,) the cache slot of the next token, the same for every row."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    def tensors(self):
+        return [*self.k, *self.v, self.mask, self.pos, self.slot]
+
+
 def prefill(model, idx, attention_mask, cache):
-    """Run the left-padded prompts (B, P) through the model, filling cache slots [0, P).
-    Returns the logits of the last position only: (B, V)."""
+    """Run the left-padded prompts idx (B, P) through the model, filling cache slots [0, P),
+    and set the cache up for decoding at slot P. Returns the logits of the last position
+    only: (B, V). (Shapes change with P here: the prefill runs once per call, eager.)"""
     B, P = idx.shape
     last = torch.zeros(B, P, dtype=torch.bool, device=idx.device)
     last[:, -1] = True  # left padding puts every prompt's last token in the last column
-    return model(idx, position_ids=positions_from_mask(attention_mask),
-                 attention_mask=attention_mask, cache=cache, cache_pos=0, output_mask=last)
+    logits = model(idx, position_ids=positions_from_mask(attention_mask),
+                   attention_mask=attention_mask, cache=cache, cache_pos=0, output_mask=last)
+    cache.mask.zero_()  # slots of an earlier call (a compiled step's cache is reused) are stale
+    cache.mask[:, :P] = attention_mask
+    cache.pos.copy_(attention_mask.sum(1))
+    cache.slot.fill_(P)
+    return logits
 
 
-def decode_step(model, tokens, positions, attention_mask, cache, cache_pos):
-    """One new token per row: tokens (B,), positions (B,) -> logits (B, V). attention_mask:
-    (B, S) key-padding mask of slots [0, S = cache_pos + 1), or the (B, 1, 1, S) boolean mask."""
-    logits = model(tokens[:, None], position_ids=positions[:, None],
-                   attention_mask=attention_mask, cache=cache, cache_pos=cache_pos)
+def decode_step(model, tokens, cache, n_slots=None):
+    """One new token per row, tokens (B,), at cache.slot -> logits (B, V). The cache's slot and
+    positions advance by one.
+    n_slots None: attention reads the whole cache and the slot is a tensor, so every tensor has
+    the same shape at every step (compiled). n_slots, the slots written so far with this
+    one (eager): attention reads those only, and the slot is n_slots - 1 (on a CPU, where
+    reading the cache's spare slots costs time and nothing is compiled)."""
+    slot = cache.slot if n_slots is None else n_slots - 1
+    cache.mask.index_fill_(1, cache.slot, True)  # the new token sees itself, and is seen later
+    logits = model(tokens[:, None], position_ids=cache.pos[:, None],
+                   attention_mask=cache.mask[:, None, None, :n_slots], cache=cache, cache_pos=slot)
+    cache.pos += 1
+    cache.slot += 1
     return logits[:, -1]
+
+
+def bucket(n, smallest=64):
+    """n rounded up to 64, 96, 128, 192, 256, 384, ...: two sizes per octave. A compiled step
+    is specialised to its batch size and cache length, and compiling takes seconds: a few
+    sizes mean few graphs, reused across calls, while a short request pays at most 1.5x
+    (a 1.33x-wide bucket above 96) for the slots it does not need."""
+    b = smallest
+    while b < n:
+        b = b * 3 // 2 if b & (b - 1) == 0 else b * 4 // 3
+    return b
+
+
+# Compiled decode steps, per model and per (batch, cache length, dtype, device): each with the
+# StaticCache it runs on, kept for the next call (CUDA graphs replay on fixed addresses).
+# Weights are read at every call, never frozen: a training step's in-place update is seen.
+_COMPILED = weakref.WeakKeyDictionary()
+COMPILE_SECONDS = []  # ((batch, cache length), seconds) of each bucket's first step: compiling
+
+
+def compiled_decode_step(model, batch_size, max_len, dtype, device):
+    """(the decode step compiled for this bucket, its cache, whether it is new). On CUDA mode
+    "reduce-overhead" records it as a CUDA graph; on a CPU, the default mode."""
+    steps = _COMPILED.setdefault(model, {})
+    key = (batch_size, max_len, dtype, device)
+    new = key not in steps
+    if new:
+        cache = StaticCache(model.config, batch_size, max_len, device, dtype)
+        for t in cache.tensors():  # CUDA graphs write to these in place: fixed addresses
+            torch._dynamo.mark_static_address(t)
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        # fullgraph: one graph or an error (a graph break would split the CUDA graph). Dynamo
+        # counts a function's graphs against a limit (8), then silently runs it eager: each
+        # bucket compiles its own copy of the step, so buckets never use up each other's.
+        step = types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__,
+                                  "decode_step", decode_step.__defaults__)
+        step = torch.compile(step, mode=mode, dynamic=False, fullgraph=True)
+        steps[key] = (_new_cuda_graph_step(step) if device.type == "cuda" else step), cache
+    return (*steps[key], new)
 
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-             eos_id=None, seed=None, pad_id=0, stop_check_every=4):
+             eos_id=None, seed=None, pad_id=0, stop_check_every=4, compile=False):
     """Sample continuations of a batch of prompts.
 
     prompts: list of B token-id lists, of different lengths (each non-empty).
@@ -85,6 +175,10 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     eos_id: a row stops after emitting it; one id, or several (Tokenizer.eos_ids: a chat
         model may end its turn with either of two tokens). seed: a private torch.Generator,
         so the global RNG is neither used nor disturbed, and the same seed gives the same samples.
+    compile: decode with the step compiled (torch.compile; CUDA graphs on CUDA), once per
+        bucket of batch size (a power of two) and cache length (see `bucket`); the first call
+        of a bucket compiles it (seconds; COMPILE_SECONDS), later calls reuse it. The same
+        tokens as eager, and with the same seed the same samples.
     Returns (responses, finished): per row the new tokens only, cut after the first EOS
     (the EOS itself included), and whether that row emitted EOS.
     """
@@ -98,20 +192,21 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     if P >= block:
         raise ValueError(f"prompt of {P} tokens leaves no room in the model's context of {block}")
     max_new_tokens = min(max_new_tokens, block - P)
-    device = model.transformer.wte.weight.device
+    device, dtype = model.transformer.wte.weight.device, model.transformer.wte.weight.dtype
+    n_real = len(prompts)
+    if compile:  # pad the batch to a power of two with one-token prompts, dropped at the end
+        prompts = prompts + [[pad_id]] * ((1 << (n_real - 1).bit_length()) - n_real)
     B = len(prompts)
     eos_ids = set(eos_id) if isinstance(eos_id, (set, frozenset, list, tuple)) else \
         None if eos_id is None else {int(eos_id)}
     eos = None if eos_id is None else torch.tensor(sorted(eos_ids), device=device)
 
     idx = torch.full((B, P), pad_id, dtype=torch.long)
-    mask = torch.zeros(B, P + max_new_tokens, dtype=torch.bool)  # key slots holding real tokens
+    mask = torch.zeros(B, P, dtype=torch.bool)  # key slots holding real tokens
     for i, p in enumerate(prompts):  # left padding: the prompt ends in the last column
         idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, P - len(p):] = True
-    mask[:, P:] = True  # every generated slot is real (finished rows write padding we ignore)
     idx, mask = idx.to(device), mask.to(device)
-    pos = torch.tensor(lengths, device=device)  # position of each row's next token
 
     generator = None
     if seed is not None and temperature != 0:
@@ -119,16 +214,21 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
 
     was_training = model.training
     model.eval()
-    cache = model.new_cache(B, P + max_new_tokens)
-    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    first = False
+    if compile:
+        step, cache, first = compiled_decode_step(model, B, min(bucket(P + max_new_tokens), block),
+                                                  dtype, device)
+    else:  # eager: exactly the slots this call needs
+        step, cache = decode_step, StaticCache(model.config, B, P + max_new_tokens, device, dtype)
+    out = torch.full((n_real, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    done = torch.zeros(n_real, dtype=torch.bool, device=device)
+    # The step's input: the real rows' new tokens, then padding for the padding rows. Only the
+    # real rows are sampled, so that they draw the same random numbers as they would eager.
+    tokens = torch.full((B,), pad_id, dtype=torch.long, device=device)
     n = 0
-    logits = prefill(model, idx, mask[:, :P], cache)
-    # The decode step's attention mask, built once: the query of step t sits in slot P + t and
-    # may see every real slot up to its own, i.e. mask[:, :P + t + 1] (its own slot is real).
-    step_mask = mask[:, None, None, :]  # (B, 1, 1, P + max_new_tokens)
+    logits = prefill(model, idx, mask, cache)
     for t in range(max_new_tokens):
-        tok = next_token(logits, temperature, top_k, top_p, generator)
+        tok = next_token(logits[:n_real], temperature, top_k, top_p, generator)
         if eos_id is not None:
             tok = tok.masked_fill(done, pad_id)  # a stopped row only writes padding
             done |= torch.isin(tok, eos)
@@ -137,7 +237,16 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
         if eos_id is not None and (t + 1) % stop_check_every == 0 and bool(done.all()):
             break  # the one host-device sync: every few steps, to know when to stop
         if t + 1 < max_new_tokens:
-            logits = decode_step(model, tok, pos + t, step_mask[..., :P + t + 1], cache, P + t)
+            tokens[:n_real] = tok
+            if compile:
+                t0 = time.perf_counter()
+                logits = step(model, tokens, cache)  # every slot of the bucket: a fixed shape
+                if first:  # compiling happens in a new bucket's first step: timed apart
+                    _sync(device)
+                    COMPILE_SECONDS.append(((B, cache.max_len), time.perf_counter() - t0))
+                    first = False
+            else:  # eager: attention reads the P + t + 1 slots written so far, not all
+                logits = step(model, tokens, cache, P + t + 1)
     model.train(was_training)
 
     out = out[:, :n].tolist()
@@ -151,6 +260,19 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
             finished.append(False)
         responses.append(row)
     return responses, finished
+
+
+def _new_cuda_graph_step(step):
+    def run(*args):
+        # a new step: the CUDA graph may overwrite the last step's outputs (already consumed)
+        torch.compiler.cudagraph_mark_step_begin()
+        return step(*args)
+    return run
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main(argv=None):

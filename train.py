@@ -282,7 +282,7 @@ def reference_answers(rt, cfg, tok, ref, prompt_ids, seed):
 def sample_responses(rt, cfg, tok, model, prompt_ids, temperature=0.0, seed=0):
     """Responses to every prompt (token lists, EOS included when emitted), sharded over ranks."""
     return rt.sample(model, prompt_ids, cfg.gen_batch_size, seed=seed, max_new_tokens=cfg.max_new_tokens,
-                     temperature=temperature, eos_id=tok.eos_ids, pad_id=tok.pad_id)
+                     temperature=temperature, eos_id=tok.eos_ids, pad_id=tok.pad_id, compile=cfg.compile)
 
 
 # ---- evaluation -----------------------------------------------------------------------------

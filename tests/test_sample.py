@@ -152,3 +152,25 @@ def test_command_line(tmp_path):
         atomic_save({"model": m.state_dict(), "model_config": asdict(m.config), "tokenizer": saved}, str(other))
         bad = run("--ckpt", str(other), "--prompt", "x")
         assert bad.returncode != 0 and msg in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+@pytest.mark.parametrize("kw", [{}, dict(model_type="qwen2", n_head=8, n_kv_head=4, qkv_bias=True)],
+                         ids=["gpt2", "qwen2-like"])
+def test_wide_model_decode_equals_recompute(kw):
+    """At width 512 the decode step computes its linears and LM head as (W @ x^T)^T (model.linear:
+    weights of half a million or more), on transposed views: the tokens must still be the
+    recompute-everything ones."""
+    import model as model_py
+    torch.manual_seed(0)
+    m = GPT(preset("tiny", n_layer=1, n_embd=512, vocab_size=1100, **kw)).eval()
+    assert m.transformer.h[0].attn.c_attn.weight.numel() >= 1 << 19  # the oriented path runs
+    calls = []
+    orig = model_py.linear
+    model_py.linear = lambda layer, x, decode=False: calls.append(decode) or orig(layer, x, decode)
+    try:
+        resp, _ = generate(m, PROMPTS, 8, temperature=0)
+    finally:
+        model_py.linear = orig
+    assert any(calls)
+    for p, r in zip(PROMPTS, resp):
+        assert r == greedy_reference(m, p, 8)
