@@ -102,7 +102,8 @@ def measure(config, device, checkpointing, micro_pairs=4, seq=1024, response=512
     from runtime import Ranks, Runtime
     from selm import selm_loss, sequence_logps, split_logps
     torch.manual_seed(0)
-    model = GPT(config).to(device)
+    with device:  # built where it runs: initialising 0.5B parameters on a CPU first takes long
+        model = GPT(config)
     Runtime(device, None, Ranks(), None, checkpointing=checkpointing).prepare(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-7)
     ids = torch.randint(0, config.vocab_size, (3 * micro_pairs, seq), device=device)
