@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from checkpoint import stage_path
 from data import JudgeError, collate, judge_block
-from sample import generate
+from sample import COMPILE_SECONDS, generate
 from selm import reference_logps
 
 
@@ -180,8 +180,8 @@ class CompiledTrunk(torch.nn.Module):
 @dataclass
 class Runtime:
     """Device, autocast dtype (None = plain fp32), processes, metrics log, whether the
-    training forward is compiled, whether the model is sharded (FSDP2) and its blocks'
-    activations recomputed in the backward pass."""
+    training forward and the sampler's decode step are compiled, whether the model is sharded
+    (FSDP2) and its blocks' activations recomputed in the backward pass."""
     device: torch.device
     dtype: object
     ranks: Ranks
@@ -189,6 +189,7 @@ class Runtime:
     compile: bool = False
     fsdp: bool = False
     checkpointing: bool = False
+    compile_seconds: float = 0.0  # spent compiling decode steps so far: timed apart from sampling
 
     def autocast(self):
         return nullcontext() if self.dtype is None else torch.autocast(self.device.type, dtype=self.dtype)
@@ -272,8 +273,10 @@ class Runtime:
     def sample(self, model, prompt_ids, block, seed=0, **kw):
         """sample.generate's responses to every prompt, in blocks of `block` prompts; the
         seed of a block depends only on its position. kw: generate's keyword arguments."""
-        return self.ranks.map_blocks(lambda start, b: generate(model, b, seed=seed + start, **kw)[0],
-                                     prompt_ids, block)
+        n = len(COMPILE_SECONDS)
+        out = self.ranks.map_blocks(lambda start, b: generate(model, b, seed=seed + start, **kw)[0], prompt_ids, block)
+        self.compile_seconds += sum(s for _, s in COMPILE_SECONDS[n:])
+        return out
 
     def logps(self, model, rows, pad_id, block):
         """Summed response log-probs of (prompt_ids, response_ids) rows under `model`, without
@@ -332,9 +335,12 @@ class Clock:
     def __init__(self):
         self.t, self.laps = time.time(), {}
 
-    def lap(self, name):
+    def lap(self, name, compiling=0.0):
+        """compiling: seconds of this lap spent compiling, reported apart as t_compile."""
         now = time.time()
-        self.laps[name], self.t = now - self.t, now
+        self.laps[name], self.t = now - self.t - compiling, now
+        if compiling:
+            self.laps["t_compile"] = self.laps.get("t_compile", 0.0) + compiling
 
 
 def summary_line(stage, seconds, row, info):

@@ -95,7 +95,8 @@ class Config:
     start_from: str = opt(None, "skip the stages up to and including the one saved in this checkpoint of another run "
                                 "(same model, task, SFT and seed); they are copied into --out-dir")
     log_every: int = opt(10, "write a metrics line every this many steps")
-    compile: bool = opt(False, "torch.compile the training forward (sampling and checkpoints use the plain model)")
+    compile: bool = opt(False, "torch.compile the training forward and the sampler's decode step (one graph per "
+                               "batch and cache-length bucket; CUDA graphs on CUDA); checkpoints hold the plain model")
     fsdp: bool = opt(False, "under torchrun, shard weights, gradients and AdamW state over the ranks (FSDP2) instead "
                             "of a full copy on each (DDP)")
     activation_checkpointing: bool = opt(False, "recompute each block's activations in the backward pass instead of "
@@ -232,10 +233,10 @@ def selm_iteration(rt, cfg, tok, t, policy, chunk, judge):
     prompt_ids = [tok.encode_prompt(p) for p in prompts]
     # 2. y_ref: pi_ref's answers to every prompt of the chunk, in token ids (the authors: one,
     #    greedy). One cut off at --max-new-tokens has no EOS and gets none: it is unfinished.
-    ref = rt.unsharded(policy)  # pi_{t-1} itself; under FSDP a gathered plain copy of it
+    ref, compiled = rt.unsharded(policy), rt.compile_seconds  # ref: pi_{t-1} itself (FSDP: a gathered copy)
     answers = reference_answers(rt, cfg, tok, ref, prompt_ids, seed=cfg.seed * 1000 + t)  # per prompt, k lists
     texts = [[tok.decode(r[:-1] if r[-1] in tok.eos_ids else r) for r in a] for a in answers]
-    clock.lap("t_sample")
+    clock.lap("t_sample", compiling=rt.compile_seconds - compiled)  # a first compile is not sampling time
     # 3. the judge scores each prompt's candidates: the offline pair and n of pi_ref's answers
     n, order = cfg.online_samples, cfg.tie_order
     chosen, rejected = [ex["chosen"] for ex in chunk], [ex["rejected"] for ex in chunk]

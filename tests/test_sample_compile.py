@@ -59,9 +59,16 @@ def test_bucket_reused_and_its_stale_cache_hidden(model):
 
 def test_compiled_step_sees_training_updates():
     """SELM trains the policy in place between sampling rounds: the compiled step must read the
-    weights as they are now (no freezing, no stale copy)."""
+    weights as they are now (no freezing, no stale copy). Its first call compiles, and
+    training's clock counts those seconds apart from sampling (t_compile, not t_sample)."""
+    from runtime import Clock, Ranks, Runtime
     m = tiny(FAMILIES["gpt2"])
-    before = generate(m, PROMPTS, 14, temperature=0, compile=True)[0]
+    rt, clock = Runtime(torch.device("cpu"), None, Ranks(), None), Clock()
+    before = rt.sample(m, PROMPTS, 4, max_new_tokens=14, temperature=0, compile=True)
+    assert rt.compile_seconds > 0
+    clock.lap("t_sample", compiling=rt.compile_seconds)
+    assert clock.laps["t_compile"] == rt.compile_seconds and clock.laps["t_sample"] >= 0
+    assert before == generate(m, PROMPTS, 14, temperature=0, compile=True)[0]
     opt = torch.optim.AdamW(m.parameters(), lr=3e-2)
     m.train()
     ids = torch.randint(1, 61, (8, 20), generator=torch.Generator().manual_seed(1))
