@@ -184,6 +184,7 @@ class TrainingData:
     judge:   judge(prompt, candidates) -> list of scores, higher is better
     builtin: True for the built-in task, whose judge's score 1.0 means "fully correct"
     prompt_template: how the prompts were written, "{prompt}" standing for the user's text
+    conversational: True when the records were conversations, rendered with the chat template
     lines:   where each record of the user's files came from, for check_fits' messages
     """
     sft: list
@@ -192,6 +193,7 @@ class TrainingData:
     judge: object
     builtin: bool = False
     prompt_template: str = "{prompt}"  # how a plain prompt was formatted; sample.py reuses it
+    conversational: bool = False  # sample.py then renders its prompt as a user turn, as training did
     lines: dict = None  # {"sft" | "prefs" | "prompts": ["path:line" of each record]}, for messages
 
 
@@ -224,7 +226,7 @@ def load_user_data(sft_path, prefs_path, prompts_path, judge_spec, n_chunks, tem
         raise DataError(f"{prefs_path}: {len(prefs)} pairs cannot fill {n_chunks} chunks "
                         f"(offline DPO + {n_chunks - 1} iterations)")
     chunks = [prefs[i * n:(i + 1) * n] for i in range(n_chunks)]
-    return TrainingData(sft, chunks, evals, load_judge(judge_spec, device), lines=lines)
+    return TrainingData(sft, chunks, evals, load_judge(judge_spec, device), lines=lines, conversational=bool(first))
 
 
 def plain_demonstration(rec):

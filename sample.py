@@ -294,8 +294,7 @@ def main(argv=None):
         except (AssertionError, RuntimeError) as e:  # e.g. cuda on a PyTorch built without it
             raise ValueError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
         tok = checkpoint_tokenizer(ckpt, args.ckpt)
-        # train.py stores how its prompts were formatted, e.g. "sort: {prompt}\n"
-        ids = tok.encode_prompt(ckpt.get("prompt_template", "{prompt}").replace("{prompt}", args.prompt))
+        ids = tok.encode_prompt(prompt_as_trained(ckpt, tok, args.prompt))
         responses, finished = generate(model, [ids] * args.num_samples, args.max_new_tokens,
                                        args.temperature, args.top_k, args.top_p,
                                        eos_id=tok.eos_ids, seed=args.seed, pad_id=tok.pad_id)
@@ -304,6 +303,19 @@ def main(argv=None):
     for r, f in zip(responses, finished):
         text = tok.decode([t for t in r if t not in tok.eos_ids])
         print(repr(text) + ("" if f else "  [no EOS: cut at --max-new-tokens]"))
+
+
+def prompt_as_trained(ckpt, tok, text):
+    """The prompt written as train.py wrote its prompts: in a run on conversations, one user
+    turn rendered with the chat template (the assistant's header ends it); otherwise through
+    the stored template, e.g. "sort: {prompt}\n", or as it is."""
+    if ckpt.get("conversational"):
+        from chat import load_template  # the command line borrows it, as it does the tokenizer
+        template = load_template(tok)
+        if template is None:
+            raise ValueError(f"the checkpoint was trained on conversations, but {tok.source} has no chat template")
+        return template.prompt([{"role": "user", "content": text}])
+    return ckpt.get("prompt_template", "{prompt}").replace("{prompt}", text)
 
 
 def checkpoint_tokenizer(ckpt, path):

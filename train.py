@@ -346,7 +346,8 @@ def run(cfg):
                 state = stage_state(stage, model.config, *rt.state_dict(model, opt_), list(results), evaluated=False,
                                     config=asdict(cfg),
                                     stage_index=si, sft_answers=sft_answers, tokenizer={"name": tok.name, "source": tok.source},
-                                    metrics_size=rt.log.size(), prompt_template=d.prompt_template)
+                                    metrics_size=rt.log.size(), prompt_template=d.prompt_template,
+                                    conversational=d.conversational)
                 commit(cfg.out_dir, state, rt.ranks.main)
             sft_model = rt.unsharded(model, copy=True).eval() if stage == "sft" else sft_model
             row, answers = evaluate(rt, cfg, tok, stage, model, sft_model, d, sft_answers)

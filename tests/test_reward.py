@@ -11,6 +11,7 @@ import torch
 import chat
 import data
 import reward
+import sample
 import tokenizer
 import train
 from chat_dirs import chat_tokenizer
@@ -134,7 +135,7 @@ def test_not_a_classifier_stops_the_run_in_one_line(tmp_path):
     assert not os.path.exists(tmp_path / "out" / "sft.pt")
 
 
-def test_the_papers_loop_on_conversations_with_a_reward_model(tmp_path):
+def test_the_papers_loop_on_conversations_with_a_reward_model(tmp_path, capsys):
     """A 2-layer random Qwen2 chat model (ChatML template) and a 2-layer random Qwen2 reward
     model; ultrafeedback_binarized-shaped preferences and conversational prompts with
     references; --judge rm:DIR through train.run. The evaluation's reward is the reward
@@ -173,3 +174,13 @@ def test_the_papers_loop_on_conversations_with_a_reward_model(tmp_path):
     answers = load_checkpoint(str(out / "selm_1.pt"))["sft_answers"]
     scores = [d.judge(e["prompt"], [a])[0] for e, a in zip(d.eval, answers)]
     assert results[0]["reward"] == pytest.approx(sum(scores) / len(scores), abs=1e-3)  # a GPU run: TF32
+    # sample.py writes its prompt as training did: a user turn in the chat template
+    ckpt = load_checkpoint(str(out / "selm_1.pt"))
+    prompt = chat.load_template(tok).prompt([{"role": "user", "content": "say c:"}])
+    assert prompt.endswith("<|im_start|>user\nsay c:<|im_end|>\n<|im_start|>assistant\n")
+    assert sample.prompt_as_trained(ckpt, tok, "say c:") == prompt
+    model = sample.model_from_checkpoint(ckpt, str(out / "selm_1.pt"))
+    r, _ = sample.generate(model, [tok.encode_prompt(prompt)], 6, temperature=0, eos_id=tok.eos_ids, pad_id=tok.pad_id)
+    capsys.readouterr()
+    sample.main(["--ckpt", str(out / "selm_1.pt"), "--prompt", "say c:", "--temperature", "0", "--max-new-tokens", "6"])
+    assert capsys.readouterr().out.startswith(repr(tok.decode([t for t in r[0] if t not in tok.eos_ids])))
