@@ -320,6 +320,13 @@ def evaluate(rt, cfg, tok, stage, model, sft_model, d, sft_answers):
 
 # ---- the main loop --------------------------------------------------------------------------
 
+def about(cfg, tok, d):
+    """What a stage checkpoint records of the run besides its state: the settings, the tokenizer
+    (sample.py refuses another), and how prompts were written (sample.py writes its prompt so)."""
+    return dict(config=asdict(cfg), tokenizer={"name": tok.name, "source": tok.source},
+                prompt_template=d.prompt_template, conversational=d.conversational)
+
+
 def run(cfg):
     check_config(cfg)
     rt = setup(cfg.device, cfg.dtype, cfg.out_dir, cfg.compile, cfg.fsdp, cfg.activation_checkpointing)
@@ -329,8 +336,7 @@ def run(cfg):
     tok, d = tokenizer_and_data(cfg, rt)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, tok, rt)
-    sft_examples = data.check_fits(d, tok, model.config.block_size, cfg.sft or "built-in SFT data",
-                                   cfg.prefs or "built-in pairs")
+    sft_examples = data.check_fits(d, tok, model.config.block_size, cfg.sft or "built-in SFT data", cfg.prefs or "built-in pairs")
     # continue after the last stage trained (state: that stage, if its evaluation was cut short)
     results, sft_answers, sft_model, state = restore(ckpt, model, cfg.out_dir, rt.device, rt.log, rt.ranks.main)
     rt.prepare(model)  # --fsdp, --activation-checkpointing
@@ -344,10 +350,7 @@ def run(cfg):
             if state is None:  # train the stage, and commit its weights before its evaluation
                 opt_, info = train_stage(rt, cfg, tok, si, stage, model, d, sft_examples)
                 state = stage_state(stage, model.config, *rt.state_dict(model, opt_), list(results), evaluated=False,
-                                    config=asdict(cfg),
-                                    stage_index=si, sft_answers=sft_answers, tokenizer={"name": tok.name, "source": tok.source},
-                                    metrics_size=rt.log.size(), prompt_template=d.prompt_template,
-                                    conversational=d.conversational)
+                                    stage_index=si, sft_answers=sft_answers, metrics_size=rt.log.size(), **about(cfg, tok, d))
                 commit(cfg.out_dir, state, rt.ranks.main)
             sft_model = rt.unsharded(model, copy=True).eval() if stage == "sft" else sft_model
             row, answers = evaluate(rt, cfg, tok, stage, model, sft_model, d, sft_answers)
