@@ -2,6 +2,7 @@
 weights replicated (DDP) or sharded (FSDP2), and a sharded run must resume."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import hf
 import runtime
 import train
 
@@ -50,13 +52,26 @@ def same_training(one, two):
         assert abs(x["kl"] - y["kl"]) < 1e-3
 
 
-@pytest.mark.parametrize("flags,port", [([], 29533), (["--fsdp"], 29534)], ids=["ddp", "fsdp"])
+@pytest.mark.parametrize("flags,port", [([], 29533), (["--fsdp", "--export", "last"], 29534)], ids=["ddp", "fsdp"])
 def test_two_processes_match_one(one, tmp_path, flags, port):
     p = torchrun(tmp_path, *flags, port=port)
     assert p.stdout.count("[ selm_2]") == 1  # only rank 0 reports
     same_training(one, tmp_path)
     evals = [r for r in runtime.read_metrics(tmp_path / "metrics.jsonl") if "eval" in r]
     assert len(evals) == 4  # written once, by rank 0
+    if "--export" in flags:  # a sharded run exports what an unsharded one exports
+        from hf import read_weights
+        (ours,) = hf.export_stages("last", str(one), ["selm_2"])
+        theirs = tmp_path / "hf-selm_2"
+        assert sorted(os.listdir(theirs)) == sorted(os.listdir(ours))
+        assert json.load(open(theirs / "config.json")) == json.load(open(os.path.join(ours, "config.json")))
+        a, b = read_weights(ours), read_weights(str(theirs))
+        assert sorted(a) == sorted(b)
+        for k in a:
+            assert a[k].dtype == b[k].dtype
+            torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0, msg=k)
+        shutil.rmtree(ours)
+        shutil.rmtree(theirs)
     assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(one))
 
 
