@@ -31,6 +31,7 @@ def atomic_write_path(path, save):
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); open() would not
         save(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -39,6 +40,12 @@ def atomic_write_path(path, save):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask():
+    mask = os.umask(0)  # reading the umask means setting it: set it straight back
+    os.umask(mask)
+    return mask
 
 
 def _write_file(path, write, mode):

@@ -117,6 +117,9 @@ def test_checkpoint_roundtrip_and_errors(tmp_path):
     path = tmp_path / "m.pt"
     atomic_save({"model": m.state_dict(), "model_config": asdict(m.config)}, str(path))
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temp file left behind
+    (tmp_path / "plain").write_bytes(b"")  # the permissions open() gives under this umask, not mkstemp's 0600
+    assert path.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+    (tmp_path / "plain").unlink()
     m2 = model_from_checkpoint(load_checkpoint(str(path))).eval()
     x = torch.randint(0, 61, (2, 5))
     torch.testing.assert_close(m(x), m2(x))
