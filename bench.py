@@ -14,12 +14,16 @@ Sections (all on random-weight models; no data, no checkpoint):
             token, as nanoGPT's generate does; the compiled step's compile time; the decode
             step against its own matmuls. Qwen2-0.5B's shapes at 4 of its 24 layers on a CPU
             (--qwen2-layers).
+  next-token  choosing a token at temperature 1 from a batch of logits at GPT-2's and
+            Qwen2's vocabularies: sample.next_token against torch.multinomial.
   logps     peak memory and time of forward + backward through selm.sequence_logps against
             log_softmax over every position's logits, on GPT-2's 50257-word vocabulary and
             Qwen2's 151936.
   train     tokens/s of a full SELM training step on GPT-2 124M and its model FLOPs
             utilisation against a large matmul's FLOP/s measured in the same run.
   pipeline  where one SELM iteration of the small pipeline spends its time.
+--profile-step, instead of the sections: the profiler's time per operator of the eager decode
+step, per --shapes (default gpt2-w4).
 
 Every figure is printed as ours, baseline, ratio and target; the last line of the output is
 one JSON object with every ratio and a description of the machine. Ratios are defined so
@@ -42,7 +46,7 @@ import time
 
 import torch
 
-from bench_sampling import SHAPES, bench_sampling
+from bench_sampling import SHAPES, bench_next_token, bench_sampling, profile_step
 from measure import (RESULTS, _stderr_silenced, autocast, busy_warning, compare, header, machine,
                      peak_memory, random_model, report)
 from model import preset
@@ -179,8 +183,8 @@ def bench_pipeline(args, device):
                target=target, better="lower", note=f"{sec:.2f} s of {total:.2f} s")
 
 
-SECTIONS = {"sampling": bench_sampling, "logps": bench_logps, "train": bench_train,
-            "pipeline": bench_pipeline}
+SECTIONS = {"sampling": bench_sampling, "next-token": bench_next_token, "logps": bench_logps,
+            "train": bench_train, "pipeline": bench_pipeline}
 
 
 
@@ -197,6 +201,8 @@ def main(argv=None):
     ap.add_argument("--shapes", default=None, help=f"sampling: comma-separated, from: {', '.join(SHAPES)} (default all)")
     ap.add_argument("--qwen2-layers", type=int, default=None,
                     help="depth of the Qwen2-0.5B-shaped model (default: 24 on CUDA, 4 on a CPU)")
+    ap.add_argument("--profile-step", action="store_true",
+                    help="instead: where the eager decode step's time goes, per operator, for --shapes (default gpt2-w4)")
     args = ap.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
@@ -216,6 +222,8 @@ def main(argv=None):
     info = machine(device)
     print("selm bench: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
     busy_warning(info)
+    if args.profile_step:
+        return profile_step(args, device)
     t0 = time.perf_counter()
     for s in sections:
         SECTIONS[s](args, device)

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from measure import RESULTS, autocast, compare, header, random_model, report, timed
 from model import GPTConfig, positions_from_mask, preset
-from sample import (COMPILE_SECONDS, StaticCache, bucket, compiled_decode_step, decode_step,
-                    generate, prefill)
+from sample import (COMPILE_SECONDS, StaticCache, _sync, bucket, compiled_decode_step, decode_step,
+                    generate, next_token, prefill)
 
 
 def make_prompts(vocab_size, n=32, lo=8, hi=40, seed=0):
@@ -219,6 +219,55 @@ def bench_sampling(args, device):
         [s.strip() for s in (args.shapes or ",".join(SHAPES)).split(",") if s.strip()]
     for name in names:
         bench_shape(name, args, device)
+
+
+def bench_next_token(args, device, B=32):
+    """Choosing the next token at temperature 1 from (B, V) logits: sample.next_token (the
+    inverse of the running sum) against torch.multinomial over the softmax, at GPT-2's and
+    Qwen2's vocabularies. Outside every tokens/s figure above, which decode greedily."""
+    header(f"next-token sampling at temperature 1, batch {B}, no top-k or top-p")
+    for V in ((1000,) if args.quick else (50257, 151936)):
+        logits = torch.randn(B, V, device=device)
+        g = torch.Generator(device=device).manual_seed(0)
+        fns = {"ours": lambda: next_token(logits, 1.0, None, None, g),
+               "multinomial": lambda: torch.multinomial(logits.softmax(-1), 1, generator=g)}
+        t, _ = compare(fns, device, 5 if args.quick else 20)
+        ratio, spread = t.ratio("multinomial", "ours")
+        report(f"next token V={V}", t["ours"] * 1e3, t["multinomial"] * 1e3, "ms", ratio=ratio, spread=spread,
+               note="the same distribution; the speed-up is multinomial's time / ours")
+
+
+def profile_step(args, device, warm=60, n_steps=20):
+    """Where the eager decode step's time goes (bench.py --profile-step): per shape, the
+    profiler's time per step of each operator over n_steps greedy steps, after `warm` steps
+    (so that about warm + 25 tokens are cached), as generate runs them."""
+    from torch.profiler import ProfilerActivity, profile
+    on_gpu = device.type == "cuda"
+    for name in [s.strip() for s in (args.shapes or "gpt2-w4").split(",") if s.strip()]:
+        cfg, B, _, _, note = shape(name, args, device)
+        model = random_model(cfg, device)
+        idx, mask = left_pad(make_prompts(cfg.vocab_size, n=B), device)
+        P = idx.shape[1]
+        cache = StaticCache(cfg, B, P + warm + n_steps, device, model.transformer.wte.weight.dtype)
+        with torch.inference_mode(), autocast(args, device):
+            tok = prefill(model, idx, mask.bool(), cache).argmax(-1)
+            for t in range(warm):
+                tok = decode_step(model, tok, cache, P + t + 1).argmax(-1)
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+            with profile(activities=acts) as prof:
+                for t in range(warm, warm + n_steps):
+                    tok = decode_step(model, tok, cache, P + t + 1).argmax(-1)
+                _sync(device)
+        key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+        ops = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
+        total = sum(getattr(e, key, 0) for e in ops) / n_steps / 1e3  # ms per step
+        print(f"\n== decode step profile: {name}{' (' + note + ')' if note else ''}, batch {B}, {P + warm} to "
+               f"{P + warm + n_steps} cached tokens, eager: {total:.2f} ms of {'GPU' if on_gpu else 'CPU'} "
+               "time per step")
+        print(f"  {'operator':28s} {'calls/step':>10s} {'ms/step':>9s} {'share':>7s}")
+        for e in ops[:12]:
+            ms = getattr(e, key, 0) / n_steps / 1e3
+            print(f"  {e.key:28s} {e.count / n_steps:10.0f} {ms:9.3f} {ms / total:7.1%}")
 
 
 def bench_shape(name, args, device):

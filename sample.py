@@ -54,12 +54,22 @@ def filter_logits(logits, top_k=None, top_p=None):
 
 
 def next_token(logits, temperature, top_k, top_p, generator):
-    """(B, V) logits of the last position -> (B,) next tokens."""
+    """(B, V) logits of the last position -> (B,) next tokens.
+
+    Sampling inverts the cumulative distribution: one uniform u per row, and the first token
+    whose running sum of exp(logit - max) exceeds u times the row's total. That is an exact
+    draw from softmax(logits / temperature). torch.multinomial draws the same distribution
+    but is several times slower on a CPU at a 50k-token vocabulary (bench.py measures both).
+    The sums are fp64, so that the smallest of 150k probabilities still count, and u is
+    an fp32 draw (at most 1 - 2^-24): u times the total stays below the total, so
+    right=True never picks a token of probability 0 (one that top-k or top-p removed)."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    z = filter_logits(logits.float() / temperature if temperature != 1 else logits.float(), top_k, top_p)
+    cdf = z.to(torch.float64, memory_format=torch.contiguous_format)  # (B, V), rows contiguous
+    cdf.sub_(cdf.amax(-1, keepdim=True)).exp_().cumsum_(-1)  # in place: one (B, V) buffer
+    u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device)  # (B, 1) in [0, 1)
+    return torch.searchsorted(cdf, u.double() * cdf[:, -1:], right=True).squeeze(-1)
 
 
 # ---- the decode step: fixed shapes ----------------------------------------------------------

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from model import GPT, preset
-from sample import filter_logits, generate
+from sample import filter_logits, generate, next_token
 
 EOS = 60
 
@@ -111,6 +111,27 @@ def test_sampling_respects_top_k():
     allowed = set(torch.topk(first, 3).indices.tolist())
     resp, _ = generate(m, [[1, 2, 3]] * 64, 1, temperature=1.0, top_k=3, seed=0)
     assert {r[0] for r in resp} <= allowed
+
+
+def test_sampling_draws_the_softmax_distribution():
+    """next_token at temperature T draws from softmax(logits / T): frequencies within 5
+    standard errors over 40,000 draws, never a token top-k removed, and even a tail of tokens
+    of probability 3e-8 each is reached (fp32 running sums would lose it: 1 + 3e-8 == 1)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    for T, k in ((1.0, None), (0.7, None), (1.0, 4)):
+        p = filter_logits(logits[None] / T, top_k=k).softmax(-1)[0]
+        draws = next_token(logits.expand(40000, -1), T, k, None, g)
+        freq = torch.bincount(draws, minlength=6).double() / 40000
+        assert ((freq - p).abs() <= 5 * (p * (1 - p) / 40000).sqrt() + 1e-12).all(), (T, k, freq, p)
+        if k:
+            assert freq[k:].sum() == 0
+    V = 20000  # token 0 holds nearly all the mass; each of the others exp(-17.3) ~ 3e-8 of it
+    tail = torch.full((V,), -17.3)
+    tail[0] = 0.0
+    hits = sum(int((next_token(tail.expand(2000, -1), 1.0, None, None, g) > 0).sum()) for _ in range(10))
+    expected = 20000 * (V - 1) * torch.exp(torch.tensor(-17.3, dtype=torch.float64)).item()  # ~ 12.4
+    assert 0.3 * expected < hits < 2.5 * expected, (hits, expected)
 
 
 def test_seed_reproducible_and_different_seeds_differ():
