@@ -17,9 +17,9 @@ median over interleaved rounds, with its spread (measure.py).
 import torch
 import torch.nn.functional as F
 
-from measure import RESULTS, autocast, compare, header, random_model, report, timed
+from measure import RESULTS, autocast, compare, header, random_model, report, sync, timed
 from model import GPTConfig, positions_from_mask, preset
-from sample import (COMPILE_SECONDS, StaticCache, _sync, bucket, compiled_decode_step, decode_step,
+from sample import (COMPILE_SECONDS, StaticCache, bucket, compiled_decode_step, decode_step,
                     generate, next_token, prefill)
 
 
@@ -257,7 +257,7 @@ def profile_step(args, device, warm=60, n_steps=20):
             with profile(activities=acts) as prof:
                 for t in range(warm, warm + n_steps):
                     tok = decode_step(model, tok, cache, P + t + 1).argmax(-1)
-                _sync(device)
+                sync(device)
         key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
         ops = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
         total = sum(getattr(e, key, 0) for e in ops) / n_steps / 1e3  # ms per step
