@@ -69,7 +69,8 @@ def next_token(logits, temperature, top_k, top_p, generator):
     cdf = z.to(torch.float64, memory_format=torch.contiguous_format)  # (B, V), rows contiguous
     cdf.sub_(cdf.amax(-1, keepdim=True)).exp_().cumsum_(-1)  # in place: one (B, V) buffer
     u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device)  # (B, 1) in [0, 1)
-    return torch.searchsorted(cdf, u.double() * cdf[:, -1:], right=True).squeeze(-1)
+    tok = torch.searchsorted(cdf, u.double() * cdf[:, -1:], right=True).squeeze(-1)
+    return tok.clamp_(max=cdf.size(-1) - 1)  # only NaN logits reach past the end: keep ids valid, as argmax does
 
 
 # ---- the decode step: fixed shapes ----------------------------------------------------------
