@@ -174,6 +174,17 @@ def compiled_decode_step(model, batch_size, max_len, dtype, device):
     return (*steps[key], new)
 
 
+def check_sampling(max_new_tokens, temperature, top_k, top_p):
+    """Settings that would sample nonsense without a word are errors: a negative temperature
+    inverts the distribution, top_k 0 or top_p 0 removes every token."""
+    for problem, bad in {f"max_new_tokens must be at least 1, got {max_new_tokens}": max_new_tokens < 1,
+                         f"temperature must be 0 (greedy) or positive, got {temperature}": not temperature >= 0,
+                         f"top_k must be at least 1, got {top_k}": top_k is not None and top_k < 1,
+                         f"top_p must be in (0, 1], got {top_p}": top_p is not None and not 0 < top_p <= 1}.items():
+        if bad:
+            raise ValueError(problem)
+
+
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
              eos_id=None, seed=None, pad_id=0, stop_check_every=4, compile=False):
@@ -193,6 +204,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     Returns (responses, finished): per row the new tokens only, cut after the first EOS
     (the EOS itself included), and whether that row emitted EOS.
     """
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     if len(prompts) == 0:
         return [], []
     block = model.config.block_size
@@ -306,6 +318,8 @@ def main(argv=None):
             raise ValueError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
         tok = checkpoint_tokenizer(ckpt, args.ckpt)
         ids = tok.encode_prompt(prompt_as_trained(ckpt, tok, args.prompt))
+        if args.num_samples < 1:
+            raise ValueError(f"--num-samples must be at least 1, got {args.num_samples}")
         responses, finished = generate(model, [ids] * args.num_samples, args.max_new_tokens,
                                        args.temperature, args.top_k, args.top_p,
                                        eos_id=tok.eos_ids, seed=args.seed, pad_id=tok.pad_id)

@@ -134,6 +134,17 @@ def test_sampling_draws_the_softmax_distribution():
     assert 0.3 * expected < hits < 2.5 * expected, (hits, expected)
 
 
+@pytest.mark.parametrize("kw,msg", [({"temperature": -1.0}, "temperature must be 0 (greedy) or positive"),
+                                    ({"top_k": 0}, "top_k must be at least 1"),
+                                    ({"top_p": 0.0}, "top_p must be in (0, 1]"),
+                                    ({"top_p": 1.5}, "top_p must be in (0, 1]")])
+def test_settings_that_would_sample_nonsense_are_errors(kw, msg):
+    with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        generate(tiny(), PROMPTS, 5, **kw)
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        generate(tiny(), PROMPTS, 0)
+
+
 def test_seed_reproducible_and_different_seeds_differ():
     m = tiny()
     state = torch.random.get_rng_state()
