@@ -118,6 +118,10 @@ def check_config(cfg):
                 "--optimism-samples above 1 needs --y-ref sampled (greedy decoding gives one answer)":
                     cfg.optimism_samples > 1 and cfg.y_ref == "greedy",
                 f"--temperature must be positive, got {cfg.temperature}": not cfg.temperature > 0,
+                f"--lr and --sft-lr must be positive, got {cfg.lr} and {cfg.sft_lr}": not min(cfg.lr, cfg.sft_lr) > 0,
+                f"--lr-decay must be positive (1 keeps the rate), got {cfg.lr_decay}": not cfg.lr_decay > 0,
+                f"--warmup is a fraction of the steps, in [0, 1], got {cfg.warmup}": not 0 <= cfg.warmup <= 1,
+                f"--kl-samples must be >= 0 (0 skips the KL estimate), got {cfg.kl_samples}": cfg.kl_samples < 0,
                 "--fsdp shards over the processes of torchrun: start it with torchrun --nproc_per_node N":
                     cfg.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2,
                 "--compile is not supported with --fsdp": cfg.fsdp and cfg.compile}

@@ -58,6 +58,10 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     (["--alpha", "-1"], "--alpha must be non-negative"),
     (["--model", "huge"], "unknown model preset"),
     (["--batch-size", "10", "--micro-batch-size", "4"], "not a multiple"),
+    (["--lr", "-1"], "--lr and --sft-lr must be positive"),
+    (["--lr-decay", "0"], "--lr-decay must be positive"),
+    (["--warmup", "2"], "--warmup is a fraction of the steps, in [0, 1]"),
+    (["--kl-samples", "-1"], "--kl-samples must be >= 0"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, capsys, flags, msg):
     with pytest.raises(SystemExit) as e:
