@@ -137,6 +137,10 @@ def main(argv=None):
     ap.add_argument("--micro", type=int, default=4, help="preference pairs per forward (--micro-batch-size)")
     ap.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU")
     args = ap.parse_args(argv)
+    if args.measure and args.measure not in MODELS:
+        ap.error(f"--measure {args.measure}: not one of {', '.join(MODELS)}")
+    if not 0 < args.response < args.seq or args.micro < 1 or not args.gpu_gb > 0:
+        ap.error("need 0 < --response < --seq, --micro >= 1 and --gpu-gb > 0")
     if args.measure:
         config = GPTConfig(block_size=args.seq, **MODELS[args.measure])
         for ckpt in (False, True):

@@ -433,14 +433,22 @@ def main(argv=None):
         import study
         return study.main(args, extra)
     args.out = args.out or ("out/sweep-quick" if args.quick else "out/sweep")
-    args.seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
-    args.difficulties = (args.difficulties or ("len7-10" if args.quick else "len7-10,len11-14")).split(",")
-    args.alphas = [float(a) for a in args.alphas.split(",")] if args.alphas else (QUICK_ALPHAS if args.quick else ALPHAS)
+    try:
+        args.seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
+        args.difficulties = (args.difficulties or ("len7-10" if args.quick else "len7-10,len11-14")).split(",")
+        args.alphas = [float(a) for a in args.alphas.split(",")] if args.alphas else \
+            (QUICK_ALPHAS if args.quick else ALPHAS)
+        for d in args.difficulties:
+            difficulty_range(d)
+    except ValueError as e:
+        ap.error(f"--seeds, --difficulties or --alphas: {e}")
+    if min(args.alphas) < 0:
+        ap.error(f"--alphas must be >= 0, got {min(args.alphas)}")
     args.alphas = [a for a in args.alphas if a > 0]
-    for d in args.difficulties:
-        difficulty_range(d)
     args.train = inputs.resolve(train.parse_args(extra))  # the pass-through flags, checked here
     runs = make_grid(args)
+    if args.report_only and not any(r.complete() for r in runs):
+        ap.error(f"--report-only: no finished run under {args.out}")
     t0 = time.time()
     failed = set() if args.report_only else run_all(runs, args, extra)
     if not args.bases_only:

@@ -1,4 +1,5 @@
 """memory.py's plan against what PyTorch actually holds, on models small enough to build."""
+import pytest
 import torch
 
 import memory
@@ -31,3 +32,11 @@ def test_activation_count_grows_with_width_and_mlp():
     wide = memory.saved_bytes_per_token_layer(GPTConfig(n_embd=128, n_head=2, vocab_size=100, block_size=64))
     assert 1.8 < wide / small < 2.2  # linear in the width
     assert 14 * 64 * 4 < small < 20 * 64 * 4  # GPT-2: about 16 saved values per channel (LNs, qkv, MLP)
+
+
+@pytest.mark.parametrize("argv", [["--seq", "0"], ["--micro", "-1"], ["--response", "2000"], ["--measure", "Nope"]])
+def test_bad_flags_are_one_line_errors(argv, capsys):
+    with pytest.raises(SystemExit):
+        memory.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "error: " in err[-1] and ("--measure Nope" in err[-1] or "0 < --response < --seq" in err[-1]), err

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --quick, reduced: one alpha besides iterative DPO, two iterations, the tiny model, small data
@@ -62,3 +64,13 @@ def test_bad_difficulty_is_an_error(tmp_path):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "sweep.py"), "--difficulties", "hard",
                         "--out", str(tmp_path), "--report-only"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode != 0 and "len<min>-<max>" in p.stderr
+
+
+@pytest.mark.parametrize("argv,msg", [(["--seeds", "x"], "invalid literal"), (["--difficulties", "len5"], "len<min>-<max>"),
+                                      (["--alphas", "-1"], "--alphas must be >= 0"),
+                                      (["--quick", "--report-only", "--out", "/nonexistent/sweep"], "no finished run")])
+def test_bad_flags_are_one_line_errors(argv, msg, capsys):
+    import sweep
+    with pytest.raises(SystemExit):
+        sweep.main(argv)
+    assert msg in capsys.readouterr().err
