@@ -211,6 +211,8 @@ def main(argv=None):
     unknown = [s for s in (args.shapes or "").split(",") if s.strip() and s.strip() not in SHAPES]
     if unknown:
         ap.error(f"unknown shape(s) {', '.join(unknown)}; valid: {', '.join(SHAPES)}")
+    if (args.threads is not None and args.threads < 1) or (args.qwen2_layers is not None and args.qwen2_layers < 1):
+        ap.error("--threads and --qwen2-layers must be at least 1")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
