@@ -24,6 +24,7 @@ import os
 import statistics
 import sys
 
+import plots
 from checkpoint import stage_names, write_json_atomic
 from runtime import read_metrics
 from selm import win
@@ -276,30 +277,8 @@ def report(out, P, d, runs):
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     write_json_atomic(summary, os.path.join(out, "report.json"))
-    plot(summary, T, os.path.join(out, "primary.png"))
+    plots.primary_endpoint(summary["per_iteration"], T, DELTA, os.path.join(out, "primary.png"))
     print("\n".join(lines))
-
-
-def plot(summary, T, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return  # optional: no PNG without matplotlib
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, rows in summary["per_iteration"].items():
-        m, lo, hi = zip(*rows)
-        ax.errorbar(range(1, T + 1), m, yerr=[[a - b for a, b in zip(m, lo)], [b - a for a, b in zip(m, hi)]],
-                    marker="o", capsize=3, label=label)
-    ax.axhline(0, color="gray", lw=0.8)
-    ax.axhspan(-DELTA, DELTA, color="gray", alpha=0.15)
-    ax.set_xlabel("SELM iteration")
-    ax.set_ylabel("paired difference in greedy reward")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # ---- the command ------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ import torch
 import data
 import task as sorting
 import inputs
+import plots
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint, stage_names, write_json_atomic
 from runtime import read_metrics
@@ -375,35 +376,13 @@ def report(runs, args):
             lines.append(f"| {name} | " + " | ".join(
                 ms([g.get(c) for g in got], "{:.2f}" if c.startswith(("r_", "dist")) else "{:.3f}") for c in cols) + " |")
         lines.append("")
-        plot(d, summary[d]["table"], methods, label, T, args.out)
+        plots.sweep_curves(d, summary[d]["table"], methods, label, T, os.path.join(args.out, f"{d}.png"))
     path = args.report or os.path.join(args.out, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))
     write_json_atomic(summary, os.path.splitext(path)[0] + ".json")
     print("\n".join(lines))
     print(f"wrote {path}")
-
-
-def plot(d, table, methods, label, T, out):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return  # optional: no PNG without matplotlib
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key in zip(axes, ["reward", "win_rate_vs_reference"]):
-        for m in methods:
-            names = ["offline DPO"] + [f"{label(m)}, iter {t}" for t in range(1, T + 1)]
-            ys = [statistics.mean(table[n][key]) if table[n][key] else float("nan") for n in names]
-            ax.plot(range(T + 1), ys, marker="o", label=label(m))
-        ax.set_xlabel("iteration (0 = offline DPO)")
-        ax.set_ylabel(key)
-        ax.set_title(d)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, f"{d}.png"), dpi=100)
-    plt.close(fig)
 
 
 # ---- command line ----------------------------------------------------------------------
