@@ -93,19 +93,20 @@ def preset(name, **overrides):
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: [n_layer, B, n_kv_head, max_len, head_dim].
+    """Preallocated keys and values, one (B, n_kv_head, max_len, head_dim) tensor per layer:
+    k[i], v[i] for layer i.
 
     Slots are written at explicit positions (`cache_pos` in GPT.forward), so there is no
     concatenation and no reallocation while decoding. With grouped-query attention only the
-    n_kv_head shared heads are stored: the cache is n_head / n_kv_head times smaller.
-    Attention reads layer i's keys as cache.k[i]: a list of per-layer tensors serves as well
-    (sample.py's compiled decode step needs one tensor per layer, see StaticCache there).
+    n_kv_head shared heads are stored: the cache is n_head / n_kv_head times smaller. One
+    tensor per layer, not one for all layers: a compiled step that writes a slot of a shared
+    tensor copies all of it at every step (sample.py's StaticCache builds on this class).
     """
 
     def __init__(self, config, batch_size, max_len, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.max_len = max_len
 
 

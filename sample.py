@@ -29,7 +29,7 @@ import weakref
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
-from model import positions_from_mask
+from model import KVCache, positions_from_mask
 
 
 def filter_logits(logits, top_k=None, top_p=None):
@@ -81,23 +81,18 @@ def next_token(logits, temperature, top_k, top_p, generator):
 # tensor slot, attention reads the whole preallocated cache, and a boolean mask hides the
 # slots not yet written. The step's inputs all live in one StaticCache.
 
-class StaticCache:
-    """What the decode step reads and writes, all of fixed shape:
-      k, v   one (B, n_kv_head, max_len, head_dim) tensor per layer. Not one tensor for all
-             layers: a compiled step that writes a slot of a shared tensor copies all of it
-             at every step;
+class StaticCache(KVCache):
+    """What the decode step reads and writes, all of fixed shape: the KV cache (one
+    (B, n_kv_head, max_len, head_dim) tensor per layer), and
       mask   (B, max_len) bool, True where a slot holds a real token;
       pos    (B,) each row's position of its next token (padding does not count);
       slot   (1,) the cache slot of the next token, the same for every row."""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
-        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        super().__init__(config, batch_size, max_len, device, dtype)
         self.mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.max_len = max_len
 
     def tensors(self):
         return [*self.k, *self.v, self.mask, self.pos, self.slot]

@@ -39,7 +39,8 @@ PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
 
 def test_kv_cache_holds_kv_heads_only():
     # (that it matches a full recompute is test_model.py's test, run on this model too)
-    assert llama().new_cache(3, 14).k.shape == (2, 3, 2, 14, 16)  # n_layer, B, n_kv_head (not n_head), slots, head_dim
+    cache = llama().new_cache(3, 14)
+    assert len(cache.k) == 2 and cache.k[0].shape == (3, 2, 14, 16)  # per layer: B, n_kv_head (not n_head), slots, head_dim
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(model_type="qwen3", qk_norm=True, head_dim=48, n_kv_head=1),
