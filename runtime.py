@@ -235,7 +235,8 @@ class Runtime:
         if not self.fsdp:
             return deepcopy(model) if copy else model
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        plain = type(model)(model.config).to(self.device)
+        with self.device:  # built where it runs: initialising billions of weights on a CPU first takes minutes
+            plain = type(model)(model.config)
         plain.load_state_dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))
         return plain.train(model.training)
 
