@@ -5,7 +5,7 @@ data.py -- user data and batches: JSON Lines records, judges, padded tensors.
      judges ("module:function", or "rm:DIR": a reward model, reward.py);
   2. batching: right-padded tensors with prompt/response masks;
   3. `python data.py fit MODEL_DIR BLOCK_SIZE in.jsonl`: the records of a file that fit a context.
-Tokenizers live in tokenizer.py and the built-in sorting task in task.py; `get_tokenizer` is
+Tokenizers live in tokenizer.py and the built-in sorting task in sorting.py; `get_tokenizer` is
 re-exported here so that everything about turning text into batches has one front door.
 
 This file imports nothing from the model code.

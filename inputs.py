@@ -3,7 +3,7 @@ inputs.py -- what a run starts from: its settings checked, its tokenizer, data a
 
   settings   the per-preset defaults filled in, impossible combinations refused;
   tokenizer  GPT-2's BPE for GPT-2 weights, else whatever tokenizer.get_tokenizer finds;
-  data       the built-in sorting task (task.py), or the user's JSON Lines files and judge
+  data       the built-in sorting task (sorting.py), or the user's JSON Lines files and judge
              (conversations rendered with the tokenizer directory's chat template, chat.py);
   model      a fresh preset sized for the tokenizer, or a Hugging Face directory on disk
              (GPT-2, Llama, Mistral, Qwen2, Qwen3: hf.py).
@@ -15,7 +15,7 @@ import os
 
 import chat
 import data
-import task as sorting
+import sorting
 from checkpoint import stage_names
 from hf import check_stages, load_pretrained
 from model import GPT, preset

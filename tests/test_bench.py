@@ -2,7 +2,7 @@
 checked here: timings belong to the benchmark, never to a test)."""
 import json
 
-import bench
+from perf import bench
 
 
 def test_quick_sampling_and_next_token_sections_run(capsys):

@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-import task  # noqa: E402
+import sorting  # noqa: E402
 from data import DataError  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def test_load_jsonl_malformed(tmp_path, text, line, what):
 
 
 def test_load_judge(tmp_path):
-    assert data.load_judge("task:judge") is task.judge
+    assert data.load_judge("sorting:judge") is sorting.judge
     src = "def longest(prompt, candidates):\n    return [len(c) for c in candidates]\n"
     f = write(tmp_path, src, name="myjudge.py")
     fn = data.load_judge(f"{f}:longest")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import memory
+from perf import memory
 from model import GPT, GPTConfig, preset
 from selm import sequence_logps
 

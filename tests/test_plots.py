@@ -4,7 +4,7 @@ import builtins
 
 import pytest
 
-import plots
+from experiments import plots
 
 
 def draw_both(tmp_path):

@@ -1,7 +1,7 @@
 """study.py's decision machinery (the preregistered rules), without running the study."""
 import pytest
 
-import study
+from experiments import study
 
 
 def test_interval_and_decision_rule():

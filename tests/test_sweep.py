@@ -14,7 +14,7 @@ TINY = ["--quick", "--alphas", "0.01", "--model", "tiny", "--n-sft", "256", "--c
 
 
 def sweep(out, *extra):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "sweep.py"), *TINY, "--out", str(out), *extra],
+    p = subprocess.run([sys.executable, "-m", "experiments.sweep", *TINY, "--out", str(out), *extra],
                        cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
                        timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -61,7 +61,7 @@ def test_quick_sweep_tables_and_resume(tmp_path):
 
 
 def test_bad_difficulty_is_an_error(tmp_path):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "sweep.py"), "--difficulties", "hard",
+    p = subprocess.run([sys.executable, "-m", "experiments.sweep", "--difficulties", "hard",
                         "--out", str(tmp_path), "--report-only"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode != 0 and "len<min>-<max>" in p.stderr
 
@@ -70,7 +70,7 @@ def test_bad_difficulty_is_an_error(tmp_path):
                                       (["--alphas", "-1"], "--alphas must be >= 0"),
                                       (["--quick", "--report-only", "--out", "/nonexistent/sweep"], "no finished run")])
 def test_bad_flags_are_one_line_errors(argv, msg, capsys):
-    import sweep
+    from experiments import sweep
     with pytest.raises(SystemExit):
         sweep.main(argv)
     assert msg in capsys.readouterr().err

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import inputs
-import task
+import sorting
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
 from sample import generate
@@ -182,7 +182,7 @@ def test_bad_online_flags_are_one_line_errors(tmp_path, flags, msg):
 def test_task_difficulty_knobs_change_the_data():
     easy = inputs.load_data(inputs.resolve(train.parse_args(FAST + ["--sft-passes", "4,6", "--offline-passes", "3,6"])))
     base = inputs.load_data(inputs.resolve(train.parse_args(FAST)))
-    reward = lambda rows: sum(task.reward(p, r) for p, r in rows) / len(rows)  # noqa: E731
+    reward = lambda rows: sum(sorting.reward(p, r) for p, r in rows) / len(rows)  # noqa: E731
     assert reward(easy.sft) > reward(base.sft) + 0.1
     chosen = lambda d: [(e["prompt"], e["chosen"]) for c in d.chunks for e in c]  # noqa: E731
     assert reward(chosen(easy)) > reward(chosen(base))

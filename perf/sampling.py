@@ -1,5 +1,5 @@
 """
-bench_sampling.py -- bench.py's sampling section: tokens/s of sample.generate, eager and
+sampling.py -- perf.bench's sampling section: tokens/s of sample.generate, eager and
 compiled, against Hugging Face's generate on the same weights and against a sampler that
 recomputes everything; the decode step against its own matmuls; compile time.
 
@@ -17,7 +17,7 @@ median over interleaved rounds, with its spread (measure.py).
 import torch
 import torch.nn.functional as F
 
-from measure import RESULTS, autocast, compare, header, random_model, report, sync, timed
+from perf.measure import RESULTS, autocast, compare, header, random_model, report, sync, timed
 from model import GPTConfig, positions_from_mask, preset
 from sample import (COMPILE_SECONDS, StaticCache, bucket, compiled_decode_step, decode_step,
                     generate, next_token, prefill)

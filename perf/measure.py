@@ -1,5 +1,5 @@
 """
-measure.py -- timing, memory and reporting for the benchmarks (bench.py, bench_sampling.py).
+measure.py -- timing, memory and reporting for the benchmarks (perf/bench.py, perf/sampling.py).
 
 Every figure is printed as ours, baseline, ratio and target, and kept in RESULTS for the
 JSON line bench.py ends with. Timings interleave ours and the baseline round-robin, at least

@@ -1,9 +1,9 @@
 """
 sweep.py -- the paper's comparison in miniature: offline DPO vs iterative DPO vs SELM.
 
-    python sweep.py            # 2 difficulties x 3 seeds x {offline DPO, iterative DPO, SELM at 4 alphas}
-    python sweep.py --quick    # 1 seed, 1 difficulty, 2 alphas
-    python sweep.py --study    # the preregistered study instead (study.py, docs/preregistration.md)
+    python -m experiments.sweep            # 2 difficulties x 3 seeds x {offline DPO, iterative DPO, SELM at 4 alphas}
+    python -m experiments.sweep --quick    # 1 seed, 1 difficulty, 2 alphas
+    python -m experiments.sweep --study    # the preregistered study instead (study.py, docs/preregistration.md)
 
 For every difficulty and seed, one base run of train.py (SFT, then offline DPO on chunk 1,
 `--iterations 0`) is the "offline DPO" method; every online method starts from its checkpoint
@@ -35,16 +35,16 @@ import time
 import torch
 
 import data
-import task as sorting
+import sorting
 import inputs
-import plots
+from experiments import plots
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint, stage_names, write_json_atomic
 from runtime import read_metrics
 from sample import generate
 from selm import candidates_of, pairs_from_scores, reference_logps, win
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: train.py, the chapters
 # alpha*beta = 0.002 .. 0.16 at beta 2: from "no measurable effect" to "clearly too optimistic"
 # on the built-in task (see the README's sweep section); the paper searched 0.0001 .. 0.005
 # at beta 0.01.
@@ -103,7 +103,7 @@ class Run:
         cmds = []
         if not self.trained():
             lo, hi = difficulty_range(self.difficulty)
-            cmd = [sys.executable, os.path.join(HERE, "train.py"), "--seed", str(self.seed),
+            cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--seed", str(self.seed),
                    "--min-len", str(lo), "--max-len", str(hi), "--iterations", str(self.iterations),
                    "--out-dir", self.dir] + extra
             if self.base is not None:
@@ -113,7 +113,7 @@ class Run:
             elif self.base is not None:
                 cmd += ["--start-from", os.path.join(self.base.dir, "dpo.pt")]
             cmds.append(cmd)
-        cmds.append([sys.executable, os.path.abspath(__file__), "--analyse", self.dir,
+        cmds.append([sys.executable, "-m", "experiments.sweep", "--analyse", self.dir,
                      "--k", str(args.k), "--diag-prompts", str(args.diag_prompts)])
         return cmds
 
@@ -209,7 +209,7 @@ def run_all(runs, args, extra):
             script = " && ".join(shlex.join(c) for c in r.commands(args, extra))
             log.write(f"$ {script}\n")
             log.flush()
-            proc = subprocess.Popen(["bash", "-c", script], stdout=log, stderr=subprocess.STDOUT, cwd=HERE, env=env)
+            proc = subprocess.Popen(["bash", "-c", script], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
             with open(os.path.join(r.dir, "sweep.lock"), "w") as f:
                 f.write(str(proc.pid))
             running[r] = (proc, time.time(), log)
@@ -218,7 +218,7 @@ def run_all(runs, args, extra):
     return failed
 
 
-# ---- analysis of one run (a subprocess: `sweep.py --analyse DIR`) ---------------------------
+# ---- analysis of one run (a subprocess: `python -m experiments.sweep --analyse DIR`) ---------------------------
 
 def load_model(d, stage):
     return model_from_checkpoint(load_checkpoint(os.path.join(d, f"{stage}.pt"))).eval()
@@ -409,7 +409,7 @@ def main(argv=None):
     if args.analyse:
         return analyse(args.analyse, args.k, args.diag_prompts, implicit=not args.no_implicit)
     if args.study:
-        import study
+        from experiments import study
         return study.main(args, extra)
     args.out = args.out or ("out/sweep-quick" if args.quick else "out/sweep")
     try:

@@ -1,13 +1,13 @@
 """
 bench.py -- how fast selm's hot paths are, each against a baseline timed in the same run.
 
-    python bench.py                                   # every section, default sizes
-    python bench.py --sections sampling --shapes gpt2-w4,qwen2-0.5b
-    python bench.py --sections sampling --shapes qwen2-0.5b --device cuda
-    python bench.py --quick                           # a smoke test: toy sizes, under a minute
+    python -m perf.bench                                   # every section, default sizes
+    python -m perf.bench --sections sampling --shapes gpt2-w4,qwen2-0.5b
+    python -m perf.bench --sections sampling --shapes qwen2-0.5b --device cuda
+    python -m perf.bench --quick                           # a smoke test: toy sizes, under a minute
 
 Sections (all on random-weight models; no data, no checkpoint):
-  sampling  (bench_sampling.py) per shape (d256, gpt2-w4, gpt2, qwen2-0.5b; --shapes): tokens/s
+  sampling  (perf/sampling.py) per shape (d256, gpt2-w4, gpt2, qwen2-0.5b; --shapes): tokens/s
             of sample.generate, eager and compiled, on a ragged batch, greedy, no EOS, against
             Hugging Face's generate on the same weights (its tokens must equal ours), and for
             d256 and gpt2 against a sampler that recomputes the whole sequence for every new
@@ -46,8 +46,8 @@ import time
 
 import torch
 
-from bench_sampling import SHAPES, bench_next_token, bench_sampling, profile_step
-from measure import (RESULTS, _stderr_silenced, autocast, busy_warning, compare, header, machine,
+from perf.sampling import SHAPES, bench_next_token, bench_sampling, profile_step
+from perf.measure import (RESULTS, _stderr_silenced, autocast, busy_warning, compare, header, machine,
                      peak_memory, random_model, report)
 from model import preset
 from selm import selm_loss, sequence_logps, split_logps

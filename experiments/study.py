@@ -1,8 +1,8 @@
 """
 study.py -- the preregistered study of SELM's mechanism (docs/preregistration.md).
 
-    python sweep.py --study             # calibration, tuning, 5 held-out seeds, report (hours)
-    python sweep.py --study --quick     # the same machinery at toy scale, in minutes
+    python -m experiments.sweep --study             # calibration, tuning, 5 held-out seeds, report (hours)
+    python -m experiments.sweep --study --quick     # the same machinery at toy scale, in minutes
 
 Where the theory says the optimism term can pay off -- good answers rare under greedy
 decoding but within reach of sampling, pi_ref's own answers usually not the best, sampled
@@ -24,13 +24,13 @@ import os
 import statistics
 import sys
 
-import plots
+from experiments import plots
 from checkpoint import stage_names, write_json_atomic
 from runtime import read_metrics
 from selm import win
-from task import judge
+from sorting import judge
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARMS = {  # the preregistered arms: train.py flags besides the shared ones (alpha is tuned for B, D)
     "A": ("iterative DPO, greedy", ["--alpha", "0"]),
     "B": ("SELM, greedy", ["--alpha", "{alpha_B}"]),
@@ -79,14 +79,14 @@ class Job:
     def commands(self, args, extra):
         cmds = []
         if not self.trained():
-            cmd = [sys.executable, os.path.join(HERE, "train.py"), *self.flags, "--iterations", str(self.iterations),
+            cmd = [sys.executable, os.path.join(ROOT, "train.py"), *self.flags, "--iterations", str(self.iterations),
                    "--out-dir", self.dir, "--log-every", "1"] + extra
             if any(f.endswith(".pt") for f in os.listdir(self.dir)):
                 cmd += ["--resume"]
             elif self.base is not None:
                 cmd += ["--start-from", os.path.join(self.base.dir, "dpo.pt")]
             cmds.append(cmd)
-        cmds.append([sys.executable, os.path.join(HERE, "sweep.py"), "--analyse", self.dir, "--k", str(args.k),
+        cmds.append([sys.executable, "-m", "experiments.sweep", "--analyse", self.dir, "--k", str(args.k),
                      "--diag-prompts", str(args.diag), "--no-implicit"])
         return cmds
 
@@ -286,7 +286,7 @@ def report(out, P, d, runs):
 def main(args, extra):
     """sweep.py --study: args from sweep.py's parser (out, jobs, quick, report_only); extra:
     train.py flags added to every run."""
-    import sweep
+    from experiments import sweep
     P = QUICK if args.quick else FULL
     out = args.out or ("out/study-quick" if args.quick else "out/study")
     args.out, args.k, args.diag = out, P["k"], P["diag"]

@@ -1,5 +1,5 @@
 """
-task.py -- the built-in task: sort the letters of a word.
+sorting.py -- the built-in task: sort the letters of a word.
 
 It plays three parts of the paper's setup, small enough for a laptop:
   - UltraFeedback: prompts, SFT demonstrations and offline (chosen, rejected) pairs;
@@ -18,7 +18,7 @@ procedure gives a mediocre SFT model that preference learning can improve.
 Measured per k on words of 7-10 random letters (repeats allowed), mean reward / share fully
 correct: k=0 .15/0%, 1 .30/1%, 2 .47/5%, 3 .63/16%, 4 .76/35%, 5 .87/58%.
 
-`python task.py` prints one worked example and statistics of the default task.
+`python sorting.py` prints one worked example and statistics of the default task.
 This file knows nothing of the rest of the project.
 """
 
