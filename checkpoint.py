@@ -31,8 +31,10 @@ def atomic_write_path(path, save):
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); open() would not
         save(tmp)
+        # mkstemp makes it private (0600), as does safetensors when it writes the file anew;
+        # open() would not
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -39,7 +39,7 @@ def smollm2(request, tmp_path_factory):
     digest.update(transformers.__version__.encode())
     cache = request.config.cache
     root = cache.mkdir("smollm2") if cache is not None else tmp_path_factory.mktemp("smollm2")
-    out = root / digest.hexdigest()[:16]
+    out = root / digest.hexdigest()[:16] / "SmolLM2-135M-Instruct"  # the name checkpoints record
     if not (out / "model.safetensors").is_file():
         for stale in root.iterdir():  # an earlier conversion: 540 MB each
             shutil.rmtree(stale, ignore_errors=True)
