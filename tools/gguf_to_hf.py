@@ -54,7 +54,8 @@ def check_packages():
 
 
 def check_gguf(path):
-    """The file's tokenizer.ggml.pre, after checking that the file is GGUF at all."""
+    """The file's tokenizer.ggml.pre, after checking that the file is GGUF at all and that its
+    pre-tokenizer is one whose split the written tokenizer can have."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
     with open(path, "rb") as f:
@@ -62,21 +63,27 @@ def check_gguf(path):
             raise ValueError(f"{path}: not a GGUF file (it does not start with the bytes GGUF)")
     import gguf
     try:
-        field = gguf.GGUFReader(path).fields.get("tokenizer.ggml.pre")
-        pre = None if field is None else field.contents()
+        reader = gguf.GGUFReader(path)
+        arch, pre = (reader.fields[k].contents() if k in reader.fields else None
+                     for k in ("general.architecture", "tokenizer.ggml.pre"))
     except Exception as e:  # a truncated or damaged file: gguf's own words, on one line
         raise ValueError(f"{path}: gguf cannot read it ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+    if pre is not None and pre not in GPT2 | DIGITS_THEN_GPT2 | set(GGUF_PRE_TOKENIZER_SPLITS):
+        raise ValueError(f"{path}: tokenizer.ggml.pre {pre!r} is a pre-tokenizer this converter does not know; "
+                         "the tokenizer written would split text differently from the model's")
+    # without its dimensions transformers would build a model of its default size (7B) to fill
+    dims = (f"{arch}.block_count", f"{arch}.embedding_length")
+    if not reader.tensors or any(d not in reader.fields for d in dims):
+        raise ValueError(f"{path}: no weights, or no dimensions ({', '.join(dims)})")
     return pre
 
 
-def fix_pre_tokenizer(tok, pre, path):
-    """Give the tokenizer the split its file names (see the module docstring)."""
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-    if pre is None or pre in GPT2 or pre in GGUF_PRE_TOKENIZER_SPLITS:
-        return  # transformers' own conversion splits as the file says
+def fix_pre_tokenizer(tok, pre):
+    """Give the tokenizer the split its file names (see the module docstring); transformers'
+    own conversion gives every other known one."""
     if pre not in DIGITS_THEN_GPT2:
-        raise ValueError(f"{path}: tokenizer.ggml.pre {pre!r} is a pre-tokenizer this converter does not know; "
-                         "the tokenizer written would split text differently from the model's")
+        return
     from tokenizers import pre_tokenizers
     tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
@@ -100,7 +107,7 @@ def convert(gguf_path, out_dir):
         tok = AutoTokenizer.from_pretrained(where, gguf_file=name)
     except Exception as e:  # e.g. an architecture transformers cannot read from GGUF
         raise ValueError(f"{gguf_path}: transformers cannot load it ({str(e).splitlines()[0]})") from None
-    fix_pre_tokenizer(tok, pre, gguf_path)
+    fix_pre_tokenizer(tok, pre)
     config = quantized.config
     del config.quantization_config  # the weights are float32 now
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
