@@ -10,7 +10,9 @@ their content does not matter to a timing, their ragged lengths do.
              Pairs per second, and peak memory: the bytes tensors hold at the peak above the
              loaded policy (measure.peak_memory), TRL's reference copy included. Both keep
              their activations (TRL's default gradient checkpointing off), both at the same
-             learning rate, beta and maximum length; TRL's optimizer is its default.
+             learning rate, beta and maximum length; TRL's optimizer is its default. Three
+             interleaved rounds, each side starting from the weights on disk (loaded untimed),
+             and no warm-up round: an epoch takes a minute.
   sampling   sample.generate against transformers' generate, greedy, on 32 chat prompts of
              ragged lengths until EOS or 64 new tokens: tokens per second, and the same tokens
              (a difference stops the benchmark).
@@ -18,7 +20,6 @@ their content does not matter to a timing, their ragged lengths do.
              judging, reference log-probs, optimizer steps (train.py's own clock).
 """
 
-import copy
 import gc
 import json
 import os
@@ -86,7 +87,7 @@ LR, BETA, MAX_LEN = 1e-6, 0.1, 512
 
 
 def selm_dpo(args, device, d, data_args, batch):
-    """(the loaded policy, fn(policy) running one offline-DPO epoch as train.py runs it)."""
+    """(fn() loading the policy, fn(policy) running one offline-DPO epoch as train.py runs it)."""
     import train
     from data import check_fits
     from inputs import build_model, check_config, tokenizer_and_data
@@ -101,18 +102,21 @@ def selm_dpo(args, device, d, data_args, batch):
     torch.backends.cuda.matmul.allow_tf32 = False  # setup allows TF32; fp32 means fp32 here
     with silenced():
         tok, data = tokenizer_and_data(cfg, rt)
-        policy = build_model(cfg, tok, rt)
     check_fits(data, tok, MAX_LEN, "", cfg.prefs)  # as train.py checks: every pair within MAX_LEN
+
+    def load():
+        with silenced():
+            return build_model(cfg, tok, rt)
 
     def epoch(policy):
         with silenced():
             train.offline_dpo(rt, cfg, tok, policy, data.chunks[0])
-    return policy, epoch
+    return load, epoch
 
 
 def trl_dpo(args, device, d, pairs, batch):
-    """(the loaded policy, fn(policy) building TRL's DPOTrainer, fn(trainer) running its epoch);
-    None without trl."""
+    """(fn() loading the policy, fn(policy) building TRL's DPOTrainer, fn(trainer) running its
+    epoch); None without trl."""
     try:
         import datasets
         import transformers
@@ -122,8 +126,6 @@ def trl_dpo(args, device, d, pairs, batch):
         return None
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    with silenced():  # transformers' progress bar
-        policy = transformers.AutoModelForCausalLM.from_pretrained(args.init_from, dtype=torch.float32).to(device)
     tok = transformers.AutoTokenizer.from_pretrained(args.init_from)
     with warnings.catch_warnings():  # transformers 5 renames gradient_checkpointing; every version knows it
         warnings.simplefilter("ignore", FutureWarning)
@@ -133,6 +135,10 @@ def trl_dpo(args, device, d, pairs, batch):
                            report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0)
     dataset = datasets.Dataset.from_list(pairs)
 
+    def load():
+        with silenced():  # transformers' progress bar
+            return transformers.AutoModelForCausalLM.from_pretrained(args.init_from, dtype=torch.float32).to(device)
+
     def build(policy):
         with silenced():
             return DPOTrainer(model=policy, args=config, train_dataset=dataset, processing_class=tok)
@@ -141,35 +147,35 @@ def trl_dpo(args, device, d, pairs, batch):
         with silenced():
             trainer.train()
         assert trainer.state.global_step == -(-len(pairs) // batch), "TRL took another number of steps"
-    return policy, build, epoch
+    return load, build, epoch
 
 
 def bench_dpo(args, device, d, data_args, pairs, batch, rounds):
     n_pairs = len(pairs)
     header(f"a DPO epoch on {args.init_from}: {n_pairs} conversational pairs, batch {batch}, fp32, "
            f"at most {MAX_LEN} tokens; train.py against TRL's DPOTrainer")
-    ours, our_epoch = selm_dpo(args, device, d, data_args, batch)
+    our_load, our_epoch = selm_dpo(args, device, d, data_args, batch)
     trl = trl_dpo(args, device, d, pairs, batch)
-    sides = {"ours": (lambda: copy.deepcopy(ours), our_epoch)}
+    sides = {"ours": (our_load, our_epoch)}
     if trl is not None:
-        theirs, build, their_epoch = trl
-        sides["trl"] = (lambda: build(copy.deepcopy(theirs)), their_epoch)
+        their_load, build, their_epoch = trl
+        sides["trl"] = (lambda: build(their_load()), their_epoch)
     times = {name: [] for name in sides}
-    for _ in range(rounds):  # interleaved; each side starts from a fresh copy of the weights, untimed
+    for _ in range(rounds):  # interleaved; each side starts from the weights on disk, loaded untimed
         for name, (prepare, run) in sides.items():
             state = prepare()
             times[name].append(timed(lambda: run(state), device)[0])
             del state
             gc.collect()
     times = Timings(times)
-    policy = copy.deepcopy(ours)
+    policy = our_load()
     mine = peak_memory(lambda: our_epoch(policy), device)
     del policy
     if trl is None:
         report("real: DPO epoch", n_pairs / times["ours"], None, "pairs/s")
         report("real: DPO epoch peak memory", mine / 2**20, None, "MiB")
         return
-    policy = copy.deepcopy(theirs)
+    policy = their_load()
     their_mem = peak_memory(lambda: their_epoch(build(policy)), device)
     del policy
     gc.collect()
@@ -229,7 +235,7 @@ def bench_chat_sampling(args, device, pairs, max_new_tokens, rounds):
     ratio, spread = times.ratio("hf", "ours")
     report("real: greedy chat answers vs HF generate", n_tokens / times["ours"], n_tokens / times["hf"], "tok/s",
            target=1.5, ratio=ratio, spread=spread,
-           note=f"{n_tokens} tokens, the same from both; {sum(len(r) < max_new_tokens for r in outs['ours'])} "
+           note=f"{n_tokens} tokens, the same from both; {sum(r[-1] in tok.eos_ids for r in outs['ours'] if r)} "
                 f"of {n_prompts} answers ended with EOS")
 
 
