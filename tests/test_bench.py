@@ -23,9 +23,10 @@ def test_quick_real_model_section_runs(tmp_path, capsys):
     """The real-model section on a tiny random Llama with a chat tokenizer (the real model is
     the lead's to measure): TRL's DPO epoch, HF generate and a SELM iteration against ours."""
     import pytest
-    transformers = pytest.importorskip("transformers", reason="the real-model section: pip install -r requirements-dev.txt")
-    pytest.importorskip("jinja2", reason="chat templates: pip install -r requirements-dev.txt")
-    pytest.importorskip("tokenizers", reason="a chat tokenizer: pip install -r requirements-dev.txt")
+    extras = "pip install -r requirements-dev.txt"
+    transformers = pytest.importorskip("transformers", reason=f"the real-model section: {extras}")
+    pytest.importorskip("jinja2", reason=f"chat templates: {extras}")
+    pytest.importorskip("tokenizers", reason=f"a chat tokenizer: {extras}")
     from chat_dirs import chat_tokenizer
     V = chat_tokenizer(tmp_path, "chatml")
     cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -111,7 +111,8 @@ def test_the_chat_template_renders_as_apply_chat_template(real):
             prompt = real.template.prompt(msgs)
             assert prompt == real.hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
             ids = real.tok.encode_prompt(prompt)
-            assert ids == real.hf_tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"]
+            theirs = real.hf_tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)
+            assert ids == theirs["input_ids"]
             whole = msgs + [{"role": "assistant", "content": "Paris is the capital."}]
             assert real.template.render(whole) == real.hf_tok.apply_chat_template(whole, tokenize=False)
 
@@ -175,8 +176,8 @@ def test_a_short_run_from_the_real_model_through_every_stage_to_an_export(real, 
     results = train.run(train.parse_args([
         "--init-from", real.dir, "--block-size", "128", "--sft-steps", "0", "--iterations", "1",
         "--prefs", str(tmp_path / "prefs.jsonl"), "--prompts", str(tmp_path / "prompts.jsonl"),
-        "--judge", f"{tmp_path / 'judge.py'}:judge", "--batch-size", "2", "--micro-batch-size", "2", "--max-new-tokens", "6",
-        "--lr", "1e-4", "--export", "last", "--out-dir", str(out), "--device", "cpu"]))
+        "--judge", f"{tmp_path / 'judge.py'}:judge", "--batch-size", "2", "--micro-batch-size", "2",
+        "--max-new-tokens", "6", "--lr", "1e-4", "--export", "last", "--out-dir", str(out), "--device", "cpu"]))
     assert [r["stage"] for r in results] == ["sft", "dpo", "selm_1"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     online = next(r["online"] for r in records if "online" in r)
