@@ -98,22 +98,16 @@ def load_judge(spec, device=None):
     """A judge from "package.module:function" or "path/to/file.py:function" -- the function
     must follow judge(prompt, candidates) -> list[float] -- or from "rm:DIR", a reward model
     in a Hugging Face directory (reward.py), run on `device`."""
-    if spec.startswith("rm:"):
+    kind, target, name = judge_target(spec)
+    if kind == "rm":
         # reward.py is imported by name, as a user's judge module is: this file imports no model code
         try:
-            return importlib.import_module("reward").load_judge(spec[3:], device=device)
+            return importlib.import_module("reward").load_judge(target, device=device)
         except (ValueError, OSError) as e:
             raise DataError(f"judge {spec!r}: {e}") from None
-    target, _, name = spec.rpartition(":")  # the last ":", so C:\dir\f.py:fn works
-    if not target or not name:
-        raise DataError(f"judge {spec!r}: expected 'module:function' or 'file.py:function'")
-    is_file = target.endswith(".py") or os.sep in target or "/" in target
-    if is_file and not os.path.isfile(target):
-        raise DataError(f"judge {spec!r}: no file {target}")
     try:
-        if is_file:
-            modname = os.path.splitext(os.path.basename(target))[0]
-            modspec = importlib.util.spec_from_file_location(modname, target)
+        if kind == "file":
+            modspec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(target))[0], target)
             module = importlib.util.module_from_spec(modspec)
             modspec.loader.exec_module(module)
         else:
@@ -124,6 +118,27 @@ def load_judge(spec, device=None):
     if not callable(fn):
         raise DataError(f"judge {spec!r}: {target} has no callable {name!r}")
     return fn
+
+
+def judge_target(spec):
+    """What a judge spec names, checked without importing anything: ("rm", DIR, None),
+    ("file", path.py, function) or ("module", name, function); a DataError naming the spec
+    otherwise."""
+    if spec.startswith("rm:"):
+        if not os.path.isfile(os.path.join(spec[3:], "config.json")):
+            raise DataError(f"judge {spec!r}: {spec[3:] or 'the empty path'} is not a Hugging Face model "
+                            "directory (no config.json); rm:DIR names a reward model's directory")
+        return "rm", spec[3:], None
+    target, _, name = spec.rpartition(":")  # the last ":", so C:\dir\f.py:fn works
+    if not target or not name:
+        raise DataError(f"judge {spec!r}: expected 'module:function' or 'file.py:function'")
+    if not (target.endswith(".py") or os.sep in target or "/" in target or os.path.isfile(target)):
+        return "module", target, name
+    if not os.path.isfile(target):
+        raise DataError(f"judge {spec!r}: no file {target}")
+    if not target.endswith(".py"):
+        raise DataError(f"judge {spec!r}: {target} is not a Python file (.py)")
+    return "file", target, name
 
 
 class JudgeError(DataError):

@@ -11,6 +11,7 @@ Each function takes the run's configuration (train.Config) and fails with one li
 names the problem, before anything is trained.
 """
 
+import math
 import os
 
 import chat
@@ -18,8 +19,9 @@ import data
 import sorting
 from checkpoint import stage_names
 from hf import check_stages, load_pretrained
-from model import GPT, preset
-from selm import check_hparams
+from model import GPT, PRESETS, preset
+from runtime import check_device
+from selm import LOSS_TYPES, check_hparams
 
 
 def tokenizer_and_data(cfg, rt):
@@ -31,19 +33,14 @@ def tokenizer_and_data(cfg, rt):
 
 def load_data(cfg, template=None, device=None):
     """The built-in task, or the user's JSONL files and judge (data.load_user_data: `template`
-    renders conversations, `device` is where a reward model judges)."""
+    renders conversations, `device` is where a reward model judges). check_config has checked
+    that the files come together."""
     if not any([cfg.sft, cfg.prefs, cfg.prompts, cfg.judge]):
         t = sorting.make_task(seed=cfg.task_seed, n_sft=cfg.n_sft, n_prompts_per_chunk=cfg.chunk_size,
                               n_chunks=cfg.iterations + 1, n_eval=cfg.n_eval, min_len=cfg.min_len, max_len=cfg.max_len,
                               sft_passes=passes(cfg.sft_passes, "sft"), offline_passes=passes(cfg.offline_passes, "offline"))
         return data.TrainingData(t.sft, t.chunks, t.eval, sorting.judge, builtin=True,
                                  prompt_template=sorting.make_prompt("{prompt}"))
-    if not (cfg.prefs and cfg.prompts and cfg.judge):
-        raise ValueError("your own data needs --prefs, --prompts and --judge together "
-                         "(the built-in judge only scores the sorting task); --sft is optional")
-    if cfg.sft is None and cfg.init_from is None and cfg.sft_steps > 0:
-        raise ValueError("--prefs without --sft: give --sft demonstrations, or --init-from a "
-                         "pretrained model with --sft-steps 0")
     return data.load_user_data(cfg.sft, cfg.prefs, cfg.prompts, cfg.judge, cfg.iterations + 1, template, device)
 
 
@@ -93,44 +90,121 @@ def resolve(cfg):
     return cfg
 
 
+MAX_BLOCK_SIZE = 1 << 20  # a fresh model's context: beyond a million positions its tables alone are gigabytes
+SEEDS = "an integer in [0, 2**32)"
+
+
+def _at_least(lo):
+    return lambda v: v >= lo
+
+
+def _positive(v):
+    return 0 < v < math.inf  # NaN fails every comparison; infinity is no setting
+
+
+def _non_negative(v):
+    return 0 <= v < math.inf
+
+
+# Every flag of train.py that takes a value, and the values it may take: (what they are, test).
+# A flag added to train.Config needs its line here or in check_config below: tests/test_flags.py
+# walks every flag's bad values and fails on one that gets through.
+RULES = {
+    "model": (f"one of {', '.join(PRESETS)}", lambda v: v in PRESETS),
+    "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "block_size": (f"between 2 and {MAX_BLOCK_SIZE}", lambda v: v is None or 2 <= v <= MAX_BLOCK_SIZE),
+    "task_seed": (SEEDS, lambda v: 0 <= v < 2 ** 32),
+    "min_len": ("at least 1", _at_least(1)),
+    "max_len": ("at least 1", _at_least(1)),  # and at least --min-len, below the context: check_config
+    "n_sft": ("at least 1", _at_least(1)),
+    "chunk_size": ("at least 1", _at_least(1)),
+    "n_eval": ("at least 1", _at_least(1)),
+    "sft_steps": (">= 0 (0 skips SFT training)", _at_least(0)),
+    "sft_lr": ("positive", _positive),
+    "sft_batch_size": ("at least 1", _at_least(1)),
+    "iterations": (">= 0 (0 stops after offline DPO)", _at_least(0)),
+    "loss_type": (f"one of {', '.join(LOSS_TYPES)}", lambda v: v in LOSS_TYPES),
+    "lr": ("positive", _positive),
+    "lr_decay": ("positive (1 keeps the rate)", _positive),
+    "batch_size": ("at least 1", _at_least(1)),
+    "micro_batch_size": ("at least 1", _at_least(1)),
+    "warmup": ("a fraction of the steps, in [0, 1]", lambda v: 0 <= v <= 1),
+    "weight_decay": (">= 0 (0 = none)", _non_negative),
+    "grad_clip": (">= 0 (0 = off; a negative norm would reverse every gradient)", _non_negative),
+    "y_ref": ("greedy or sampled", lambda v: v in ("greedy", "sampled")),
+    "temperature": ("positive", _positive),
+    "online_samples": ("at least 1", _at_least(1)),
+    "optimism_samples": ("at least 1", _at_least(1)),
+    "tie_order": ("offline-first or authors", lambda v: v in ("offline-first", "authors")),
+    "max_new_tokens": ("at least 1", _at_least(1)),
+    "gen_batch_size": ("at least 1", _at_least(1)),
+    "kl_samples": (">= 0 (0 skips the KL estimate)", _at_least(0)),
+    "seed": (SEEDS, lambda v: 0 <= v < 2 ** 32),
+    "dtype": ("auto, float32, bfloat16 or float16", lambda v: v in ("auto", "float32", "bfloat16", "float16")),
+    "log_every": ("at least 1 (a metrics line every this many steps)", _at_least(1)),
+}
+DIRECTORIES = ("init_from", "bpe_path")  # given, each must be a directory
+FILES = ("sft", "prefs", "prompts", "start_from")  # given, each must be a file
+
+
 def check_config(cfg):
-    """Impossible settings fail here, in one line, before anything is written."""
+    """Every setting checked -- its range, and its combinations with the others -- in one line
+    that names the flag, before anything is written: the one place train.py's flags are checked."""
     resolve(cfg)
-    try:
-        check_hparams(cfg.beta, cfg.alpha, cfg.loss_type)  # the losses' own rules, checked once
-    except ValueError as e:
-        raise ValueError(f"--{str(e).replace('_', '-')}") from None
-    positive = ("sft_batch_size", "batch_size", "micro_batch_size", "chunk_size", "n_eval", "gen_batch_size",
-                "max_new_tokens")
-    problems = {**{f"--{n.replace('_', '-')} must be positive": getattr(cfg, n) <= 0 for n in positive},
-                f"--iterations must be >= 0, got {cfg.iterations}": cfg.iterations < 0,
-                "--sft-steps must be >= 0 (0 skips SFT training)": cfg.sft_steps < 0,
-                f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size {cfg.micro_batch_size}":
-                    cfg.micro_batch_size > 0 and cfg.batch_size % cfg.micro_batch_size,
-                f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}":
-                    cfg.dtype not in ("auto", "float32", "bfloat16", "float16"),
+    for name, (want, ok) in RULES.items():
+        if not ok(getattr(cfg, name)):
+            raise ValueError(f"{flag(name)} must be {want}, got {getattr(cfg, name)!r}")
+    for name in DIRECTORIES + FILES + ("judge",):
+        if getattr(cfg, name) == "":
+            raise ValueError(f"{flag(name)} is empty: give a path, or leave the flag out")
+    for name in DIRECTORIES:
+        if getattr(cfg, name) is not None and not os.path.isdir(getattr(cfg, name)):
+            raise ValueError(f"{flag(name)} {getattr(cfg, name)} is not a directory")
+    for name in FILES:
+        if getattr(cfg, name) is not None and not os.path.isfile(getattr(cfg, name)):
+            raise ValueError(f"{flag(name)} {getattr(cfg, name)}: " + (
+                "is a directory, not a file" if os.path.isdir(getattr(cfg, name)) else "no such file"))
+    if cfg.judge is not None:
+        try:
+            data.judge_target(cfg.judge)
+        except ValueError as e:
+            raise ValueError(f"--judge: {e}") from None
+    if not cfg.out_dir or os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise ValueError(f"--out-dir {cfg.out_dir!r} is not a directory")
+    check_device(cfg.device)
+    context = cfg.block_size or (None if cfg.init_from else PRESETS[cfg.model].get("block_size", 1024))
+    own_data = any(x is not None for x in (cfg.sft, cfg.prefs, cfg.prompts, cfg.judge))
+    problems = {f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size {cfg.micro_batch_size}":
+                    cfg.batch_size % cfg.micro_batch_size,
+                f"--max-len {cfg.max_len} is below --min-len {cfg.min_len}": cfg.max_len < cfg.min_len,
+                f"--max-len {cfg.max_len}: a word that long leaves no room in the context of {context} tokens":
+                    not own_data and context is not None and cfg.max_len >= context,
                 "--start-from and --resume exclude each other": cfg.start_from and cfg.resume,
-                f"--y-ref must be greedy or sampled, got {cfg.y_ref!r}": cfg.y_ref not in ("greedy", "sampled"),
-                f"--tie-order must be offline-first or authors, got {cfg.tie_order!r}":
-                    cfg.tie_order not in ("offline-first", "authors"),
-                "--online-samples and --optimism-samples must be at least 1": min(cfg.online_samples,
-                                                                                  cfg.optimism_samples) < 1,
                 "--optimism-samples above 1 needs --y-ref sampled (greedy decoding gives one answer)":
                     cfg.optimism_samples > 1 and cfg.y_ref == "greedy",
-                f"--temperature must be positive, got {cfg.temperature}": not cfg.temperature > 0,
-                f"--lr and --sft-lr must be positive, got {cfg.lr} and {cfg.sft_lr}": not min(cfg.lr, cfg.sft_lr) > 0,
-                f"--lr-decay must be positive (1 keeps the rate), got {cfg.lr_decay}": not cfg.lr_decay > 0,
-                f"--warmup is a fraction of the steps, in [0, 1], got {cfg.warmup}": not 0 <= cfg.warmup <= 1,
-                f"--kl-samples must be >= 0 (0 skips the KL estimate), got {cfg.kl_samples}": cfg.kl_samples < 0,
                 "--fsdp shards over the processes of torchrun: start it with torchrun --nproc_per_node N":
                     cfg.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2,
-                "--compile is not supported with --fsdp": cfg.fsdp and cfg.compile}
+                "--compile is not supported with --fsdp": cfg.fsdp and cfg.compile,
+                "your own data needs --prefs, --prompts and --judge together (the built-in judge only scores "
+                "the sorting task); --sft is optional": own_data and not (cfg.prefs and cfg.prompts and cfg.judge),
+                "--prefs without --sft: give --sft demonstrations, or --init-from a pretrained model with "
+                "--sft-steps 0": own_data and cfg.sft is None and cfg.init_from is None and cfg.sft_steps > 0}
     for message, bad in problems.items():
         if bad:
             raise ValueError(message)
-    preset(cfg.model)  # unknown preset -> clear error
+    try:
+        check_hparams(cfg.beta, cfg.alpha, cfg.loss_type)  # the losses' own rules
+    except ValueError as e:
+        raise ValueError(f"--{str(e).replace('_', '-')}") from None
     check_stages(cfg.export, stage_names(cfg.iterations))
-    passes(cfg.sft_passes, "sft"), passes(cfg.offline_passes, "offline")
+    passes(cfg.sft_passes, "sft")
+    if len(set(passes(cfg.offline_passes, "offline"))) < 2:
+        raise ValueError(f"--offline-passes {cfg.offline_passes}: lo and hi must differ, or the two responses of "
+                         "every pair are equal and no pair has a preference")
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
 
 
 def passes(spec, which):

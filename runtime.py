@@ -40,29 +40,40 @@ from selm import reference_logps
 def pick_device(name, local_rank=0):
     """"auto" picks cuda, then mps, then cpu. Under torchrun each process takes its own GPU."""
     if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
+        name = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
+    device = check_device(name)
+    if device.type == "cuda":
+        index = local_rank if device.index is None else device.index
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return device
+
+
+def check_device(name):
+    """The device --device names ("auto" passes as it is): cpu, cuda, cuda:N or mps, and one
+    that this PyTorch build and this machine have. A ValueError in one line otherwise."""
+    if name == "auto":
+        return name
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:N, mps, or auto)") from None
-    usable = {"cuda": torch.cuda.is_available,
-              "mps": lambda: getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:N, mps, or auto)")
+    usable = {"cuda": torch.cuda.is_available, "mps": _mps_available}
     if not usable.get(device.type, lambda: True)():
         build = f"PyTorch {torch.__version__}"
         if device.type == "cuda":
             build += f", built with CUDA {torch.version.cuda} but no GPU is visible" if torch.version.cuda \
                 else ", a build without CUDA"
         raise ValueError(f"--device {name} is not available in this PyTorch build ({build})")
-    if device.type == "cuda":
-        index = local_rank if device.index is None else device.index
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPUs")
     return device
+
+
+def _mps_available():
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def amp_dtype(device, dtype):

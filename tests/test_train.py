@@ -12,6 +12,7 @@ from checkpoint import load_checkpoint, model_from_checkpoint
 from sample import generate
 from selm import win
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--model", "tiny", "--n-sft", "1024", "--chunk-size", "128", "--n-eval", "64",
         "--sft-steps", "150", "--iterations", "2"]
 
@@ -56,18 +57,31 @@ def test_tiny_pipeline_end_to_end(tmp_path):
 @pytest.mark.parametrize("flags,msg", [
     (["--beta", "0"], "--beta must be positive"),
     (["--alpha", "-1"], "--alpha must be non-negative"),
-    (["--model", "huge"], "unknown model preset"),
+    (["--model", "huge"], "--model must be one of tiny, small"),
     (["--batch-size", "10", "--micro-batch-size", "4"], "not a multiple"),
-    (["--lr", "-1"], "--lr and --sft-lr must be positive"),
+    (["--lr", "-1"], "--lr must be positive"),
     (["--lr-decay", "0"], "--lr-decay must be positive"),
-    (["--warmup", "2"], "--warmup is a fraction of the steps, in [0, 1]"),
+    (["--warmup", "2"], "--warmup must be a fraction of the steps, in [0, 1]"),
     (["--kl-samples", "-1"], "--kl-samples must be >= 0"),
+    (["--grad-clip", "-1"], "--grad-clip must be >= 0"),  # clipping to a negative norm reverses training
+    (["--block-size", "-5"], "--block-size must be between 2 and"),
+    (["--block-size", "1000000000"], "--block-size must be between 2 and"),  # not a 256 GB allocation
+    (["--init-from", ROOT, "--block-size", "-3"], "--block-size must be between 2 and"),  # not the data's fault
+    (["--log-every", "0"], "--log-every must be at least 1"),
+    (["--n-sft", "0"], "--n-sft must be at least 1"),  # SFT on nothing, silently
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0"),  # not torch's words after SFT
+    (["--init-from", os.path.join(ROOT, "README.md")], "README.md is not a directory"),
 ])
-def test_bad_flags_are_one_line_errors(tmp_path, capsys, flags, msg):
+def test_bad_flags_are_one_line_errors(tmp_path, monkeypatch, flags, msg):
+    monkeypatch.setattr(train, "setup", reached_setup)  # a flag that gets through fails here, untrained
     with pytest.raises(SystemExit) as e:
         train.main(FAST + ["--out-dir", str(tmp_path)] + flags)
     assert msg in str(e.value) and "\n" not in str(e.value)
     assert not os.listdir(tmp_path)  # nothing written
+
+
+def reached_setup(*args, **kw):
+    raise AssertionError("the flags were accepted: the run reached setup()")
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path):
