@@ -1,8 +1,9 @@
 """
 checkpoint.py -- what a run leaves on disk, written so that a crash never corrupts it.
 
-Every file goes through `atomic_write`: a temporary file in the same directory, fsync, then
-a rename, so a reader sees the old file or the new one, never half of one. Checkpoints are
+Every file goes through `atomic_write`: a temporary file beside it, fsync, then a rename, so
+a reader sees the old file or the new one, never half of one, with the permissions the umask
+gives; a full disk is one line naming the file (WriteError). Checkpoints are
 read with weights_only=True: a checkpoint file cannot run code.
 
 A run's directory holds one checkpoint per completed stage (sft.pt, dpo.pt, selm_1.pt, ...),
@@ -12,6 +13,8 @@ metrics.jsonl and results.json. The functions at the end find where a killed run
 
 import json
 import os
+import re
+import shutil
 import tempfile
 from dataclasses import asdict, fields
 
@@ -27,19 +30,51 @@ def atomic_write(path, write, binary=True):
 
 
 def atomic_write_path(path, save):
-    """atomic_write for writers that want a file name, not a file: save(temporary path)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    os.close(fd)
+    """atomic_write for writers that want a file name, not a file: save(temporary path). The
+    temporary path lies in a private directory .tmp-*/ beside `path`, under the same name:
+    writers that go through temporary files of their own (safetensors) leave them in there,
+    and writers that pick a format by the extension (matplotlib) see the right one. A failed
+    write that the OS explains (a full disk, a quota, ...) is a WriteError naming `path`."""
+    tmp_dir = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    tmp = os.path.join(tmp_dir, os.path.basename(path))
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); open() would not
         save(tmp)
+        # the file open() would have made under the umask: not mkstemp's private 0600, and not
+        # what a writer that renames its own temporary file over ours leaves
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    except Exception as e:
+        error = write_error(e, path)
+        if error is e:
+            raise
+        raise error from e
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+class WriteError(OSError):
+    """A file could not be written; its message is one line: what the OS said, and the file."""
+
+    def __str__(self):
+        return self.strerror
+
+
+def write_error(e, path):
+    """`e` as a WriteError naming `path` when an errno explains it: the OSError itself, or one
+    that torch or safetensors turned into an error of their own (torch keeps it as the context
+    of its RuntimeError, safetensors names it as "os error N"); else `e` as it is."""
+    cause = e
+    while cause is not None and not isinstance(cause, WriteError):
+        code = cause.errno if isinstance(cause, OSError) else None
+        named = re.search(r"\(os error (\d+)\)", str(cause))
+        code = code or (int(named.group(1)) if named else None)
+        if code:
+            what = os.strerror(code)
+            return WriteError(code, f"{what[:1].lower()}{what[1:]} writing {path}")
+        cause = cause.__cause__ or cause.__context__
+    return e
 
 
 def _umask():
@@ -61,8 +96,7 @@ def atomic_save(obj, path):
 def load_checkpoint(path, map_location="cpu"):
     """Read a checkpoint with weights_only=True (a checkpoint cannot run code). Errors are
     one line naming the file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    check_checkpoint_path(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated, corrupted, or not a torch file at all
@@ -71,6 +105,16 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise ValueError(f"checkpoint {path} is not a selm checkpoint (needs 'model' and 'model_config')")
     return ckpt
+
+
+def check_checkpoint_path(path):
+    """A FileNotFoundError in one line unless `path` is a file: a directory, or nothing."""
+    if os.path.isdir(path):
+        stages = sorted(f for f in os.listdir(path) if f.endswith(".pt"))
+        raise FileNotFoundError(f"checkpoint {path} is a directory; give one of its checkpoint files"
+                                + (f" ({', '.join(stages)})" if stages else " (it holds none)"))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
 
 
 def model_from_checkpoint(ckpt, path="checkpoint"):
@@ -104,21 +148,28 @@ def stage_path(out_dir, stage):
 
 
 def prepare_out_dir(path):
-    """Create the output directory, prove it writable, and sweep away temporary files that a
-    killed process left half-written (atomic writes go through .tmp-* files, then a rename)."""
+    """Create the output directory, prove it writable, and sweep away what a killed process
+    left half-written: the .tmp-* of atomic writes, in the directory and in its exports
+    hf-<stage>/ (and any .tmp* a third-party writer such as safetensors left there)."""
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path):
             pass
     except OSError as e:
         raise ValueError(f"--out-dir {path} is not writable ({e.strerror})") from None
-    for name in os.listdir(path):
-        if name.startswith(".tmp-"):
-            os.unlink(os.path.join(path, name))
+    exports = [os.path.join(path, d) for d in os.listdir(path) if d.startswith("hf-")]
+    for folder in [path] + [d for d in exports if os.path.isdir(d)]:
+        for name in os.listdir(folder):
+            if name.startswith(".tmp"):
+                junk = os.path.join(folder, name)
+                shutil.rmtree(junk) if os.path.isdir(junk) else os.unlink(junk)
 
 
-# Settings that never change what a run computes; a resumed run may differ in them.
-IGNORED_ON_RESUME = ("resume", "device", "start_from", "compile", "export", "fsdp", "activation_checkpointing")
+# Settings that never change what a run computes; a resumed run may differ in them. The
+# output directory is the one being resumed, however it is spelled now (relative, through a
+# link, or moved).
+IGNORED_ON_RESUME = ("resume", "device", "start_from", "compile", "export", "fsdp", "activation_checkpointing",
+                     "out_dir")
 
 
 def last_checkpoint(out_dir, stages, config):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import stage_path
+from checkpoint import stage_path, write_error
 from data import JudgeError, collate, judge_block
 from sample import COMPILE_SECONDS, generate
 from selm import reference_logps
@@ -141,9 +141,12 @@ class MetricsLog:
 
     def write(self, row):
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-                f.flush()
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                    f.flush()
+            except OSError as e:  # a full disk: one line naming the file (a torn line is cut on --resume)
+                raise write_error(e, self.path) from None
 
     def size(self):
         return os.path.getsize(self.path) if os.path.exists(self.path) else 0
