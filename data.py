@@ -389,17 +389,32 @@ def fits(rec, tok, template, block_size):
     return True
 
 
-def main(argv=None):
+def parser():
     import argparse
-    import sys
     ap = argparse.ArgumentParser(prog="data.py", description="Write the records of a JSON Lines file that fit "
                                  "the context, as a run with this model's tokenizer and chat template encodes them.")
     ap.add_argument("command", choices=["fit"])
     ap.add_argument("model_dir", help="the --init-from directory (its tokenizer.json and chat template)")
     ap.add_argument("block_size", type=int, help="the run's --block-size")
     ap.add_argument("path", help="a JSON Lines file: preferences, SFT demonstrations or evaluation prompts")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def check_args(args):
+    """Every argument checked, in one line naming it, before anything is read."""
+    if not os.path.isdir(args.model_dir):
+        raise ValueError(f"MODEL_DIR {args.model_dir!r} is not a directory")
+    if args.block_size < 2:
+        raise ValueError(f"BLOCK_SIZE must be at least 2 (a prompt token and a response token), got {args.block_size}")
+    if not os.path.isfile(args.path):
+        raise ValueError(f"PATH {args.path!r} is not a file")
+
+
+def main(argv=None):
+    import sys
+    args = parser().parse_args(argv)
     try:
+        check_args(args)
         tok = get_tokenizer(args.model_dir, verbose=False)
         template, kept = chat.load_template(tok), 0
         records = read_jsonl(args.path)

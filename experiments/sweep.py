@@ -23,6 +23,7 @@ when matplotlib is installed.
 import argparse
 import glob
 import json
+import math
 import os
 import random
 import re
@@ -57,8 +58,8 @@ QUICK_ALPHAS = [0.001, 0.08]
 def difficulty_range(name):
     """"len7-10" -> (7, 10): the word lengths of the built-in task."""
     m = re.fullmatch(r"len(\d+)-(\d+)", name)
-    if not m:
-        raise ValueError(f"difficulty {name!r} is not of the form len<min>-<max>")
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        raise ValueError(f"difficulty {name!r} is not of the form len<min>-<max>, 1 <= min <= max")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -387,7 +388,7 @@ def report(runs, args):
 
 # ---- command line ----------------------------------------------------------------------
 
-def main(argv=None):
+def parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     ap.add_argument("--quick", action="store_true", help="one seed, one difficulty, two alphas")
     ap.add_argument("--out", default=None, help="output root (default out/sweep, or out/sweep-quick)")
@@ -405,26 +406,63 @@ def main(argv=None):
                                                           "instead of the alpha sweep")
     ap.add_argument("--analyse", default=None, help=argparse.SUPPRESS)  # internal: analyse one run dir
     ap.add_argument("--no-implicit", action="store_true", help=argparse.SUPPRESS)  # internal: skip implicit rewards
+    return ap
+
+
+def check_args(args, extra):
+    """Every flag checked, in one line naming it, before anything runs: sweep.py's own (the
+    lists parsed in place), then the train.py flags passed to every run (inputs.check_config)."""
+    for flag, n in (("--iterations", args.iterations), ("--jobs", args.jobs), ("--k", args.k),
+                    ("--diag-prompts", args.diag_prompts)):
+        if n < 1:
+            raise ValueError(f"{flag} must be at least 1, got {n}")
+    if args.out == "" or args.out is not None and os.path.isfile(args.out):
+        raise ValueError(f"--out {args.out!r} is not a directory")
+    if args.report == "" or args.report is not None and os.path.isdir(args.report):
+        raise ValueError(f"--report {args.report!r} is not a file name")
+    if args.analyse is not None and not os.path.isdir(args.analyse):
+        raise ValueError(f"--analyse {args.analyse!r} is not a directory")
+    if args.seeds is None:
+        args.seeds = "0" if args.quick else "0,1,2"
+    if args.difficulties is None:
+        args.difficulties = "len7-10" if args.quick else "len7-10,len11-14"
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError as e:
+        raise ValueError(f"--seeds: {e}") from None
+    if not all(0 <= s < 2 ** 32 for s in args.seeds):
+        raise ValueError(f"--seeds must be integers in [0, 2**32), got {args.seeds}")
+    args.difficulties = args.difficulties.split(",")
+    try:
+        for d in args.difficulties:
+            difficulty_range(d)
+        args.alphas = [float(a) for a in args.alphas.split(",")] if args.alphas is not None else \
+            (QUICK_ALPHAS if args.quick else ALPHAS)
+    except ValueError as e:
+        raise ValueError(f"--difficulties or --alphas: {e}") from None
+    if not all(0 <= a < math.inf for a in args.alphas):
+        raise ValueError(f"--alphas must be >= 0 and finite, got {args.alphas}")
+    args.train = train.parse_args(extra)
+    try:
+        inputs.check_config(args.train)
+    except ValueError as e:
+        raise ValueError(f"a train.py flag: {e}") from None
+
+
+def main(argv=None):
+    ap = parser()
     args, extra = ap.parse_known_args(argv)
+    try:
+        check_args(args, extra)
+    except ValueError as e:
+        ap.error(str(e))
     if args.analyse:
         return analyse(args.analyse, args.k, args.diag_prompts, implicit=not args.no_implicit)
     if args.study:
         from experiments import study
         return study.main(args, extra)
     args.out = args.out or ("out/sweep-quick" if args.quick else "out/sweep")
-    try:
-        args.seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
-        args.difficulties = (args.difficulties or ("len7-10" if args.quick else "len7-10,len11-14")).split(",")
-        args.alphas = [float(a) for a in args.alphas.split(",")] if args.alphas else \
-            (QUICK_ALPHAS if args.quick else ALPHAS)
-        for d in args.difficulties:
-            difficulty_range(d)
-    except ValueError as e:
-        ap.error(f"--seeds, --difficulties or --alphas: {e}")
-    if min(args.alphas) < 0:
-        ap.error(f"--alphas must be >= 0, got {min(args.alphas)}")
     args.alphas = [a for a in args.alphas if a > 0]
-    args.train = inputs.resolve(train.parse_args(extra))  # the pass-through flags, checked here
     runs = make_grid(args)
     if args.report_only and not any(r.complete() for r in runs):
         ap.error(f"--report-only: no finished run under {args.out}")

@@ -50,6 +50,7 @@ from perf.sampling import SHAPES, bench_next_token, bench_sampling, profile_step
 from perf.measure import (RESULTS, _stderr_silenced, autocast, busy_warning, compare, header, machine,
                      peak_memory, random_model, report)
 from model import preset
+from runtime import check_device
 from selm import selm_loss, sequence_logps, split_logps
 
 
@@ -188,7 +189,7 @@ SECTIONS = {"sampling": bench_sampling, "next-token": bench_next_token, "logps":
 
 
 
-def main(argv=None):
+def parser():
     ap = argparse.ArgumentParser(description="Benchmark selm's sampler, log-probs and training "
                                              "step against baselines timed in the same run.")
     ap.add_argument("--sections", default=",".join(SECTIONS),
@@ -203,16 +204,30 @@ def main(argv=None):
                     help="depth of the Qwen2-0.5B-shaped model (default: 24 on CUDA, 4 on a CPU)")
     ap.add_argument("--profile-step", action="store_true",
                     help="instead: where the eager decode step's time goes, per operator, for --shapes (default gpt2-w4)")
+    return ap
+
+
+def check_args(args):
+    """Every flag checked, in one line naming it, before anything runs."""
+    for flag, given, valid in (("--sections", args.sections, SECTIONS), ("--shapes", args.shapes, SHAPES)):
+        names = [s.strip() for s in (given or "").split(",") if s.strip()]
+        unknown = [s for s in names if s not in valid]
+        if unknown or (given is not None and not names):
+            raise ValueError(f"{flag}: unknown {', '.join(unknown) or 'empty list'}; valid: {', '.join(valid)}")
+    for flag, n in (("--threads", args.threads), ("--qwen2-layers", args.qwen2_layers)):
+        if n is not None and n < 1:
+            raise ValueError(f"{flag} must be at least 1, got {n}")
+    check_device(args.device)
+
+
+def main(argv=None):
+    ap = parser()
     args = ap.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as e:
+        ap.error(str(e))
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = [s for s in sections if s not in SECTIONS]
-    if unknown:
-        ap.error(f"unknown section(s) {', '.join(unknown)}; valid: {', '.join(SECTIONS)}")
-    unknown = [s for s in (args.shapes or "").split(",") if s.strip() and s.strip() not in SHAPES]
-    if unknown:
-        ap.error(f"unknown shape(s) {', '.join(unknown)}; valid: {', '.join(SHAPES)}")
-    if (args.threads is not None and args.threads < 1) or (args.qwen2_layers is not None and args.qwen2_layers < 1):
-        ap.error("--threads and --qwen2-layers must be at least 1")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)

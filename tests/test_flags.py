@@ -73,7 +73,18 @@ COMBINATIONS = [
     (["--judge", __file__.replace(".py", ".pyc") + ":judge"], "no file"),
     (["--judge", "rm:" + os.path.dirname(__file__)], "no config.json"),
     (["--judge", "x"], "expected 'module:function'"),
+    (["--judge", os.path.join(os.path.dirname(__file__), "chat_dirs.py") + "x:judge"], "no file"),
 ]
+
+
+def test_a_judge_file_that_is_no_python_is_one_line(tmp_path, monkeypatch):
+    import data
+    (tmp_path / "prefs.jsonl").write_text('{"prompt": "a"}\n')
+    monkeypatch.chdir(tmp_path)
+    for spec in (f"{tmp_path}/prefs.jsonl:judge", "prefs.jsonl:judge"):
+        with pytest.raises(data.DataError) as e:
+            data.load_judge(spec)
+        assert f"judge {spec!r}: " in str(e.value) and "prefs.jsonl is not a Python file (.py)" in str(e.value)
 
 
 @pytest.mark.parametrize("flags,msg", COMBINATIONS, ids=lambda x: " ".join(x) if isinstance(x, list) else None)
@@ -82,4 +93,132 @@ def test_impossible_combinations_are_one_line(tmp_path, monkeypatch, flags, msg)
     with pytest.raises(SystemExit) as e:
         train.main(["--model", "tiny", "--out-dir", str(tmp_path / "out")] + flags)
     assert msg in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+# ---- the other commands: sample.py, data.py's fit, and the tools -----------------------------
+
+def option_bad_values(ap, fine):
+    """[(option or positional name, value)] for every argument of the parser `ap` that takes a
+    value: one not among its choices, or the bad values of its type; less the `fine` ones."""
+    out = []
+    for a in ap._actions:
+        if a.nargs == 0:  # --help and the switches
+            continue
+        name = a.option_strings[0] if a.option_strings else a.dest
+        values = ["no-such-thing"] if a.choices else BAD_BY_TYPE[a.type or str]
+        out += [(name, v) for v in values if (name, v) not in fine]
+    return out
+
+
+def refused(capsys, run):
+    """The one-line error a command died with: its sys.exit message, or argparse's last line."""
+    with pytest.raises(SystemExit) as e:
+        run()
+    if isinstance(e.value.code, str):
+        return e.value.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err, "exited without an error"
+    return err[-1]
+
+
+def with_value(argv, ap, name, value):
+    """argv with argument `name` (an option, or a positional's dest) set to `value`."""
+    positionals = [a.dest for a in ap._actions if not a.option_strings]
+    if name in positionals:
+        argv = list(argv)
+        argv[positionals.index(name)] = str(value)
+        return argv
+    return argv + [name, str(value)]
+
+
+class Reached(Exception):
+    """A command got past its checks with a bad value."""
+
+
+def reached(*args, **kw):
+    raise Reached
+
+
+def tiny_checkpoint(path):
+    from dataclasses import asdict
+
+    from checkpoint import atomic_save
+    from model import GPT, preset
+    m = GPT(preset("tiny", vocab_size=258))
+    atomic_save({"model": m.state_dict(), "model_config": asdict(m.config), "tokenizer": {"name": "bytes"}}, str(path))
+    return str(path)
+
+
+def sample_cli(tmp_path, monkeypatch):
+    import sample
+    monkeypatch.setattr(sample, "model_from_checkpoint", reached)
+    return sample.main, ["--ckpt", tiny_checkpoint(tmp_path / "m.pt"), "--prompt", "x"]
+
+
+def data_cli(tmp_path, monkeypatch):
+    import data
+    monkeypatch.setattr(data, "get_tokenizer", reached)
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a"}\n')
+    return data.main, ["fit", str(tmp_path), "64", str(tmp_path / "d.jsonl")]
+
+
+def bench_cli(tmp_path, monkeypatch):
+    from perf import bench
+    monkeypatch.setattr(bench, "machine", reached)
+    return bench.main, ["--device", "cpu"]
+
+
+def memory_cli(tmp_path, monkeypatch):
+    from perf import memory
+    monkeypatch.setattr(memory, "measure", reached)
+    return memory.main, ["--measure", "Qwen2.5-0.5B", "--device", "cpu"]
+
+
+def sweep_cli(tmp_path, monkeypatch):
+    from experiments import study, sweep
+    for module, fn in ((sweep, "make_grid"), (sweep, "analyse"), (study, "main")):
+        monkeypatch.setattr(module, fn, reached)
+    return sweep.main, ["--quick", "--out", str(tmp_path / "out")]
+
+
+def parsers():
+    import data
+    import sample
+    from experiments import sweep
+    from perf import bench, memory
+    return {"sample.py": sample.parser(), "data.py": data.parser(), "perf.bench": bench.parser(),
+            "perf.memory": memory.parser(), "experiments.sweep": sweep.parser()}
+
+
+# (each command's parser, its runner: main with what comes after the checks stubbed out, and good arguments)
+COMMANDS = {"sample.py": sample_cli, "data.py": data_cli, "perf.bench": bench_cli, "perf.memory": memory_cli,
+            "experiments.sweep": sweep_cli}
+FINE_OPTIONS = {
+    "sample.py": {("--seed", 0): "seeds start at 0", ("--temperature", 0.0): "temperature 0 is greedy",
+                  ("--prompt", "no-such-thing"): "any text is a prompt"},
+    "experiments.sweep": {("--out", "no-such-thing"): "a directory that is not there yet is made",
+                          ("--report", "no-such-thing"): "a report file that is not there yet is written"},
+}
+
+
+def test_the_commands_allow_lists_name_real_options():
+    for command, ap in parsers().items():
+        names = {a.option_strings[0] if a.option_strings else a.dest for a in ap._actions}
+        assert {n for n, _ in FINE_OPTIONS.get(command, {})} <= names, command
+    assert set(parsers()) == set(COMMANDS)
+
+
+@pytest.mark.parametrize("command,name,value", [(c, n, v) for c, ap in parsers().items()
+                                                for n, v in option_bad_values(ap, FINE_OPTIONS.get(c, {}))],
+                         ids=lambda x: repr(x) if not isinstance(x, str) or x == "" else x)
+def test_every_flag_of_every_command_refuses_its_bad_values(tmp_path, monkeypatch, capsys, command, name, value):
+    main, good = COMMANDS[command](tmp_path, monkeypatch)
+    argv = with_value(good, parsers()[command], name, value)
+    try:
+        msg = refused(capsys, lambda: main(argv))
+    except Reached:
+        pytest.fail(f"{command} {name} {value!r} got through its checks")
+    named = name in msg if name.startswith("-") else name.upper() in msg.upper()
+    assert "error: " in msg and named, msg
     assert not (tmp_path / "out").exists()

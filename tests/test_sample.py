@@ -173,6 +173,8 @@ def test_command_line(tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert len(ok.stdout.strip().splitlines()) == 3
     for args, msg in [(("--ckpt", str(tmp_path / "none.pt")), "does not exist"),
+                      (("--ckpt", str(tmp_path)), f"checkpoint {tmp_path} is a directory; give one of its checkpoint "
+                                                  "files (m.pt)"),
                       (("--ckpt", str(ckpt), "--prompt", "x" * 80), "leaves no room")]:
         bad = run(*args, *(() if "--prompt" in args else ("--prompt", "x")))
         assert bad.returncode != 0 and msg in bad.stderr and "Traceback" not in bad.stderr
