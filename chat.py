@@ -29,7 +29,7 @@ import json
 import os
 from datetime import datetime
 
-from tokenizer import Templated
+from tokenizer import Fields, Templated, read_json, special_token
 
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -117,29 +117,24 @@ def load_template(tok):
     templates of which "default" is used), as transformers picks it."""
     if tok.source is None:
         return None
-    config = {}
     file = os.path.join(tok.source, "tokenizer_config.json")
-    if os.path.isfile(file):
-        try:
-            with open(file, encoding="utf-8") as f:
-                config = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"{file}: unreadable JSON ({e})") from None
-    text = config.get("chat_template")
+    config = Fields(read_json(file) if os.path.isfile(file) else {}, file)
+    text = config.get("chat_template", None, lambda v: type(v) is str or type(v) is list and all(
+        type(t) is dict and type(t.get("name")) is str and type(t.get("template")) is str for t in v),
+        'a string, or a list of {"name": ..., "template": ...}')
     jinja = os.path.join(tok.source, "chat_template.jinja")
     if os.path.isfile(jinja):
-        with open(jinja, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with open(jinja, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{jinja}: unreadable ({e.strerror if isinstance(e, OSError) else e})") from None
     if isinstance(text, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        text = {t.get("name"): t.get("template") for t in text}.get("default")
+        text = {t["name"]: t["template"] for t in text}.get("default")
     if not text:
         return None
-    specials = {}
-    for name in SPECIAL_NAMES:
-        token = config.get(name)
-        token = token.get("content") if isinstance(token, dict) else token
-        if token is not None:
-            specials[name] = token
+    specials = {name: special_token(config, name, file) for name in SPECIAL_NAMES}
+    specials = {name: token for name, token in specials.items() if token is not None}
     return ChatTemplate(text, tok.source, specials, tok.decode([tok.eos_id]))
 
 
