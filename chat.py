@@ -172,6 +172,14 @@ def ends_with_answer(conv, name):
     return conv[:-1], conv[-1]["content"]
 
 
+def check_answerable(prompt):
+    """A prompt conversation, once it is one the assistant answers: its last turn is not the
+    assistant's own."""
+    if prompt[-1]["role"] == "assistant":
+        raise ValueError("the prompt's last turn is the assistant's: there is nothing to answer")
+    return prompt
+
+
 def preference_pair(rec, template):
     """{"prompt", "chosen", "rejected"} as Templated strings, from a record in either of TRL's
     conversational forms (see the top of the file)."""
@@ -195,6 +203,7 @@ def preference_pair(rec, template):
                          "assistant's last turn may differ)")
     if not before_c:
         raise ValueError("chosen and rejected share no prompt prefix: nothing precedes the assistant's turn")
+    check_answerable(before_c)
     p = template.prompt(before_c)
     return {"prompt": p, "chosen": template.response(p, chosen), "rejected": template.response(p, rejected)}
 
@@ -214,7 +223,7 @@ def demonstration(rec, template):
         if not isinstance(answer, str):
             extra, answer = ends_with_answer(check_messages(answer, "completion"), "completion")
             before = before + extra
-    p = template.prompt(before)
+    p = template.prompt(check_answerable(before))
     return p, template.response(p, answer)
 
 
@@ -228,9 +237,7 @@ def evaluation_prompt(rec, template):
         return {"prompt": p["prompt"], "reference": p["chosen"]}
     if "prompt" not in rec:
         raise ValueError("missing field 'prompt'")
-    msgs = user_turn(rec["prompt"], "prompt")
-    if msgs[-1]["role"] == "assistant":
-        raise ValueError("the prompt's last turn is the assistant's: there is nothing to answer")
+    msgs = check_answerable(user_turn(rec["prompt"], "prompt"))
     p, ref = template.prompt(msgs), rec.get("reference")
     if isinstance(ref, list):  # the reference as a conversation: its last (assistant) turn
         ref = ends_with_answer(check_messages(ref, "reference"), "reference")[1]
