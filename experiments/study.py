@@ -25,10 +25,11 @@ import statistics
 import sys
 
 from experiments import plots
-from checkpoint import stage_names, write_json_atomic
+from checkpoint import atomic_write, stage_names, write_json_atomic
 from runtime import read_metrics
 from selm import win
 from sorting import judge
+from tokenizer import read_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARMS = {  # the preregistered arms: train.py flags besides the shared ones (alpha is tuned for B, D)
@@ -274,8 +275,7 @@ def report(out, P, d, runs):
     summary["mechanism"] = {"pass_at_16_diff": cov, "strictly_better_diff_late": better, "verdict": mech}
     lines += ["", f"Mechanism (D vs C): pass@16 difference at iteration {T}: {fmt(cov)}; strictly better online "
               f"answers, iterations {max(1, T - 2)}-{T}: {fmt(better)}. Verdict: **{mech}**."]
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    atomic_write(os.path.join(out, "report.md"), lambda f: f.write("\n".join(lines) + "\n"), binary=False)
     write_json_atomic(summary, os.path.join(out, "report.json"))
     plots.primary_endpoint(summary["per_iteration"], T, DELTA, os.path.join(out, "primary.png"))
     print("\n".join(lines))
@@ -292,7 +292,7 @@ def main(args, extra):
     args.out, args.k, args.diag = out, P["k"], P["diag"]
     path = os.path.join(out, "decisions.json")
     os.makedirs(out, exist_ok=True)
-    decisions = json.load(open(path)) if os.path.exists(path) else {}  # noqa: SIM115
+    decisions = read_json(path) if os.path.exists(path) else {}
 
     def run(jobs):
         jobs = list({j.name: j for j in jobs}.values())  # a shared base run once

@@ -40,7 +40,7 @@ import sorting
 import inputs
 from experiments import plots
 import train
-from checkpoint import load_checkpoint, model_from_checkpoint, stage_names, write_json_atomic
+from checkpoint import atomic_write, load_checkpoint, model_from_checkpoint, stage_names, write_json_atomic
 from runtime import read_metrics
 from sample import generate
 from selm import candidates_of, pairs_from_scores, reference_logps, win
@@ -379,8 +379,7 @@ def report(runs, args):
         lines.append("")
         plots.sweep_curves(d, summary[d]["table"], methods, label, T, os.path.join(args.out, f"{d}.png"))
     path = args.report or os.path.join(args.out, "report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    atomic_write(path, lambda f: f.write("\n".join(lines)), binary=False)
     write_json_atomic(summary, os.path.splitext(path)[0] + ".json")
     print("\n".join(lines))
     print(f"wrote {path}")
@@ -460,7 +459,10 @@ def main(argv=None):
         return analyse(args.analyse, args.k, args.diag_prompts, implicit=not args.no_implicit)
     if args.study:
         from experiments import study
-        return study.main(args, extra)
+        try:
+            return study.main(args, extra)
+        except ValueError as e:  # e.g. its decisions.json edited by hand into nonsense
+            sys.exit(f"study: error: {e}")
     args.out = args.out or ("out/sweep-quick" if args.quick else "out/sweep")
     args.alphas = [a for a in args.alphas if a > 0]
     runs = make_grid(args)

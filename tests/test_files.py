@@ -107,3 +107,21 @@ def test_a_full_disk_under_the_metrics_log_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(WriteError) as e:
         log.write({"a": 1})
     assert str(e.value) == f"no space left on device writing {tmp_path / 'metrics.jsonl'}"
+
+
+def test_a_figure_is_written_whole(tmp_path, monkeypatch):
+    """The sweep's and the study's figures go through an atomic write too: a full disk while
+    matplotlib writes leaves no half PNG, and says which file."""
+    pytest.importorskip("matplotlib", reason="plots: pip install -r requirements-dev.txt")
+    from matplotlib.figure import Figure
+
+    from experiments import plots
+
+    def half_then_full(self, path, **kw):
+        with open(path, "wb") as f:
+            f.write(b"\x89PNG half")
+        full_disk()
+    monkeypatch.setattr(Figure, "savefig", half_then_full)
+    with pytest.raises(WriteError, match=f"no space left on device writing {tmp_path / 'primary.png'}"):
+        plots.primary_endpoint({"H1: D - C": [[0.001, -0.01, 0.012]]}, 1, 0.01, str(tmp_path / "primary.png"))
+    assert names(tmp_path) == []
