@@ -415,37 +415,33 @@ def check_args(args, extra):
                     ("--diag-prompts", args.diag_prompts)):
         if n < 1:
             raise ValueError(f"{flag} must be at least 1, got {n}")
-    if args.out == "" or args.out is not None and os.path.isfile(args.out):
-        raise ValueError(f"--out {args.out!r} is not a directory")
-    if args.report == "" or args.report is not None and os.path.isdir(args.report):
-        raise ValueError(f"--report {args.report!r} is not a file name")
-    if args.analyse is not None and not os.path.isdir(args.analyse):
-        raise ValueError(f"--analyse {args.analyse!r} is not a directory")
-    if args.seeds is None:
-        args.seeds = "0" if args.quick else "0,1,2"
-    if args.difficulties is None:
-        args.difficulties = "len7-10" if args.quick else "len7-10,len11-14"
-    try:
-        args.seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError as e:
-        raise ValueError(f"--seeds: {e}") from None
-    if not all(0 <= s < 2 ** 32 for s in args.seeds):
-        raise ValueError(f"--seeds must be integers in [0, 2**32), got {args.seeds}")
-    args.difficulties = args.difficulties.split(",")
-    try:
-        for d in args.difficulties:
-            difficulty_range(d)
-        args.alphas = [float(a) for a in args.alphas.split(",")] if args.alphas is not None else \
-            (QUICK_ALPHAS if args.quick else ALPHAS)
-    except ValueError as e:
-        raise ValueError(f"--difficulties or --alphas: {e}") from None
-    if not all(0 <= a < math.inf for a in args.alphas):
-        raise ValueError(f"--alphas must be >= 0 and finite, got {args.alphas}")
+    for flag, path, bad, kind in (("--out", args.out, os.path.isfile, "directory"),
+                                  ("--report", args.report, os.path.isdir, "file name"),
+                                  ("--analyse", args.analyse, lambda p: not os.path.isdir(p), "directory")):
+        if path is not None and (path == "" or bad(path)):
+            raise ValueError(f"{flag} {path!r} is not a {kind}")
+    seeds = args.seeds if args.seeds is not None else "0" if args.quick else "0,1,2"
+    args.seeds = listed("--seeds", seeds, int, lambda s: 0 <= s < 2 ** 32, "integers in [0, 2**32)")
+    grid = args.difficulties if args.difficulties is not None else "len7-10" if args.quick else "len7-10,len11-14"
+    args.difficulties = listed("--difficulties", grid, str, difficulty_range, "len<min>-<max>, 1 <= min <= max")
+    args.alphas = (QUICK_ALPHAS if args.quick else ALPHAS) if args.alphas is None else \
+        listed("--alphas", args.alphas, float, lambda a: 0 <= a < math.inf, "numbers >= 0 (finite)")
     args.train = train.parse_args(extra)
     try:
         inputs.check_config(args.train)
     except ValueError as e:
         raise ValueError(f"a train.py flag: {e}") from None
+
+
+def listed(flag, text, kind, ok, want):
+    """The comma-separated values of a flag, each of `kind` and ok(); else a ValueError."""
+    try:
+        values = [kind(x) for x in text.split(",")]
+        if text and all(map(ok, values)):
+            return values
+    except ValueError:
+        pass
+    raise ValueError(f"{flag} must be comma-separated {want}, got {text!r}")
 
 
 def main(argv=None):

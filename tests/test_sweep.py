@@ -66,8 +66,9 @@ def test_bad_difficulty_is_an_error(tmp_path):
     assert p.returncode != 0 and "len<min>-<max>" in p.stderr
 
 
-@pytest.mark.parametrize("argv,msg", [(["--seeds", "x"], "invalid literal"), (["--difficulties", "len5"], "len<min>-<max>"),
-                                      (["--alphas", "-1"], "--alphas must be >= 0"),
+@pytest.mark.parametrize("argv,msg", [(["--seeds", "x"], "--seeds must be comma-separated integers"),
+                                      (["--difficulties", "len5"], "len<min>-<max>"),
+                                      (["--alphas", "-1"], "--alphas must be comma-separated numbers >= 0"),
                                       (["--quick", "--report-only", "--out", "/nonexistent/sweep"], "no finished run")])
 def test_bad_flags_are_one_line_errors(argv, msg, capsys):
     from experiments import sweep
