@@ -70,7 +70,7 @@ def config_from_hf(hf, block_size=None, dropout=0.0, where="config.json"):
     f.check(act != "silu", f"{mt}: hidden_act {act!r} is not supported (silu)")
     f.check(f.flag("attention_bias") or f.flag("mlp_bias"), f"{mt}: attention_bias / mlp_bias are not supported")
     # transformers 5 writes rope_parameters (rope_theta inside); older files rope_scaling + rope_theta
-    rope = f.object("rope_parameters" if f.obj.get("rope_parameters") else "rope_scaling")
+    rope = f.nested("rope_parameters" if f.obj.get("rope_parameters") else "rope_scaling")
     kind = rope.text("rope_type", rope.text("type", "default"))
     f.check(kind not in ("default", "llama3"), f"{mt}: rope scaling type {kind!r} is not supported (default, llama3)")
     f.check(rope.number("partial_rotary_factor", f.number("partial_rotary_factor", 1.0)) != 1.0,

@@ -379,10 +379,10 @@ class Fields:
     def text(self, name, default=...):
         return self.get(name, default, lambda v: type(v) is str, "a string")
 
-    def list(self, name, ok=lambda v: True, want="a list"):
+    def array(self, name, ok=lambda v: True, want="a list"):
         return self.get(name, [], lambda v: type(v) is list and all(ok(x) for x in v), want)
 
-    def object(self, name):
+    def nested(self, name):
         return Fields(self.get(name, {}), self.where, self.what, f"{self.path}{name}.")
 
     def check(self, bad, message):
@@ -392,19 +392,29 @@ class Fields:
 
 def check_tokenizer_json(tj, where):
     """Every field of a tokenizer.json that hf_tokenizer reads, of the type it needs."""
-    model = Fields(tj, where).object("model")
+    def objects(v):
+        return type(v) is dict
+    f = Fields(tj, where)
+    model = f.nested("model")
     model.get("vocab", ..., lambda v: type(v) is dict and all(type(i) is int and i >= 0 for i in v.values()),
               "an object of tokens and their ids (integers >= 0)")
-    model.list("merges", lambda m: type(m) is str and " " in m or type(m) is list and len(m) == 2
-               and all(type(x) is str for x in m), 'a list of merges, each "a b" or ["a", "b"]')
-    for i, t in enumerate(Fields(tj, where).list("added_tokens", lambda t: type(t) is dict, "a list of objects")):
+    model.array("merges", lambda m: type(m) is str and " " in m or type(m) is list and len(m) == 2
+                and all(type(x) is str for x in m), 'a list of merges, each "a b" or ["a", "b"]')
+    for i, t in enumerate(f.array("added_tokens", objects, "a list of objects")):
         token = Fields(t, where, path=f"added_tokens.{i}.")
-        token.text("content"), token.count("id", lo=0)
-    for name in ("pre_tokenizer", "decoder", "post_processor"):
-        steps = Fields(tj, where).object(name)  # an object, or null
-        for key in ("pretokenizers", "processors"):
-            for j, step in enumerate(steps.list(key, lambda v: type(v) is dict, "a list of objects")):
-                Fields(step, where, path=f"{name}.{key}.{j}.").object("pattern")
+        token.text("content")
+        token.count("id", lo=0)
+    f.nested("decoder")
+    pre = f.nested("pre_tokenizer")
+    for j, step in enumerate(pre.array("pretokenizers", objects, "a list of objects")):
+        Fields(step, where, path=f"pre_tokenizer.pretokenizers.{j}.").nested("pattern").text("Regex", None)
+    post = f.nested("post_processor")  # its special tokens' ids give the BOS (_bos)
+    processors = [post] + [Fields(p, where, path=f"post_processor.processors.{j}.")
+                           for j, p in enumerate(post.array("processors", objects, "a list of objects"))]
+    for p in processors:
+        special = p.nested("special_tokens")
+        for name in special.obj:
+            special.nested(name).array("ids", lambda i: type(i) is int and i >= 0, "a list of token ids")
 
 
 def special_token(config, name, where):

@@ -45,7 +45,7 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("config,msg", CONFIGS, ids=range(len(CONFIGS)))
+@pytest.mark.parametrize("config,msg", CONFIGS, ids=[m[:40] for _, m in CONFIGS])
 def test_config_json_fields(tmp_path, config, msg):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError) as e:
@@ -124,6 +124,10 @@ TOKENIZER_FILES = [
     ("tokenizer.json", set_field("pre_tokenizer", "ByteLevel"), "field 'pre_tokenizer' must be a JSON object"),
     ("tokenizer.json", set_field("pre_tokenizer.pretokenizers.0.pattern", "x"),
      "field 'pre_tokenizer.pretokenizers.0.pattern' must be a JSON object"),
+    ("tokenizer.json", set_field("pre_tokenizer.pretokenizers.0.pattern.Regex", 5),
+     "field 'pre_tokenizer.pretokenizers.0.pattern.Regex' must be a string"),
+    ("tokenizer.json", set_field("post_processor", {"type": "TemplateProcessing", "special_tokens": {"<s>": {"ids": 1}}}),
+     "field 'post_processor.special_tokens.<s>.ids' must be a list of token ids"),
     ("tokenizer_config.json", set_field("eos_token", 5), "field 'eos_token' must be a string or an object"),
     ("tokenizer_config.json", set_field("eos_token", {"content": 5}), "field 'eos_token.content' must be a string"),
     ("tokenizer_config.json", set_field("pad_token", "<nope>"), "field 'pad_token' names '<nope>', which is not one"),
@@ -140,7 +144,7 @@ def built(*args, **kw):
     raise AssertionError("the tokenizer files were accepted: the run went on to build its model")
 
 
-@pytest.mark.parametrize("name,change,msg", TOKENIZER_FILES, ids=range(len(TOKENIZER_FILES)))
+@pytest.mark.parametrize("name,change,msg", TOKENIZER_FILES, ids=[f"{n}: {m[:40]}" for n, _, m in TOKENIZER_FILES])
 def test_tokenizer_files_fields(tmp_path, monkeypatch, name, change, msg):
     """Read as a run reads them (the tokenizer, then the chat template), through train.py: one
     line naming the file and the field, nothing written."""
