@@ -160,9 +160,11 @@ def prepare_out_dir(path):
     exports = [os.path.join(path, d) for d in os.listdir(path) if d.startswith("hf-")]
     for folder in [path] + [d for d in exports if os.path.isdir(d)]:
         for name in os.listdir(folder):
-            if name.startswith(".tmp"):
-                junk = os.path.join(folder, name)
-                shutil.rmtree(junk) if os.path.isdir(junk) else os.unlink(junk)
+            junk = os.path.join(folder, name)
+            if name.startswith(".tmp") and os.path.isdir(junk):
+                shutil.rmtree(junk)
+            elif name.startswith(".tmp"):
+                os.unlink(junk)
 
 
 # Settings that never change what a run computes; a resumed run may differ in them. The

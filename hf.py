@@ -15,7 +15,6 @@ and in the other to export. Files are written atomically (checkpoint.atomic_writ
 """
 
 import json
-import math
 import os
 
 import torch
