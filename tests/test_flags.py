@@ -222,3 +222,19 @@ def test_every_flag_of_every_command_refuses_its_bad_values(tmp_path, monkeypatc
     named = name in msg if name.startswith("-") else name.upper() in msg.upper()
     assert "error: " in msg and named, msg
     assert not (tmp_path / "out").exists()
+
+
+def test_every_command_is_walked():
+    """A command added later -- any module that builds an argument parser -- must be walked by
+    the test above (COMMANDS: its runner, with what follows its checks stubbed out)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found = set()
+    for folder, _, files in os.walk(root):
+        rel = os.path.relpath(folder, root)
+        if rel != "." and (rel.split(os.sep)[0] in ("tests", "out") or rel.startswith(".")):
+            continue
+        for f in files:
+            if f.endswith(".py") and "ArgumentParser(" in open(os.path.join(folder, f)).read():
+                found.add(f if rel == "." else f"{rel.replace(os.sep, '.')}.{f[:-3]}")
+    # runtime.py builds train.py's parser from train.Config, walked by test_every_train_flag_...
+    assert found == set(COMMANDS) | {"runtime.py"}
