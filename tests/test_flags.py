@@ -73,8 +73,16 @@ COMBINATIONS = [
     (["--judge", __file__.replace(".py", ".pyc") + ":judge"], "no file"),
     (["--judge", "rm:" + os.path.dirname(__file__)], "no config.json"),
     (["--judge", "x"], "expected 'module:function'"),
-    (["--judge", os.path.join(os.path.dirname(__file__), "chat_dirs.py") + "x:judge"], "no file"),
 ]
+
+
+@pytest.mark.parametrize("flags,msg", COMBINATIONS, ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_impossible_combinations_are_one_line(tmp_path, monkeypatch, flags, msg):
+    monkeypatch.setattr(train, "setup", reached_setup)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", "tiny", "--out-dir", str(tmp_path / "out")] + flags)
+    assert msg in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_judge_file_that_is_no_python_is_one_line(tmp_path, monkeypatch):
@@ -85,15 +93,6 @@ def test_a_judge_file_that_is_no_python_is_one_line(tmp_path, monkeypatch):
         with pytest.raises(data.DataError) as e:
             data.load_judge(spec)
         assert f"judge {spec!r}: " in str(e.value) and "prefs.jsonl is not a Python file (.py)" in str(e.value)
-
-
-@pytest.mark.parametrize("flags,msg", COMBINATIONS, ids=lambda x: " ".join(x) if isinstance(x, list) else None)
-def test_impossible_combinations_are_one_line(tmp_path, monkeypatch, flags, msg):
-    monkeypatch.setattr(train, "setup", reached_setup)
-    with pytest.raises(SystemExit) as e:
-        train.main(["--model", "tiny", "--out-dir", str(tmp_path / "out")] + flags)
-    assert msg in str(e.value) and "\n" not in str(e.value), str(e.value)
-    assert not (tmp_path / "out").exists()
 
 
 # ---- the other commands: sample.py, data.py's fit, and the tools -----------------------------
