@@ -46,7 +46,7 @@ from selm import candidates_of, pairs_from_scores, reference_logps, win
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: train.py, the chapters
 # alpha*beta = 0.002 .. 0.16 at beta 2: from "no measurable effect" to "clearly too optimistic"
-# on the built-in task (see the README's sweep section); the paper searched 0.0001 .. 0.005
+# on the built-in task (see docs/results.md, the sweep); the paper searched 0.0001 .. 0.005
 # at beta 0.01.
 ALPHAS = [0.001, 0.005, 0.02, 0.08]
 QUICK_ALPHAS = [0.001, 0.08]

@@ -1,7 +1,7 @@
 """
 memory.py -- how big can I go? Bytes per rank of a SELM training run, from a model config.
 
-    python -m perf.memory                       # the README's table: four models, 1 and 8 GPUs of 80 GB
+    python -m perf.memory                       # docs/speed.md's table: four models, 1 and 8 GPUs of 80 GB
     python -m perf.memory --seq 2048 --micro 2  # another shape of batch
 
 Per rank, while training (weights kept in fp32, computed under bf16 autocast, AdamW):
