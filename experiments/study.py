@@ -26,7 +26,9 @@ import os
 import statistics
 import sys
 
-from checkpoint import write_json_atomic
+import inputs
+import train
+from checkpoint import load_checkpoint, write_json_atomic
 from experiments import plots
 from experiments.runner import Job, run_all
 from runtime import read_metrics
@@ -169,9 +171,6 @@ def per_stage(job, stage):
 
 
 def report(out, P, d, runs):
-    import inputs
-    import train
-    from checkpoint import load_checkpoint
     T, seeds = P["T"], sorted(runs)
     saved = load_checkpoint(os.path.join(runs[seeds[0]]["A"].base.dir, "dpo.pt"))["config"]  # the eval prompts
     prompts = [e["prompt"] for e in inputs.load_data(train.Config(**saved)).eval]
@@ -249,6 +248,7 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (each one single-threaded)")
     ap.add_argument("--report-only", action="store_true", help="report from the runs there, run nothing")
     args, extra = ap.parse_known_args(argv)
+    train.parse_args(extra)  # the pass-through flags, checked before anything runs
     P = QUICK if args.quick else FULL
     out = args.out or ("out/study-quick" if args.quick else "out/study")
     path = os.path.join(out, "decisions.json")
