@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from checkpoint import stage_path
 from data import JudgeError, collate, judge_block
-from sample import COMPILE_SECONDS, generate
+from sample import compile_seconds, generate
 from selm import reference_logps
 
 
@@ -189,7 +189,7 @@ class Runtime:
     compile: bool = False
     fsdp: bool = False
     checkpointing: bool = False
-    compile_seconds: float = 0.0  # spent compiling decode steps so far: timed apart from sampling
+    compile_seconds: float = 0.0  # spent compiling decode steps so far: `clock` counts it apart
 
     def autocast(self):
         return nullcontext() if self.dtype is None else torch.autocast(self.device.type, dtype=self.dtype)
@@ -273,11 +273,17 @@ class Runtime:
 
     def sample(self, model, prompt_ids, block, seed=0, **kw):
         """sample.generate's responses to every prompt, in blocks of `block` prompts; the
-        seed of a block depends only on its position. kw: generate's keyword arguments."""
-        n = len(COMPILE_SECONDS)
+        seed of a block depends only on its position. kw: generate's keyword arguments. The
+        seconds spent compiling decode steps on the way add up in self.compile_seconds."""
+        compiled = compile_seconds(model)
         out = self.ranks.map_blocks(lambda start, b: generate(model, b, seed=seed + start, **kw)[0], prompt_ids, block)
-        self.compile_seconds += sum(s for _, s in COMPILE_SECONDS[n:])
+        self.compile_seconds += compile_seconds(model) - compiled
         return out
+
+    def clock(self):
+        """A Clock whose laps leave out the seconds this runtime spent compiling decode steps
+        (reported apart, as t_compile): a lap that sampled reports its net sampling time."""
+        return Clock(lambda: self.compile_seconds)
 
     def logps(self, model, rows, pad_id, block):
         """Summed response log-probs of (prompt_ids, response_ids) rows under `model`, without
@@ -331,17 +337,20 @@ def judge_failure(stage, out_dir, saved):
 # ---- timing and reporting -------------------------------------------------------------------
 
 class Clock:
-    """Seconds between successive laps, by name."""
+    """Seconds between successive laps, by name. compiling() is a running total of seconds
+    spent compiling (Runtime.clock: the sampler's decode steps): what of it falls in a lap is
+    left out of the lap and added up apart, as t_compile."""
 
-    def __init__(self):
-        self.t, self.laps = time.time(), {}
+    def __init__(self, compiling=lambda: 0.0):
+        self.compiling = compiling
+        self.t, self.compiled, self.laps = time.time(), compiling(), {}
 
-    def lap(self, name, compiling=0.0):
-        """compiling: seconds of this lap spent compiling, reported apart as t_compile."""
-        now = time.time()
-        self.laps[name], self.t = now - self.t - compiling, now
-        if compiling:
-            self.laps["t_compile"] = self.laps.get("t_compile", 0.0) + compiling
+    def lap(self, name):
+        now, compiled = time.time(), self.compiling()
+        self.laps[name] = now - self.t - (compiled - self.compiled)
+        if compiled > self.compiled:
+            self.laps["t_compile"] = self.laps.get("t_compile", 0.0) + compiled - self.compiled
+        self.t, self.compiled = now, compiled
 
 
 def summary_line(stage, seconds, row, info):
