@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import time
 from contextlib import contextmanager, nullcontext
 from copy import deepcopy
@@ -367,6 +368,17 @@ def summary_line(stage, seconds, row, info):
     return line
 
 
+def last_screen(out_dir, stages, exported, prompt):
+    """The closing lines of a run: where everything went, and the sample.py command that tries
+    the last stage on `prompt` (shell-quoted)."""
+    return "\n".join([f"results     {os.path.join(out_dir, 'results.json')} (each stage's evaluation), "
+                      f"{os.path.join(out_dir, 'metrics.jsonl')} (every logged step)",
+                      f"checkpoints {', '.join(os.path.basename(stage_path(out_dir, s)) for s in stages)} in {out_dir}",
+                      *([f"exported    {', '.join(exported)} (Hugging Face directories)"] if exported else []),
+                      f"try it      python sample.py --ckpt {shlex.quote(stage_path(out_dir, stages[-1]))} "
+                      f"--prompt {prompt} --temperature 0"])
+
+
 # ---- optimisation ---------------------------------------------------------------------------
 
 def lr_at(step, total, peak, warmup):
@@ -396,10 +408,19 @@ def optimizer_step(model, opt, grad_clip, stage, step):
 
 # ---- a command line from a configuration dataclass -------------------------------------------
 
+class DefaultsHelp(argparse.HelpFormatter):
+    """A flag's help ends with its default, unless there is none to tell (None, "", a switch's
+    False, --help's) or the help tells it itself ("(default: per preset)")."""
+
+    def _get_help_string(self, action):
+        told = action.default in (None, "", argparse.SUPPRESS) or action.default is False or "(default" in action.help
+        return action.help if told else f"{action.help} (default: %(default)s)"
+
+
 def parse_config(cls, argv=None, description=None):
     """One flag per field of the dataclass `cls` (--snake-case), its help the field's
     metadata["help"]; booleans are switches."""
-    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description=description, formatter_class=DefaultsHelp)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:

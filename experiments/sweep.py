@@ -38,6 +38,7 @@ import data
 import sorting
 import inputs
 from experiments import plots
+import tokenizer
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint, stage_names, write_json_atomic
 from runtime import read_metrics
@@ -256,7 +257,7 @@ def analyse(d, k, n_diag, implicit=True):
     stages = [r["stage"] for r in read_json(os.path.join(d, "results.json"))]
     cfg = load_checkpoint(os.path.join(d, f"{stages[-1]}.pt"))["config"]
     own = stages if cfg["iterations"] == 0 else stages[2:]
-    tok = data.get_tokenizer(verbose=False)
+    tok = tokenizer.get_tokenizer(verbose=False)
     task = inputs.load_data(train.Config(**{k: v for k, v in cfg.items() if k in train.Config.__dataclass_fields__}))
     implicit = implicit and cfg.get("y_ref", "greedy") == "greedy" and cfg.get("online_samples", 1) == 1
     beta, max_new = cfg["beta"], cfg["max_new_tokens"]
