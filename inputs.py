@@ -151,30 +151,30 @@ def first_screen(cfg, tok, task_data, model, rt):
     """The opening lines of a run: the model, the data, the stages to come, and only the
     settings that differ from their defaults."""
     t, where = cfg.iterations, f"{cfg.init_from}'s weights" if cfg.init_from else "fresh weights"
+    dtype = str(rt.dtype).removeprefix("torch.") if rt.dtype else "float32"
     if task_data.builtin:
         source = f"the built-in task, sorting the letters of words of {cfg.min_len}-{cfg.max_len} letters (sorting.py)"
     else:
         source = ", ".join(f"--{k} {v}" for k, v in (("sft", cfg.sft), ("prefs", cfg.prefs), ("prompts", cfg.prompts)) if v)
         source += f", judged by {data.judge_name(task_data.judge)}" + (
             ", conversations in the model's chat template" if task_data.conversational else "")
-    chunks, n = len(task_data.chunks), len(task_data.chunks[0])
     stages = [f"sft ({cfg.sft_steps} steps of {cfg.sft_batch_size})" if task_data.sft else "sft (the weights as loaded)",
               "dpo (chunk 0's pairs)"] + ([f"selm_1..selm_{t} (chunks 1..{t}, alpha {cfg.alpha}" +
                                            ("" if cfg.alpha else ": iterative online DPO") + ")"] if t else [])
+    changed = changed_settings(cfg, leave_out=("model", "init_from", "sft", "prefs", "prompts", "judge", "out_dir"))
     return "\n".join([
-        f"model      {cfg.init_from or cfg.model}: {model.num_params() / 1e6:.2f}M parameters, {where}, on {rt.device} "
-        f"({str(rt.dtype).removeprefix('torch.') if rt.dtype else 'float32'})"
-        + (f", {rt.ranks.world} processes" if rt.ranks.world > 1 else ""),
+        f"model      {cfg.init_from or cfg.model}: {model.num_params() / 1e6:.2f}M parameters, {where}, "
+        f"on {rt.device} ({dtype})" + (f", {rt.ranks.world} processes" if rt.ranks.world > 1 else ""),
         f"tokenizer  {tok.name}, {tok.vocab_size} ids" + (f" ({tok.source})" if tok.source else ""),
         f"data       {source}",
-        f"           {len(task_data.sft)} SFT demonstrations, {chunks} chunks of {n} preference pairs, "
-        f"{len(task_data.eval)} evaluation prompts",
+        f"           {len(task_data.sft)} SFT demonstrations, {len(task_data.chunks)} chunks of "
+        f"{len(task_data.chunks[0])} preference pairs, {len(task_data.eval)} evaluation prompts",
         f"stages     {' -> '.join(stages)}",
         f"           each evaluated and saved in {cfg.out_dir}",
-        f"settings   {changed_settings(cfg) or 'the defaults'} (python train.py --help lists them all)"])
+        f"settings   {changed + ', the rest' if changed else 'all'} at their defaults (python train.py --help)"])
 
 
-def changed_settings(cfg):
+def changed_settings(cfg, leave_out=()):
     """The settings that differ from their defaults, as flags; a per-preset default (SCALE,
     --max-new-tokens) counts as a default. cfg: resolved (check_config)."""
     per_preset = ["max_new_tokens", *SCALE["default"]]
@@ -182,7 +182,7 @@ def changed_settings(cfg):
     flags = []
     for f in dataclasses.fields(cfg):
         value, default = getattr(cfg, f.name), getattr(defaults, f.name) if f.name in per_preset else f.default
-        if value != default:
+        if value != default and f.name not in leave_out:
             flag = "--" + f.name.replace("_", "-")
             flags.append(flag if value is True else f"{flag} {shlex.quote(str(value))}")
     return " ".join(flags)

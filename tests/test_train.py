@@ -7,6 +7,7 @@ import shlex
 import pytest
 import torch
 
+import data
 import inputs
 import sorting
 import train
@@ -60,8 +61,8 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     first, last = screens.split("\n[    sft]")[0], screens.split("[ selm_2]")[1]
     assert "tiny:" in first and "1024 SFT demonstrations, 3 chunks of 128 preference pairs, 64 evaluation" in first
     assert "selm_1..selm_2" in first and "--beta" not in first
-    assert f"--model tiny --n-sft 1024 --chunk-size 128 --n-eval 64 --sft-steps 150 --iterations 2 --out-dir {tmp_path}" \
-        in first
+    assert "settings   --n-sft 1024 --chunk-size 128 --n-eval 64 --sft-steps 150 --iterations 2, the rest at" in first
+    assert f"saved in {tmp_path}" in first
     assert str(tmp_path / "results.json") in last
     command = next(line for line in last.splitlines() if "python sample.py" in line)
     argv = shlex.split(command.split("python sample.py")[1])
@@ -76,6 +77,20 @@ def test_help_tells_each_default_once(capsys):
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "(default: None)" not in out and "(default: )" not in out and not re.search(r"\(default[^)]*\) \(default", out)
     assert "(default: 2.0)" in out and "(default: per preset)" in out  # --beta's, and --sft-steps' own
+
+
+def test_first_screen_settings_and_last_screen_prompt():
+    """Only settings that differ from their defaults are named (a preset's own default is a
+    default); the prompt sample.py is shown is the user's text, as its --prompt takes it."""
+    cfg = inputs.resolve(train.parse_args(["--model", "tiny", "--n-sft", "4096", "--alpha", "0", "--compile"]))
+    assert inputs.changed_settings(cfg) == "--model tiny --alpha 0.0 --compile"  # 4096: tiny's n_sft anyway
+    assert inputs.changed_settings(cfg, leave_out=("model",)) == "--alpha 0.0 --compile"
+    plain = lambda prompt, template="{prompt}", **kw: data.TrainingData(  # noqa: E731
+        [], [[]], [{"prompt": prompt, "reference": None}], None, prompt_template=template, **kw)
+    assert inputs.example_prompt(plain("sort: dcba\n", "sort: {prompt}\n")) == "dcba"
+    assert inputs.example_prompt(plain("two words")) == "'two words'"
+    for unwieldy in (plain("x" * 200), plain("a\nb"), plain("<|user|>hi", conversational=True)):
+        assert inputs.example_prompt(unwieldy) == "'your prompt'"
 
 
 def test_seeds_are_the_ones_runs_were_made_with():
