@@ -116,9 +116,8 @@ def parse_args(argv=None):
 # ---- seeds ------------------------------------------------------------------------------------
 
 def seed_for(seed, purpose, stage=0, k=0):
-    """The seed of one kind of random draw, from --seed, by its purpose and the stage's number
-    (sft 0, dpo 1, selm_t t + 1); k numbers repeated draws. Each stage's draws depend on
-    nothing before it: a resumed run draws what an uninterrupted one draws."""
+    """The seed of one kind of random draw, from --seed, by its purpose and the stage's number (sft 0,
+    dpo 1, selm_t t + 1); k numbers repeated draws. A resumed run draws what an uninterrupted one draws."""
     return {"init": seed,                               # the fresh model's weights
             "sft_batches": seed,                        # the demonstrations of each SFT step
             "stage": seed * 1000 + stage,               # torch's global RNG in the stage (dropout)
@@ -211,8 +210,7 @@ def preference_epoch(rt, cfg, tok, stage, policy, examples, ref_logps, lr, alpha
                         pol_w, pol_l, ref_w, ref_l, torch.stack(pol_y).mean(0), torch.stack(ref_y).mean(0),
                         beta=cfg.beta, alpha=alpha, loss_type=cfg.loss_type, return_optimism=True)
                 else:  # offline DPO: no reference response, no optimism term
-                    losses, chosen_r, rejected_r = dpo_loss(pol_w, pol_l, ref_w, ref_l, beta=cfg.beta,
-                                                            loss_type=cfg.loss_type)
+                    losses, chosen_r, rejected_r = dpo_loss(pol_w, pol_l, ref_w, ref_l, beta=cfg.beta, loss_type=cfg.loss_type)
                     optimism = torch.zeros_like(chosen_r)
                 # a sum over examples / the global batch size: the gradient is the batch mean
                 # whatever the micro-batch size, and DDP's average over ranks is undone by W
