@@ -171,7 +171,7 @@ def first_screen(cfg, tok, task_data, model, rt):
         f"{len(task_data.chunks[0])} preference pairs, {len(task_data.eval)} evaluation prompts",
         f"stages     {' -> '.join(stages)}",
         f"           each evaluated and saved in {cfg.out_dir}",
-        f"settings   {changed + ', the rest' if changed else 'all'} at their defaults (python train.py --help)"])
+        f"settings   {changed + ', the rest' if changed else 'the rest'} at their defaults (python train.py --help)"])
 
 
 def changed_settings(cfg, leave_out=()):
