@@ -5,8 +5,7 @@ data.py -- user data and batches: JSON Lines records, judges, padded tensors.
      judges ("module:function", or "rm:DIR": a reward model, reward.py);
   2. batching: right-padded tensors with prompt/response masks;
   3. `python data.py fit MODEL_DIR BLOCK_SIZE in.jsonl`: the records of a file that fit a context.
-Tokenizers live in tokenizer.py and the built-in sorting task in sorting.py; `get_tokenizer` is
-re-exported here so that everything about turning text into batches has one front door.
+Tokenizers live in tokenizer.py and the built-in sorting task in sorting.py.
 
 This file imports nothing from the model code.
 """
@@ -18,11 +17,11 @@ import math
 import os
 import random
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 import chat
-from tokenizer import Tokenizer, get_tokenizer  # noqa: F401  (re-exported)
 
 
 class DataError(ValueError):
@@ -319,19 +318,30 @@ def collate(sequences, pad_id):
             "response_mask": response_mask}
 
 
-def collate_preferences(prompt_ids_list, *response_groups, pad_id):
-    """One batch for one forward pass over every response of B preference examples.
+class Example(NamedTuple):
+    """One preference example in token ids: the prompt, the chosen and the rejected response,
+    and pi_ref's own answers y_refs that SELM's optimism term averages over (none for DPO)."""
+    prompt: list
+    chosen: list
+    rejected: list
+    y_refs: tuple = ()
 
-    response_groups: lists aligned with the prompts, e.g. chosen, rejected, then SELM's
-    reference answers y_ref (one list per answer when there are several). Row order: group
-    after group, so rows 0..B-1 are (prompt_i, chosen_i), rows B..2B-1 (prompt_i,
-    rejected_i), and so on; per-row results split with `.view(len(groups), B)`. All padded
-    to one T.
-    """
-    B = len(prompt_ids_list)
-    if any(len(g) != B for g in response_groups):
-        raise ValueError(f"collate_preferences: lists of lengths {[B] + [len(g) for g in response_groups]}")
-    return collate([(p, r) for g in response_groups for p, r in zip(prompt_ids_list, g)], pad_id)
+    def responses(self):
+        return (self.chosen, self.rejected, *self.y_refs)
+
+
+def preference_rows(examples):
+    """The (prompt, response) rows of B Examples, part after part: rows 0..B-1 are
+    (prompt_i, chosen_i), rows B..2B-1 (prompt_i, rejected_i), then each y_ref in turn. The
+    log-probs of the rows come back apart with selm.split_logps(logps, 2 + len(y_refs))."""
+    parts = zip(*(ex.responses() for ex in examples), strict=True)  # every example has as many y_refs
+    return [(ex.prompt, r) for part in parts for ex, r in zip(examples, part)]
+
+
+def collate_preferences(examples, pad_id):
+    """One batch for one forward pass over every response of B Examples, padded to one T, in
+    the order of preference_rows."""
+    return collate(preference_rows(examples), pad_id)
 
 
 def batches(n, batch_size, seed=0, shuffle=True, drop_last=False):
@@ -384,6 +394,7 @@ def main(argv=None):
     ap.add_argument("block_size", type=int, help="the run's --block-size")
     ap.add_argument("path", help="a JSON Lines file: preferences, SFT demonstrations or evaluation prompts")
     args = ap.parse_args(argv)
+    from tokenizer import get_tokenizer
     try:
         tok = get_tokenizer(args.model_dir, verbose=False)
         template, kept = chat.load_template(tok), 0

@@ -58,7 +58,7 @@ def load_run(d):
     cfg = train.Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(train.Config)}})
     cfg = dataclasses.replace(inputs.resolve(cfg), device="cpu", dtype="float32", compile=False, fsdp=False)
     rt = setup(cfg.device, cfg.dtype, d)  # writes nothing: the analysis keeps no metrics log
-    tok = inputs.get_tokenizer(cfg, verbose=False)
+    tok = inputs.tokenizer_for(cfg)
     return RunData(rt, cfg, tok, inputs.load_data(cfg, chat.load_template(tok), rt.device), stages)
 
 
@@ -108,8 +108,8 @@ def trained_pairs(run, ref, c, n):
     chosen_ids, rejected_ids = [tok.encode_response(x) for x in chosen], [tok.encode_response(x) for x in rejected]
     if c == 0:
         return Pairs(prompt_ids, list(zip(chosen_ids, rejected_ids)), [[] for _ in chunk])
-    seed = cfg.seed * 1000 + c  # selm_iteration's seed of iteration t = c
-    answers = [a[:cfg.online_samples] for a in train.reference_answers(run.rt, cfg, tok, ref, block_ids, seed)[:n]]
+    # iteration t = c is stage number c + 1: the same draws as selm_iteration's
+    answers = [a[:cfg.online_samples] for a in train.reference_answers(run.rt, cfg, tok, ref, block_ids, c + 1)[:n]]
     scores = judge(run, prompts, [candidates_of(w, [text(run, y) for y in ys], l, cfg.tie_order)
                                   for w, ys, l in zip(chosen, answers, rejected)])
     return Pairs(prompt_ids, pairs_from_scores(scores, chosen_ids, rejected_ids, answers, order=cfg.tie_order), answers)
