@@ -20,7 +20,7 @@ The judge finds the request and the constraints by searching the text, so it rea
 prompt and the rendered one alike.
 
 `python instructions.py` prints a few prompts and the shape of the default task.
-This file imports nothing from the model code.
+This file imports nothing from the model code: only data.py and chat.py.
 """
 
 import hashlib
@@ -33,6 +33,9 @@ import zlib
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import chat
+from data import DataError, TrainingData, read_jsonl, write_jsonl_atomic
+
 # -----------------------------------------------------------------------------
 # 1. The requests: kinds of writing and topics
 
@@ -40,21 +43,22 @@ KINDS = ("a short poem", "a short story", "a letter to a friend", "a blog post",
          "a product description", "a short speech", "a news report", "a fable", "an advertisement",
          "a short essay", "a song")
 # "topic|more words": the topic as the prompt names it, then words that also count as mentioning it
-TOPICS = ("the ocean|sea seas waves", "a lighthouse", "coffee|cafe", "the moon|lunar", "a rainy day|rain",
-          "an old library|libraries books", "mountains|peaks", "a city at night|cities", "the first snow|snowfall",
-          "a lost cat|cats kitten", "a garden|gardens flowers", "friendship|friend friends", "a train journey|railway",
-          "the desert|sand dunes", "a thunderstorm|storm thunder lightning", "autumn leaves|fall", "a small bakery|bread",
-          "bicycles|bike bikes cycling", "the stars|star", "a birthday party|birthday", "a forest|trees woods",
+TOPICS = ("the ocean|sea seas waves", "a lighthouse|lighthouses", "coffee|cafe espresso", "the moon|lunar moonlight",
+          "a rainy day|rain raining", "an old library|libraries books", "mountains|peaks", "a city at night|cities",
+          "the first snow|snowy snowfall snowflakes", "a lost cat|cats kitten", "a garden|gardens flowers",
+          "friendship|friend friends", "a train journey|trains railway", "the desert|deserts sand dunes",
+          "a thunderstorm|storm thunder lightning", "autumn leaves|leaf fall", "a small bakery|bakeries bread baker",
+          "bicycles|bike bikes cycling", "the stars|star starry", "a birthday party|birthdays", "a forest|trees woods",
           "a robot|robots", "honey bees|bee", "the river|rivers", "an old clock|clocks", "volcanoes|volcano lava",
           "a school trip|school", "a kite|kites", "summer holidays|holiday vacation", "a music festival|concert",
-          "a chess game|chess", "a mountain village|villages", "the wind|winds breeze", "a snowman|snowmen snow",
+          "a chess game|chess", "a mountain village|villages", "the wind|winds windy breeze", "a snowman|snowmen snow",
           "a farmers market|farmer vegetables", "a penguin|penguins", "the sunrise|sun dawn", "a treehouse|treehouses",
-          "an island|islands", "a dragon|dragons", "a spaceship|spaceships space rocket", "a fishing boat|boats",
-          "the city park|parks", "a grandmother's kitchen|grandma grandmother", "a piano|pianos", "green tea|tea",
-          "a firefly|fireflies", "an elephant|elephants", "a winter morning|winter", "a bridge|bridges",
-          "the northern lights|aurora", "a camping trip|camp tent", "a museum|museums", "a new puppy|dog dogs puppies",
-          "the beach|beaches shore", "a castle|castles", "a butterfly|butterflies", "homemade soup|soup",
-          "an old map|maps", "a hot air balloon|balloons")
+          "an island|islands", "a dragon|dragons", "a spaceship|spaceships space rocket",
+          "a fishing boat|boats fish fishermen fisherman", "the city park|parks", "a grandmother's kitchen|grandma",
+          "a piano|pianos pianist", "green tea|tea", "a firefly|fireflies", "an elephant|elephants",
+          "a winter morning|winter", "a bridge|bridges", "the northern lights|aurora", "a camping trip|camp tent",
+          "a museum|museums", "a new puppy|puppies dog dogs", "the beach|beaches shore", "a castle|castles",
+          "a butterfly|butterflies", "homemade soup|soup", "an old map|maps", "a hot air balloon|balloons")
 STOPWORDS = {"a", "an", "the", "of", "on", "at", "in", "to", "and", "old", "new", "small", "first", "lost",
              "homemade", "hot", "air"}
 KEYWORDS = ("light", "quiet", "morning", "gold", "home", "journey", "silver", "dream", "warm", "together",
@@ -110,18 +114,22 @@ def capitals(answer):
 
 
 def at_least_words(answer, n):
+    """At least n words, as `words` counts them."""
     return len(words(answer)) >= n
 
 
 def at_most_words(answer, n):
+    """At most n words, as `words` counts them."""
     return len(words(answer)) <= n
 
 
 def at_least_sentences(answer, n):
+    """At least n sentences, as `sentences` counts them."""
     return len(sentences(answer)) >= n
 
 
 def at_most_sentences(answer, n):
+    """At most n sentences, as `sentences` counts them."""
     return len(sentences(answer)) <= n
 
 
@@ -172,8 +180,8 @@ def no_commas(answer):
 
 
 def quotes(answer):
-    """The answer, surrounding whitespace ignored, starts and ends with a double quotation mark
-    (straight '"', or the curly pair “ ”), two distinct characters at least."""
+    """The answer, surrounding whitespace ignored, starts and ends with a double quotation mark:
+    straight '"' at both ends, or the curly pair “ ”; a lone '"' is not wrapped."""
     s = answer.strip()
     return len(s) >= 2 and (s[0], s[-1]) in (('"', '"'), ("“", "”"))
 
@@ -189,12 +197,12 @@ def json_answer(answer):
         return False
 
 
-class Kind(NamedTuple):
-    """A type of constraint: the sentence that asks for it ({0}, {1}: its arguments, each one
-    word, number or quoted phrase), its checker, and draw(rng) -> its arguments."""
+class Rule(NamedTuple):
+    """A type of constraint: the sentence that asks for it ({0}, {1}: its arguments, each a
+    word, a number or a quoted phrase), its checker, and draw(rng) -> its arguments."""
     sentence: str
     check: object
-    draw: object
+    draw: object = lambda rng: ()  # no arguments
 
 
 def pick(*options):
@@ -204,28 +212,26 @@ def pick(*options):
 # The numbers are sized for answers of about 64 new tokens (some 50 words, often cut there):
 # SmolLM2-135M-Instruct meets some of each, not all.
 CONSTRAINTS = {
-    "lowercase": Kind("Your entire answer must be in lowercase letters, with no capital letters at all.",
-                      lowercase, lambda rng: ()),
-    "capitals": Kind("Your entire answer must be in capital letters only.", capitals, lambda rng: ()),
-    "at_least_words": Kind("Answer in at least {0} words.", at_least_words, pick(20, 30, 40)),
-    "at_most_words": Kind("Answer in at most {0} words.", at_most_words, pick(20, 30, 40)),
-    "at_least_sentences": Kind("Write at least {0} sentences.", at_least_sentences, pick(2, 3)),
-    "at_most_sentences": Kind("Use no more than {0} sentences.", at_most_sentences, pick(2, 3)),
-    "keywords": Kind('Include the words "{0}" and "{1}" in your answer.', keywords,
+    "lowercase": Rule("Your entire answer must be in lowercase letters, with no capital letters at all.", lowercase),
+    "capitals": Rule("Your entire answer must be in capital letters only.", capitals),
+    "at_least_words": Rule("Answer in at least {0} words.", at_least_words, pick(20, 30, 40)),
+    "at_most_words": Rule("Answer in at most {0} words.", at_most_words, pick(20, 30, 40)),
+    "at_least_sentences": Rule("Write at least {0} sentences.", at_least_sentences, pick(2, 3)),
+    "at_most_sentences": Rule("Use no more than {0} sentences.", at_most_sentences, pick(2, 3)),
+    "keywords": Rule('Include the words "{0}" and "{1}" in your answer.', keywords,
                      lambda rng: tuple(rng.sample(KEYWORDS, 2))),
-    "forbidden": Kind('Do not use the word "{0}" anywhere in your answer.', forbidden, pick(*FORBIDDEN)),
-    "ends_with": Kind('End your answer with the exact phrase "{0}", with nothing after it.', ends_with,
+    "forbidden": Rule('Do not use the word "{0}" anywhere in your answer.', forbidden, pick(*FORBIDDEN)),
+    "ends_with": Rule('End your answer with the exact phrase "{0}", with nothing after it.', ends_with,
                       pick(*ENDINGS)),
-    "starts_with": Kind('Begin your answer with the word "{0}".', starts_with, pick(*OPENERS)),
-    "bullets": Kind('Format your answer as exactly {0} bullet points, each on its own line starting with "* ".',
+    "starts_with": Rule('Begin your answer with the word "{0}".', starts_with, pick(*OPENERS)),
+    "bullets": Rule('Format your answer as exactly {0} bullet points, each on its own line starting with "* ".',
                     bullets, pick(2, 3)),
-    "paragraphs": Kind("Write exactly {0} paragraphs, separated from each other by the markdown divider ***.",
+    "paragraphs": Rule("Write exactly {0} paragraphs, separated from each other by the markdown divider ***.",
                        paragraphs, pick(2, 3)),
-    "title": Kind("Give your answer a title wrapped in double angular brackets, such as <<a title>>.", title,
-                  lambda rng: ()),
-    "no_commas": Kind("Do not use any commas in your answer.", no_commas, lambda rng: ()),
-    "quotes": Kind("Wrap your entire answer in double quotation marks.", quotes, lambda rng: ()),
-    "json": Kind("Format your entire answer as valid JSON.", json_answer, lambda rng: ()),
+    "title": Rule("Give your answer a title wrapped in double angular brackets, such as <<a title>>.", title),
+    "no_commas": Rule("Do not use any commas in your answer.", no_commas),
+    "quotes": Rule("Wrap your entire answer in double quotation marks.", quotes),
+    "json": Rule("Format your entire answer as valid JSON.", json_answer),
 }
 # Pairs that contradict each other, or make each other ambiguous; a prompt holds neither pair.
 CONFLICTS = {frozenset(p.split()) for p in (
@@ -267,7 +273,7 @@ def _pattern(sentence):
     return re.compile(r"(\d+|[^\n\"]+?)".join(re.escape(p) for p in parts))
 
 
-PATTERNS = {name: _pattern(k.sentence) for name, k in CONSTRAINTS.items()}
+PATTERNS = {name: _pattern(t.sentence) for name, t in CONSTRAINTS.items()}
 REQUEST = re.compile(rf"Write ({'|'.join(map(re.escape, KINDS))}) about ([^.\n]+)\.")
 
 
@@ -286,21 +292,27 @@ def parse_prompt(prompt):
 # -----------------------------------------------------------------------------
 # 5. The judge
 
+def mentions(word, topic_word):
+    """Whether a word (lowercase) mentions a topic word: a word of 5 letters or more is
+    mentioned by any word starting with its first max(len - 2, 5) letters ("oceans" and
+    "oceanic" mention "ocean", "forests" mentions "forest", "forever" does not); a shorter one
+    only by itself with a plural "s" or "es" ("bees" mentions "bee", "been" does not)."""
+    if len(topic_word) < 5:
+        return word in (topic_word, topic_word + "s", topic_word + "es")
+    return word.startswith(topic_word[:max(len(topic_word) - 2, 5)])
+
+
 def degenerate(request, answer):
     """Why an answer scores 0 whatever it meets, or None. An answer is degenerate when
       empty:      it has no word;
-      off topic:  none of its words mentions the topic: a topic word w (topic_words) is
-                  mentioned by any word starting with w's first max(len(w) - 2, 5) letters
-                  (all of w if shorter), in any case: "oceans" and "oceanic" mention "ocean",
-                  "forests" mentions "forest", "forever" does not;
+      off topic:  none of its words mentions a word of the topic (topic_words, `mentions`);
       repetitive: one word is more than half of its words (4 words or more), or more than half
                   of its 4-word sequences repeat an earlier one (a loop such as a sentence said
                   twice or more), both in lowercase."""
     ws = [w.lower() for w in words(answer)]
     if not ws:
         return "empty"
-    stems = [t[:max(len(t) - 2, 5)] for t in topic_words(request.topic)]
-    if not any(w.startswith(s) for w in ws for s in stems):
+    if not any(mentions(w, t) for w in ws for t in topic_words(request.topic)):
         return "off topic"
     grams = list(zip(ws, ws[1:], ws[2:], ws[3:]))
     top = max(ws.count(w) for w in set(ws))
@@ -357,11 +369,9 @@ def combinations(size):
 
 @dataclass
 class Task:
-    """The built-in prompts (plain user turns).
-    chunks: n_chunks lists of prompts: chunk 0 for offline DPO, chunk t for SELM iteration t;
-            unique across chunks, their topics and combinations never held out
-    eval:   held-out prompts: their topics and their combinations of constraint types are
-            never in a chunk
+    """The built-in prompts, plain user turns, unique.
+    chunks: n_chunks lists of prompts: chunk 0 for offline DPO, chunk t for SELM iteration t
+    eval:   held-out prompts: no chunk holds their topics or their combinations of constraint types
     config: the arguments that made it."""
     chunks: list
     eval: list
@@ -428,7 +438,6 @@ def cached_pairs(out_dir, chunks, sample, k=4, seed=0, settings=None):
     prompts and `settings` (whatever else shapes the answers: the model, max_new_tokens,
     temperature; JSON values). Otherwise the pairs are built again and the file replaced,
     atomically. Chunk i is sampled with seed + i."""
-    from data import DataError, read_jsonl, write_jsonl_atomic  # data.py pulls in torch; the rest of this file does not
     digest = hashlib.sha256(json.dumps(chunks).encode()).hexdigest()[:16]
     header = {"settings": json.loads(json.dumps({"k": k, "seed": seed, "prompts": digest, **(settings or {})}))}
     path = os.path.join(out_dir, PAIRS_FILE)
@@ -453,11 +462,9 @@ def training_data(pair_chunks, eval_prompts, template):
     """The run's data.TrainingData: the pairs and the held-out prompts rendered as one user
     turn with the model's chat template (a chat.ChatTemplate), judged by `judge`. builtin=True:
     the pipeline's "perfect" share (score 1.0) is then the prompt-level strict accuracy."""
-    import chat
-    import data
     chunks = [[chat.preference_pair(e, template) for e in c] for c in pair_chunks]
     evals = [chat.evaluation_prompt({"prompt": p}, template) for p in eval_prompts]
-    return data.TrainingData([], chunks, evals, judge, builtin=True, conversational=True)
+    return TrainingData([], chunks, evals, judge, builtin=True, conversational=True)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,10 @@ def test_off_topic_answers_are_degenerate():
     assert I.degenerate(forest, "Forests grow.") is None and I.degenerate(forest, "Trees grow.") is None
     assert I.degenerate(forest, "I will love you forever.") == "off topic"  # 'forest' needs its first 5 letters
     assert I.degenerate(req("a city at night"), "Cities sleep.") is None  # listed after the topic's "|"
+    bees = req("honey bees")
+    assert I.degenerate(bees, "A bee hums.") is None and I.degenerate(bees, "Honeys drip.") is None
+    assert I.degenerate(bees, "It has been long.") == "off topic"  # a word under 5 letters: itself or a plural
+    assert I.degenerate(req("green tea"), "My teacher sings.") == "off topic"
     assert I.degenerate(req("an old library"), "An old room.") == "off topic"  # stopwords do not count
     assert I.topic_words("purple umbrellas") == ["purple", "umbrellas"]  # a topic not in TOPICS
 
