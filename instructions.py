@@ -308,7 +308,8 @@ def degenerate(request, answer):
       off topic:  none of its words mentions a word of the topic (topic_words, `mentions`);
       repetitive: one word is more than half of its words (4 words or more), or more than half
                   of its 4-word sequences repeat an earlier one (a loop such as a sentence said
-                  twice or more), both in lowercase."""
+                  three times), both in lowercase; or more than half of its non-blank lines
+                  repeat an earlier line (surrounding whitespace ignored), e.g. a divider looping."""
     ws = [w.lower() for w in words(answer)]
     if not ws:
         return "empty"
@@ -316,7 +317,9 @@ def degenerate(request, answer):
         return "off topic"
     grams = list(zip(ws, ws[1:], ws[2:], ws[3:]))
     top = max(ws.count(w) for w in set(ws))
-    if (len(ws) >= 4 and top > len(ws) / 2) or len(grams) - len(set(grams)) > len(grams) / 2:
+    lines = [line.strip() for line in answer.splitlines() if line.strip()]
+    if ((len(ws) >= 4 and top > len(ws) / 2) or len(grams) - len(set(grams)) > len(grams) / 2
+            or len(lines) - len(set(lines)) > len(lines) / 2):
         return "repetitive"
     return None
 

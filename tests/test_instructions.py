@@ -122,6 +122,8 @@ def test_repetitive_answers_are_degenerate():
                "Sailors listen from the shore and dream of distant lands far away from home.")
     assert I.degenerate(r, refrain) is None
     assert I.degenerate(r, "ocean ocean sea") is None  # under 4 words: the share rule does not apply
+    assert I.degenerate(r, "<<The Ocean>>\n\n**The Ocean**\n" + "****\n\n" * 5) == "repetitive"  # 4 of 7 lines repeat
+    assert I.degenerate(r, "<<The Ocean>>\n****\nThe sea.\n****\nWaves.") is None  # 1 of 5 lines repeats
 
 
 # ---------------------------------------------------------------- prompts and the judge
