@@ -1,25 +1,21 @@
 """
 instructions.py -- the built-in task for a chat model: follow instructions that can be checked.
 
-It plays the paper's setup with a real chat model (given by --init-from):
-  - UltraFeedback: prompts in chunks, one per stage, and offline (chosen, rejected) pairs that
-    the starting model writes itself: k answers per prompt at temperature 1, judged, the best
-    kept as chosen and the worst as rejected (build_pairs, cached in the run's directory);
-  - PairRM, the judge: `judge(prompt, candidates)` scores each answer by the share of the
-    prompt's constraints it meets, read back from the prompt text, so it needs no hidden state;
+It plays the paper's setup with a real chat model (--init-from):
+  - UltraFeedback: prompts in chunks, one per stage, and offline pairs the starting model writes
+    itself: k answers per prompt at temperature 1, judged, best chosen and worst rejected;
+  - PairRM: `judge(prompt, candidates)` scores an answer by the share of the prompt's constraints
+    it meets, read back from the prompt text, so it needs no hidden state;
   - AlpacaEval: held-out prompts whose topics AND constraint combinations training never sees,
-    scored with IFEval's two headline figures (Zhou et al. 2023): prompt-level strict accuracy
+    scored with IFEval's headline figures (Zhou et al. 2023): prompt-level strict accuracy
     (every constraint met) and instruction-level accuracy (constraints met / constraints).
 
 A prompt is a request plus 1-3 constraints, one sentence each, as plain text:
     Write a short poem about the ocean. Your entire answer must be in lowercase letters, with
     no capital letters at all. Answer in at most 30 words.
-It is the user's turn of a conversation: a run renders it with the model's chat template as one
-user turn (training_data below, through chat.py), as it renders a conversational prompts file.
-The judge finds the request and the constraints by searching the text, so it reads the plain
-prompt and the rendered one alike.
-
-`python instructions.py` prints a few prompts and the shape of the default task.
+A run renders it with the model's chat template as one user turn (training_data, through
+chat.py), as it renders a file of conversations; the judge reads the plain and the rendered
+prompt alike. `python instructions.py` prints a few prompts and the shape of the default task.
 This file imports nothing from the model code: only data.py and chat.py.
 """
 
@@ -30,6 +26,7 @@ import os
 import random
 import re
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -316,7 +313,7 @@ def degenerate(request, answer):
     if not any(mentions(w, t) for w in ws for t in topic_words(request.topic)):
         return "off topic"
     grams = list(zip(ws, ws[1:], ws[2:], ws[3:]))
-    top = max(ws.count(w) for w in set(ws))
+    top = Counter(ws).most_common(1)[0][1]
     lines = [line.strip() for line in answer.splitlines() if line.strip()]
     if ((len(ws) >= 4 and top > len(ws) / 2) or len(grams) - len(set(grams)) > len(grams) / 2
             or len(lines) - len(set(lines)) > len(lines) / 2):
@@ -415,8 +412,9 @@ def make_task(seed=0, n_prompts_per_chunk=256, n_chunks=4, n_eval=128, max_const
 
 def build_pairs(prompts, sample, k=4, seed=0):
     """UltraFeedback's recipe on this task: sample(prompts, k, seed) -> k answers per prompt
-    (the starting model at temperature 1), each judged; the best answer becomes chosen and the
-    worst rejected (the first of equals). A prompt whose answers all tie is dropped.
+    (the starting model at temperature 1; the prompts are plain user turns, which the sampler
+    renders as the run renders them), each judged; the best answer becomes chosen and the worst
+    rejected (the first of equals). A prompt whose answers all tie is dropped.
     Returns ([{"prompt", "chosen", "rejected", "chosen_score", "rejected_score"}], dropped)."""
     answers = sample(prompts, k, seed)
     if len(answers) != len(prompts) or any(len(a) != k for a in answers):
@@ -431,7 +429,7 @@ def build_pairs(prompts, sample, k=4, seed=0):
     return pairs, len(prompts) - len(pairs)
 
 
-PAIRS_FILE = "instruction_pairs.jsonl"
+PAIRS_FILE, PAIR = "instruction_pairs.jsonl", ("prompt", "chosen", "rejected")
 
 
 def cached_pairs(out_dir, chunks, sample, k=4, seed=0, settings=None):
@@ -448,17 +446,13 @@ def cached_pairs(out_dir, chunks, sample, k=4, seed=0, settings=None):
         rows = [rec for _, rec in read_jsonl(path)]
         if rows[0].get("settings") == header["settings"]:
             try:
-                return [[pair(r) for r in rows[1:] if r["chunk"] == i] for i in range(len(chunks))]
+                return [[{f: r[f] for f in PAIR} for r in rows[1:] if r["chunk"] == i] for i in range(len(chunks))]
             except (KeyError, TypeError):
                 raise DataError(f"{path}: not a pairs file of this task; delete it to build the pairs again") from None
     built = [build_pairs(c, sample, k, seed + i) for i, c in enumerate(chunks)]
     header["dropped"] = [d for _, d in built]  # prompts whose answers all tied, per chunk
     write_jsonl_atomic(path, [header] + [{"chunk": i, **e} for i, (ps, _) in enumerate(built) for e in ps])
-    return [[pair(e) for e in ps] for ps, _ in built]
-
-
-def pair(rec):
-    return {f: rec[f] for f in ("prompt", "chosen", "rejected")}
+    return [[{f: e[f] for f in PAIR} for e in ps] for ps, _ in built]
 
 
 def training_data(pair_chunks, eval_prompts, template):

@@ -117,7 +117,7 @@ def test_repetitive_answers_are_degenerate():
     assert I.degenerate(r, "ocean, ocean, ocean and sea") == "repetitive"  # one word > half
     loop = "The ocean is a vast and quiet place. " * 3
     assert I.degenerate(r, loop) == "repetitive"
-    assert I.degenerate(r, "The ocean is a vast and quiet place. " * 2) is None  # said twice: 7 of 15 repeat
+    assert I.degenerate(r, "The ocean is a vast and quiet place. " * 2) is None  # said twice: 5 of 13 repeat
     refrain = ("The ocean sings at night. Its waves roll in and out. The ocean sings at night. "
                "Sailors listen from the shore and dream of distant lands far away from home.")
     assert I.degenerate(r, refrain) is None
