@@ -378,29 +378,38 @@ class Task:
     config: dict = field(default_factory=dict)
 
 
-def make_task(seed=0, n_prompts_per_chunk=256, n_chunks=4, n_eval=128, max_constraints=3):
+def make_task(seed=0, n_prompts_per_chunk=256, n_chunks=4, n_eval=128, max_constraints=3, types=None):
     """Build the prompts deterministically from `seed`: each has 1..max_constraints constraints
-    (uniform), a combination drawn uniformly among those of that size in its split, a topic and
-    a kind of writing uniformly, and the constraints' arguments. Chunks and eval draw from
-    their own streams, so n_eval leaves the chunks unchanged."""
+    (uniform over the sizes its split has), a combination drawn uniformly among those of that
+    size in its split, a topic and a kind of writing uniformly, and the constraints' arguments.
+    types: the constraint types to draw from (default: all of CONSTRAINTS). Chunks and eval
+    draw from their own streams, so n_eval leaves the chunks unchanged."""
     config = dict(locals())
-    if not 1 <= max_constraints <= 3:
-        raise ValueError(f"max_constraints must be 1, 2 or 3, got {max_constraints}")
+    types = set(CONSTRAINTS if types is None else types)
+    if not 1 <= max_constraints <= 3 or not types or types - set(CONSTRAINTS):
+        raise ValueError(f"max_constraints must be 1, 2 or 3 and types some of {sorted(CONSTRAINTS)}, "
+                         f"got {max_constraints} and {sorted(types)}")
     master = random.Random(seed)
     rng_train, rng_eval = (random.Random(master.getrandbits(64)) for _ in range(2))
 
     def draw(rng, want_eval, seen, n):
+        split = "held-out" if want_eval else "training"
         topics = [t.split("|")[0] for t in TOPICS if is_eval(t.split("|")[0]) == want_eval]
-        combos = {k: [c for c in combinations(k) if is_eval(combination_key(c)) == want_eval]
-                  for k in range(1, max_constraints + 1)}
-        out = []
+        by_size = [[c for c in combinations(k) if set(c) <= types and is_eval(combination_key(c)) == want_eval]
+                   for k in range(1, max_constraints + 1)]
+        by_size = [combos for combos in by_size if combos]
+        if not by_size:
+            raise ValueError(f"types {sorted(types)} make no {split} combination of constraints")
+        out, misses = [], 0
         while len(out) < n:
-            names = rng.choice(combos[rng.randint(1, max_constraints)])
+            names = rng.choice(by_size[rng.randrange(len(by_size))])
             cs = [Constraint(name, CONSTRAINTS[name].draw(rng)) for name in names]
             p = make_prompt(rng.choice(KINDS), rng.choice(topics), rng.sample(cs, len(cs)))
             if p not in seen:
                 seen.add(p)
                 out.append(p)
+            elif (misses := misses + 1) > 10_000:
+                raise ValueError(f"types {sorted(types)} give fewer than {n} distinct {split} prompts")
         return out
     seen = set()
     chunks = [draw(rng_train, False, seen, n_prompts_per_chunk) for _ in range(n_chunks)]

@@ -200,6 +200,19 @@ def test_task_is_deterministic(task):
         I.make_task(max_constraints=4)
 
 
+def test_task_from_some_constraint_types():
+    types = ["title", "no_commas", "keywords", "forbidden", "at_least_words"]
+    t = I.make_task(seed=2, n_prompts_per_chunk=50, n_chunks=2, n_eval=50, types=types)
+    used = {c.name for p in t.eval + t.chunks[0] + t.chunks[1] for c in I.parse_prompt(p).constraints}
+    assert used == set(types)
+    with pytest.raises(ValueError, match="types"):
+        I.make_task(types=["title", "bold"])
+    with pytest.raises(ValueError, match="fewer than 2000 distinct training prompts"):
+        I.make_task(n_prompts_per_chunk=2000, n_chunks=1, max_constraints=1, types=["title", "no_commas"])
+    with pytest.raises(ValueError, match="no held-out combination"):
+        I.make_task(max_constraints=1, types=["title", "no_commas"])
+
+
 # ---------------------------------------------------------------- offline pairs and their cache
 
 def fake_sampler(calls):
