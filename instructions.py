@@ -86,9 +86,9 @@ def words(text):
 
 
 def sentences(text):
-    """The sentences of a text: the pieces between a run of ".", "!" or "?" followed by
-    whitespace, and between lines (a bullet or a title is a sentence); a piece without a
-    word (e.g. "***") is none. "3.5" stays one word; "Mr. Smith" splits, as a plain rule must."""
+    """The pieces of a text between a run of ".", "!" or "?" followed by whitespace, and between
+    lines (a bullet or a title is a sentence), if they hold a word ("***" is none). "3.5" ends
+    no sentence; "Mr. Smith" does, as a plain rule must."""
     return [s for s in re.split(r"(?<=[.!?])\s+|\n+", text) if WORD.search(s)]
 
 
@@ -442,12 +442,11 @@ PAIRS_FILE, PAIR = "instruction_pairs.jsonl", ("prompt", "chosen", "rejected")
 
 
 def cached_pairs(out_dir, chunks, sample, k=4, seed=0, settings=None):
-    """The offline pairs of every chunk (a list of pair lists), built once by build_pairs and
-    kept in out_dir/PAIRS_FILE: a header line {"settings": ...}, then one pair per line with its
-    "chunk". A later call reuses the file when its settings match: k, seed, a digest of the
-    prompts and `settings` (whatever else shapes the answers: the model, max_new_tokens,
-    temperature; JSON values). Otherwise the pairs are built again and the file replaced,
-    atomically. Chunk i is sampled with seed + i."""
+    """The offline pairs of every chunk (a list of pair lists), built by build_pairs (chunk i
+    sampled with seed + i) and kept in out_dir/PAIRS_FILE: a header {"settings": ...}, then a
+    pair with its "chunk" per line. A later call reuses the file when the settings match: k, seed,
+    a digest of the prompts and `settings`, JSON values of whatever else shapes the answers (the
+    model, max_new_tokens, temperature); else the pairs are built again, the file replaced atomically."""
     digest = hashlib.sha256(json.dumps(chunks).encode()).hexdigest()[:16]
     header = {"settings": json.loads(json.dumps({"k": k, "seed": seed, "prompts": digest, **(settings or {})}))}
     path = os.path.join(out_dir, PAIRS_FILE)
