@@ -17,6 +17,7 @@ from dataclasses import asdict, fields
 
 import torch
 
+from data import atomic_write_path
 from model import GPT, GPTConfig
 
 
@@ -24,28 +25,6 @@ def atomic_write(path, write, binary=True):
     """Call write(file) on a temporary file in the same directory, fsync, then rename: a
     crash leaves either the old file or the new one, never half of one."""
     atomic_write_path(path, lambda tmp: _write_file(tmp, write, "wb" if binary else "w"))
-
-
-def atomic_write_path(path, save):
-    """atomic_write for writers that want a file name, not a file: save(temporary path)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); open() would not
-        save(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask():
-    mask = os.umask(0)  # reading the umask means setting it: set it straight back
-    os.umask(mask)
-    return mask
 
 
 def _write_file(path, write, mode):

@@ -1,11 +1,11 @@
 """
 data.py -- user data and batches: JSON Lines records, judges, padded tensors.
 
-  1. user data: JSON Lines files (plain strings, or conversations that chat.py renders) and
-     judges ("module:function", or "rm:DIR": a reward model, reward.py);
+  1. user data: JSON Lines files (plain strings, or conversations that chat.py renders), read and
+     written atomically, and judges ("module:function", or "rm:DIR": a reward model, reward.py);
   2. batching: right-padded tensors with prompt/response masks;
   3. `python data.py fit MODEL_DIR BLOCK_SIZE in.jsonl`: the records of a file that fit a context.
-Tokenizers live in tokenizer.py and the built-in sorting task in sorting.py.
+Tokenizers live in tokenizer.py, the built-in tasks in sorting.py and instructions.py.
 
 This file imports nothing from the model code.
 """
@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import tempfile
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -60,6 +61,37 @@ def read_jsonl(path):
     if not rows:
         raise DataError(f"{path}:1: empty file, no JSON records")
     return rows
+
+
+def atomic_write_path(path, save):
+    """Write a file so that a crash never leaves half of it: save(temporary path) in the same
+    directory, fsync, then a rename; readers see the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); open() would not
+        save(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _umask():
+    mask = os.umask(0)  # reading the umask means setting it: set it straight back
+    os.umask(mask)
+    return mask
+
+
+def write_jsonl_atomic(path, records):
+    """Records (JSON objects) as a JSON Lines file, one per line, UTF-8, written atomically."""
+    def save(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write_path(path, save)
 
 
 def check_strings(rec, fields):
