@@ -3,7 +3,7 @@ checkpoint.py -- what a run leaves on disk, written so that a crash never corrup
 
 Every file goes through `atomic_write`: a temporary file beside it, fsync, then a rename, so
 a reader sees the old file or the new one, never half of one, with the permissions the umask
-gives; a full disk is one line naming the file (WriteError). Checkpoints are
+gives; a full disk is one line naming the file (data.WriteError). Checkpoints are
 read with weights_only=True: a checkpoint file cannot run code.
 
 A run's directory holds one checkpoint per completed stage (sft.pt, dpo.pt, selm_1.pt, ...),
@@ -13,13 +13,13 @@ metrics.jsonl and results.json. The functions at the end find where a killed run
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import asdict, fields
 
 import torch
 
+from data import atomic_write_path
 from model import GPT, GPTConfig
 
 
@@ -27,60 +27,6 @@ def atomic_write(path, write, binary=True):
     """Call write(file) on a temporary file in the same directory, fsync, then rename: a
     crash leaves either the old file or the new one, never half of one."""
     atomic_write_path(path, lambda tmp: _write_file(tmp, write, "wb" if binary else "w"))
-
-
-def atomic_write_path(path, save):
-    """atomic_write for writers that want a file name, not a file: save(temporary path). The
-    temporary path lies in a private directory .tmp-*/ beside `path`, under the same name:
-    writers that go through temporary files of their own (safetensors) leave them in there,
-    and writers that pick a format by the extension (matplotlib) see the right one. A failed
-    write that the OS explains (a full disk, a quota, ...) is a WriteError naming `path`."""
-    tmp_dir = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    tmp = os.path.join(tmp_dir, os.path.basename(path))
-    try:
-        save(tmp)
-        # the file open() would have made under the umask: not mkstemp's private 0600, and not
-        # what a writer that renames its own temporary file over ours leaves
-        os.chmod(tmp, 0o666 & ~_umask())
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except Exception as e:
-        error = write_error(e, path)
-        if error is e:
-            raise
-        raise error from e
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
-class WriteError(OSError):
-    """A file could not be written; its message is one line: what the OS said, and the file."""
-
-    def __str__(self):
-        return self.strerror
-
-
-def write_error(e, path):
-    """`e` as a WriteError naming `path` when an errno explains it: the OSError itself, or one
-    that torch or safetensors turned into an error of their own (torch keeps it as the context
-    of its RuntimeError, safetensors names it as "os error N"); else `e` as it is."""
-    cause = e
-    while cause is not None and not isinstance(cause, WriteError):
-        code = cause.errno if isinstance(cause, OSError) else None
-        named = re.search(r"\(os error (\d+)\)", str(cause))
-        code = code or (int(named.group(1)) if named else None)
-        if code:
-            what = os.strerror(code)
-            return WriteError(code, f"{what[:1].lower()}{what[1:]} writing {path}")
-        cause = cause.__cause__ or cause.__context__
-    return e
-
-
-def _umask():
-    mask = os.umask(0)  # reading the umask means setting it: set it straight back
-    os.umask(mask)
-    return mask
 
 
 def _write_file(path, write, mode):

@@ -1,12 +1,11 @@
 """
 data.py -- user data and batches: JSON Lines records, judges, padded tensors.
 
-  1. user data: JSON Lines files (plain strings, or conversations that chat.py renders) and
-     judges ("module:function", or "rm:DIR": a reward model, reward.py);
+  1. user data: JSON Lines files (plain strings, or conversations that chat.py renders), read and
+     written atomically, and judges ("module:function", or "rm:DIR": a reward model, reward.py);
   2. batching: right-padded tensors with prompt/response masks;
   3. `python data.py fit MODEL_DIR BLOCK_SIZE in.jsonl`: the records of a file that fit a context.
-Tokenizers live in tokenizer.py and the built-in sorting task in sorting.py; `get_tokenizer` is
-re-exported here so that everything about turning text into batches has one front door.
+Tokenizers live in tokenizer.py, the built-in tasks in sorting.py and instructions.py.
 
 This file imports nothing from the model code.
 """
@@ -17,12 +16,15 @@ import json
 import math
 import os
 import random
+import re
+import shutil
+import tempfile
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 import chat
-from tokenizer import Tokenizer, get_tokenizer  # noqa: F401  (re-exported)
 
 
 class DataError(ValueError):
@@ -61,6 +63,64 @@ def read_jsonl(path):
     if not rows:
         raise DataError(f"{path}:1: empty file, no JSON records")
     return rows
+
+
+def atomic_write_path(path, save):
+    """Write a file so that a crash never leaves half of it: save(temporary path), fsync, then a
+    rename, so readers see the old file or the new one, with the mode the umask gives. The
+    temporary path is `path`'s name in a private .tmp-*/ beside it: a writer's own temporary
+    files (safetensors') stay in there, and a format read from the extension (matplotlib's) is
+    right. A failure the OS explains (a full disk, a quota) is a WriteError naming `path`."""
+    tmp_dir = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    tmp = os.path.join(tmp_dir, os.path.basename(path))
+    try:
+        save(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # after the writer: safetensors renames a private (0600) file over ours
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception as e:
+        error = write_error(e, path)
+        if error is None:
+            raise
+        raise error from e
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+class WriteError(OSError):
+    """A file could not be written; its message is one line: what the OS said, and the file."""
+
+    def __str__(self):
+        return self.strerror
+
+
+def write_error(e, path):
+    """A WriteError naming `path` when an errno explains `e`: its own, that of the OSError torch
+    keeps as its RuntimeError's context, or the one safetensors names ("os error N"); else None."""
+    cause = e
+    while cause is not None:
+        named = re.search(r"\(os error (\d+)\)", str(cause))
+        code = getattr(cause, "errno", None) or (named and int(named.group(1)))
+        if code:
+            what = os.strerror(code)
+            return WriteError(code, f"{what[:1].lower()}{what[1:]} writing {path}")
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _umask():
+    mask = os.umask(0)  # reading the umask means setting it: set it straight back
+    os.umask(mask)
+    return mask
+
+
+def write_jsonl_atomic(path, records):
+    """Records (JSON objects) as a JSON Lines file, one per line, UTF-8, written atomically."""
+    def save(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write_path(path, save)
 
 
 def check_strings(rec, fields):
@@ -334,19 +394,30 @@ def collate(sequences, pad_id):
             "response_mask": response_mask}
 
 
-def collate_preferences(prompt_ids_list, *response_groups, pad_id):
-    """One batch for one forward pass over every response of B preference examples.
+class Example(NamedTuple):
+    """One preference example in token ids: the prompt, the chosen and the rejected response,
+    and pi_ref's own answers y_refs that SELM's optimism term averages over (none for DPO)."""
+    prompt: list
+    chosen: list
+    rejected: list
+    y_refs: tuple = ()
 
-    response_groups: lists aligned with the prompts, e.g. chosen, rejected, then SELM's
-    reference answers y_ref (one list per answer when there are several). Row order: group
-    after group, so rows 0..B-1 are (prompt_i, chosen_i), rows B..2B-1 (prompt_i,
-    rejected_i), and so on; per-row results split with `.view(len(groups), B)`. All padded
-    to one T.
-    """
-    B = len(prompt_ids_list)
-    if any(len(g) != B for g in response_groups):
-        raise ValueError(f"collate_preferences: lists of lengths {[B] + [len(g) for g in response_groups]}")
-    return collate([(p, r) for g in response_groups for p, r in zip(prompt_ids_list, g)], pad_id)
+    def responses(self):
+        return (self.chosen, self.rejected, *self.y_refs)
+
+
+def preference_rows(examples):
+    """The (prompt, response) rows of B Examples, part after part: rows 0..B-1 are
+    (prompt_i, chosen_i), rows B..2B-1 (prompt_i, rejected_i), then each y_ref in turn. The
+    log-probs of the rows come back apart with selm.split_logps(logps, 2 + len(y_refs))."""
+    parts = zip(*(ex.responses() for ex in examples), strict=True)  # every example has as many y_refs
+    return [(ex.prompt, r) for part in parts for ex, r in zip(examples, part)]
+
+
+def collate_preferences(examples, pad_id):
+    """One batch for one forward pass over every response of B Examples, padded to one T, in
+    the order of preference_rows."""
+    return collate(preference_rows(examples), pad_id)
 
 
 def batches(n, batch_size, seed=0, shuffle=True, drop_last=False):
@@ -413,6 +484,7 @@ def check_args(args):
 def main(argv=None):
     import sys
     args = parser().parse_args(argv)
+    from tokenizer import get_tokenizer
     try:
         check_args(args)
         tok = get_tokenizer(args.model_dir, verbose=False)

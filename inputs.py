@@ -2,17 +2,19 @@
 inputs.py -- what a run starts from: its settings checked, its tokenizer, data and model.
 
   settings   the per-preset defaults filled in, impossible combinations refused;
-  tokenizer  GPT-2's BPE for GPT-2 weights, else whatever tokenizer.get_tokenizer finds;
+  tokenizer  the --bpe-path or --init-from directory's, else whatever tokenizer.get_tokenizer finds;
   data       the built-in sorting task (sorting.py), or the user's JSON Lines files and judge
              (conversations rendered with the tokenizer directory's chat template, chat.py);
   model      a fresh preset sized for the tokenizer, or a Hugging Face directory on disk
              (GPT-2, Llama, Mistral, Qwen2, Qwen3: hf.py).
 Each function takes the run's configuration (train.Config) and fails with one line that
-names the problem, before anything is trained.
+names the problem, before anything is trained. `first_screen` tells the user what was found.
 """
 
+import dataclasses
 import math
 import os
+import shlex
 
 import chat
 import data
@@ -22,12 +24,13 @@ from hf import check_stages, load_pretrained
 from model import GPT, PRESETS, preset
 from runtime import check_device
 from selm import LOSS_TYPES, check_hparams
+from tokenizer import get_tokenizer
 
 
 def tokenizer_and_data(cfg, rt):
     """The run's tokenizer and data: conversations are rendered with the chat template of the
     tokenizer's directory, and a reward-model judge runs on the training device."""
-    tok = get_tokenizer(cfg, verbose=rt.ranks.main)
+    tok = tokenizer_for(cfg)
     return tok, load_data(cfg, chat.load_template(tok), rt.device)
 
 
@@ -44,14 +47,15 @@ def load_data(cfg, template=None, device=None):
     return data.load_user_data(cfg.sft, cfg.prefs, cfg.prompts, cfg.judge, cfg.iterations + 1, template, device)
 
 
-def get_tokenizer(cfg, verbose=True):
-    """The tokenizer of --bpe-path or of the --init-from directory (its tokenizer.json, or
-    GPT-2's vocab/merges files); without either, whatever data.get_tokenizer finds."""
+def tokenizer_for(cfg):
+    """The run's tokenizer: that of --bpe-path or of the --init-from directory (its
+    tokenizer.json, or GPT-2's vocab/merges files); without either, whatever
+    tokenizer.get_tokenizer finds."""
     path = cfg.bpe_path
     if path is None and cfg.init_from and any(os.path.isfile(os.path.join(cfg.init_from, f))
                                               for f in ("tokenizer.json", "vocab.bpe", "merges.txt")):
         path = cfg.init_from
-    tok = data.get_tokenizer(path, verbose=verbose)
+    tok = get_tokenizer(path, verbose=False)  # the first screen names it
     if cfg.init_from and tok.name == "bytes":
         raise ValueError(f"--init-from {cfg.init_from} has no tokenizer files and none is on this machine: "
                          "put its tokenizer.json (or GPT-2's merges.txt and vocab.json) in that directory "
@@ -67,8 +71,6 @@ def build_model(cfg, tok, rt):
         model = GPT(preset(cfg.model, vocab_size=tok.vocab_size, dropout=cfg.dropout, block_size=cfg.block_size))
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer {tok.name} has {tok.vocab_size} ids, the model only {model.config.vocab_size}")
-    rt.say(f"model: {cfg.init_from or cfg.model}, {model.num_params() / 1e6:.2f}M parameters, device {rt.device}"
-           + (f", {rt.ranks.world} processes" if rt.ranks.world > 1 else ""))
     return model.to(rt.device)
 
 
@@ -215,3 +217,57 @@ def passes(spec, which):
     except (ValueError, AssertionError):
         raise ValueError(f"--{which}-passes must be lo,hi with 0 <= lo <= hi, got {spec!r}") from None
     return lo, hi
+
+
+# ---- what the user is told -----------------------------------------------------------------
+
+def first_screen(cfg, tok, task_data, model, rt):
+    """The opening lines of a run: the model, the data, the stages to come, and only the
+    settings that differ from their defaults."""
+    t, where = cfg.iterations, f"{cfg.init_from}'s weights" if cfg.init_from else "fresh weights"
+    dtype = str(rt.dtype).removeprefix("torch.") if rt.dtype else "float32"
+    if task_data.builtin:
+        source = f"the built-in task, sorting the letters of words of {cfg.min_len}-{cfg.max_len} letters (sorting.py)"
+    else:
+        source = ", ".join(f"--{k} {v}" for k, v in (("sft", cfg.sft), ("prefs", cfg.prefs), ("prompts", cfg.prompts)) if v)
+        source += f", judged by {data.judge_name(task_data.judge)}" + (
+            ", conversations in the model's chat template" if task_data.conversational else "")
+    stages = [f"sft ({cfg.sft_steps} steps of {cfg.sft_batch_size})" if task_data.sft else "sft (the weights as loaded)",
+              "dpo (chunk 0's pairs)"] + ([f"selm_1..selm_{t} (chunks 1..{t}, alpha {cfg.alpha}" +
+                                           ("" if cfg.alpha else ": iterative online DPO") + ")"] if t else [])
+    changed = changed_settings(cfg, leave_out=("model", "init_from", "sft", "prefs", "prompts", "judge", "out_dir"))
+    return "\n".join([
+        f"model      {cfg.init_from or cfg.model}: {model.num_params() / 1e6:.2f}M parameters, {where}, "
+        f"on {rt.device} ({dtype})" + (f", {rt.ranks.world} processes" if rt.ranks.world > 1 else ""),
+        f"tokenizer  {tok.name}, {tok.vocab_size} ids" + (f" ({tok.source})" if tok.source else ""),
+        f"data       {source}",
+        f"           {len(task_data.sft)} SFT demonstrations, {len(task_data.chunks)} chunks of "
+        f"{len(task_data.chunks[0])} preference pairs, {len(task_data.eval)} evaluation prompts",
+        f"stages     {' -> '.join(stages)}",
+        f"           each evaluated and saved in {cfg.out_dir}",
+        f"settings   {changed + ', the rest' if changed else 'the rest'} at their defaults (python train.py --help)"])
+
+
+def changed_settings(cfg, leave_out=()):
+    """The settings that differ from their defaults, as flags; a per-preset default (SCALE,
+    --max-new-tokens) counts as a default. cfg: resolved (check_config)."""
+    per_preset = ["max_new_tokens", *SCALE["default"]]
+    defaults = resolve(dataclasses.replace(cfg, **dict.fromkeys(per_preset)))
+    flags = []
+    for f in dataclasses.fields(cfg):
+        value, default = getattr(cfg, f.name), getattr(defaults, f.name) if f.name in per_preset else f.default
+        if value != default and f.name not in leave_out:
+            flag = "--" + f.name.replace("_", "-")
+            flags.append(flag if value is True else f"{flag} {shlex.quote(str(value))}")
+    return " ".join(flags)
+
+
+def example_prompt(task_data):
+    """A prompt to try a trained stage on, as sample.py's --prompt takes it (the user's text,
+    which the stored template wraps): the first evaluation prompt when it is short and plain."""
+    before, _, after = task_data.prompt_template.partition("{prompt}")
+    text = task_data.eval[0]["prompt"] if task_data.eval else ""
+    if task_data.conversational or not (text.startswith(before) and text.endswith(after)):
+        return "'your prompt'"
+    text = text[len(before):len(text) - len(after)]
+    return shlex.quote(text) if 0 < len(text) <= 60 and "\n" not in text else "'your prompt'"

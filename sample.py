@@ -146,7 +146,13 @@ def bucket(n, smallest=64):
 # StaticCache it runs on, kept for the next call (CUDA graphs replay on fixed addresses).
 # Weights are read at every call, never frozen: a training step's in-place update is seen.
 _COMPILED = weakref.WeakKeyDictionary()
-COMPILE_SECONDS = []  # ((batch, cache length), seconds) of each bucket's first step: compiling
+_COMPILE_SECONDS = weakref.WeakKeyDictionary()  # per model: seconds its buckets' first steps took
+
+
+def compile_seconds(model):
+    """Seconds spent so far compiling the decode steps of `model` (the first step of each new
+    bucket): time that whoever times sampling counts apart from it (runtime.Runtime.sample)."""
+    return _COMPILE_SECONDS.get(model, 0.0)
 
 
 def compiled_decode_step(model, batch_size, max_len, dtype, device):
@@ -196,7 +202,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
         so the global RNG is neither used nor disturbed, and the same seed gives the same samples.
     compile: decode with the step compiled (torch.compile; CUDA graphs on CUDA), once per
         bucket of batch size (a power of two) and cache length (see `bucket`); the first call
-        of a bucket compiles it (seconds; COMPILE_SECONDS), later calls reuse it. The same
+        of a bucket compiles it (seconds: compile_seconds), later calls reuse it. The same
         tokens as eager, and with the same seed the same samples.
     Returns (responses, finished): per row the new tokens only, cut after the first EOS
     (the EOS itself included), and whether that row emitted EOS.
@@ -263,7 +269,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
                 logits = step(model, tokens, cache)  # every slot of the bucket: a fixed shape
                 if first:  # compiling happens in a new bucket's first step: timed apart
                     _sync(device)
-                    COMPILE_SECONDS.append(((B, cache.max_len), time.perf_counter() - t0))
+                    _COMPILE_SECONDS[model] = compile_seconds(model) + time.perf_counter() - t0
                     first = False
             else:  # eager: attention reads the P + t + 1 slots written so far, not all
                 logits = step(model, tokens, cache, P + t + 1)

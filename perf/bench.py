@@ -50,7 +50,7 @@ from perf.sampling import SHAPES, bench_next_token, bench_sampling, profile_step
 from perf.measure import (RESULTS, _stderr_silenced, autocast, busy_warning, compare, header, machine,
                      peak_memory, random_model, report)
 from model import preset
-from runtime import check_device
+from runtime import check_device, check_or_exit
 from selm import selm_loss, sequence_logps, split_logps
 
 
@@ -223,10 +223,7 @@ def check_args(args):
 def main(argv=None):
     ap = parser()
     args = ap.parse_args(argv)
-    try:
-        check_args(args)
-    except ValueError as e:
-        ap.error(str(e))
+    check_or_exit(ap, check_args, args)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,7 +1,7 @@
 """
 memory.py -- how big can I go? Bytes per rank of a SELM training run, from a model config.
 
-    python -m perf.memory                       # the README's table: four models, 1 and 8 GPUs of 80 GB
+    python -m perf.memory                       # docs/speed.md's table: four models, 1 and 8 GPUs of 80 GB
     python -m perf.memory --seq 2048 --micro 2  # another shape of batch
 
 Per rank, while training (weights kept in fp32, computed under bf16 autocast, AdamW):
@@ -29,7 +29,7 @@ import math
 import torch
 
 from model import GPT, GPTConfig
-from runtime import check_device
+from runtime import check_device, check_or_exit
 
 GB = 1e9
 # The models people align, by their published configs (vocabulary, width, depth, heads, MLP).
@@ -158,10 +158,7 @@ def check_args(args):
 def main(argv=None):
     ap = parser()
     args = ap.parse_args(argv)
-    try:
-        check_args(args)
-    except ValueError as e:
-        ap.error(str(e))
+    check_or_exit(ap, check_args, args)
     if args.measure:
         config = GPTConfig(block_size=args.seq, **MODELS[args.measure])
         for ckpt in (False, True):

@@ -157,7 +157,8 @@ def sample_cli(tmp_path, monkeypatch):
 
 def data_cli(tmp_path, monkeypatch):
     import data
-    monkeypatch.setattr(data, "get_tokenizer", reached)
+    import tokenizer
+    monkeypatch.setattr(tokenizer, "get_tokenizer", reached)
     (tmp_path / "d.jsonl").write_text('{"prompt": "a"}\n')
     return data.main, ["fit", str(tmp_path), "64", str(tmp_path / "d.jsonl")]
 
@@ -175,29 +176,42 @@ def memory_cli(tmp_path, monkeypatch):
 
 
 def sweep_cli(tmp_path, monkeypatch):
-    from experiments import study, sweep
-    for module, fn in ((sweep, "make_grid"), (sweep, "analyse"), (study, "main")):
-        monkeypatch.setattr(module, fn, reached)
+    from experiments import sweep
+    monkeypatch.setattr(sweep, "make_grid", reached)
     return sweep.main, ["--quick", "--out", str(tmp_path / "out")]
+
+
+def study_cli(tmp_path, monkeypatch):
+    from experiments import study
+    monkeypatch.setattr(study, "run_study", reached)
+    return study.main, ["--quick", "--out", str(tmp_path / "out")]
+
+
+def analyse_cli(tmp_path, monkeypatch):
+    from experiments import analyse
+    monkeypatch.setattr(analyse, "analyse", reached)
+    return analyse.main, [str(tmp_path)]
 
 
 def parsers():
     import data
     import sample
-    from experiments import sweep
+    from experiments import analyse, study, sweep
     from perf import bench, memory
     return {"sample.py": sample.parser(), "data.py": data.parser(), "perf.bench": bench.parser(),
-            "perf.memory": memory.parser(), "experiments.sweep": sweep.parser()}
+            "perf.memory": memory.parser(), "experiments.sweep": sweep.parser(), "experiments.study": study.parser(),
+            "experiments.analyse": analyse.parser()}
 
 
 # (each command's parser, its runner: main with what comes after the checks stubbed out, and good arguments)
 COMMANDS = {"sample.py": sample_cli, "data.py": data_cli, "perf.bench": bench_cli, "perf.memory": memory_cli,
-            "experiments.sweep": sweep_cli}
+            "experiments.sweep": sweep_cli, "experiments.study": study_cli, "experiments.analyse": analyse_cli}
 FINE_OPTIONS = {
     "sample.py": {("--seed", 0): "seeds start at 0", ("--temperature", 0.0): "temperature 0 is greedy",
                   ("--prompt", "no-such-thing"): "any text is a prompt"},
     "experiments.sweep": {("--out", "no-such-thing"): "a directory that is not there yet is made",
                           ("--report", "no-such-thing"): "a report file that is not there yet is written"},
+    "experiments.study": {("--out", "no-such-thing"): "a directory that is not there yet is made"},
 }
 
 

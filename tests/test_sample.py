@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from conftest import PROMPTS, greedy_reference
 from model import GPT, preset
 from sample import filter_logits, generate, next_token
 
@@ -10,23 +11,6 @@ EOS = 60
 def tiny(seed=0):
     torch.manual_seed(seed)
     return GPT(preset("tiny", vocab_size=61)).eval()
-
-
-def greedy_reference(m, prompt, n, eos=None):
-    """Recompute-everything greedy decoding of one prompt: the slow, obviously right way."""
-    seq = list(prompt)
-    out = []
-    for _ in range(n):
-        with torch.no_grad():
-            t = int(m(torch.tensor([seq]))[0, -1].argmax())
-        out.append(t)
-        seq.append(t)
-        if t == eos:
-            break
-    return out
-
-
-PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
 
 
 def test_greedy_ragged_batch_equals_each_prompt_alone():
