@@ -11,6 +11,7 @@ metrics.jsonl and results.json. The functions at the end find where a killed run
 (--resume) and copy another run's finished stages into a new run (--start-from).
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -223,3 +224,12 @@ def commit(out_dir, state, is_main=True):
     if is_main:
         atomic_save(state, stage_path(out_dir, state["stage"]))
         write_json_atomic(state["results"], os.path.join(out_dir, "results.json"))
+
+
+def weights_digest(model):
+    """A short fingerprint of the weights: which model a cache of its outputs came from (the
+    instruction task's offline pairs)."""
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        h.update(name.encode() + p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

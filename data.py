@@ -261,6 +261,8 @@ class TrainingData:
     prompt_template: how the prompts were written, "{prompt}" standing for the user's text
     conversational: True when the records were conversations, rendered with the chat template
     lines:   where each record of the user's files came from, for check_fits' messages
+    metrics: more figures of the greedy evaluation answers, metrics(prompts, answers) -> dict
+             (the instruction task: IFEval's prompt-level and instruction-level accuracy)
     """
     sft: list
     chunks: list
@@ -270,6 +272,7 @@ class TrainingData:
     prompt_template: str = "{prompt}"  # how a plain prompt was formatted; sample.py reuses it
     conversational: bool = False  # sample.py then renders its prompt as a user turn, as training did
     lines: dict = None  # {"sft" | "prefs" | "prompts": ["path:line" of each record]}, for messages
+    metrics: object = None
 
 
 def load_user_data(sft_path, prefs_path, prompts_path, judge_spec, n_chunks, template=None, device=None):

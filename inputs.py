@@ -3,7 +3,8 @@ inputs.py -- what a run starts from: its settings checked, its tokenizer, data a
 
   settings   the per-preset defaults filled in, impossible combinations refused;
   tokenizer  the --bpe-path or --init-from directory's, else whatever tokenizer.get_tokenizer finds;
-  data       the built-in sorting task (sorting.py), or the user's JSON Lines files and judge
+  data       a built-in task: letter sorting (sorting.py) or, for a chat model, verifiable
+             instructions (instructions.py); or the user's JSON Lines files and judge
              (conversations rendered with the tokenizer directory's chat template, chat.py);
   model      a fresh preset sized for the tokenizer, or a Hugging Face directory on disk
              (GPT-2, Llama, Mistral, Qwen2, Qwen3: hf.py).
@@ -18,6 +19,7 @@ import shlex
 
 import chat
 import data
+import instructions
 import sorting
 from checkpoint import stage_names
 from hf import check_stages, load_pretrained
@@ -37,7 +39,15 @@ def tokenizer_and_data(cfg, rt):
 def load_data(cfg, template=None, device=None):
     """The built-in task, or the user's JSONL files and judge (data.load_user_data: `template`
     renders conversations, `device` is where a reward model judges). check_config has checked
-    that the files come together."""
+    that the files come together. The instruction task's chunks hold its prompts only (plain
+    user turns) until train.instruction_pairs has the starting model answer them."""
+    if cfg.task == "instructions":
+        if template is None:
+            raise ValueError(f"--task instructions needs a chat model, and {cfg.init_from} has no chat template "
+                             "(chat_template.jinja, or tokenizer_config.json's \"chat_template\")")
+        t = instructions.make_task(seed=cfg.task_seed, n_prompts_per_chunk=cfg.chunk_size,
+                                   n_chunks=cfg.iterations + 1, n_eval=cfg.n_eval)
+        return instructions.training_data(t.chunks, t.eval, template)
     if not any([cfg.sft, cfg.prefs, cfg.prompts, cfg.judge]):
         t = sorting.make_task(seed=cfg.task_seed, n_sft=cfg.n_sft, n_prompts_per_chunk=cfg.chunk_size,
                               n_chunks=cfg.iterations + 1, n_eval=cfg.n_eval, min_len=cfg.min_len, max_len=cfg.max_len,
@@ -80,11 +90,20 @@ def build_model(cfg, tok, rt):
 # minute, the rest: about ten). Flags override them.
 SCALE = {"tiny": dict(n_sft=4096, chunk_size=512, n_eval=256, sft_steps=800),
          "default": dict(n_sft=8192, chunk_size=1024, n_eval=512, sft_steps=1500)}
+# The losses' settings: tuned on the sorting task (docs/results.md), also the start for your own data
+TRAINING = dict(beta=2.0, lr=1e-4, batch_size=32, micro_batch_size=32)
+# The instruction task's recipe for SmolLM2-135M-Instruct: its whole run in about twenty minutes
+# on a 2-core CPU (docs/instructions.md says how it was chosen)
+INSTRUCTIONS = dict(chunk_size=64, n_eval=64, sft_steps=0, max_new_tokens=48, beta=0.1, lr=3e-6,
+                    batch_size=8, micro_batch_size=8)
+PER_TASK = sorted({*SCALE["default"], *TRAINING, *INSTRUCTIONS, "max_new_tokens"})  # default None: filled here
 
 
 def resolve(cfg):
-    """Fill the per-preset defaults (fields left at None)."""
-    for k, v in SCALE.get(cfg.model, SCALE["default"]).items():
+    """Fill the per-task and per-preset defaults (fields left at None)."""
+    defaults = {**SCALE.get(cfg.model, SCALE["default"]), **TRAINING,
+                **(INSTRUCTIONS if cfg.task == "instructions" else {})}
+    for k, v in defaults.items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
     if cfg.max_new_tokens is None:  # a sorted word is as long as the word; other data: 64
@@ -115,6 +134,7 @@ RULES = {
     "model": (f"one of {', '.join(PRESETS)}", lambda v: v in PRESETS),
     "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
     "block_size": (f"between 2 and {MAX_BLOCK_SIZE}", lambda v: v is None or 2 <= v <= MAX_BLOCK_SIZE),
+    "task": ("sorting or instructions", lambda v: v in ("sorting", "instructions")),
     "task_seed": (SEEDS, lambda v: 0 <= v < 2 ** 32),
     "min_len": ("at least 1", _at_least(1)),
     "max_len": ("at least 1", _at_least(1)),  # and at least --min-len, below the context: check_config
@@ -135,6 +155,7 @@ RULES = {
     "grad_clip": (">= 0 (0 = off; a negative norm would reverse every gradient)", _non_negative),
     "y_ref": ("greedy or sampled", lambda v: v in ("greedy", "sampled")),
     "temperature": ("positive", _positive),
+    "pair_samples": ("at least 2 (the judge keeps the best and the worst)", _at_least(2)),
     "online_samples": ("at least 1", _at_least(1)),
     "optimism_samples": ("at least 1", _at_least(1)),
     "tie_order": ("offline-first or authors", lambda v: v in ("offline-first", "authors")),
@@ -190,7 +211,13 @@ def check_config(cfg):
                 "your own data needs --prefs, --prompts and --judge together (the built-in judge only scores "
                 "the sorting task); --sft is optional": own_data and not (cfg.prefs and cfg.prompts and cfg.judge),
                 "--prefs without --sft: give --sft demonstrations, or --init-from a pretrained model with "
-                "--sft-steps 0": own_data and cfg.sft is None and cfg.init_from is None and cfg.sft_steps > 0}
+                "--sft-steps 0": own_data and cfg.sft is None and cfg.init_from is None and cfg.sft_steps > 0,
+                "--task instructions is for a chat model: give its directory with --init-from":
+                    cfg.task == "instructions" and cfg.init_from is None,
+                "--task instructions brings its own prompts, pairs and judge: leave out --sft, --prefs, "
+                "--prompts and --judge": cfg.task == "instructions" and own_data,
+                "--task instructions has no SFT data: --sft-steps must be 0":
+                    cfg.task == "instructions" and cfg.sft_steps > 0}
     for message, bad in problems.items():
         if bad:
             raise ValueError(message)
@@ -226,7 +253,10 @@ def first_screen(cfg, tok, task_data, model, rt):
     settings that differ from their defaults."""
     t, where = cfg.iterations, f"{cfg.init_from}'s weights" if cfg.init_from else "fresh weights"
     dtype = str(rt.dtype).removeprefix("torch.") if rt.dtype else "float32"
-    if task_data.builtin:
+    if cfg.task == "instructions":
+        source = ("the built-in task, instructions with 1-3 checkable constraints (instructions.py), offline pairs "
+                  f"from {cfg.pair_samples} answers of the starting model per prompt, in its chat template")
+    elif task_data.builtin:
         source = f"the built-in task, sorting the letters of words of {cfg.min_len}-{cfg.max_len} letters (sorting.py)"
     else:
         source = ", ".join(f"--{k} {v}" for k, v in (("sft", cfg.sft), ("prefs", cfg.prefs), ("prompts", cfg.prompts)) if v)
@@ -251,7 +281,7 @@ def first_screen(cfg, tok, task_data, model, rt):
 def changed_settings(cfg, leave_out=()):
     """The settings that differ from their defaults, as flags; a per-preset default (SCALE,
     --max-new-tokens) counts as a default. cfg: resolved (check_config)."""
-    per_preset = ["max_new_tokens", *SCALE["default"]]
+    per_preset = PER_TASK
     defaults = resolve(dataclasses.replace(cfg, **dict.fromkeys(per_preset)))
     flags = []
     for f in dataclasses.fields(cfg):

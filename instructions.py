@@ -441,35 +441,65 @@ def build_pairs(prompts, sample, k=4, seed=0):
 PAIRS_FILE, PAIR = "instruction_pairs.jsonl", ("prompt", "chosen", "rejected")
 
 
-def cached_pairs(out_dir, chunks, sample, k=4, seed=0, settings=None):
+def cached_pairs(out_dir, chunks, sample, k=4, seed=0, settings=None, write=True, elsewhere=()):
     """The offline pairs of every chunk (a list of pair lists), built by build_pairs (chunk i
     sampled with seed + i) and kept in out_dir/PAIRS_FILE: a header {"settings": ...}, then a
     pair with its "chunk" per line. A later call reuses the file when the settings match: k, seed,
     a digest of the prompts and `settings`, JSON values of whatever else shapes the answers (the
-    model, max_new_tokens, temperature); else the pairs are built again, the file replaced atomically."""
+    model, max_new_tokens, temperature); else the pairs are built again, the file replaced atomically.
+    elsewhere: more directories whose file may serve (a run started from another run's stage);
+    write: whether this process writes the file (under torchrun, rank 0 only)."""
     digest = hashlib.sha256(json.dumps(chunks).encode()).hexdigest()[:16]
     header = {"settings": json.loads(json.dumps({"k": k, "seed": seed, "prompts": digest, **(settings or {})}))}
-    path = os.path.join(out_dir, PAIRS_FILE)
-    if os.path.isfile(path):
-        rows = [rec for _, rec in read_jsonl(path)]
-        if rows[0].get("settings") == header["settings"]:
-            try:
-                return [[{f: r[f] for f in PAIR} for r in rows[1:] if r["chunk"] == i] for i in range(len(chunks))]
-            except (KeyError, TypeError):
-                raise DataError(f"{path}: not a pairs file of this task; delete it to build the pairs again") from None
+    for d in (out_dir, *elsewhere):
+        pairs = read_pairs(os.path.join(d, PAIRS_FILE), header["settings"], len(chunks))
+        if pairs is not None:
+            if d != out_dir and write:
+                write_jsonl_atomic(os.path.join(out_dir, PAIRS_FILE), [rec for _, rec in read_jsonl(os.path.join(d, PAIRS_FILE))])
+            return pairs
     built = [build_pairs(c, sample, k, seed + i) for i, c in enumerate(chunks)]
     header["dropped"] = [d for _, d in built]  # prompts whose answers all tied, per chunk
-    write_jsonl_atomic(path, [header] + [{"chunk": i, **e} for i, (ps, _) in enumerate(built) for e in ps])
+    if write:
+        write_jsonl_atomic(os.path.join(out_dir, PAIRS_FILE),
+                           [header] + [{"chunk": i, **e} for i, (ps, _) in enumerate(built) for e in ps])
     return [[{f: e[f] for f in PAIR} for e in ps] for ps, _ in built]
 
 
-def training_data(pair_chunks, eval_prompts, template):
+def read_pairs(path, settings, n_chunks):
+    """The pairs in a PAIRS_FILE written with these settings, per chunk; None when there is no
+    such file or it was written with other settings."""
+    if not os.path.isfile(path):
+        return None
+    rows = [rec for _, rec in read_jsonl(path)]
+    if not rows or rows[0].get("settings") != settings:
+        return None
+    try:
+        return [[{f: r[f] for f in PAIR} for r in rows[1:] if r["chunk"] == i] for i in range(n_chunks)]
+    except (KeyError, TypeError):
+        raise DataError(f"{path}: not a pairs file of this task; delete it to build the pairs again") from None
+
+
+def training_data(chunks, eval_prompts, template):
     """The run's data.TrainingData: the pairs and the held-out prompts rendered as one user
-    turn with the model's chat template (a chat.ChatTemplate), judged by `judge`. builtin=True:
-    the pipeline's "perfect" share (score 1.0) is then the prompt-level strict accuracy."""
-    chunks = [[chat.preference_pair(e, template) for e in c] for c in pair_chunks]
+    turn with the model's chat template (a chat.ChatTemplate), judged by `judge`, the greedy
+    answers also scored by IFEval's figures. builtin=True: the pipeline's "perfect" share
+    (score 1.0) is then the prompt-level strict accuracy. chunks: per chunk, its offline pairs
+    ({"prompt", "chosen", "rejected"}) or, before the starting model has answered them, its
+    plain prompts, kept as they are."""
+    chunks = rendered(chunks, template)
     evals = [chat.evaluation_prompt({"prompt": p}, template) for p in eval_prompts]
-    return TrainingData([], chunks, evals, judge, builtin=True, conversational=True)
+    return TrainingData([], chunks, evals, judge, builtin=True, conversational=True, metrics=accuracies)
+
+
+def rendered(chunks, template):
+    """Each chunk's pairs rendered with the chat template (plain prompts kept as they are)."""
+    return [[chat.preference_pair(e, template) if isinstance(e, dict) else e for e in c] for c in chunks]
+
+
+def accuracies(prompts, answers):
+    """IFEval's two headline figures of the answers (the judge's mean score is the run's reward)."""
+    m = ifeval_metrics(prompts, answers)
+    return {"prompt_accuracy": m["prompt_accuracy"], "instruction_accuracy": m["instruction_accuracy"]}
 
 
 if __name__ == "__main__":

@@ -375,6 +375,8 @@ def summary_line(stage, seconds, row, info):
     line = (f"[{stage:>7}] {seconds:6.1f}s  reward {row['reward']:.3f}  "
             f"win vs ref {fmt(row['win_rate_vs_reference'], '.3f')}  win vs sft {row['win_rate_vs_sft']:.3f}  "
             f"perfect {fmt(row['perfect'], '.1%')}  length {row['length']:.1f}  kl {row['kl']:.2f}")
+    if "prompt_accuracy" in row:  # the instruction task: IFEval's two figures
+        line += f"  prompt acc {row['prompt_accuracy']:.1%}  instruction acc {row['instruction_accuracy']:.1%}"
     n = info.get("pairs", 0) + info.get("dropped_ties", 0)
     if n:
         line += (f"  (y_ref vs offline chosen: better {info['y_ref_better'] / n:.0%}, "

@@ -13,13 +13,15 @@ iterative online DPO. Plumbing lives in runtime.py, what goes to disk in checkpo
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
+import chat
 import data
-from checkpoint import commit, open_run, restore, stage_names, stage_state
+import instructions
+from checkpoint import commit, open_run, restore, stage_names, stage_state, weights_digest
 from data import Example
 from hf import export_stages
 from inputs import build_model, check_config, example_prompt, first_screen, tokenizer_and_data
@@ -49,28 +51,33 @@ class Config:
                                "scores; or 'rm:DIR', a reward model (*ForSequenceClassification directory)")
     bpe_path: str = setting(None, "directory of GPT-2 BPE files: vocab.bpe + encoder.json, or merges.txt + vocab.json")
     block_size: int = setting(None, "context length of the fresh model (default: the preset's)")
-    # the built-in task
+    # the built-in tasks
+    task: str = setting("sorting", "the built-in task when no data files are given: sorting (the letters of a word, "
+                                   "for a fresh --model) or instructions (verifiable instructions, for a chat model "
+                                   "given by --init-from; instructions.py)")
     task_seed: int = setting(0, "seed of the built-in task's data (kept fixed across training seeds)")
     min_len: int = setting(7, "shortest word to sort")
     max_len: int = setting(10, "longest word to sort")
     n_sft: int = setting(None, "SFT demonstrations (default: per preset, see inputs.SCALE)")
-    chunk_size: int = setting(None, "prompts per chunk: offline DPO's, then each iteration's (default: per preset)")
-    n_eval: int = setting(None, "held-out evaluation prompts (default: per preset)")
+    chunk_size: int = setting(None, "prompts per chunk: offline DPO's, then each iteration's (default: per preset and task)")
+    n_eval: int = setting(None, "held-out evaluation prompts (default: per preset and task)")
     sft_passes: str = setting("1,3", "bubble-sort passes of the SFT demonstrations: lo,hi (more: better answers)")
     offline_passes: str = setting("0,4", "bubble-sort passes of the offline pairs' two responses: lo,hi")
+    pair_samples: int = setting(4, "instructions: answers of the starting model per prompt, at temperature 1, whose "
+                                   "best and worst by the judge make the prompt's offline pair")
     # SFT
-    sft_steps: int = setting(None, "SFT optimizer steps (default: per preset)")
+    sft_steps: int = setting(None, "SFT optimizer steps (default: per preset; 0 for instructions)")
     sft_lr: float = setting(2e-3, "SFT peak learning rate")
     sft_batch_size: int = setting(64, "SFT batch size")
     # DPO and SELM
     iterations: int = setting(3, "SELM iterations after offline DPO (0 = stop after offline DPO)")
     alpha: float = setting(0.001, "SELM optimism coefficient (0 = iterative DPO)")
-    beta: float = setting(2.0, "DPO/SELM inverse temperature (tuned for the built-in task, see README)")
+    beta: float = setting(None, "DPO/SELM inverse temperature (default: per task, inputs.TRAINING and INSTRUCTIONS)")
     loss_type: str = setting("sigmoid", "preference loss: sigmoid (DPO) or ipo")
-    lr: float = setting(1e-4, "peak learning rate of offline DPO and of SELM iteration 1")
+    lr: float = setting(None, "peak learning rate of offline DPO and of SELM iteration 1 (default: per task)")
     lr_decay: float = setting(1.0, "each SELM iteration's learning rate is the previous one's times this")
-    batch_size: int = setting(32, "preference pairs per optimizer step")
-    micro_batch_size: int = setting(32, "pairs per forward pass (gradient accumulation when smaller)")
+    batch_size: int = setting(None, "preference pairs per optimizer step (default: per task)")
+    micro_batch_size: int = setting(None, "pairs per forward pass, gradient accumulation when smaller (default: per task)")
     warmup: float = setting(0.1, "fraction of each stage's steps spent warming the learning rate up")
     weight_decay: float = setting(0.0, "AdamW weight decay for DPO/SELM")
     grad_clip: float = setting(1.0, "clip the gradient norm to this (0 = off)")
@@ -85,7 +92,7 @@ class Config:
                                               "ties), or authors ([y_ref, chosen, rejected], the first best and the "
                                               "first worst)")
     # sampling and evaluation
-    max_new_tokens: int = setting(None, "response length cap (default: longest word + 4)")
+    max_new_tokens: int = setting(None, "response length cap (default: longest word + 4; your data: 64; instructions: per task)")
     gen_batch_size: int = setting(256, "prompts per call of the sampler")
     kl_samples: int = setting(1, "temperature-1 samples per eval prompt for the KL(pi || pi_SFT) estimate")
     # run
@@ -123,7 +130,35 @@ def seed_for(seed, purpose, stage=0, k=0):
             "stage": seed * 1000 + stage,               # torch's global RNG in the stage (dropout)
             "batches": seed * 1000 + stage,             # the batch order of a preference epoch
             "y_ref": seed * 1000 + stage - 1 + 7 * k,   # pi_ref's k-th answers in a SELM stage
-            "kl": seed * 7919 + 100_003 * k}[purpose]   # the k-th KL samples of every evaluation
+            "kl": seed * 7919 + 100_003 * k,            # the k-th KL samples of every evaluation
+            "pairs": 1_000_003 * (seed + 1) + 1000 * stage + k}[purpose]  # instructions: the starting
+            # model's k-th answers to chunk `stage`'s prompts, from --task-seed: data, shared by training seeds
+
+
+# ---- the instruction task's offline pairs: the starting model's own answers, judged ----------
+
+def instruction_pairs(rt, cfg, tok, model, task_data):
+    """UltraFeedback's recipe on --task instructions: --pair-samples answers of the starting model
+    to each chunk's prompts, at temperature 1, judged; the best becomes chosen and the worst
+    rejected, and a prompt whose answers all tie is dropped. Built once and kept in --out-dir
+    (instructions.cached_pairs), where a resumed run, or one started from this run's stage,
+    finds them. Returns task_data with its chunks of prompts turned into chunks of pairs."""
+    template = chat.load_template(tok)
+
+    def sample(prompts, k, seed):  # k answers per prompt, as text without the EOS
+        ids = [tok.encode_prompt(template.prompt([{"role": "user", "content": p}])) for p in prompts]
+        runs = [sample_responses(rt, cfg, tok, model, ids, 1.0, seed_for(seed, "pairs", k=j)) for j in range(k)]
+        return [[tok.decode([t for t in r if t not in tok.eos_ids]) for r in answers] for answers in zip(*runs)]
+    settings = {"model": weights_digest(model), "max_new_tokens": cfg.max_new_tokens, "temperature": 1.0}
+    elsewhere = [os.path.dirname(os.path.abspath(cfg.start_from))] if cfg.start_from else []
+    pairs = instructions.cached_pairs(cfg.out_dir, task_data.chunks, sample, cfg.pair_samples, cfg.task_seed,
+                                      settings, write=rt.ranks.main, elsewhere=elsewhere)
+    rt.ranks.barrier()
+    empty = [i for i, chunk in enumerate(pairs) if not chunk]
+    if empty:
+        raise data.DataError(f"the starting model's {cfg.pair_samples} answers tied on every prompt of chunk "
+                             f"{empty[0]}: no offline pair to train on (is {cfg.init_from} a chat model?)")
+    return replace(task_data, chunks=instructions.rendered(pairs, template))
 
 
 # ---- stage 1: SFT -------------------------------------------------------------------------
@@ -331,7 +366,8 @@ def evaluate(rt, cfg, tok, stage, model, sft_model, task_data, sft_answers):
     row = {"stage": stage, "win_rate_vs_reference": sum(win(s[0], s[2]) for s in scores) / n if has_ref else None,
            "win_rate_vs_sft": sum(win(s[0], s[1]) for s in scores) / n, "reward": sum(s[0] for s in scores) / n,
            "perfect": sum(s[0] >= 1.0 for s in scores) / n if task_data.builtin else None,  # 1.0 = sorted: built-in
-           "length": sum(len(i) for i in ids) / n, "kl": kl}
+           "length": sum(len(i) for i in ids) / n, "kl": kl, **(task_data.metrics(prompts, answers)
+                                                                  if task_data.metrics else {})}
     return row, answers
 
 
@@ -352,6 +388,8 @@ def run(cfg):
     tok, task_data = tokenizer_and_data(cfg, rt)
     torch.manual_seed(seed_for(cfg.seed, "init"))
     model = build_model(cfg, tok, rt)
+    if cfg.task == "instructions":  # the offline pairs are the starting model's own answers, judged
+        task_data = instruction_pairs(rt, cfg, tok, model, task_data)
     sft_examples = data.check_fits(task_data, tok, model.config.block_size, cfg.sft or "built-in SFT data",
                                    cfg.prefs or "built-in pairs")
     rt.say(first_screen(cfg, tok, task_data, model, rt))
