@@ -5,8 +5,10 @@ Three tokenizers, all tiktoken Encodings wrapped in one small class:
   - a Hugging Face tokenizer.json of the byte-level BPE kind (GPT-2, Llama-3, Qwen2/3,
     SmolLM2), rebuilt as a tiktoken Encoding from its vocabulary, merges, pre-tokenization
     regex and added tokens; its end-of-sequence and padding ids come from the directory's
-    generation_config.json and tokenizer_config.json. A tokenizer.json that tiktoken cannot
-    reproduce exactly (SentencePiece, a text-changing normalizer, ids out of merge order, ...)
+    generation_config.json and tokenizer_config.json. What a published file does beyond
+    tiktoken (an NFC normalizer; single bytes missing from the vocabulary) is done in Python
+    around tiktoken's BPE, for the texts it touches (Irregular). A tokenizer.json that cannot
+    be reproduced exactly (SentencePiece, another normalizer, ids out of merge order, ...)
     is an error, never a silently different tokenization;
   - GPT-2's BPE, when its files are on this machine: a directory holding the original
     release's vocab.bpe + encoder.json (or Hugging Face's merges.txt + vocab.json), or
@@ -21,7 +23,9 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
+import unicodedata
 
 import tiktoken
 
@@ -69,15 +73,19 @@ class Tokenizer:
         built in or tiktoken's cache), for checkpoints.
     """
 
-    def __init__(self, enc, name, eos_id, pad_id, eos_ids=(), source=None, always_special=(), bos_id=None):
+    def __init__(self, enc, name, eos_id, pad_id, eos_ids=(), source=None, always_special=(), bos_id=None,
+                 irregular=None):
         self.enc, self.name, self.eos_id, self.pad_id = enc, name, eos_id, pad_id
         self.eos_ids = frozenset(eos_ids) | {eos_id}
         self.source = None if source is None else os.path.abspath(source)
         self.always_special = frozenset(always_special)  # matched even in plain text (see above)
         self.bos_id = bos_id
+        self.irregular = irregular  # an Irregular, for a tokenizer.json tiktoken alone cannot reproduce
         self.vocab_size = enc.n_vocab  # the model may round this up
 
     def encode(self, text, allow_special=False):
+        if self.irregular is not None and self.irregular.touches(text):
+            return self.irregular.encode(text, self.enc.special_tokens_set if allow_special else self.always_special)
         if allow_special:
             return self.enc.encode(text, allowed_special="all")
         if self.always_special:
@@ -217,6 +225,93 @@ def _split_pattern(pre, where):
                      "tiktoken can reproduce: byte-level BPE with a regex split is needed")
 
 
+# Bytes that no UTF-8 text holds: a vocabulary may lack them at no cost.
+_NEVER_IN_UTF8 = frozenset([0xC0, 0xC1, *range(0xF5, 0x100)])
+
+
+class Irregular:
+    """What a published byte-level BPE tokenizer.json may ask beyond tiktoken, done in Python
+    around tiktoken's own BPE for the texts it touches (touches(text)); other texts take
+    tiktoken's path unchanged.
+
+    - Single bytes missing from the vocabulary (SmolLM2's lacks 21: 192, 193, 241, 242,
+      245-255 and the control bytes 4, 6, 19, 20, 22, 29). Hugging Face's BPE splits the text
+      first, then drops each byte it has no token for, or writes the model's unk token in its
+      place (one per run of such bytes when fuse_unk); the rest of the piece merges as if the
+      byte were not there. tiktoken would panic: a Rust PanicException, a BaseException that
+      `except Exception` lets through.
+    - An NFC normalizer (Qwen2, Qwen2.5, Qwen3): Hugging Face cuts out the added tokens that
+      match the raw text, normalizes the text between them, then cuts out the added tokens
+      marked `normalized`, which match the normalized text.
+    """
+
+    def __init__(self, enc, pattern, missing, unk_id=None, fuse_unk=False, nfc=False, normalized=()):
+        import regex  # tiktoken's own dependency; Python's re lacks \p{L}
+        self.enc, self.unk_id, self.fuse_unk, self.nfc = enc, unk_id, fuse_unk, nfc
+        self.normalized = frozenset(normalized) if nfc else frozenset()  # added tokens matched after NFC
+        self.missing = bytes(sorted(missing))
+        self.missing_occurs = any(b not in _NEVER_IN_UTF8 for b in self.missing)
+        if self.missing:
+            self.missing_run = re.compile(b"([" + b"".join(re.escape(bytes([b])) for b in self.missing) + b"]+)")
+        self.split = regex.compile(pattern)
+        self._cutters = {}
+
+    def touches(self, text):
+        return (self.nfc and not unicodedata.is_normalized("NFC", text)) or self._holds_missing(text)
+
+    def _holds_missing(self, text):
+        return self.missing_occurs and self.missing_run.search(text.encode("utf-8", "surrogatepass")) is not None
+
+    def encode(self, text, allowed):
+        """Ids of text, the added tokens in `allowed` matched as tokens."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: mended as tiktoken's Encoding.encode mends them
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        ids, allowed = [], frozenset(allowed)
+        for part, is_token in self._cut(text, allowed - self.normalized):
+            if is_token:
+                ids.append(self.enc.encode_single_token(part))
+                continue
+            part = unicodedata.normalize("NFC", part) if self.nfc else part
+            for sub, is_token in self._cut(part, allowed & self.normalized):
+                ids += [self.enc.encode_single_token(sub)] if is_token else self._plain(sub)
+        return ids
+
+    def _cut(self, text, tokens):
+        """(part, is_token) pairs: text cut at the leftmost, longest matches of `tokens`."""
+        if tokens not in self._cutters:
+            alternatives = "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True))
+            self._cutters[tokens] = re.compile(alternatives) if tokens else None
+        start, cutter = 0, self._cutters[tokens]
+        for m in cutter.finditer(text) if cutter else ():
+            if m.start() > start:
+                yield text[start:m.start()], False
+            yield m.group(), True
+            start = m.end()
+        if start < len(text):
+            yield text[start:], False
+
+    def _plain(self, text):
+        """Text without added tokens: tiktoken's split and BPE, except in the pieces that hold a
+        missing byte."""
+        if not self._holds_missing(text):
+            return self.enc.encode_ordinary(text)
+        ids = []
+        for piece in self.split.findall(text):  # tiktoken's split, by the regex package
+            piece = piece.encode("utf-8")
+            if self.unk_id is None:  # the missing bytes dropped: the rest merges across the gap
+                piece = piece.translate(None, self.missing)
+                ids += self.enc._encode_single_piece(piece) if piece else []  # BPE, no split
+                continue
+            for i, run in enumerate(self.missing_run.split(piece)):  # the unk token stands between
+                if i % 2 == 0:  # bytes the vocabulary has, on which tiktoken cannot panic
+                    ids += self.enc._encode_single_piece(run) if run else []
+                else:
+                    ids += [self.unk_id] * (1 if self.fuse_unk else len(run))
+        return ids
+
+
 def hf_tokenizer(path):
     """A Tokenizer from a Hugging Face directory: tokenizer.json (byte-level BPE) plus EOS and
     padding from generation_config.json / tokenizer_config.json.
@@ -224,7 +319,9 @@ def hf_tokenizer(path):
     tiktoken splits text with one regex, maps each piece to bytes and merges adjacent parts
     lowest rank first, the rank being the merged token's id. That is Hugging Face's BPE
     exactly when the merges are applied in id order, so ids out of merge order are refused,
-    as is every pre- or post-processing step tiktoken has no equivalent for.
+    as is every pre- or post-processing step that neither tiktoken nor Irregular reproduces.
+    byte_fallback and the unk token act only on bytes the vocabulary lacks: they are checked
+    only then.
     """
     where = os.path.join(path, "tokenizer.json")
     tj = read_json(where)
@@ -233,12 +330,12 @@ def hf_tokenizer(path):
     if model.get("type") != "BPE":
         raise ValueError(f"{where}: a {model.get('type')} model (SentencePiece-style?) is not byte-level BPE, "
                          "which is all tiktoken can reproduce")
-    if tj.get("normalizer") or (tj.get("decoder") or {}).get("type") != "ByteLevel":
-        raise ValueError(f"{where}: a normalizer, or a decoder other than ByteLevel, changes the text "
-                         "(SentencePiece-style?); tiktoken cannot reproduce it")
-    if model.get("dropout") or model.get("byte_fallback") or model.get("continuing_subword_prefix") \
-            or model.get("end_of_word_suffix"):
-        raise ValueError(f"{where}: BPE dropout / byte_fallback / subword affixes are not reproducible by tiktoken")
+    nfc = _is_nfc(tj.get("normalizer"), where)
+    if (tj.get("decoder") or {}).get("type") != "ByteLevel":
+        raise ValueError(f"{where}: a decoder other than ByteLevel changes the text (SentencePiece-style?); "
+                         "tiktoken cannot reproduce it")
+    if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        raise ValueError(f"{where}: BPE dropout / subword affixes are not reproducible by tiktoken")
     pattern = _split_pattern(tj.get("pre_tokenizer"), where)
     vocab, byte_of = model["vocab"], _byte_of_char()
     added = {t["content"]: t for t in tj.get("added_tokens", [])}
@@ -259,8 +356,13 @@ def hf_tokenizer(path):
             ranks[bytes(byte_of[c] for c in piece)] = i
         except KeyError:
             raise ValueError(f"{where}: vocabulary entry {piece!r} is not byte-level") from None
-    if any(bytes([b]) not in ranks for b in range(256)):
-        raise ValueError(f"{where}: the vocabulary lacks some of the 256 single bytes")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    unk = model.get("unk_token")
+    if missing and model.get("byte_fallback"):
+        raise ValueError(f"{where}: byte_fallback writes <0x..> tokens for the {len(missing)} single bytes the "
+                         "vocabulary lacks; tiktoken cannot reproduce it")
+    if missing and unk is not None and unk not in vocab:
+        raise ValueError(f"{where}: the unk token {unk!r} is not in the vocabulary")
     last, made = -1, set()
     for n, m in enumerate(model.get("merges", [])):
         a, b = m.split(" ", 1) if isinstance(m, str) else m
@@ -281,9 +383,26 @@ def hf_tokenizer(path):
                                 mergeable_ranks=ranks, special_tokens={c: t["id"] for c, t in added.items()})
     except ValueError as e:  # e.g. a regex tiktoken's engine does not accept
         raise ValueError(f"{where}: tiktoken cannot use it: {e}") from None
+    irregular = None
+    if missing or nfc:
+        irregular = Irregular(enc, pattern, missing, unk_id=vocab.get(unk) if unk is not None else None,
+                              fuse_unk=model.get("fuse_unk", False), nfc=nfc,
+                              normalized=[c for c, t in added.items() if t.get("normalized", not t.get("special"))])
     eos_id, eos_ids, pad_id = _eos_and_pad(path, enc)
     return Tokenizer(enc, enc.name, eos_id, pad_id, eos_ids=eos_ids, source=path, bos_id=_bos(tj),
-                     always_special=[c for c, t in added.items() if not t.get("special")])
+                     always_special=[c for c, t in added.items() if not t.get("special")], irregular=irregular)
+
+
+def _is_nfc(normalizer, where):
+    """True for an NFC normalizer (alone, or in a Sequence), False for none; any other
+    normalizer changes the text in ways tiktoken has no equivalent for."""
+    steps = normalizer.get("normalizers", []) if normalizer and normalizer.get("type") == "Sequence" else \
+        [normalizer] if normalizer else []
+    kinds = [s.get("type") for s in steps]
+    if kinds not in ([], ["NFC"]):
+        raise ValueError(f"{where}: normalizer {' + '.join(map(str, kinds))} changes the text in ways tiktoken "
+                         "cannot reproduce (SentencePiece-style?); byte-level BPE with no normalizer or NFC is needed")
+    return kinds == ["NFC"]
 
 
 def _bos(tj):

@@ -5,8 +5,9 @@ bench.py -- how fast selm's hot paths are, each against a baseline timed in the 
     python -m perf.bench --sections sampling --shapes gpt2-w4,qwen2-0.5b
     python -m perf.bench --sections sampling --shapes qwen2-0.5b --device cuda
     python -m perf.bench --quick                           # a smoke test: toy sizes, under a minute
+    python -m perf.bench --sections real --init-from smollm2   # a real chat model (perf/real.py)
 
-Sections (all on random-weight models; no data, no checkpoint):
+Sections (all but real on random-weight models; no data, no checkpoint):
   sampling  (perf/sampling.py) per shape (d256, gpt2-w4, gpt2, qwen2-0.5b; --shapes): tokens/s
             of sample.generate, eager and compiled, on a ragged batch, greedy, no EOS, against
             Hugging Face's generate on the same weights (its tokens must equal ours), and for
@@ -22,6 +23,9 @@ Sections (all on random-weight models; no data, no checkpoint):
   train     tokens/s of a full SELM training step on GPT-2 124M and its model FLOPs
             utilisation against a large matmul's FLOP/s measured in the same run.
   pipeline  where one SELM iteration of the small pipeline spends its time.
+  real      (perf/real.py; only when named, with --init-from DIR) on a real chat model: a DPO
+            epoch against TRL's DPOTrainer (pairs/s, peak memory), greedy chat answers against
+            transformers' generate, and where a SELM iteration's time goes.
 --profile-step, instead of the sections: the profiler's time per operator of the eager decode
 step, per --shapes (default gpt2-w4).
 
@@ -41,14 +45,16 @@ Compile time is a figure of its own, never inside a tokens/s figure.
 
 import argparse
 import json
+import os
 import sys
 import time
 
 import torch
 
+from perf.real import bench_real
 from perf.sampling import SHAPES, bench_next_token, bench_sampling, profile_step
-from perf.measure import (RESULTS, _stderr_silenced, autocast, busy_warning, compare, header, machine,
-                     peak_memory, random_model, report)
+from perf.measure import (RESULTS, autocast, busy_warning, compare, header, machine, peak_memory, random_model,
+                          report, report_iteration, selm_iteration_times)
 from model import preset
 from runtime import check_device, check_or_exit
 from selm import selm_loss, sequence_logps, split_logps
@@ -160,40 +166,26 @@ def bench_pipeline(args, device):
     reference log-probs, training (train.py measures each part and logs it). The SFT model
     is trained for fewer steps than the default: the breakdown of an iteration depends on
     the sizes, not on how good the model is."""
-    import tempfile
-
-    import train
-    from runtime import read_metrics
     header("one SELM iteration of the small pipeline (train.py, 1024 prompts)")
     steps = "50" if args.quick else "300"
-    with tempfile.TemporaryDirectory() as out, _stderr_silenced():
-        cfg = train.parse_args(["--model", "small", "--sft-steps", steps, "--iterations", "1",
-                                "--device", device.type, "--out-dir", out]
-                               + (["--chunk-size", "256", "--n-eval", "64"] if args.quick else []))
-        import contextlib
-        import io
-        with contextlib.redirect_stdout(io.StringIO()):
-            train.run(cfg)
-        info = [r["online"] for r in read_metrics(f"{out}/metrics.jsonl") if "online" in r][-1]
-    parts = {"sampling": info["t_sample"], "judging": info["t_judge"],
-             "reference log-probs": info["t_ref_logps"], "training": info["t_train"]}
-    total = sum(parts.values())
-    for name, sec in parts.items():
-        target = 0.5 if name == "sampling" else None
-        report(f"iteration: {name}", 100 * sec / total, None, "% of wall", ratio=sec / total,
-               target=target, better="lower", note=f"{sec:.2f} s of {total:.2f} s")
+    info = selm_iteration_times(["--model", "small", "--sft-steps", steps, "--iterations", "1", "--device", device.type]
+                                + (["--chunk-size", "256", "--n-eval", "64"] if args.quick else []))
+    report_iteration(info, "iteration")
 
 
 SECTIONS = {"sampling": bench_sampling, "next-token": bench_next_token, "logps": bench_logps,
-            "train": bench_train, "pipeline": bench_pipeline}
+            "train": bench_train, "pipeline": bench_pipeline, "real": bench_real}
+DEFAULT = [s for s in SECTIONS if s != "real"]  # the real model's section runs when named, with --init-from
 
 
 
 def parser():
     ap = argparse.ArgumentParser(description="Benchmark selm's sampler, log-probs and training "
                                              "step against baselines timed in the same run.")
-    ap.add_argument("--sections", default=",".join(SECTIONS),
-                    help=f"comma-separated, from: {', '.join(SECTIONS)}")
+    ap.add_argument("--sections", default=",".join(DEFAULT),
+                    help=f"comma-separated, from: {', '.join(SECTIONS)} (default: all but real)")
+    ap.add_argument("--init-from", default=None,
+                    help="real: a Hugging Face chat model directory (python -m tools.gguf_to_hf --smollm2 DIR)")
     ap.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
     ap.add_argument("--quick", action="store_true", help="toy sizes: a smoke test, under a minute")
     ap.add_argument("--bf16", action="store_true", help="run ours and the baselines under bf16 "
@@ -217,6 +209,10 @@ def check_args(args):
     for flag, n in (("--threads", args.threads), ("--qwen2-layers", args.qwen2_layers)):
         if n is not None and n < 1:
             raise ValueError(f"{flag} must be at least 1, got {n}")
+    if "real" in args.sections.split(",") and not (args.init_from and os.path.isfile(os.path.join(args.init_from,
+                                                                                                    "config.json"))):
+        raise ValueError("--sections real needs --init-from DIR, a Hugging Face chat model directory "
+                         "(python -m tools.gguf_to_hf --smollm2 DIR makes one)")
     check_device(args.device)
 
 

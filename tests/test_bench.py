@@ -1,5 +1,6 @@
 """bench.py runs: its quick sampling sections and the decode-step profile (figures are not
 checked here: timings belong to the benchmark, never to a test)."""
+import importlib.util
 import json
 
 from perf import bench
@@ -16,3 +17,23 @@ def test_profile_step(capsys):
     bench.main(["--profile-step", "--shapes", "d256"])
     out = capsys.readouterr().out
     assert "decode step profile: d256" in out and "aten::" in out
+
+
+def test_quick_real_model_section_runs(tmp_path, capsys):
+    """The real-model section on a tiny random Llama with a chat tokenizer (the real model is
+    the lead's to measure): TRL's DPO epoch, HF generate and a SELM iteration against ours."""
+    import pytest
+    transformers = pytest.importorskip("transformers", reason="the real-model section: pip install -r requirements-dev.txt")
+    pytest.importorskip("jinja2", reason="chat templates: pip install -r requirements-dev.txt")
+    pytest.importorskip("tokenizers", reason="a chat tokenizer: pip install -r requirements-dev.txt")
+    from chat_dirs import chat_tokenizer
+    V = chat_tokenizer(tmp_path, "chatml")
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    with pytest.raises(SystemExit):
+        bench.main(["--sections", "real"])  # no --init-from: an argparse error
+    bench.main(["--quick", "--sections", "real", "--init-from", str(tmp_path)])
+    ratios = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ratios"]
+    assert "real: greedy chat answers vs HF generate" in ratios and "real: iteration: sampling" in ratios
+    assert ("real: DPO epoch vs TRL" in ratios) == (importlib.util.find_spec("trl") is not None)

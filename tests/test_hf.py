@@ -174,6 +174,9 @@ def test_export_copies_tokenizer_files_and_weights_atomically(tmp_path):
     hf.save_pretrained(ours, str(tmp_path / "out"), tokenizer_dir=str(tok))
     assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "generation_config.json",
                                                      "model.safetensors", "tokenizer.json"]
+    (tmp_path / "plain").write_bytes(b"")  # every file readable as this umask says, the weights too
+    modes = {(tmp_path / "out" / f).stat().st_mode & 0o777 for f in os.listdir(tmp_path / "out")}
+    assert modes == {(tmp_path / "plain").stat().st_mode & 0o777}
     with pytest.raises(FileNotFoundError, match="no tokenizer files"):
         hf.save_pretrained(ours, str(tmp_path / "out2"), tokenizer_dir=str(tmp_path / "src"))
 

@@ -1,14 +1,16 @@
 """tokenizer.py's tokenizer.json support, checked id for id against the `tokenizers` library
-on byte-level BPE tokenizers trained here (nothing is downloaded)."""
+on byte-level BPE tokenizers trained here (nothing is downloaded). tests/test_real_chat.py
+checks the same on a published vocabulary, SmolLM2's."""
 
 import json
 
 import pytest
 
 import tokenizer
+from texts import NOT_NFC, RARE_BYTES, TEXTS, assert_same_ids, random_texts
 
 tokenizers = pytest.importorskip("tokenizers", reason="these tests compare against the tokenizers package")
-from tokenizers import Regex, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
 
 # Qwen2's pre-tokenization split (Llama-3's, but with \p{N} one digit at a time)
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -25,28 +27,16 @@ CORPUS = [
     "THE QUICK BROWN FOX. the quick brown fox. The Quick Brown Fox's tail.",
 ] * 20
 
-TEXTS = [
-    "The quick brown fox's 12345 jumps; naïve café 日本語 🙂!",
-    "  leading spaces, trailing spaces   ",
-    "line one\nline two\n\n\nline five\r\n\ttabbed\t\t end",
-    "digits 0 12 345 6789 3.14 ² ٣٤ ½ and x2y3",
-    "spaces before digits: x  1   22    333\n\n4 \t5",
-    "mixed    runs \n \n  of whitespace \t\n",
-    "<|im_start|>user\nsort: dcba<|im_end|>\n<|im_start|>assistant\nabcd<|im_end|><|endoftext|>",
-    "special text glued<|im_end|>to words and <|endoftext|>",
-    "unknown-to-corpus: Zyzzyva qoph ÆØÅ ŋ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ؟ fin",
-    "",
-]
-
-
-def train(pre, tmp_path, name, specials_last=False, added=()):
-    """Train a byte-level BPE tokenizer on CORPUS and save it as a Hugging Face directory."""
+def train(pre, tmp_path, name, specials_last=False, added=(), every_byte=True, normalizer=None):
+    """Train a byte-level BPE tokenizer on CORPUS and save it as a Hugging Face directory.
+    every_byte=False: the vocabulary holds only the bytes the corpus has."""
     tok = tokenizers.Tokenizer(models.BPE())
+    tok.normalizer = normalizer
     tok.pre_tokenizer = pre
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=700, show_progress=False,
                                   special_tokens=[] if specials_last else SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if every_byte else [])
     tok.train_from_iterator(CORPUS, trainer)
     if specials_last:  # Qwen-style: the specials after the merges
         tok.add_special_tokens(SPECIALS)
@@ -63,31 +53,20 @@ def write_configs(d, tokenizer_config, generation_config=None):
         (d / "generation_config.json").write_text(json.dumps(generation_config))
 
 
-def qwen2_style(tmp_path):
+def qwen2_style(tmp_path):  # with Qwen2's NFC normalizer
     pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    return train(pre, tmp_path, "qwen2-style", specials_last=True, added=["<tool_call>"])
+    return train(pre, tmp_path, "qwen2-style", specials_last=True, added=["<tool_call>"], normalizer=normalizers.NFC())
 
 
 def gpt2_style(tmp_path):
     return train(pre_tokenizers.ByteLevel(add_prefix_space=False), tmp_path, "gpt2-style")
 
 
-def smollm2_style(tmp_path):
+def smollm2_style(tmp_path, every_byte=True):
     pre = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                    pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    return train(pre, tmp_path, "smollm2-style")
-
-
-def assert_same_ids(hf, ours, texts):
-    for text in texts:
-        hf.encode_special_tokens = False  # Hugging Face's default: special-token text -> its id
-        assert ours.encode(text, allow_special=True) == hf.encode(text, add_special_tokens=False).ids, text
-        hf.encode_special_tokens = True  # special-token text stays text
-        ids = ours.encode(text)
-        assert ids == hf.encode(text, add_special_tokens=False).ids, text
-        assert ours.decode(ids) == text
-    hf.encode_special_tokens = False
+    return train(pre, tmp_path, "smollm2-style", every_byte=every_byte)
 
 
 @pytest.mark.parametrize("style", [qwen2_style, gpt2_style, smollm2_style])
@@ -97,13 +76,43 @@ def test_same_ids_as_tokenizers_library(style, tmp_path):
     ours = tokenizer.get_tokenizer(str(d), verbose=False)
     assert ours.vocab_size == hf.get_vocab_size()
     assert len(hf.get_vocab()) > 450  # the training really merged
-    texts = TEXTS + [t + " <tool_call>x</tool_call>" for t in TEXTS[:2]] + CORPUS[:7]
+    texts = TEXTS + [t + " <tool_call>x</tool_call>" for t in TEXTS[:2]] + CORPUS[:7] + NOT_NFC
     assert_same_ids(hf, ours, texts)
+    for text in TEXTS:  # a vocabulary of every byte gives the text back as it was (NFC here)
+        assert ours.decode(ours.encode(text)) == text
     # plain text keeps special-token text as text; allow_special turns it into the id
     im_end = hf.token_to_id("<|im_end|>")
     assert im_end not in ours.encode("a<|im_end|>b")
     assert ours.encode("a<|im_end|>b", allow_special=True).count(im_end) == 1
     assert (ours.name, ours.source, ours.bos_id) == (d.name, str(d), None)
+
+
+@pytest.mark.parametrize("unk", [None, "fused", "one per byte"])
+def test_a_vocabulary_that_lacks_bytes_encodes_as_tokenizers_does(unk, tmp_path):
+    """tokenizers drops a byte its vocabulary lacks (or writes the unk token, if the model names
+    one) after splitting the text; what is left of the piece merges across the gap."""
+    hf, d = smollm2_style(tmp_path, every_byte=False)
+    if unk is not None:
+        edited(d, lambda tj: tj["model"].update(unk_token="<|endoftext|>", fuse_unk=unk == "fused"))
+        hf = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
+    write_configs(d, {"eos_token": "<|im_end|>"})
+    ours = tokenizer.get_tokenizer(str(d), verbose=False)
+    lacking = ours.irregular.missing
+    assert len(lacking) > 100 and 4 in lacking  # the corpus holds few of the 256 bytes
+    assert_same_ids(hf, ours, TEXTS + RARE_BYTES + random_texts(300))
+    dropped = ours.encode("!\x04!")
+    assert dropped == hf.encode("!!").ids if unk is None else hf.token_to_id("<|endoftext|>") in dropped
+
+
+def test_no_text_makes_the_encoder_panic(tmp_path):
+    """tiktoken panics (a BaseException) on a byte its ranks lack; every text encodes here,
+    lone surrogates included (mended as tiktoken mends them)."""
+    hf, d = smollm2_style(tmp_path, every_byte=False)
+    write_configs(d, {"eos_token": "<|im_end|>"})
+    ours = tokenizer.get_tokenizer(str(d), verbose=False)
+    texts = ["".join(map(chr, range(i, i + 64))) for i in range(0, 0x3000, 64)] + ["\ud800 lone", "\udfff"]
+    for text in texts:
+        ours.encode(text), ours.encode(text, allow_special=True)
 
 
 def test_bos_from_a_template_post_processor(tmp_path):
@@ -167,15 +176,35 @@ def test_tokenizers_tiktoken_cannot_reproduce_are_clear_errors(tmp_path):
         vocab[a], vocab[b] = vocab[b], vocab[a]
 
     expect(swap_ids, "not in merge order")
-    expect(lambda tj: tj.update(normalizer={"type": "NFKC"}), "normalizer")
+    expect(lambda tj: tj.update(normalizer={"type": "NFKC"}), "normalizer NFKC")
+    expect(lambda tj: tj.update(normalizer={"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Lowercase"}]}),
+           "normalizer NFC [+] Lowercase")
+    expect(lambda tj: tj.update(decoder={"type": "Metaspace"}), "decoder other than ByteLevel")
     expect(lambda tj: tj.update(pre_tokenizer={"type": "Metaspace", "replacement": "▁"}), "pre-tokenizer Metaspace")
     expect(lambda tj: tj["model"].update(type="Unigram"), "Unigram model")
-    expect(lambda tj: tj["model"].update(byte_fallback=True), "byte_fallback")
     expect(lambda tj: tj["pre_tokenizer"].update(add_prefix_space=True), "pre-tokenizer ByteLevel")
     expect(lambda tj: tj["added_tokens"][0].update(lstrip=True), "strips whitespace")
     expect(lambda tj: tj["model"]["merges"].pop(), "made by no merge")
     expect(lambda tj: tj["added_tokens"].append(dict(tj["added_tokens"][0], id=699, content="<|endoftext|>x")),
            "prefix")
+
+
+def test_rules_a_published_file_may_break_are_kept_only_where_they_matter(tmp_path):
+    """byte_fallback and the unk token act only on bytes the vocabulary lacks: with all 256 they
+    change nothing and load; without, byte_fallback (<0x..> tokens) and an unk token that is
+    not in the vocabulary are errors."""
+    hf, d = gpt2_style(tmp_path)
+    write_configs(d, {"eos_token": "<|endoftext|>"})
+    edited(d, lambda tj: tj["model"].update(byte_fallback=True, unk_token="<|none|>"))
+    assert tokenizer.get_tokenizer(str(d), verbose=False).irregular is None
+    hf, d = smollm2_style(tmp_path, every_byte=False)
+    write_configs(d, {"eos_token": "<|endoftext|>"})
+    original = (d / "tokenizer.json").read_text()
+    for change, match in [(dict(byte_fallback=True), "byte_fallback"), (dict(unk_token="<|none|>"), "unk token")]:
+        (d / "tokenizer.json").write_text(original)
+        edited(d, lambda tj: tj["model"].update(change))
+        with pytest.raises(ValueError, match=match):
+            tokenizer.get_tokenizer(str(d), verbose=False)
 
 
 def test_directory_without_tokenizer_files_names_them(tmp_path):
