@@ -29,7 +29,7 @@ import json
 import os
 from datetime import datetime
 
-from tokenizer import Templated
+from tokenizer import Fields, Templated, read_json, special_token
 
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -117,29 +117,24 @@ def load_template(tok):
     templates of which "default" is used), as transformers picks it."""
     if tok.source is None:
         return None
-    config = {}
     file = os.path.join(tok.source, "tokenizer_config.json")
-    if os.path.isfile(file):
-        try:
-            with open(file, encoding="utf-8") as f:
-                config = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"{file}: unreadable JSON ({e})") from None
-    text = config.get("chat_template")
+    config = Fields(read_json(file) if os.path.isfile(file) else {}, file)
+    text = config.get("chat_template", None, lambda v: type(v) is str or type(v) is list and all(
+        type(t) is dict and type(t.get("name")) is str and type(t.get("template")) is str for t in v),
+        'a string, or a list of {"name": ..., "template": ...}')
     jinja = os.path.join(tok.source, "chat_template.jinja")
     if os.path.isfile(jinja):
-        with open(jinja, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with open(jinja, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{jinja}: unreadable ({e.strerror if isinstance(e, OSError) else e})") from None
     if isinstance(text, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        text = {t.get("name"): t.get("template") for t in text}.get("default")
+        text = {t["name"]: t["template"] for t in text}.get("default")
     if not text:
         return None
-    specials = {}
-    for name in SPECIAL_NAMES:
-        token = config.get(name)
-        token = token.get("content") if isinstance(token, dict) else token
-        if token is not None:
-            specials[name] = token
+    specials = {name: special_token(config, name, file) for name in SPECIAL_NAMES}
+    specials = {name: token for name, token in specials.items() if token is not None}
     return ChatTemplate(text, tok.source, specials, tok.decode([tok.eos_id]))
 
 
@@ -177,6 +172,14 @@ def ends_with_answer(conv, name):
     return conv[:-1], conv[-1]["content"]
 
 
+def check_answerable(prompt):
+    """A prompt conversation, once it is one the assistant answers: its last turn is not the
+    assistant's own."""
+    if prompt[-1]["role"] == "assistant":
+        raise ValueError("the prompt's last turn is the assistant's: there is nothing to answer")
+    return prompt
+
+
 def preference_pair(rec, template):
     """{"prompt", "chosen", "rejected"} as Templated strings, from a record in either of TRL's
     conversational forms (see the top of the file)."""
@@ -200,6 +203,7 @@ def preference_pair(rec, template):
                          "assistant's last turn may differ)")
     if not before_c:
         raise ValueError("chosen and rejected share no prompt prefix: nothing precedes the assistant's turn")
+    check_answerable(before_c)
     p = template.prompt(before_c)
     return {"prompt": p, "chosen": template.response(p, chosen), "rejected": template.response(p, rejected)}
 
@@ -219,7 +223,7 @@ def demonstration(rec, template):
         if not isinstance(answer, str):
             extra, answer = ends_with_answer(check_messages(answer, "completion"), "completion")
             before = before + extra
-    p = template.prompt(before)
+    p = template.prompt(check_answerable(before))
     return p, template.response(p, answer)
 
 
@@ -233,9 +237,7 @@ def evaluation_prompt(rec, template):
         return {"prompt": p["prompt"], "reference": p["chosen"]}
     if "prompt" not in rec:
         raise ValueError("missing field 'prompt'")
-    msgs = user_turn(rec["prompt"], "prompt")
-    if msgs[-1]["role"] == "assistant":
-        raise ValueError("the prompt's last turn is the assistant's: there is nothing to answer")
+    msgs = check_answerable(user_turn(rec["prompt"], "prompt"))
     p, ref = template.prompt(msgs), rec.get("reference")
     if isinstance(ref, list):  # the reference as a conversation: its last (assistant) turn
         ref = ends_with_answer(check_messages(ref, "reference"), "reference")[1]

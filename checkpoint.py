@@ -1,8 +1,9 @@
 """
 checkpoint.py -- what a run leaves on disk, written so that a crash never corrupts it.
 
-Every file goes through `atomic_write`: a temporary file in the same directory, fsync, then
-a rename, so a reader sees the old file or the new one, never half of one. Checkpoints are
+Every file goes through `atomic_write`: a temporary file beside it, fsync, then a rename, so
+a reader sees the old file or the new one, never half of one, with the permissions the umask
+gives; a full disk is one line naming the file (data.WriteError). Checkpoints are
 read with weights_only=True: a checkpoint file cannot run code.
 
 A run's directory holds one checkpoint per completed stage (sft.pt, dpo.pt, selm_1.pt, ...),
@@ -10,13 +11,16 @@ metrics.jsonl and results.json. The functions at the end find where a killed run
 (--resume) and copy another run's finished stages into a new run (--start-from).
 """
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, fields
 
 import torch
 
+from data import atomic_write_path
 from model import GPT, GPTConfig
 
 
@@ -24,30 +28,6 @@ def atomic_write(path, write, binary=True):
     """Call write(file) on a temporary file in the same directory, fsync, then rename: a
     crash leaves either the old file or the new one, never half of one."""
     atomic_write_path(path, lambda tmp: _write_file(tmp, write, "wb" if binary else "w"))
-
-
-def atomic_write_path(path, save):
-    """atomic_write for writers that want a file name, not a file: save(temporary path)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    os.close(fd)
-    try:
-        save(tmp)
-        # mkstemp makes it private (0600), as does safetensors when it writes the file anew;
-        # open() would not
-        os.chmod(tmp, 0o666 & ~_umask())
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask():
-    mask = os.umask(0)  # reading the umask means setting it: set it straight back
-    os.umask(mask)
-    return mask
 
 
 def _write_file(path, write, mode):
@@ -63,8 +43,7 @@ def atomic_save(obj, path):
 def load_checkpoint(path, map_location="cpu"):
     """Read a checkpoint with weights_only=True (a checkpoint cannot run code). Errors are
     one line naming the file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    check_checkpoint_path(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated, corrupted, or not a torch file at all
@@ -73,6 +52,16 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise ValueError(f"checkpoint {path} is not a selm checkpoint (needs 'model' and 'model_config')")
     return ckpt
+
+
+def check_checkpoint_path(path):
+    """A FileNotFoundError in one line unless `path` is a file: a directory, or nothing."""
+    if os.path.isdir(path):
+        stages = sorted(f for f in os.listdir(path) if f.endswith(".pt"))
+        raise FileNotFoundError(f"checkpoint {path} is a directory; give one of its checkpoint files"
+                                + (f" ({', '.join(stages)})" if stages else " (it holds none)"))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
 
 
 def model_from_checkpoint(ckpt, path="checkpoint"):
@@ -106,21 +95,30 @@ def stage_path(out_dir, stage):
 
 
 def prepare_out_dir(path):
-    """Create the output directory, prove it writable, and sweep away temporary files that a
-    killed process left half-written (atomic writes go through .tmp-* files, then a rename)."""
+    """Create the output directory, prove it writable, and sweep away what a killed process
+    left half-written: the .tmp-* of atomic writes, in the directory and in its exports
+    hf-<stage>/ (and any .tmp* a third-party writer such as safetensors left there)."""
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path):
             pass
     except OSError as e:
         raise ValueError(f"--out-dir {path} is not writable ({e.strerror})") from None
-    for name in os.listdir(path):
-        if name.startswith(".tmp-"):
-            os.unlink(os.path.join(path, name))
+    exports = [os.path.join(path, d) for d in os.listdir(path) if d.startswith("hf-")]
+    for folder in [path] + [d for d in exports if os.path.isdir(d)]:
+        for name in os.listdir(folder):
+            junk = os.path.join(folder, name)
+            if name.startswith(".tmp") and os.path.isdir(junk):
+                shutil.rmtree(junk)
+            elif name.startswith(".tmp"):
+                os.unlink(junk)
 
 
-# Settings that never change what a run computes; a resumed run may differ in them.
-IGNORED_ON_RESUME = ("resume", "device", "start_from", "compile", "export", "fsdp", "activation_checkpointing")
+# Settings that never change what a run computes; a resumed run may differ in them. The
+# output directory is the one being resumed, however it is spelled now (relative, through a
+# link, or moved).
+IGNORED_ON_RESUME = ("resume", "device", "start_from", "compile", "export", "fsdp", "activation_checkpointing",
+                     "out_dir")
 
 
 def last_checkpoint(out_dir, stages, config):
@@ -226,3 +224,12 @@ def commit(out_dir, state, is_main=True):
     if is_main:
         atomic_save(state, stage_path(out_dir, state["stage"]))
         write_json_atomic(state["results"], os.path.join(out_dir, "results.json"))
+
+
+def weights_digest(model):
+    """A short fingerprint of the weights: which model a cache of its outputs came from (the
+    instruction task's offline pairs)."""
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        h.update(name.encode() + p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,12 +1,11 @@
 """
 data.py -- user data and batches: JSON Lines records, judges, padded tensors.
 
-  1. user data: JSON Lines files (plain strings, or conversations that chat.py renders) and
-     judges ("module:function", or "rm:DIR": a reward model, reward.py);
+  1. user data: JSON Lines files (plain strings, or conversations that chat.py renders), read and
+     written atomically, and judges ("module:function", or "rm:DIR": a reward model, reward.py);
   2. batching: right-padded tensors with prompt/response masks;
   3. `python data.py fit MODEL_DIR BLOCK_SIZE in.jsonl`: the records of a file that fit a context.
-Tokenizers live in tokenizer.py and the built-in sorting task in sorting.py; `get_tokenizer` is
-re-exported here so that everything about turning text into batches has one front door.
+Tokenizers live in tokenizer.py, the built-in tasks in sorting.py and instructions.py.
 
 This file imports nothing from the model code.
 """
@@ -17,12 +16,15 @@ import json
 import math
 import os
 import random
+import re
+import shutil
+import tempfile
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 import chat
-from tokenizer import Tokenizer, get_tokenizer  # noqa: F401  (re-exported)
 
 
 class DataError(ValueError):
@@ -63,6 +65,64 @@ def read_jsonl(path):
     return rows
 
 
+def atomic_write_path(path, save):
+    """Write a file so that a crash never leaves half of it: save(temporary path), fsync, then a
+    rename, so readers see the old file or the new one, with the mode the umask gives. The
+    temporary path is `path`'s name in a private .tmp-*/ beside it: a writer's own temporary
+    files (safetensors') stay in there, and a format read from the extension (matplotlib's) is
+    right. A failure the OS explains (a full disk, a quota) is a WriteError naming `path`."""
+    tmp_dir = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    tmp = os.path.join(tmp_dir, os.path.basename(path))
+    try:
+        save(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # after the writer: safetensors renames a private (0600) file over ours
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception as e:
+        error = write_error(e, path)
+        if error is None:
+            raise
+        raise error from e
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+class WriteError(OSError):
+    """A file could not be written; its message is one line: what the OS said, and the file."""
+
+    def __str__(self):
+        return self.strerror
+
+
+def write_error(e, path):
+    """A WriteError naming `path` when an errno explains `e`: its own, that of the OSError torch
+    keeps as its RuntimeError's context, or the one safetensors names ("os error N"); else None."""
+    cause = e
+    while cause is not None:
+        named = re.search(r"\(os error (\d+)\)", str(cause))
+        code = getattr(cause, "errno", None) or (named and int(named.group(1)))
+        if code:
+            what = os.strerror(code)
+            return WriteError(code, f"{what[:1].lower()}{what[1:]} writing {path}")
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _umask():
+    mask = os.umask(0)  # reading the umask means setting it: set it straight back
+    os.umask(mask)
+    return mask
+
+
+def write_jsonl_atomic(path, records):
+    """Records (JSON objects) as a JSON Lines file, one per line, UTF-8, written atomically."""
+    def save(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write_path(path, save)
+
+
 def check_strings(rec, fields):
     """rec, once each of `fields` is a non-empty string: an empty response teaches nothing, and
     an empty prompt leaves the first response token with no position to be predicted from."""
@@ -98,22 +158,16 @@ def load_judge(spec, device=None):
     """A judge from "package.module:function" or "path/to/file.py:function" -- the function
     must follow judge(prompt, candidates) -> list[float] -- or from "rm:DIR", a reward model
     in a Hugging Face directory (reward.py), run on `device`."""
-    if spec.startswith("rm:"):
+    kind, target, name = judge_target(spec)
+    if kind == "rm":
         # reward.py is imported by name, as a user's judge module is: this file imports no model code
         try:
-            return importlib.import_module("reward").load_judge(spec[3:], device=device)
+            return importlib.import_module("reward").load_judge(target, device=device)
         except (ValueError, OSError) as e:
             raise DataError(f"judge {spec!r}: {e}") from None
-    target, _, name = spec.rpartition(":")  # the last ":", so C:\dir\f.py:fn works
-    if not target or not name:
-        raise DataError(f"judge {spec!r}: expected 'module:function' or 'file.py:function'")
-    is_file = target.endswith(".py") or os.sep in target or "/" in target
-    if is_file and not os.path.isfile(target):
-        raise DataError(f"judge {spec!r}: no file {target}")
     try:
-        if is_file:
-            modname = os.path.splitext(os.path.basename(target))[0]
-            modspec = importlib.util.spec_from_file_location(modname, target)
+        if kind == "file":
+            modspec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(target))[0], target)
             module = importlib.util.module_from_spec(modspec)
             modspec.loader.exec_module(module)
         else:
@@ -124,6 +178,27 @@ def load_judge(spec, device=None):
     if not callable(fn):
         raise DataError(f"judge {spec!r}: {target} has no callable {name!r}")
     return fn
+
+
+def judge_target(spec):
+    """What a judge spec names, checked without importing anything: ("rm", DIR, None),
+    ("file", path.py, function) or ("module", name, function); a DataError naming the spec
+    otherwise."""
+    if spec.startswith("rm:"):
+        if not os.path.isfile(os.path.join(spec[3:], "config.json")):
+            raise DataError(f"judge {spec!r}: {spec[3:] or 'the empty path'} is not a Hugging Face model "
+                            "directory (no config.json); rm:DIR names a reward model's directory")
+        return "rm", spec[3:], None
+    target, _, name = spec.rpartition(":")  # the last ":", so C:\dir\f.py:fn works
+    if not target or not name:
+        raise DataError(f"judge {spec!r}: expected 'module:function' or 'file.py:function'")
+    if not (target.endswith(".py") or os.sep in target or "/" in target or os.path.isfile(target)):
+        return "module", target, name
+    if not os.path.isfile(target):
+        raise DataError(f"judge {spec!r}: no file {target}")
+    if not target.endswith(".py"):
+        raise DataError(f"judge {spec!r}: {target} is not a Python file (.py)")
+    return "file", target, name
 
 
 class JudgeError(DataError):
@@ -186,6 +261,8 @@ class TrainingData:
     prompt_template: how the prompts were written, "{prompt}" standing for the user's text
     conversational: True when the records were conversations, rendered with the chat template
     lines:   where each record of the user's files came from, for check_fits' messages
+    metrics: more figures of the greedy evaluation answers, metrics(prompts, answers) -> dict
+             (the instruction task: IFEval's prompt-level and instruction-level accuracy)
     """
     sft: list
     chunks: list
@@ -195,6 +272,7 @@ class TrainingData:
     prompt_template: str = "{prompt}"  # how a plain prompt was formatted; sample.py reuses it
     conversational: bool = False  # sample.py then renders its prompt as a user turn, as training did
     lines: dict = None  # {"sft" | "prefs" | "prompts": ["path:line" of each record]}, for messages
+    metrics: object = None
 
 
 def load_user_data(sft_path, prefs_path, prompts_path, judge_spec, n_chunks, template=None, device=None):
@@ -319,19 +397,30 @@ def collate(sequences, pad_id):
             "response_mask": response_mask}
 
 
-def collate_preferences(prompt_ids_list, *response_groups, pad_id):
-    """One batch for one forward pass over every response of B preference examples.
+class Example(NamedTuple):
+    """One preference example in token ids: the prompt, the chosen and the rejected response,
+    and pi_ref's own answers y_refs that SELM's optimism term averages over (none for DPO)."""
+    prompt: list
+    chosen: list
+    rejected: list
+    y_refs: tuple = ()
 
-    response_groups: lists aligned with the prompts, e.g. chosen, rejected, then SELM's
-    reference answers y_ref (one list per answer when there are several). Row order: group
-    after group, so rows 0..B-1 are (prompt_i, chosen_i), rows B..2B-1 (prompt_i,
-    rejected_i), and so on; per-row results split with `.view(len(groups), B)`. All padded
-    to one T.
-    """
-    B = len(prompt_ids_list)
-    if any(len(g) != B for g in response_groups):
-        raise ValueError(f"collate_preferences: lists of lengths {[B] + [len(g) for g in response_groups]}")
-    return collate([(p, r) for g in response_groups for p, r in zip(prompt_ids_list, g)], pad_id)
+    def responses(self):
+        return (self.chosen, self.rejected, *self.y_refs)
+
+
+def preference_rows(examples):
+    """The (prompt, response) rows of B Examples, part after part: rows 0..B-1 are
+    (prompt_i, chosen_i), rows B..2B-1 (prompt_i, rejected_i), then each y_ref in turn. The
+    log-probs of the rows come back apart with selm.split_logps(logps, 2 + len(y_refs))."""
+    parts = zip(*(ex.responses() for ex in examples), strict=True)  # every example has as many y_refs
+    return [(ex.prompt, r) for part in parts for ex, r in zip(examples, part)]
+
+
+def collate_preferences(examples, pad_id):
+    """One batch for one forward pass over every response of B Examples, padded to one T, in
+    the order of preference_rows."""
+    return collate(preference_rows(examples), pad_id)
 
 
 def batches(n, batch_size, seed=0, shuffle=True, drop_last=False):
@@ -374,17 +463,33 @@ def fits(rec, tok, template, block_size):
     return True
 
 
-def main(argv=None):
+def parser():
     import argparse
-    import sys
     ap = argparse.ArgumentParser(prog="data.py", description="Write the records of a JSON Lines file that fit "
                                  "the context, as a run with this model's tokenizer and chat template encodes them.")
     ap.add_argument("command", choices=["fit"])
     ap.add_argument("model_dir", help="the --init-from directory (its tokenizer.json and chat template)")
     ap.add_argument("block_size", type=int, help="the run's --block-size")
     ap.add_argument("path", help="a JSON Lines file: preferences, SFT demonstrations or evaluation prompts")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def check_args(args):
+    """Every argument checked, in one line naming it, before anything is read."""
+    if not os.path.isdir(args.model_dir):
+        raise ValueError(f"MODEL_DIR {args.model_dir!r} is not a directory")
+    if args.block_size < 2:
+        raise ValueError(f"BLOCK_SIZE must be at least 2 (a prompt token and a response token), got {args.block_size}")
+    if not os.path.isfile(args.path):
+        raise ValueError(f"PATH {args.path!r} is not a file")
+
+
+def main(argv=None):
+    import sys
+    args = parser().parse_args(argv)
+    from tokenizer import get_tokenizer
     try:
+        check_args(args)
         tok = get_tokenizer(args.model_dir, verbose=False)
         template, kept = chat.load_template(tok), 0
         records = read_jsonl(args.path)

@@ -21,6 +21,7 @@ import torch
 
 from checkpoint import atomic_write, atomic_write_path, load_checkpoint, model_from_checkpoint, stage_path
 from model import GPT, GPTConfig
+from tokenizer import Fields, read_json
 
 LLAMA_FAMILY = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -41,70 +42,69 @@ def has_safetensors():
         return False
 
 
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable JSON ({e})") from None
-
-
 # ---- configuration -------------------------------------------------------------------
 
-def config_from_hf(hf, block_size=None, dropout=0.0):
-    """GPTConfig from a config.json dict. block_size: the context the model will be used at;
-    default its max_position_embeddings. (GPT-2 keeps its n_positions, the rows of its position
-    table: a block_size above that is an error, one below it changes nothing.)"""
-    mt = hf.get("model_type")
+def config_from_hf(hf, block_size=None, dropout=0.0, where="config.json"):
+    """GPTConfig from a config.json dict, every field it reads checked (Fields). block_size:
+    the context the model will be used at; default its max_position_embeddings. (GPT-2 keeps its
+    n_positions, the rows of its position table: a block_size above that is an error, one below
+    it changes nothing.)"""
+    f = Fields(hf, where)
+    mt = f.get("model_type", None)
     if mt not in SUPPORTED:
-        raise ValueError(f"model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED)}")
-    try:
-        if mt == "gpt2":
-            if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-                raise ValueError(f"GPT-2 activation {hf['activation_function']!r} is not supported (gelu_new)")
-            n_pos = hf.get("n_positions", hf.get("n_ctx", 1024))
-            if block_size is not None and block_size > n_pos:
-                raise ValueError(f"context of {block_size} is longer than this GPT-2's {n_pos} positions")
-            return GPTConfig(block_size=n_pos, vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                             n_head=hf["n_head"], n_embd=hf["n_embd"], n_inner=hf.get("n_inner"),
-                             dropout=dropout, layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-                             hf_config=hf)
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{mt}: hidden_act {hf['hidden_act']!r} is not supported (silu)")
-        if hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise ValueError(f"{mt}: attention_bias / mlp_bias are not supported")
-        # transformers 5 writes rope_parameters (rope_theta inside); older files rope_scaling + rope_theta
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind not in ("default", "llama3"):
-            raise ValueError(f"{mt}: rope scaling type {kind!r} is not supported (default, llama3)")
-        if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
-            raise ValueError(f"{mt}: partial rotary embeddings are not supported")
-        scaling = None
-        if kind == "llama3":
-            scaling = {k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                            "original_max_position_embeddings")}
-        max_pos = hf["max_position_embeddings"]
-        ctx = block_size or max_pos
-        if ctx > max_pos:
-            raise ValueError(f"context of {ctx} is longer than this model's max_position_embeddings {max_pos}")
-        window = hf.get("sliding_window")
-        windowed = (mt == "mistral" or hf.get("use_sliding_window")
-                    or "sliding_attention" in (hf.get("layer_types") or ()))
-        if windowed and window is not None and window < ctx:
-            # our attention sees the whole context; that equals a window only if the window covers it
-            raise ValueError(f"{mt} uses sliding-window attention over {window} tokens, narrower than the "
-                             f"context of {ctx} it would be used at; load it with block_size <= {window}")
-        return GPTConfig(
-            block_size=ctx, vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
-            n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"], dropout=dropout, bias=False,
-            layer_norm_epsilon=hf.get("rms_norm_eps", 1e-6), model_type=mt,
-            n_kv_head=hf.get("num_key_value_heads"), head_dim=hf.get("head_dim"),
-            n_inner=hf["intermediate_size"], rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-            rope_scaling=scaling, qkv_bias=mt == "qwen2", qk_norm=mt == "qwen3",
-            tie_embeddings=hf.get("tie_word_embeddings", False), hf_config=hf)
-    except KeyError as e:
-        raise ValueError(f"{mt} config lacks {e.args[0]!r}") from None
+        raise ValueError(f"{where}: model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED)}")
+    f.what = f"{mt} config"  # "... config lacks 'vocab_size'"
+    if mt == "gpt2":
+        act = f.text("activation_function", "gelu_new")
+        f.check(act not in ("gelu_new", "gelu_pytorch_tanh"), f"GPT-2 activation {act!r} is not supported (gelu_new)")
+        n_pos = f.count("n_positions", f.count("n_ctx", 1024))
+        f.check(block_size is not None and block_size > n_pos,
+                f"context of {block_size} is longer than this GPT-2's {n_pos} positions")
+        n_embd, n_head = f.count("n_embd"), f.count("n_head")
+        f.check(n_embd % n_head, f"n_embd {n_embd} is not a multiple of n_head {n_head}")
+        return GPTConfig(block_size=n_pos, vocab_size=f.count("vocab_size"), n_layer=f.count("n_layer"),
+                         n_head=n_head, n_embd=n_embd, n_inner=f.count("n_inner", None), dropout=dropout,
+                         layer_norm_epsilon=f.number("layer_norm_epsilon", 1e-5, strict=False), hf_config=hf)
+    act = f.text("hidden_act", "silu")
+    f.check(act != "silu", f"{mt}: hidden_act {act!r} is not supported (silu)")
+    f.check(f.flag("attention_bias") or f.flag("mlp_bias"), f"{mt}: attention_bias / mlp_bias are not supported")
+    # transformers 5 writes rope_parameters (rope_theta inside); older files rope_scaling + rope_theta
+    rope = f.nested("rope_parameters" if f.obj.get("rope_parameters") else "rope_scaling")
+    kind = rope.text("rope_type", rope.text("type", "default"))
+    f.check(kind not in ("default", "llama3"), f"{mt}: rope scaling type {kind!r} is not supported (default, llama3)")
+    f.check(rope.number("partial_rotary_factor", f.number("partial_rotary_factor", 1.0)) != 1.0,
+            f"{mt}: partial rotary embeddings are not supported")
+    scaling = None
+    if kind == "llama3":
+        scaling = {"factor": rope.number("factor"), "low_freq_factor": rope.number("low_freq_factor"),
+                   "high_freq_factor": rope.number("high_freq_factor"),
+                   "original_max_position_embeddings": rope.count("original_max_position_embeddings")}
+        f.check(scaling["high_freq_factor"] <= scaling["low_freq_factor"],
+                "the llama3 rope scaling's high_freq_factor must be above its low_freq_factor")
+    max_pos = f.count("max_position_embeddings")
+    ctx = block_size or max_pos
+    f.check(ctx > max_pos, f"context of {ctx} is longer than this model's max_position_embeddings {max_pos}")
+    window = f.count("sliding_window", None)
+    layer_types = f.get("layer_types", (), lambda v: type(v) is list and all(type(t) is str for t in v),
+                        "a list of strings")
+    windowed = mt == "mistral" or f.flag("use_sliding_window") or "sliding_attention" in layer_types
+    # our attention sees the whole context; that equals a window only if the window covers it
+    f.check(windowed and window is not None and window < ctx,
+            f"{mt} uses sliding-window attention over {window} tokens, narrower than the context of {ctx} it "
+            f"would be used at; load it with block_size <= {window}")
+    n_embd, n_head = f.count("hidden_size"), f.count("num_attention_heads")
+    n_kv_head, head_dim = f.count("num_key_value_heads", n_head), f.count("head_dim", None)
+    f.check(n_head % n_kv_head, f"num_attention_heads {n_head} is not a multiple of num_key_value_heads {n_kv_head}")
+    f.check(head_dim is None and n_embd % n_head,
+            f"hidden_size {n_embd} is not a multiple of num_attention_heads {n_head}, and no head_dim is given")
+    return GPTConfig(
+        block_size=ctx, vocab_size=f.count("vocab_size"), n_layer=f.count("num_hidden_layers"),
+        n_head=n_head, n_embd=n_embd, dropout=dropout, bias=False,
+        layer_norm_epsilon=f.number("rms_norm_eps", 1e-6, strict=False), model_type=mt,
+        n_kv_head=n_kv_head, head_dim=head_dim, n_inner=f.count("intermediate_size"),
+        rope_theta=rope.number("rope_theta", f.number("rope_theta", 10000.0)),
+        rope_scaling=scaling, qkv_bias=mt == "qwen2", qk_norm=mt == "qwen3",
+        tie_embeddings=f.flag("tie_word_embeddings"), hf_config=hf)
 
 
 def hf_config(config, dtype=torch.float32):
@@ -195,7 +195,16 @@ def hf_to_ours(hf_sd, model, where="checkpoint"):
         lacking = [n for n in theirs if n not in hf_sd]
         if lacking:
             raise ValueError(f"{where} lacks tensor {lacking[0]}")
-        t = torch.cat([hf_sd[n] for n in theirs]) if len(theirs) > 1 else hf_sd[theirs[0]]
+        parts = [hf_sd[n] for n in theirs]
+        bad = next((n for n, p in zip(theirs, parts) if not isinstance(p, torch.Tensor)), None)
+        if bad:
+            raise ValueError(f"{where}: {bad} is a {type(hf_sd[bad]).__name__}, not a tensor")
+        if len(parts) > 1:  # stacked along dim 0 into ours: each one checked first
+            for n, p, rows in zip(theirs, parts, _stacked_sizes(ours, model.config)):
+                if p.shape != (rows, *want[ours].shape[1:]):
+                    raise ValueError(f"{where}: tensor {n} has shape {tuple(p.shape)}, the config implies "
+                                     f"{(rows, *want[ours].shape[1:])}")
+        t = torch.cat(parts) if len(parts) > 1 else parts[0]
         t = t.t() if gpt2 and ours.endswith(_CONV1D) else t
         if t.shape != want[ours].shape:
             raise ValueError(f"{where}: tensor {' + '.join(theirs)} has shape {tuple(t.shape)}, the "
@@ -233,7 +242,7 @@ def read_weights(path):
         if os.path.isfile(os.path.join(path, single)):
             files = [single]
         elif os.path.isfile(os.path.join(path, index)):
-            files = sorted(set(_read_json(os.path.join(path, index))["weight_map"].values()))
+            files = shard_files(os.path.join(path, index))
         else:
             continue
         sd = {}
@@ -255,6 +264,17 @@ def read_weights(path):
                             f"pytorch_model.bin, or a sharded index of either{extra}")
 
 
+def shard_files(index):
+    """The weight files a *.index.json lists: plain file names in its directory."""
+    weight_map = Fields(read_json(index), index, "the index").get(
+        "weight_map", ..., lambda v: type(v) is dict and v and all(type(f) is str for f in v.values()),
+        "an object of tensor names and file names")
+    for f in weight_map.values():
+        if os.path.basename(f) != f or f in ("", ".", ".."):
+            raise ValueError(f"{index}: weight file {f!r} is not a file name in its directory")
+    return sorted(set(weight_map.values()))
+
+
 def load_pretrained(path, dropout=0.0, block_size=None):
     """A GPT from a Hugging Face directory on disk: GPT-2, Llama, Mistral, Qwen2 or Qwen3.
     block_size: the context it will be used at (see config_from_hf). Weights come back float32."""
@@ -262,7 +282,7 @@ def load_pretrained(path, dropout=0.0, block_size=None):
     if not os.path.isfile(cfg_file):
         raise FileNotFoundError(f"{path}: not a Hugging Face model directory; it must contain config.json "
                                 "and the weights (model.safetensors, shards, or pytorch_model.bin)")
-    config = config_from_hf(_read_json(cfg_file), block_size, dropout)
+    config = config_from_hf(read_json(cfg_file), block_size, dropout, cfg_file)
     hf_sd = read_weights(path)
     with torch.device("meta"):  # no memory and no random init for weights about to be replaced
         model = GPT(config)

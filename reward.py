@@ -20,16 +20,15 @@ encodes a text (its BOS first, if it has one).
 """
 
 import dataclasses
-import json
 import os
 
 import torch
 import torch.nn as nn
 
 from chat import load_template
-from hf import config_from_hf, hf_to_ours, read_weights
+from hf import Fields, config_from_hf, hf_to_ours, read_weights
 from model import GPT
-from tokenizer import get_tokenizer
+from tokenizer import get_tokenizer, read_json
 
 
 class RewardModel(nn.Module):
@@ -53,13 +52,13 @@ def load_reward_model(path):
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
-    with open(cfg_file) as f:
-        hf = json.load(f)
-    archs = hf.get("architectures") or []
+    hf = read_json(cfg_file)
+    archs = Fields(hf, cfg_file).get("architectures", [], lambda v: type(v) is list and all(type(a) is str for a in v),
+                                     "a list of class names")
     if not any(a.endswith("ForSequenceClassification") for a in archs):
         raise ValueError(f"{path} is not a sequence classifier: its config.json's architectures are {archs}; a reward "
                          "model is a *ForSequenceClassification (GPT2, Llama, Qwen2, Qwen3) with a score head")
-    config = config_from_hf(hf)
+    config = config_from_hf(hf, where=cfg_file)
     sd = read_weights(path)
     score = sd.pop("score.weight", None)
     if score is None or score.shape != (1, config.n_embd):

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import time
 from contextlib import contextmanager, nullcontext
 from copy import deepcopy
@@ -30,8 +31,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import stage_path
-from data import JudgeError, collate, judge_block
-from sample import COMPILE_SECONDS, generate
+from data import JudgeError, collate, judge_block, write_error
+from sample import compile_seconds, generate
 from selm import reference_logps
 
 
@@ -40,29 +41,40 @@ from selm import reference_logps
 def pick_device(name, local_rank=0):
     """"auto" picks cuda, then mps, then cpu. Under torchrun each process takes its own GPU."""
     if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
+        name = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
+    device = check_device(name)
+    if device.type == "cuda":
+        index = local_rank if device.index is None else device.index
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return device
+
+
+def check_device(name):
+    """The device --device names ("auto" passes as it is): cpu, cuda, cuda:N or mps, and one
+    that this PyTorch build and this machine have. A ValueError in one line otherwise."""
+    if name == "auto":
+        return name
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:N, mps, or auto)") from None
-    usable = {"cuda": torch.cuda.is_available,
-              "mps": lambda: getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:N, mps, or auto)")
+    usable = {"cuda": torch.cuda.is_available, "mps": _mps_available}
     if not usable.get(device.type, lambda: True)():
         build = f"PyTorch {torch.__version__}"
         if device.type == "cuda":
             build += f", built with CUDA {torch.version.cuda} but no GPU is visible" if torch.version.cuda \
                 else ", a build without CUDA"
         raise ValueError(f"--device {name} is not available in this PyTorch build ({build})")
-    if device.type == "cuda":
-        index = local_rank if device.index is None else device.index
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPUs")
     return device
+
+
+def _mps_available():
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def amp_dtype(device, dtype):
@@ -130,9 +142,12 @@ class MetricsLog:
 
     def write(self, row):
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-                f.flush()
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                    f.flush()
+            except OSError as e:  # a full disk: one line naming the file (a torn line is cut on --resume)
+                raise (write_error(e, self.path) or e) from None
 
     def size(self):
         return os.path.getsize(self.path) if os.path.exists(self.path) else 0
@@ -189,7 +204,7 @@ class Runtime:
     compile: bool = False
     fsdp: bool = False
     checkpointing: bool = False
-    compile_seconds: float = 0.0  # spent compiling decode steps so far: timed apart from sampling
+    compile_seconds: float = 0.0  # spent compiling decode steps so far: `clock` counts it apart
 
     def autocast(self):
         return nullcontext() if self.dtype is None else torch.autocast(self.device.type, dtype=self.dtype)
@@ -273,11 +288,17 @@ class Runtime:
 
     def sample(self, model, prompt_ids, block, seed=0, **kw):
         """sample.generate's responses to every prompt, in blocks of `block` prompts; the
-        seed of a block depends only on its position. kw: generate's keyword arguments."""
-        n = len(COMPILE_SECONDS)
+        seed of a block depends only on its position. kw: generate's keyword arguments. The
+        seconds spent compiling decode steps on the way add up in self.compile_seconds."""
+        compiled = compile_seconds(model)
         out = self.ranks.map_blocks(lambda start, b: generate(model, b, seed=seed + start, **kw)[0], prompt_ids, block)
-        self.compile_seconds += sum(s for _, s in COMPILE_SECONDS[n:])
+        self.compile_seconds += compile_seconds(model) - compiled
         return out
+
+    def clock(self):
+        """A Clock whose laps leave out the seconds this runtime spent compiling decode steps
+        (reported apart, as t_compile): a lap that sampled reports its net sampling time."""
+        return Clock(lambda: self.compile_seconds)
 
     def logps(self, model, rows, pad_id, block):
         """Summed response log-probs of (prompt_ids, response_ids) rows under `model`, without
@@ -331,17 +352,20 @@ def judge_failure(stage, out_dir, saved):
 # ---- timing and reporting -------------------------------------------------------------------
 
 class Clock:
-    """Seconds between successive laps, by name."""
+    """Seconds between successive laps, by name. compiling() is a running total of seconds
+    spent compiling (Runtime.clock: the sampler's decode steps): what of it falls in a lap is
+    left out of the lap and added up apart, as t_compile."""
 
-    def __init__(self):
-        self.t, self.laps = time.time(), {}
+    def __init__(self, compiling=lambda: 0.0):
+        self.compiling = compiling
+        self.t, self.compiled, self.laps = time.time(), compiling(), {}
 
-    def lap(self, name, compiling=0.0):
-        """compiling: seconds of this lap spent compiling, reported apart as t_compile."""
-        now = time.time()
-        self.laps[name], self.t = now - self.t - compiling, now
-        if compiling:
-            self.laps["t_compile"] = self.laps.get("t_compile", 0.0) + compiling
+    def lap(self, name):
+        now, compiled = time.time(), self.compiling()
+        self.laps[name] = now - self.t - (compiled - self.compiled)
+        if compiled > self.compiled:
+            self.laps["t_compile"] = self.laps.get("t_compile", 0.0) + compiled - self.compiled
+        self.t, self.compiled = now, compiled
 
 
 def summary_line(stage, seconds, row, info):
@@ -351,11 +375,24 @@ def summary_line(stage, seconds, row, info):
     line = (f"[{stage:>7}] {seconds:6.1f}s  reward {row['reward']:.3f}  "
             f"win vs ref {fmt(row['win_rate_vs_reference'], '.3f')}  win vs sft {row['win_rate_vs_sft']:.3f}  "
             f"perfect {fmt(row['perfect'], '.1%')}  length {row['length']:.1f}  kl {row['kl']:.2f}")
+    if "prompt_accuracy" in row:  # the instruction task: IFEval's two figures
+        line += f"  prompt acc {row['prompt_accuracy']:.1%}  instruction acc {row['instruction_accuracy']:.1%}"
     n = info.get("pairs", 0) + info.get("dropped_ties", 0)
     if n:
         line += (f"  (y_ref vs offline chosen: better {info['y_ref_better'] / n:.0%}, "
                  f"tied {info['y_ref_tied'] / n:.0%}, identical {info['y_ref_identical'] / n:.0%})")
     return line
+
+
+def last_screen(out_dir, stages, exported, prompt):
+    """The closing lines of a run: where everything went, and the sample.py command that tries
+    the last stage on `prompt` (shell-quoted)."""
+    return "\n".join([f"results     {os.path.join(out_dir, 'results.json')} (each stage's evaluation), "
+                      f"{os.path.join(out_dir, 'metrics.jsonl')} (every logged step)",
+                      f"checkpoints {', '.join(os.path.basename(stage_path(out_dir, s)) for s in stages)} in {out_dir}",
+                      *([f"exported    {', '.join(exported)} (Hugging Face directories)"] if exported else []),
+                      f"try it      python sample.py --ckpt {shlex.quote(stage_path(out_dir, stages[-1]))} "
+                      f"--prompt {prompt} --temperature 0"])
 
 
 # ---- optimisation ---------------------------------------------------------------------------
@@ -387,10 +424,19 @@ def optimizer_step(model, opt, grad_clip, stage, step):
 
 # ---- a command line from a configuration dataclass -------------------------------------------
 
+class DefaultsHelp(argparse.HelpFormatter):
+    """A flag's help ends with its default, unless there is none to tell (None, "", a switch's
+    False, --help's) or the help tells it itself ("(default: per preset)")."""
+
+    def _get_help_string(self, action):
+        told = action.default in (None, "", argparse.SUPPRESS) or action.default is False or "(default" in action.help
+        return action.help if told else f"{action.help} (default: %(default)s)"
+
+
 def parse_config(cls, argv=None, description=None):
     """One flag per field of the dataclass `cls` (--snake-case), its help the field's
     metadata["help"]; booleans are switches."""
-    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description=description, formatter_class=DefaultsHelp)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
@@ -398,3 +444,12 @@ def parse_config(cls, argv=None, description=None):
         else:
             ap.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"])
     return cls(**vars(ap.parse_args(argv)))
+
+
+def check_or_exit(ap, check, *args):
+    """check(*args), the one place a tool checks its flags: a ValueError it raises becomes the
+    parser's error (its usage, then the one line; exit status 2)."""
+    try:
+        check(*args)
+    except ValueError as e:
+        ap.error(str(e))

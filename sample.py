@@ -20,6 +20,7 @@ a response for every prompt of its chunk. So the sampler is written for speed:
 """
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -28,7 +29,7 @@ import weakref
 
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import check_checkpoint_path, load_checkpoint, model_from_checkpoint
 from model import KVCache, positions_from_mask
 
 
@@ -145,7 +146,13 @@ def bucket(n, smallest=64):
 # StaticCache it runs on, kept for the next call (CUDA graphs replay on fixed addresses).
 # Weights are read at every call, never frozen: a training step's in-place update is seen.
 _COMPILED = weakref.WeakKeyDictionary()
-COMPILE_SECONDS = []  # ((batch, cache length), seconds) of each bucket's first step: compiling
+_COMPILE_SECONDS = weakref.WeakKeyDictionary()  # per model: seconds its buckets' first steps took
+
+
+def compile_seconds(model):
+    """Seconds spent so far compiling the decode steps of `model` (the first step of each new
+    bucket): time that whoever times sampling counts apart from it (runtime.Runtime.sample)."""
+    return _COMPILE_SECONDS.get(model, 0.0)
 
 
 def compiled_decode_step(model, batch_size, max_len, dtype, device):
@@ -173,7 +180,8 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p):
     """Settings that would sample nonsense without a word are errors: a negative temperature
     inverts the distribution, top_k 0 or top_p 0 removes every token."""
     for problem, bad in {f"max_new_tokens must be at least 1, got {max_new_tokens}": max_new_tokens < 1,
-                         f"temperature must be 0 (greedy) or positive, got {temperature}": not temperature >= 0,
+                         f"temperature must be 0 (greedy) or positive and finite, got {temperature}":
+                             not 0 <= temperature < math.inf,
                          f"top_k must be at least 1, got {top_k}": top_k is not None and top_k < 1,
                          f"top_p must be in (0, 1], got {top_p}": top_p is not None and not 0 < top_p <= 1}.items():
         if bad:
@@ -194,7 +202,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
         so the global RNG is neither used nor disturbed, and the same seed gives the same samples.
     compile: decode with the step compiled (torch.compile; CUDA graphs on CUDA), once per
         bucket of batch size (a power of two) and cache length (see `bucket`); the first call
-        of a bucket compiles it (seconds; COMPILE_SECONDS), later calls reuse it. The same
+        of a bucket compiles it (seconds: compile_seconds), later calls reuse it. The same
         tokens as eager, and with the same seed the same samples.
     Returns (responses, finished): per row the new tokens only, cut after the first EOS
     (the EOS itself included), and whether that row emitted EOS.
@@ -261,7 +269,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
                 logits = step(model, tokens, cache)  # every slot of the bucket: a fixed shape
                 if first:  # compiling happens in a new bucket's first step: timed apart
                     _sync(device)
-                    COMPILE_SECONDS.append(((B, cache.max_len), time.perf_counter() - t0))
+                    _COMPILE_SECONDS[model] = compile_seconds(model) + time.perf_counter() - t0
                     first = False
             else:  # eager: attention reads the P + t + 1 slots written so far, not all
                 logits = step(model, tokens, cache, P + t + 1)
@@ -293,7 +301,7 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def main(argv=None):
+def parser():
     ap = argparse.ArgumentParser(description="Sample from a selm checkpoint.")
     ap.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
     ap.add_argument("--prompt", required=True, help="prompt text; the checkpoint's prompt template wraps it (built-in task: the letters to sort)")
@@ -304,8 +312,33 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=64, help="response length cap")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, mps")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def check_args(args):
+    """Every flag checked, in one line naming it, before the checkpoint is read."""
+    from runtime import check_device  # the command line borrows it, as it does the tokenizer
     try:
+        check_checkpoint_path(args.ckpt)
+    except FileNotFoundError as e:
+        raise ValueError(f"--ckpt: {e}") from None
+    if not args.prompt:
+        raise ValueError("--prompt is empty")
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be at least 1, got {args.num_samples}")
+    if not 0 <= args.seed < 2 ** 32:
+        raise ValueError(f"--seed must be an integer in [0, 2**32), got {args.seed}")
+    try:
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        raise ValueError(f"--{str(e).replace('_', '-')}") from None
+    check_device(args.device)
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    try:
+        check_args(args)
         ckpt = load_checkpoint(args.ckpt)
         try:
             model = model_from_checkpoint(ckpt, args.ckpt).to(args.device)
@@ -313,8 +346,6 @@ def main(argv=None):
             raise ValueError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
         tok = checkpoint_tokenizer(ckpt, args.ckpt)
         ids = tok.encode_prompt(prompt_as_trained(ckpt, tok, args.prompt))
-        if args.num_samples < 1:
-            raise ValueError(f"--num-samples must be at least 1, got {args.num_samples}")
         responses, finished = generate(model, [ids] * args.num_samples, args.max_new_tokens,
                                        args.temperature, args.top_k, args.top_p,
                                        eos_id=tok.eos_ids, seed=args.seed, pad_id=tok.pad_id)

@@ -29,6 +29,8 @@ long; response_mask [B, T] is 1 on the response tokens (final EOS included), 0 o
 and on padding.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -146,11 +148,11 @@ def reference_logps(model, batches):
 def check_hparams(beta, alpha=0.0, loss_type="sigmoid"):
     """Raise ValueError for settings the losses below are not defined for. Called once, when
     a run starts: the losses themselves are pure arithmetic and check nothing."""
-    # `not x > 0` rather than `x <= 0` so that NaN is rejected too
-    if not beta > 0:
-        raise ValueError(f"beta must be positive, got {beta}")
-    if not alpha >= 0:
-        raise ValueError(f"alpha must be non-negative, got {alpha} (a negative alpha would "
+    # comparisons rather than `x <= 0` so that NaN is rejected too; infinity is no setting
+    if not 0 < beta < math.inf:
+        raise ValueError(f"beta must be positive and finite, got {beta}")
+    if not 0 <= alpha < math.inf:
+        raise ValueError(f"alpha must be non-negative and finite, got {alpha} (a negative alpha would "
                          "reward the reference's own responses: the opposite of exploring)")
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")

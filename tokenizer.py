@@ -21,6 +21,7 @@ This file knows nothing of the rest of the project.
 
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -323,8 +324,8 @@ def hf_tokenizer(path):
     only then.
     """
     where = os.path.join(path, "tokenizer.json")
-    with open(where, encoding="utf-8") as f:
-        tj = json.load(f)
+    tj = read_json(where)
+    check_tokenizer_json(tj, where)
     model = tj.get("model", {})
     if model.get("type") != "BPE":
         raise ValueError(f"{where}: a {model.get('type')} model (SentencePiece-style?) is not byte-level BPE, "
@@ -421,29 +422,122 @@ def _eos_and_pad(path, enc):
     pad_token, else generation_config's pad_token_id, else eos_id."""
     def read(name):
         file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            return {}
-        with open(file, encoding="utf-8") as f:
-            return json.load(f)
+        return Fields(read_json(file) if os.path.isfile(file) else {}, file)
 
     tc, gen = read("tokenizer_config.json"), read("generation_config.json")
 
-    def token_id(token):  # "<|im_end|>", or {"content": "<|im_end|>", ...} in older files
-        token = token.get("content") if isinstance(token, dict) else token
+    def token_id(name):  # the id of tokenizer_config.json's eos_token or pad_token
+        token = special_token(tc, name, tc.where)
         if token is None:
             return None
         try:
             return enc.encode_single_token(token)
         except KeyError:
-            raise ValueError(f"{path}: tokenizer_config.json names {token!r}, which is not one token") from None
+            raise ValueError(f"{tc.where}: field {name!r} names {token!r}, which is not one token") from None
 
-    listed = gen.get("eos_token_id")
-    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
-    first = token_id(tc.get("eos_token"))
+    def is_id(i):
+        return type(i) is int and 0 <= i < enc.n_vocab
+    ids = f"a token id in [0, {enc.n_vocab})"
+    listed = gen.get("eos_token_id", [], lambda v: is_id(v) or type(v) is list and all(map(is_id, v)),
+                     f"{ids}, or a list of them")
+    listed = [listed] if isinstance(listed, int) else listed
+    first = token_id("eos_token")
     eos_ids = ([] if first is None else [first]) + listed
     if not eos_ids:
         raise ValueError(f"{path}: no end-of-sequence token: neither tokenizer_config.json's eos_token "
                          "nor generation_config.json's eos_token_id names one")
-    pad = token_id(tc.get("pad_token"))
-    pad = gen.get("pad_token_id") if pad is None else pad
+    pad = token_id("pad_token")
+    pad = gen.get("pad_token_id", None, is_id, ids) if pad is None else pad
     return eos_ids[0], eos_ids, eos_ids[0] if pad is None else pad
+
+
+# ---- Hugging Face files: JSON, read and checked -------------------------------------------
+
+def read_json(path):
+    """The JSON in a file, or a ValueError in one line naming it: unreadable, not UTF-8, not JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable JSON ({e.strerror if isinstance(e, OSError) else e})") from None
+
+
+class Fields:
+    """The fields of a JSON object read from a Hugging Face file (config.json, tokenizer.json,
+    ...), each checked as it is read: of its type, in its range; else a ValueError in one line
+    naming the file and the field. A field that is absent or null takes its default; one
+    without a default must be there. `path` prefixes the names of a nested object's fields."""
+
+    def __init__(self, obj, where, what="the file", path=""):
+        if not isinstance(obj, dict):
+            name = f"field {path[:-1]!r}" if path else "the file"
+            raise ValueError(f"{where}: {name} must be a JSON object, got {json.dumps(obj)[:60]}")
+        self.obj, self.where, self.what, self.path = obj, where, what, path
+
+    def get(self, name, default=..., ok=None, want=None):
+        value = self.obj.get(name)
+        if value is None:
+            if default is ...:
+                raise ValueError(f"{self.where}: {self.what} lacks {self.path + name!r}")
+            return default
+        if ok is not None and not ok(value):
+            raise ValueError(f"{self.where}: field {self.path + name!r} must be {want}, got {json.dumps(value)[:60]}")
+        return value
+
+    def count(self, name, default=..., lo=1):
+        return self.get(name, default, lambda v: type(v) is int and v >= lo, f"an integer >= {lo}")
+
+    def number(self, name, default=..., lo=0.0, strict=True):
+        """A finite number above `lo` (strict) or from `lo` on."""
+        return self.get(name, default, lambda v: type(v) in (int, float) and (v > lo if strict else v >= lo)
+                        and math.isfinite(v), f"a finite number {'>' if strict else '>='} {lo:g}")
+
+    def flag(self, name, default=False):
+        return self.get(name, default, lambda v: type(v) is bool, "true or false")
+
+    def text(self, name, default=...):
+        return self.get(name, default, lambda v: type(v) is str, "a string")
+
+    def array(self, name, ok=lambda v: True, want="a list"):
+        return self.get(name, [], lambda v: type(v) is list and all(ok(x) for x in v), want)
+
+    def nested(self, name):
+        return Fields(self.get(name, {}), self.where, self.what, f"{self.path}{name}.")
+
+    def check(self, bad, message):
+        if bad:
+            raise ValueError(f"{self.where}: {message}")
+
+
+def check_tokenizer_json(tj, where):
+    """Every field of a tokenizer.json that hf_tokenizer reads, of the type it needs."""
+    def objects(v):
+        return type(v) is dict
+    f = Fields(tj, where)
+    model = f.nested("model")
+    model.get("vocab", ..., lambda v: type(v) is dict and all(type(i) is int and i >= 0 for i in v.values()),
+              "an object of tokens and their ids (integers >= 0)")
+    model.array("merges", lambda m: type(m) is str and " " in m or type(m) is list and len(m) == 2
+                and all(type(x) is str for x in m), 'a list of merges, each "a b" or ["a", "b"]')
+    for i, t in enumerate(f.array("added_tokens", objects, "a list of objects")):
+        token = Fields(t, where, path=f"added_tokens.{i}.")
+        token.text("content")
+        token.count("id", lo=0)
+    f.nested("decoder")
+    pre = f.nested("pre_tokenizer")
+    for j, step in enumerate(pre.array("pretokenizers", objects, "a list of objects")):
+        Fields(step, where, path=f"pre_tokenizer.pretokenizers.{j}.").nested("pattern").text("Regex", None)
+    post = f.nested("post_processor")  # its special tokens' ids give the BOS (_bos)
+    processors = [post] + [Fields(p, where, path=f"post_processor.processors.{j}.")
+                           for j, p in enumerate(post.array("processors", objects, "a list of objects"))]
+    for p in processors:
+        special = p.nested("special_tokens")
+        for name in special.obj:
+            special.nested(name).array("ids", lambda i: type(i) is int and i >= 0, "a list of token ids")
+
+
+def special_token(config, name, where):
+    """A special token's text in a tokenizer_config.json (Fields): "<|im_end|>", or older
+    files' {"content": "<|im_end|>", ...}; None when it has none."""
+    token = config.get(name, None, lambda v: type(v) in (str, dict), "a string or an object with 'content'")
+    return Fields(token, where, path=f"{name}.").text("content") if isinstance(token, dict) else token

@@ -7,6 +7,8 @@ tables (the results themselves) are written all the same.
 
 import statistics
 
+from checkpoint import atomic_write_path
+
 
 def pyplot():
     """matplotlib.pyplot on a file-only backend, or None when matplotlib is missing."""
@@ -37,7 +39,7 @@ def sweep_curves(d, table, methods, label, T, path):
         ax.set_title(d)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write_path(path, lambda tmp: fig.savefig(tmp, dpi=100))  # the format: tmp's extension, path's
     plt.close(fig)
 
 
@@ -59,5 +61,5 @@ def primary_endpoint(per_iteration, T, delta, path):
     ax.set_ylabel("paired difference in greedy reward")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write_path(path, lambda tmp: fig.savefig(tmp, dpi=100))  # the format: tmp's extension, path's
     plt.close(fig)

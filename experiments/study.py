@@ -1,8 +1,8 @@
 """
 study.py -- the preregistered study of SELM's mechanism (docs/preregistration.md).
 
-    python -m experiments.sweep --study             # calibration, tuning, 5 held-out seeds, report (hours)
-    python -m experiments.sweep --study --quick     # the same machinery at toy scale, in minutes
+    python -m experiments.study             # calibration, tuning, 5 held-out seeds, report (hours)
+    python -m experiments.study --quick     # the same machinery at toy scale, in minutes
 
 Where the theory says the optimism term can pay off -- good answers rare under greedy
 decoding but within reach of sampling, pi_ref's own answers usually not the best, sampled
@@ -14,23 +14,28 @@ revised, so the command can be stopped and started again at any point:
   2. tuning        beta and lr for the alpha = 0 arms, then alpha for each SELM arm
   3. held out      five seeds x (the shared SFT + offline DPO, five arms)
   4. report        tables, decisions against the rule, a figure (<out>/report.md, .json, .png)
-Every run is a train.py process (sweep.run_all: `--jobs` at a time, resumable) followed by
-its analysis (sweep.py --analyse: pass@16, best-of-8, greedy answers for the head-to-head).
+Every run is a train.py process (runner.run_all: `--jobs` at a time, resumable) followed by
+its analysis (experiments.analyse: pass@16, best-of-8, greedy answers for the head-to-head).
+Unknown flags go to every train.py call.
 """
 
+import argparse
 import json
 import math
 import os
 import statistics
 import sys
 
+import inputs
+import train
+from checkpoint import atomic_write, load_checkpoint, write_json_atomic
 from experiments import plots
-from checkpoint import stage_names, write_json_atomic
-from runtime import read_metrics
+from experiments.runner import Job, check_common, run_all
+from runtime import check_or_exit, read_metrics
 from selm import win
 from sorting import judge
+from tokenizer import read_json
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARMS = {  # the preregistered arms: train.py flags besides the shared ones (alpha is tuned for B, D)
     "A": ("iterative DPO, greedy", ["--alpha", "0"]),
     "B": ("SELM, greedy", ["--alpha", "{alpha_B}"]),
@@ -48,51 +53,8 @@ T_QUANTILE = {1: 25.452, 2: 6.205, 3: 4.177, 4: 3.495, 5: 3.163, 6: 2.969}  # t_
 DELTA = 0.01  # the equivalence margin, in reward
 
 
-class Job:
-    """One train.py run and its analysis, in the shape sweep.run_all expects."""
-
-    def __init__(self, out, name, flags, iterations, base=None):
-        self.name, self.dir, self.flags, self.base = name, os.path.join(out, name), flags, base
-        self.iterations, self.stages = iterations, stage_names(iterations)
-
-    def results(self):
-        try:
-            with open(os.path.join(self.dir, "results.json")) as f:
-                return {r["stage"]: r for r in json.load(f)}
-        except (OSError, ValueError):
-            return {}
-
-    def trained(self):
-        return list(self.results()) == self.stages
-
-    def analysis(self):
-        try:
-            with open(os.path.join(self.dir, "analysis.json")) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return {}
-
-    def complete(self):
-        own = self.stages if self.base is None else self.stages[2:]
-        return self.trained() and set(own) <= set(self.analysis())
-
-    def commands(self, args, extra):
-        cmds = []
-        if not self.trained():
-            cmd = [sys.executable, os.path.join(ROOT, "train.py"), *self.flags, "--iterations", str(self.iterations),
-                   "--out-dir", self.dir, "--log-every", "1"] + extra
-            if any(f.endswith(".pt") for f in os.listdir(self.dir)):
-                cmd += ["--resume"]
-            elif self.base is not None:
-                cmd += ["--start-from", os.path.join(self.base.dir, "dpo.pt")]
-            cmds.append(cmd)
-        cmds.append([sys.executable, "-m", "experiments.sweep", "--analyse", self.dir, "--k", str(args.k),
-                     "--diag-prompts", str(args.diag), "--no-implicit"])
-        return cmds
-
-
 def base_flags(P, seed, task_seed, lengths, beta, lr):
-    return [*P["model"], "--seed", str(seed), "--task-seed", str(task_seed), "--min-len", str(lengths[0]),
+    return [*P["model"], "--log-every", "1", "--seed", str(seed), "--task-seed", str(task_seed), "--min-len", str(lengths[0]),
             "--max-len", str(lengths[1]), "--chunk-size", str(P["chunk"]), "--beta", f"{beta:g}", "--lr", f"{lr:g}"]
 
 
@@ -210,9 +172,6 @@ def per_stage(job, stage):
 
 
 def report(out, P, d, runs):
-    import inputs
-    import train
-    from checkpoint import load_checkpoint
     T, seeds = P["T"], sorted(runs)
     saved = load_checkpoint(os.path.join(runs[seeds[0]]["A"].base.dir, "dpo.pt"))["config"]  # the eval prompts
     prompts = [e["prompt"] for e in inputs.load_data(train.Config(**saved)).eval]
@@ -274,8 +233,7 @@ def report(out, P, d, runs):
     summary["mechanism"] = {"pass_at_16_diff": cov, "strictly_better_diff_late": better, "verdict": mech}
     lines += ["", f"Mechanism (D vs C): pass@16 difference at iteration {T}: {fmt(cov)}; strictly better online "
               f"answers, iterations {max(1, T - 2)}-{T}: {fmt(better)}. Verdict: **{mech}**."]
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    atomic_write(os.path.join(out, "report.md"), lambda f: f.write("\n".join(lines) + "\n"), binary=False)
     write_json_atomic(summary, os.path.join(out, "report.json"))
     plots.primary_endpoint(summary["per_iteration"], T, DELTA, os.path.join(out, "primary.png"))
     print("\n".join(lines))
@@ -283,22 +241,40 @@ def report(out, P, d, runs):
 
 # ---- the command ------------------------------------------------------------------------------
 
-def main(args, extra):
-    """sweep.py --study: args from sweep.py's parser (out, jobs, quick, report_only); extra:
-    train.py flags added to every run."""
-    from experiments import sweep
+def parser():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    ap.add_argument("--quick", action="store_true", help="the same machinery at toy scale (the tiny model, minutes)")
+    ap.add_argument("--out", default=None, help="output root (default out/study, or out/study-quick)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at once (each one single-threaded)")
+    ap.add_argument("--report-only", action="store_true", help="report from the runs there, run nothing")
+    return ap
+
+
+def main(argv=None):
+    ap = parser()
+    args, extra = ap.parse_known_args(argv)
+    check_or_exit(ap, check_common, args, extra)
+    run_study(args, extra)
+
+
+def run_study(args, extra):
+    """Calibration, tuning and the held-out runs, each decision kept in decisions.json so that
+    a rerun goes on from there; then the report. extra: train.py flags added to every run."""
     P = QUICK if args.quick else FULL
     out = args.out or ("out/study-quick" if args.quick else "out/study")
-    args.out, args.k, args.diag = out, P["k"], P["diag"]
     path = os.path.join(out, "decisions.json")
     os.makedirs(out, exist_ok=True)
-    decisions = json.load(open(path)) if os.path.exists(path) else {}  # noqa: SIM115
+    try:
+        decisions = read_json(path) if os.path.exists(path) else {}
+    except ValueError as e:  # edited by hand into nonsense, say
+        sys.exit(f"study: error: {e}")
 
     def run(jobs):
         jobs = list({j.name: j for j in jobs}.values())  # a shared base run once
         if args.report_only and not all(j.complete() for j in jobs):
             sys.exit("study: --report-only, but runs are missing")
-        failed = sweep.run_all(jobs, args, extra)
+        failed = run_all(jobs, out, args.jobs, extra, ["--k", str(P["k"]), "--diag-prompts", str(P["diag"]),
+                                                       "--no-implicit"])
         if failed:
             sys.exit(f"study: {len(failed)} runs failed: {', '.join(sorted(failed))}")
 
@@ -311,3 +287,7 @@ def main(args, extra):
         write_json_atomic(decisions, path)
     runs = held_out(out, P, run, decisions)
     report(out, P, decisions, runs)
+
+
+if __name__ == "__main__":
+    main()

@@ -56,6 +56,7 @@ from perf.sampling import SHAPES, bench_next_token, bench_sampling, profile_step
 from perf.measure import (RESULTS, autocast, busy_warning, compare, header, machine, peak_memory, random_model,
                           report, report_iteration, selm_iteration_times)
 from model import preset
+from runtime import check_device, check_or_exit
 from selm import selm_loss, sequence_logps, split_logps
 
 
@@ -178,7 +179,7 @@ DEFAULT = [s for s in SECTIONS if s != "real"]  # the real model's section runs 
 
 
 
-def main(argv=None):
+def parser():
     ap = argparse.ArgumentParser(description="Benchmark selm's sampler, log-probs and training "
                                              "step against baselines timed in the same run.")
     ap.add_argument("--sections", default=",".join(DEFAULT),
@@ -195,19 +196,31 @@ def main(argv=None):
                     help="depth of the Qwen2-0.5B-shaped model (default: 24 on CUDA, 4 on a CPU)")
     ap.add_argument("--profile-step", action="store_true",
                     help="instead: where the eager decode step's time goes, per operator, for --shapes (default gpt2-w4)")
+    return ap
+
+
+def check_args(args):
+    """Every flag checked, in one line naming it, before anything runs."""
+    for flag, given, valid in (("--sections", args.sections, SECTIONS), ("--shapes", args.shapes, SHAPES)):
+        names = [s.strip() for s in (given or "").split(",") if s.strip()]
+        unknown = [s for s in names if s not in valid]
+        if unknown or (given is not None and not names):
+            raise ValueError(f"{flag}: unknown {', '.join(unknown) or 'empty list'}; valid: {', '.join(valid)}")
+    for flag, n in (("--threads", args.threads), ("--qwen2-layers", args.qwen2_layers)):
+        if n is not None and n < 1:
+            raise ValueError(f"{flag} must be at least 1, got {n}")
+    if "real" in args.sections.split(",") and not (args.init_from and os.path.isfile(os.path.join(args.init_from,
+                                                                                                    "config.json"))):
+        raise ValueError("--sections real needs --init-from DIR, a Hugging Face chat model directory "
+                         "(python -m tools.gguf_to_hf --smollm2 DIR makes one)")
+    check_device(args.device)
+
+
+def main(argv=None):
+    ap = parser()
     args = ap.parse_args(argv)
+    check_or_exit(ap, check_args, args)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = [s for s in sections if s not in SECTIONS]
-    if unknown:
-        ap.error(f"unknown section(s) {', '.join(unknown)}; valid: {', '.join(SECTIONS)}")
-    unknown = [s for s in (args.shapes or "").split(",") if s.strip() and s.strip() not in SHAPES]
-    if unknown:
-        ap.error(f"unknown shape(s) {', '.join(unknown)}; valid: {', '.join(SHAPES)}")
-    if (args.threads is not None and args.threads < 1) or (args.qwen2_layers is not None and args.qwen2_layers < 1):
-        ap.error("--threads and --qwen2-layers must be at least 1")
-    if "real" in sections and not (args.init_from and os.path.isfile(os.path.join(args.init_from, "config.json"))):
-        ap.error("--sections real needs --init-from DIR, a Hugging Face chat model directory "
-                 "(python -m tools.gguf_to_hf --smollm2 DIR makes one)")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)

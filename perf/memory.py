@@ -1,7 +1,7 @@
 """
 memory.py -- how big can I go? Bytes per rank of a SELM training run, from a model config.
 
-    python -m perf.memory                       # the README's table: four models, 1 and 8 GPUs of 80 GB
+    python -m perf.memory                       # docs/speed.md's table: four models, 1 and 8 GPUs of 80 GB
     python -m perf.memory --seq 2048 --micro 2  # another shape of batch
 
 Per rank, while training (weights kept in fp32, computed under bf16 autocast, AdamW):
@@ -24,10 +24,12 @@ instead. The reference needs no copy: its log-probs are computed before the firs
 """
 
 import argparse
+import math
 
 import torch
 
 from model import GPT, GPTConfig
+from runtime import check_device, check_or_exit
 
 GB = 1e9
 # The models people align, by their published configs (vocabulary, width, depth, heads, MLP).
@@ -127,7 +129,7 @@ def measure(config, device, checkpointing, micro_pairs=4, seq=1024, response=512
     return peak, planned
 
 
-def main(argv=None):
+def parser():
     ap = argparse.ArgumentParser(description="Bytes per rank of SELM training, from model configs.")
     ap.add_argument("--measure", default=None, help=f"one of {', '.join(MODELS)}: measure its training peak on "
                                                      "--device (random weights) against the plan")
@@ -136,11 +138,27 @@ def main(argv=None):
     ap.add_argument("--response", type=int, default=512, help="response tokens per sequence")
     ap.add_argument("--micro", type=int, default=4, help="preference pairs per forward (--micro-batch-size)")
     ap.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU")
+    return ap
+
+
+def check_args(args):
+    """Every flag checked, in one line naming it, before anything runs."""
+    if args.measure is not None and args.measure not in MODELS:
+        raise ValueError(f"--measure {args.measure}: not one of {', '.join(MODELS)}")
+    if not 0 < args.response < args.seq:
+        raise ValueError(f"need 0 < --response < --seq, got --response {args.response} and --seq {args.seq}")
+    if args.micro < 1:
+        raise ValueError(f"--micro must be at least 1, got {args.micro}")
+    if not 0 < args.gpu_gb < math.inf:
+        raise ValueError(f"--gpu-gb must be positive and finite, got {args.gpu_gb}")
+    if args.measure:
+        check_device(args.device)
+
+
+def main(argv=None):
+    ap = parser()
     args = ap.parse_args(argv)
-    if args.measure and args.measure not in MODELS:
-        ap.error(f"--measure {args.measure}: not one of {', '.join(MODELS)}")
-    if not 0 < args.response < args.seq or args.micro < 1 or not args.gpu_gb > 0:
-        ap.error("need 0 < --response < --seq, --micro >= 1 and --gpu-gb > 0")
+    check_or_exit(ap, check_args, args)
     if args.measure:
         config = GPTConfig(block_size=args.seq, **MODELS[args.measure])
         for ckpt in (False, True):

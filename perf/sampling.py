@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from perf.measure import RESULTS, autocast, compare, header, random_model, report, sync, timed
 from model import GPTConfig, positions_from_mask, preset
-from sample import (COMPILE_SECONDS, StaticCache, bucket, compiled_decode_step, decode_step,
-                    generate, next_token, prefill)
+from sample import (StaticCache, bucket, compile_seconds, compiled_decode_step, decode_step, generate,
+                    next_token, prefill)
 
 
 def make_prompts(vocab_size, n=32, lo=8, hi=40, seed=0):
@@ -285,9 +285,9 @@ def bench_shape(name, args, device):
             return generate(model, prompts, n, temperature=0, compile=compile)[0]
 
     # compiling: the first call of a new bucket, timed on its own (never inside a tok/s figure)
-    first_step = len(COMPILE_SECONDS)
+    compiled = compile_seconds(model)
     t_first, _ = timed(lambda: ours(N, compile=True), device)
-    t_compile = sum(s for _, s in COMPILE_SECONDS[first_step:])
+    t_compile = compile_seconds(model) - compiled
 
     hf = hf_twin(model, device)
     fns = {"eager": lambda: ours(N), "compiled": lambda: ours(N, compile=True)}

@@ -15,6 +15,22 @@ os.environ["TIKTOKEN_CACHE_DIR"] = ""
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+# ---- shared by the sampler's tests (test_sample.py, test_llama.py) ----------------------------
+
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]  # ragged: left padding differs per row
+
+
+def greedy_reference(m, prompt, n):
+    """Recompute-everything greedy decoding of one prompt: the slow, obviously right way."""
+    seq, out = list(prompt), []
+    for _ in range(n):
+        with torch.no_grad():
+            t = int(m(torch.tensor([seq]))[0, -1].argmax())
+        out.append(t)
+        seq.append(t)
+    return out
+
+
 @pytest.fixture(scope="session")
 def smollm2(request, tmp_path_factory):
     """SmolLM2-135M-Instruct as a Hugging Face directory, converted by tools/gguf_to_hf.py from

@@ -129,6 +129,11 @@ BAD = {
     "not a message": ([pair([U("hi"), {"role": "assistant"}], [U("hi"), A("b")])], "message 2"),
     "explicit prompt ends with the answer": ([{"prompt": [U("hi")], "chosen": [A("x"), U("no")], "rejected": [A("b")]}],
                                              "the last turn of chosen is 'user''s"),
+    "explicit prompt ends with an assistant turn": (  # two assistant turns in a row, as --prompts refuses
+        [{"prompt": [U("hi"), A("x")], "chosen": [A("a")], "rejected": [A("b")]}],
+        "the prompt's last turn is the assistant's: there is nothing to answer"),
+    "implicit prompt ends with an assistant turn": ([pair([U("hi"), A("x"), A("a")], [U("hi"), A("x"), A("b")])],
+                                                    "the prompt's last turn is the assistant's"),
     "template fails to render": ([IMPLICIT], "failed to render: TemplateError: System role not supported"),
     "response longer than the context": ([pair([U("hi"), A("a" * 400)], [U("hi"), A("b")])], "context is 128"),
     "no template": ([IMPLICIT], "a conversation needs the model's chat template"),
@@ -155,6 +160,17 @@ def test_bad_conversations_are_one_line_before_training(tmp_path, case):
     else:
         assert "prefs.jsonl:2:" in err, err
     assert not os.path.exists(tmp_path / "out" / "sft.pt")  # nothing trained on partial data
+
+
+@pytest.mark.parametrize("record", [{"messages": [U("hi"), A("x"), A("a")]},
+                                    {"prompt": [U("hi")], "completion": [A("x"), A("a")]}])
+def test_a_demonstration_whose_prompt_ends_with_an_assistant_turn_is_one_line(tmp_path, record):
+    chat_tokenizer(tmp_path / "tok", "chatml")
+    flags = run_flags(tmp_path, str(tmp_path / "tok"), write(tmp_path, "prefs.jsonl", [IMPLICIT]))
+    flags[flags.index("--sft") + 1] = write(tmp_path, "bad_sft.jsonl", [{"messages": conversation("aaaa")}, record])
+    with pytest.raises(SystemExit) as e:
+        train.main(flags)
+    assert "bad_sft.jsonl:2: the prompt's last turn is the assistant's" in str(e.value), str(e.value)
 
 
 def test_a_users_judge_sees_the_rendered_prompt_and_its_messages(tmp_path):

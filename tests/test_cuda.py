@@ -1,6 +1,6 @@
 """What only a GPU can check: the CUDA paths of the model, the sampler and the log-probs
 (TF32, bf16 autocast, SDPA's CUDA kernels, a compiled trunk, the sampler's decode step captured
-as a CUDA graph). Skipped without CUDA; the README's GPU check (.ci/gpu-check) runs them."""
+as a CUDA graph). Skipped without CUDA; the GPU check (.ci/gpu-check) runs them."""
 
 import pytest
 import torch

@@ -9,12 +9,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import sorting  # noqa: E402
+import tokenizer  # noqa: E402
 from data import DataError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.get_tokenizer(verbose=False)
+    return tokenizer.get_tokenizer(verbose=False)
 
 
 # ---------------------------------------------------------------- JSONL and judges
@@ -118,15 +119,16 @@ def test_collate_preferences_row_order():
     ch = [t.encode("c0") + [300], t.encode("c1") + [300]]
     rj = [t.encode("r0") + [300], t.encode("r1xx") + [300]]
     rf = [t.encode("f0") + [300], t.encode("f1") + [300]]
-    b = data.collate_preferences(prompts, ch, rj, rf, pad_id=300)
+    examples = [data.Example(*ex) for ex in zip(prompts, ch, rj, ((f,) for f in rf))]
+    b = data.collate_preferences(examples, pad_id=300)
     assert b["input_ids"].shape == (6, 8)
     rows = [bytes(x for x in row if x < 256).decode() for row in b["input_ids"].tolist()]
     assert rows == ["p0c0", "p11c1", "p0r0", "p11r1xx", "p0f0", "p11f1"]
     assert b["response_mask"].sum(1).tolist() == [3, 3, 3, 5, 3, 3]
-    b2 = data.collate_preferences(prompts, ch, rj, pad_id=300)
+    b2 = data.collate_preferences([data.Example(*ex) for ex in zip(prompts, ch, rj)], pad_id=300)  # DPO: no y_ref
     assert b2["input_ids"].shape[0] == 4
-    with pytest.raises(ValueError):
-        data.collate_preferences(prompts, ch, rj[:1], pad_id=300)
+    with pytest.raises(ValueError):  # every example needs as many y_refs
+        data.collate_preferences([examples[0], examples[1]._replace(y_refs=())], pad_id=300)
 
 
 def test_batches():

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from conftest import PROMPTS, greedy_reference
 from model import GPT, preset, rope_frequencies
 from sample import generate
 
@@ -19,22 +20,6 @@ def llama(seed=0, **kw):
     torch.manual_seed(seed)
     cfg = dict(model_type="llama", n_head=4, n_kv_head=2, n_inner=96, vocab_size=V, tie_embeddings=False)
     return GPT(preset("tiny", **{**cfg, **kw})).eval()
-
-
-def greedy_reference(m, prompt, n, eos=()):
-    """Recompute-everything greedy decoding of one prompt."""
-    seq, out = list(prompt), []
-    for _ in range(n):
-        with torch.no_grad():
-            t = int(m(torch.tensor([seq]))[0, -1].argmax())
-        out.append(t)
-        seq.append(t)
-        if t in eos:
-            break
-    return out
-
-
-PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
 
 
 def test_kv_cache_holds_kv_heads_only():

@@ -34,9 +34,11 @@ def test_activation_count_grows_with_width_and_mlp():
     assert 14 * 64 * 4 < small < 20 * 64 * 4  # GPT-2: about 16 saved values per channel (LNs, qkv, MLP)
 
 
-@pytest.mark.parametrize("argv", [["--seq", "0"], ["--micro", "-1"], ["--response", "2000"], ["--measure", "Nope"]])
-def test_bad_flags_are_one_line_errors(argv, capsys):
+@pytest.mark.parametrize("argv,msg", [(["--seq", "0"], "0 < --response < --seq"), (["--micro", "-1"], "--micro must be"),
+                                      (["--response", "2000"], "0 < --response < --seq"),
+                                      (["--measure", "Nope"], "--measure Nope")])
+def test_bad_flags_are_one_line_errors(argv, msg, capsys):
     with pytest.raises(SystemExit):
         memory.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
-    assert "error: " in err[-1] and ("--measure Nope" in err[-1] or "0 < --response < --seq" in err[-1]), err
+    assert "error: " in err[-1] and msg in err[-1], err

@@ -133,3 +133,84 @@ def test_compiled_training_matches_plain(reference_run, tmp_path):
     for a, b in zip(plain, compiled, strict=True):
         assert {k: v for k, v in a.items() if k != "kl"} == {k: v for k, v in b.items() if k != "kl"}
         assert abs(a["kl"] - b["kl"]) < 1e-3
+
+
+def test_a_moved_run_resumes_however_its_directory_is_spelled(reference_run, tmp_path, monkeypatch):
+    """--out-dir names the run being resumed: moved, relative, or through a link, it is the same run."""
+    shutil.copytree(reference_run, tmp_path / "moved")
+    os.symlink(tmp_path / "moved", tmp_path / "link")
+    monkeypatch.chdir(tmp_path)
+    for spelled in ("moved", "link", str(tmp_path / "moved")):
+        train.main(FAST + ["--out-dir", spelled, "--resume"])
+        assert read(tmp_path / "moved" / "results.json") == read(reference_run / "results.json")
+
+
+def test_a_full_disk_is_one_line_and_resume_gives_identical_results(reference_run, tmp_path, monkeypatch):
+    import errno
+    import checkpoint
+    save = checkpoint.torch.save
+
+    def disk_full_at_selm_2(obj, f):
+        if isinstance(obj, dict) and obj.get("stage") == "selm_2":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, f)
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full_at_selm_2)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:  # selm_1 and before adopted from the reference run, selm_2 trained
+        train.main(FAST + ["--out-dir", str(out), "--start-from", str(reference_run / "selm_1.pt")])
+    assert str(e.value) == f"train.py: error: no space left on device writing {out / 'selm_2.pt'}"
+    assert sorted(os.listdir(out)) == ["dpo.pt", "metrics.jsonl", "results.json", "selm_1.pt", "sft.pt"]
+    monkeypatch.undo()  # space freed
+    train.main(FAST + ["--out-dir", str(out), "--resume"])
+    assert read(out / "results.json") == read(reference_run / "results.json")
+
+
+# Run in a child process: train.py, whose export dies (kill -9) half-way through writing the
+# weights of its second stage, in the middle of safetensors' own temporary file.
+DIE_IN_EXPORT = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import safetensors.torch
+calls = []
+def save_file(tensors, filename, metadata=None):
+    calls.append(filename)
+    if len(calls) < 2:
+        return real(tensors, filename, metadata=metadata)
+    with open(os.path.join(os.path.dirname(filename), ".tmpk1ll3d"), "wb") as f:  # as safetensors names its own
+        f.write(bytes(4096))
+        f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+real, safetensors.torch.save_file = safetensors.torch.save_file, save_file
+import train
+train.main({argv!r})
+"""
+
+
+def test_sigkill_during_export_then_resume(reference_run, tmp_path):
+    """kill -9 while --export writes: --resume sweeps what the killed writers left in the export
+    folders, exports again, and gives the same results.json."""
+    pytest.importorskip("safetensors", reason="the export writes model.safetensors: pip install -r requirements-dev.txt")
+    import hf
+    from checkpoint import load_checkpoint
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    argv = FAST + ["--out-dir", str(out), "--resume", "--export", "all"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    killed = subprocess.run([sys.executable, "-c", DIE_IN_EXPORT.format(root=ROOT, argv=argv)], env=env, cwd=ROOT,
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert [n for n in os.listdir(out / "hf-dpo") if n.startswith(".tmp")]  # it died mid-write
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + argv, capture_output=True, text=True,
+                          env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert read(out / "results.json") == read(reference_run / "results.json")
+    assert not [os.path.join(d, n) for d, dirs, files in os.walk(out) for n in dirs + files if n.startswith(".tmp")]
+    umask = os.umask(0)
+    os.umask(umask)
+    for stage in ("sft", "dpo", "selm_1", "selm_2"):
+        folder = out / f"hf-{stage}"
+        assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]
+        assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+        got = hf.load_pretrained(str(folder)).state_dict()
+        want = load_checkpoint(str(out / f"{stage}.pt"))["model"]
+        assert all(torch.equal(got[k], want[k]) for k in want)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from conftest import PROMPTS, greedy_reference
 from model import GPT, preset
 from sample import filter_logits, generate, next_token
 
@@ -10,23 +11,6 @@ EOS = 60
 def tiny(seed=0):
     torch.manual_seed(seed)
     return GPT(preset("tiny", vocab_size=61)).eval()
-
-
-def greedy_reference(m, prompt, n, eos=None):
-    """Recompute-everything greedy decoding of one prompt: the slow, obviously right way."""
-    seq = list(prompt)
-    out = []
-    for _ in range(n):
-        with torch.no_grad():
-            t = int(m(torch.tensor([seq]))[0, -1].argmax())
-        out.append(t)
-        seq.append(t)
-        if t == eos:
-            break
-    return out
-
-
-PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
 
 
 def test_greedy_ragged_batch_equals_each_prompt_alone():
@@ -173,6 +157,8 @@ def test_command_line(tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert len(ok.stdout.strip().splitlines()) == 3
     for args, msg in [(("--ckpt", str(tmp_path / "none.pt")), "does not exist"),
+                      (("--ckpt", str(tmp_path)), f"checkpoint {tmp_path} is a directory; give one of its checkpoint "
+                                                  "files (m.pt)"),
                       (("--ckpt", str(ckpt), "--prompt", "x" * 80), "leaves no room")]:
         bad = run(*args, *(() if "--prompt" in args else ("--prompt", "x")))
         assert bad.returncode != 0 and msg in bad.stderr and "Traceback" not in bad.stderr

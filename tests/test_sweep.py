@@ -1,4 +1,5 @@
 """sweep.py end to end: a reduced --quick sweep with the tiny model, then resume."""
+import ast
 import json
 import os
 import subprocess
@@ -66,11 +67,67 @@ def test_bad_difficulty_is_an_error(tmp_path):
     assert p.returncode != 0 and "len<min>-<max>" in p.stderr
 
 
-@pytest.mark.parametrize("argv,msg", [(["--seeds", "x"], "invalid literal"), (["--difficulties", "len5"], "len<min>-<max>"),
-                                      (["--alphas", "-1"], "--alphas must be >= 0"),
+@pytest.mark.parametrize("argv,msg", [(["--seeds", "x"], "--seeds must be comma-separated integers"),
+                                      (["--difficulties", "len5"], "len<min>-<max>"),
+                                      (["--alphas", "-1"], "--alphas must be comma-separated numbers >= 0"),
                                       (["--quick", "--report-only", "--out", "/nonexistent/sweep"], "no finished run")])
 def test_bad_flags_are_one_line_errors(argv, msg, capsys):
     from experiments import sweep
     with pytest.raises(SystemExit):
         sweep.main(argv)
     assert msg in capsys.readouterr().err
+
+
+def test_implicit_rewards_of_a_sampled_y_ref_run(tmp_path):
+    """The analysis relabels a sampled, two-answer iteration exactly as train.py did (the same
+    answers, pairs and ties as the stage logged) and reports its implicit rewards."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    train = [sys.executable, "train.py", "--model", "tiny", "--n-sft", "256", "--chunk-size", "32", "--n-eval", "16",
+             "--sft-steps", "30", "--iterations", "1", "--y-ref", "sampled", "--online-samples", "2",
+             "--out-dir", str(tmp_path)]
+    for cmd in (train, [sys.executable, "-m", "experiments.analyse", str(tmp_path), "--k", "2", "--diag-prompts", "32"]):
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    ana = json.load(open(tmp_path / "analysis.json"))
+    assert list(ana) == ["selm_1"]  # a run with iterations leaves SFT and offline DPO to its base run
+    assert isinstance(ana["selm_1"]["r_chosen"], float) and isinstance(ana["selm_1"]["r_samples"], float)
+
+    from experiments import analyse
+    from runtime import read_metrics
+    online = next(r["online"] for r in read_metrics(tmp_path / "metrics.jsonl") if r.get("stage") == "selm_1" and "online" in r)
+    run = analyse.load_run(str(tmp_path))
+    got = analyse.trained_pairs(run, analyse.load_model(str(tmp_path), "dpo"), 1, 32)  # the whole chunk
+    offline = [run.tok.encode_response(e["chosen"]) for e in run.task.chunks[1]]
+    assert [len(a) for a in got.answers] == [2] * 32
+    assert sum(y[-1] not in run.tok.eos_ids for a in got.answers for y in a) == online["y_ref_truncated"]
+    assert sum(p is None for p in got.pairs) == online["dropped_ties"]
+    assert sum(p is not None and p[0] != w for p, w in zip(got.pairs, offline)) == \
+        round(online["y_ref_chosen"] * online["pairs"])
+
+
+def imports(path):
+    """The modules a file imports, at any depth (function-level imports included)."""
+    names = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+def test_imports_point_down():
+    """No import circle among the tools of experiments/, and no library chapter imports a tool."""
+    tools = {os.path.splitext(f)[0] for f in os.listdir(os.path.join(ROOT, "experiments")) if f.endswith(".py")}
+    graph = {t: {n.split(".")[1] for n in imports(os.path.join(ROOT, "experiments", f"{t}.py"))
+                 if n.startswith("experiments.") and n.split(".")[1] in tools} for t in tools}
+
+    def reaches(a, b, seen=()):
+        return any(n == b or (n not in seen and reaches(n, b, seen + (n,))) for n in graph[a])
+    assert not [t for t in tools if reaches(t, t)], graph
+    assert "study" not in graph["sweep"] and "sweep" not in graph["study"]
+    chapters = [f for f in os.listdir(ROOT) if f.endswith(".py")]
+    assert "train.py" in chapters and "runtime.py" in chapters
+    bad = {f: sorted(n for n in imports(os.path.join(ROOT, f)) if n.split(".")[0] in ("experiments", "perf"))
+           for f in chapters}
+    assert not {f: n for f, n in bad.items() if n}

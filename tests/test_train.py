@@ -1,17 +1,22 @@
 """End-to-end: the tiny pipeline, run in-process with reduced sizes."""
 import json
 import os
+import re
+import shlex
 
 import pytest
 import torch
 
+import data
 import inputs
 import sorting
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
 from sample import generate
+from sample import main as sample_main
 from selm import win
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--model", "tiny", "--n-sft", "1024", "--chunk-size", "128", "--n-eval", "64",
         "--sft-steps", "150", "--iterations", "2"]
 
@@ -21,8 +26,9 @@ def run(tmp_path, *extra):
     return train.run(cfg)
 
 
-def test_tiny_pipeline_end_to_end(tmp_path):
+def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     run(tmp_path)
+    screens = capsys.readouterr().out
     on_disk = json.load(open(tmp_path / "results.json"))
     assert [r["stage"] for r in on_disk] == ["sft", "dpo", "selm_1", "selm_2"]
     for r in on_disk:
@@ -32,7 +38,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     # "win vs SFT" is the model's greedy answers judged against the SFT model's, which every
     # checkpoint keeps: recompute both from the saved weights and compare with the last row
     cfg = inputs.resolve(train.parse_args(FAST))
-    d, tok = inputs.load_data(cfg), inputs.get_tokenizer(cfg, verbose=False)
+    d, tok = inputs.load_data(cfg), inputs.tokenizer_for(cfg)
     prompt_ids = [tok.encode(e["prompt"]) for e in d.eval]
 
     def answers(stage):
@@ -51,23 +57,82 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert pref and {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                      "logps/chosen", "logps/rejected", "optimism"} <= set(pref[0])
     assert len([r for r in rows if "eval" in r]) == 4
+    # the first screen: the model, the data, the stages, and only the settings that differ
+    # from the defaults; the last: where things went, and a sample.py command that works
+    first, last = screens.split("\n[    sft]")[0], screens.split("[ selm_2]")[1]
+    assert "tiny:" in first and "1024 SFT demonstrations, 3 chunks of 128 preference pairs, 64 evaluation" in first
+    assert "selm_1..selm_2" in first and "--beta" not in first
+    assert "settings   --n-sft 1024 --chunk-size 128 --n-eval 64 --sft-steps 150 --iterations 2, the rest at" in first
+    assert f"saved in {tmp_path}" in first
+    assert str(tmp_path / "results.json") in last
+    command = next(line for line in last.splitlines() if "python sample.py" in line)
+    argv = shlex.split(command.split("python sample.py")[1])
+    assert argv[:2] == ["--ckpt", str(tmp_path / "selm_2.pt")] and sorting.parse_prompt(f"sort: {argv[3]}\n")
+    sample_main(argv)
+    assert capsys.readouterr().out.startswith("'")  # an answer, as sample.py prints it
+
+
+def test_help_tells_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: None)" not in out and "(default: )" not in out and not re.search(r"\(default[^)]*\) \(default", out)
+    assert "(default: 0.001)" in out and "(default: per preset;" in out  # --alpha's, and --sft-steps' own
+
+
+def test_first_screen_settings_and_last_screen_prompt():
+    """Only settings that differ from their defaults are named (a preset's own default is a
+    default); the prompt sample.py is shown is the user's text, as its --prompt takes it."""
+    cfg = inputs.resolve(train.parse_args(["--model", "tiny", "--n-sft", "4096", "--alpha", "0", "--compile"]))
+    assert inputs.changed_settings(cfg) == "--model tiny --alpha 0.0 --compile"  # 4096: tiny's n_sft anyway
+    assert inputs.changed_settings(cfg, leave_out=("model",)) == "--alpha 0.0 --compile"
+    plain = lambda prompt, template="{prompt}", **kw: data.TrainingData(  # noqa: E731
+        [], [[]], [{"prompt": prompt, "reference": None}], None, prompt_template=template, **kw)
+    assert inputs.example_prompt(plain("sort: dcba\n", "sort: {prompt}\n")) == "dcba"
+    assert inputs.example_prompt(plain("two words")) == "'two words'"
+    for unwieldy in (plain("x" * 200), plain("a\nb"), plain("<|user|>hi", conversational=True)):
+        assert inputs.example_prompt(unwieldy) == "'your prompt'"
+
+
+def test_seeds_are_the_ones_runs_were_made_with():
+    """Every run's results depend on these numbers: seed_for must keep them."""
+    for seed in (0, 1, 7):
+        for si in range(6):
+            assert train.seed_for(seed, "stage", si) == train.seed_for(seed, "batches", si) == seed * 1000 + si
+            for k in range(3):
+                assert train.seed_for(seed, "y_ref", si, k) == seed * 1000 + si - 1 + 7 * k
+        assert [train.seed_for(seed, "kl", k=k) for k in range(3)] == [seed * 7919 + 100_003 * k for k in range(3)]
+        assert train.seed_for(seed, "init") == train.seed_for(seed, "sft_batches") == seed
 
 
 @pytest.mark.parametrize("flags,msg", [
     (["--beta", "0"], "--beta must be positive"),
     (["--alpha", "-1"], "--alpha must be non-negative"),
-    (["--model", "huge"], "unknown model preset"),
+    (["--model", "huge"], "--model must be one of tiny, small"),
     (["--batch-size", "10", "--micro-batch-size", "4"], "not a multiple"),
-    (["--lr", "-1"], "--lr and --sft-lr must be positive"),
+    (["--lr", "-1"], "--lr must be positive"),
     (["--lr-decay", "0"], "--lr-decay must be positive"),
-    (["--warmup", "2"], "--warmup is a fraction of the steps, in [0, 1]"),
+    (["--warmup", "2"], "--warmup must be a fraction of the steps, in [0, 1]"),
     (["--kl-samples", "-1"], "--kl-samples must be >= 0"),
+    (["--grad-clip", "-1"], "--grad-clip must be >= 0"),  # clipping to a negative norm reverses training
+    (["--block-size", "-5"], "--block-size must be between 2 and"),
+    (["--block-size", "1000000000"], "--block-size must be between 2 and"),  # not a 256 GB allocation
+    (["--init-from", ROOT, "--block-size", "-3"], "--block-size must be between 2 and"),  # not the data's fault
+    (["--log-every", "0"], "--log-every must be at least 1"),
+    (["--n-sft", "0"], "--n-sft must be at least 1"),  # SFT on nothing, silently
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0"),  # not torch's words after SFT
+    (["--init-from", os.path.join(ROOT, "README.md")], "README.md is not a directory"),
 ])
-def test_bad_flags_are_one_line_errors(tmp_path, capsys, flags, msg):
+def test_bad_flags_are_one_line_errors(tmp_path, monkeypatch, flags, msg):
+    monkeypatch.setattr(train, "setup", reached_setup)  # a flag that gets through fails here, untrained
     with pytest.raises(SystemExit) as e:
         train.main(FAST + ["--out-dir", str(tmp_path)] + flags)
     assert msg in str(e.value) and "\n" not in str(e.value)
     assert not os.listdir(tmp_path)  # nothing written
+
+
+def reached_setup(*args, **kw):
+    raise AssertionError("the flags were accepted: the run reached setup()")
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path):
@@ -94,7 +159,7 @@ def test_truncated_y_ref_keeps_no_eos(tmp_path, monkeypatch):
     import runtime
     from model import GPT, preset
     cfg = inputs.resolve(train.parse_args(FAST + ["--out-dir", str(tmp_path), "--max-new-tokens", "2"]))
-    tok, d = inputs.get_tokenizer(cfg, verbose=False), inputs.load_data(cfg)
+    tok, d = inputs.tokenizer_for(cfg), inputs.load_data(cfg)
     rt = runtime.setup("cpu", "float32", str(tmp_path))
     torch.manual_seed(0)
     model = GPT(preset("tiny", vocab_size=tok.vocab_size))
@@ -103,10 +168,11 @@ def test_truncated_y_ref_keeps_no_eos(tmp_path, monkeypatch):
     chunk = d.chunks[1][:16]
     _, info = train.selm_iteration(rt, cfg, tok, 1, model, chunk, d.judge)
     assert info["y_ref_truncated"] == 16  # an untrained model never stops within 2 tokens
-    for _, w, l, (y,) in seen["examples"]:  # one y_ref per example (m = 1)
+    for ex in seen["examples"]:
+        (y,) = ex.y_refs  # one y_ref per example (m = 1)
         assert len(y) == 2 and y[-1] != tok.eos_id
-        assert w[-1] == tok.eos_id or w == y  # an offline response ends in EOS; y_ref as sampled
-        assert l[-1] == tok.eos_id or l == y
+        assert ex.chosen[-1] == tok.eos_id or ex.chosen == y  # an offline response ends in EOS; y_ref as sampled
+        assert ex.rejected[-1] == tok.eos_id or ex.rejected == y
 
 
 def test_sft_without_demonstrations_keeps_the_weights(tmp_path):
@@ -118,7 +184,7 @@ def test_sft_without_demonstrations_keeps_the_weights(tmp_path):
     model = GPT(preset("tiny", vocab_size=300))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rt = runtime.setup("cpu", "float32", str(tmp_path))
-    assert train.train_sft(rt, cfg, inputs.get_tokenizer(cfg, verbose=False), model, []) is None
+    assert train.train_sft(rt, cfg, inputs.tokenizer_for(cfg), model, []) is None
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -130,7 +196,7 @@ def test_online_step_options(tmp_path, monkeypatch):
     cfg = train.parse_args(FAST + ["--out-dir", str(tmp_path), "--y-ref", "sampled", "--online-samples", "3",
                                    "--optimism-samples", "2", "--tie-order", "authors", "--max-new-tokens", "6"])
     inputs.check_config(cfg)
-    tok, d = inputs.get_tokenizer(cfg, verbose=False), inputs.load_data(cfg)
+    tok, d = inputs.tokenizer_for(cfg), inputs.load_data(cfg)
     rt = runtime.setup("cpu", "float32", str(tmp_path))
     torch.manual_seed(0)
     model = GPT(preset("tiny", vocab_size=tok.vocab_size))
@@ -145,7 +211,7 @@ def test_online_step_options(tmp_path, monkeypatch):
     assert all(len(c) == 5 for c in seen["candidates"])  # the offline pair and n = 3 answers of pi_ref
     assert [c[3] for c in seen["candidates"]] == [e["chosen"] for e in chunk]  # authors: [y_1..y_n, chosen, rejected]
     assert any(len(set(c[:3])) > 1 for c in seen["candidates"])  # sampled answers differ
-    assert all(len(ex[3]) == 2 for ex in seen["examples"])  # m = 2 answers for the optimism term
+    assert all(len(ex.y_refs) == 2 for ex in seen["examples"])  # m = 2 answers for the optimism term
 
 
 def test_m_optimism_samples_average_in_the_loss(tmp_path):

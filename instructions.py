@@ -1,0 +1,511 @@
+"""
+instructions.py -- the built-in task for a chat model: follow instructions that can be checked.
+
+It plays the paper's setup with a real chat model (--init-from):
+  - UltraFeedback: prompts in chunks, one per stage, and offline pairs the starting model writes
+    itself: k answers per prompt at temperature 1, judged, best chosen and worst rejected;
+  - PairRM: `judge(prompt, candidates)` scores an answer by the share of the prompt's constraints
+    it meets, read back from the prompt text, so it needs no hidden state;
+  - AlpacaEval: held-out prompts whose topics AND constraint combinations training never sees,
+    scored with IFEval's headline figures (Zhou et al. 2023): prompt-level strict accuracy
+    (every constraint met) and instruction-level accuracy (constraints met / constraints).
+
+A prompt is a request plus 1-3 constraints, one sentence each, as plain text:
+    Write a short poem about the ocean. Your entire answer must be in lowercase letters, with
+    no capital letters at all. Answer in at most 30 words.
+A run renders it with the model's chat template as one user turn (training_data, through
+chat.py), as it renders a file of conversations; the judge reads the plain and the rendered
+prompt alike. `python instructions.py` prints a few prompts and the shape of the default task.
+This file imports nothing from the model code: only data.py and chat.py.
+"""
+
+import hashlib
+import itertools
+import json
+import os
+import random
+import re
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import chat
+from data import DataError, TrainingData, read_jsonl, write_jsonl_atomic
+
+# -----------------------------------------------------------------------------
+# 1. The requests: kinds of writing and topics
+
+KINDS = ("a short poem", "a short story", "a letter to a friend", "a blog post", "a diary entry",
+         "a product description", "a short speech", "a news report", "a fable", "an advertisement",
+         "a short essay", "a song")
+# "topic|more words": the topic as the prompt names it, then words that also count as mentioning it
+TOPICS = ("the ocean|sea seas waves", "a lighthouse|lighthouses", "coffee|cafe espresso", "the moon|lunar moonlight",
+          "a rainy day|rain raining", "an old library|libraries books", "mountains|peaks", "a city at night|cities",
+          "the first snow|snowy snowfall snowflakes", "a lost cat|cats kitten", "a garden|gardens flowers",
+          "friendship|friend friends", "a train journey|trains railway", "the desert|deserts sand dunes",
+          "a thunderstorm|storm thunder lightning", "autumn leaves|leaf fall", "a small bakery|bakeries bread baker",
+          "bicycles|bike bikes cycling", "the stars|star starry", "a birthday party|birthdays", "a forest|trees woods",
+          "a robot|robots", "honey bees|bee", "the river|rivers", "an old clock|clocks", "volcanoes|volcano lava",
+          "a school trip|school", "a kite|kites", "summer holidays|holiday vacation", "a music festival|concert",
+          "a chess game|chess", "a mountain village|villages", "the wind|winds windy breeze", "a snowman|snowmen snow",
+          "a farmers market|farmer vegetables", "a penguin|penguins", "the sunrise|sun dawn", "a treehouse|treehouses",
+          "an island|islands", "a dragon|dragons", "a spaceship|spaceships space rocket",
+          "a fishing boat|boats fish fishermen fisherman", "the city park|parks", "a grandmother's kitchen|grandma",
+          "a piano|pianos pianist", "green tea|tea", "a firefly|fireflies", "an elephant|elephants",
+          "a winter morning|winter", "a bridge|bridges", "the northern lights|aurora", "a camping trip|camp tent",
+          "a museum|museums", "a new puppy|puppies dog dogs", "the beach|beaches shore", "a castle|castles",
+          "a butterfly|butterflies", "homemade soup|soup", "an old map|maps", "a hot air balloon|balloons")
+STOPWORDS = {"a", "an", "the", "of", "on", "at", "in", "to", "and", "old", "new", "small", "first", "lost",
+             "homemade", "hot", "air"}
+KEYWORDS = ("light", "quiet", "morning", "gold", "home", "journey", "silver", "dream", "warm", "together",
+            "memory", "green", "simple", "window", "music", "hope")
+FORBIDDEN = ("and", "very", "beautiful", "really", "just", "my", "we")  # none in KEYWORDS, OPENERS, ENDINGS
+OPENERS = ("Today", "Once", "Imagine", "Listen", "Yes", "Dear", "Sometimes", "Every")
+ENDINGS = ("Is there anything else I can help with?", "That is all.", "Thank you for reading.", "The end.",
+           "See you soon.")
+
+
+def topic_words(topic):
+    """The words that count as mentioning a topic: those of its name but STOPWORDS, and those
+    listed after its "|" in TOPICS; for a topic not in TOPICS, those of its name."""
+    listed = next((t.split("|")[1].split() for t in TOPICS if t.split("|")[0] == topic and "|" in t), [])
+    return [w.lower() for w in words(topic) if w.lower() not in STOPWORDS] + listed
+
+
+# -----------------------------------------------------------------------------
+# 2. What every checker counts: words and sentences
+
+WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")  # letters or digits of any script, inner apostrophes
+
+
+def words(text):
+    """The words of a text: maximal runs of letters and digits, with apostrophes inside ("don't"
+    is one word); punctuation, markdown and symbols are not words."""
+    return WORD.findall(text)
+
+
+def sentences(text):
+    """The pieces of a text between a run of ".", "!" or "?" followed by whitespace, and between
+    lines (a bullet or a title is a sentence), if they hold a word ("***" is none). "3.5" ends
+    no sentence; "Mr. Smith" does, as a plain rule must."""
+    return [s for s in re.split(r"(?<=[.!?])\s+|\n+", text) if WORD.search(s)]
+
+
+def uses(text, word):
+    """Whether a text uses a word: as a whole word, any case, or with a plural "s" or "es"."""
+    return re.search(rf"(?<![^\W_]){re.escape(word)}(?:e?s)?(?![^\W_])", text, re.IGNORECASE) is not None
+
+
+# -----------------------------------------------------------------------------
+# 3. The constraints: one checker each, check(answer, *args) -> bool
+
+def lowercase(answer):
+    """No uppercase letter in any script; digits, punctuation and symbols are free."""
+    return not any(c.isupper() for c in answer)
+
+
+def capitals(answer):
+    """No lowercase letter in any script; digits, punctuation and symbols are free."""
+    return not any(c.islower() for c in answer)
+
+
+def at_least_words(answer, n):
+    """At least n words, as `words` counts them."""
+    return len(words(answer)) >= n
+
+
+def at_most_words(answer, n):
+    """At most n words, as `words` counts them."""
+    return len(words(answer)) <= n
+
+
+def at_least_sentences(answer, n):
+    """At least n sentences, as `sentences` counts them."""
+    return len(sentences(answer)) >= n
+
+
+def at_most_sentences(answer, n):
+    """At most n sentences, as `sentences` counts them."""
+    return len(sentences(answer)) <= n
+
+
+def keywords(answer, *kws):
+    """Every keyword is used (see `uses`: whole word, any case, plural allowed)."""
+    return all(uses(answer, k) for k in kws)
+
+
+def forbidden(answer, word):
+    """The word is not used (see `uses`: whole word, any case, plural included)."""
+    return not uses(answer, word)
+
+
+def ends_with(answer, phrase):
+    """The answer, trailing whitespace ignored, ends with the phrase, compared in lowercase (so
+    that it combines with all capitals, as IFEval compares it)."""
+    return answer.rstrip().lower().endswith(phrase.lower())
+
+
+def starts_with(answer, word):
+    """The answer's first word (see `words`: leading quotes, markdown or bullets skipped) is the
+    word, in any case."""
+    first = WORD.search(answer)
+    return first is not None and first.group().lower() == word.lower()
+
+
+def bullets(answer, n):
+    """Exactly n lines are bullet points: "*" or "-", whitespace, then text, after optional
+    indentation. "***" (a divider) and "**bold**" are not bullets; numbered lists are not."""
+    return len(re.findall(r"^[ \t]*[*-][ \t]+\S", answer, re.MULTILINE)) == n
+
+
+def paragraphs(answer, n):
+    """The answer split at each "***" gives exactly n pieces, every one with a word: a leading,
+    trailing or doubled divider makes an empty piece and fails."""
+    pieces = answer.strip().split("***")
+    return len(pieces) == n and all(WORD.search(p) for p in pieces)
+
+
+def title(answer):
+    """Somewhere a title: "<<", then text on one line holding a word, then ">>"."""
+    return any(WORD.search(t) for t in re.findall(r"<<([^\n<>]+)>>", answer))
+
+
+def no_commas(answer):
+    """No comma: neither "," nor the full-width "，"."""
+    return "," not in answer and "，" not in answer
+
+
+def quotes(answer):
+    """The answer, surrounding whitespace ignored, starts and ends with a double quotation mark:
+    straight '"' at both ends, or the curly pair “ ”; a lone '"' is not wrapped."""
+    s = answer.strip()
+    return len(s) >= 2 and (s[0], s[-1]) in (('"', '"'), ("“", "”"))
+
+
+def json_answer(answer):
+    """The answer, surrounding whitespace and a markdown code fence (```json ... ```) ignored,
+    is valid JSON holding an object or an array; a bare string or number is not a structured
+    answer (IFEval accepts any JSON value)."""
+    s = re.sub(r"^```(?:json|JSON)?\s*|\s*```$", "", answer.strip())
+    try:
+        return isinstance(json.loads(s), (dict, list))
+    except ValueError:
+        return False
+
+
+class Rule(NamedTuple):
+    """A type of constraint: the sentence that asks for it ({0}, {1}: its arguments, each a
+    word, a number or a quoted phrase), its checker, and draw(rng) -> its arguments."""
+    sentence: str
+    check: object
+    draw: object = lambda rng: ()  # no arguments
+
+
+def pick(*options):
+    return lambda rng: (rng.choice(options),)
+
+
+# The numbers are sized for answers of about 64 new tokens (some 50 words, often cut there):
+# SmolLM2-135M-Instruct meets some of each, not all.
+CONSTRAINTS = {
+    "lowercase": Rule("Your entire answer must be in lowercase letters, with no capital letters at all.", lowercase),
+    "capitals": Rule("Your entire answer must be in capital letters only.", capitals),
+    "at_least_words": Rule("Answer in at least {0} words.", at_least_words, pick(20, 30, 40)),
+    "at_most_words": Rule("Answer in at most {0} words.", at_most_words, pick(20, 30, 40)),
+    "at_least_sentences": Rule("Write at least {0} sentences.", at_least_sentences, pick(2, 3)),
+    "at_most_sentences": Rule("Use no more than {0} sentences.", at_most_sentences, pick(2, 3)),
+    "keywords": Rule('Include the words "{0}" and "{1}" in your answer.', keywords,
+                     lambda rng: tuple(rng.sample(KEYWORDS, 2))),
+    "forbidden": Rule('Do not use the word "{0}" anywhere in your answer.', forbidden, pick(*FORBIDDEN)),
+    "ends_with": Rule('End your answer with the exact phrase "{0}", with nothing after it.', ends_with,
+                      pick(*ENDINGS)),
+    "starts_with": Rule('Begin your answer with the word "{0}".', starts_with, pick(*OPENERS)),
+    "bullets": Rule('Format your answer as exactly {0} bullet points, each on its own line starting with "* ".',
+                    bullets, pick(2, 3)),
+    "paragraphs": Rule("Write exactly {0} paragraphs, separated from each other by the markdown divider ***.",
+                       paragraphs, pick(2, 3)),
+    "title": Rule("Give your answer a title wrapped in double angular brackets, such as <<a title>>.", title),
+    "no_commas": Rule("Do not use any commas in your answer.", no_commas),
+    "quotes": Rule("Wrap your entire answer in double quotation marks.", quotes),
+    "json": Rule("Format your entire answer as valid JSON.", json_answer),
+}
+# Pairs that contradict each other, or make each other ambiguous; a prompt holds neither pair.
+CONFLICTS = {frozenset(p.split()) for p in (
+    "lowercase capitals", "at_least_words at_most_words", "at_least_sentences at_most_sentences",
+    "at_most_words at_least_sentences", "bullets paragraphs", "bullets at_most_sentences",
+    "paragraphs at_most_sentences", "quotes title", "quotes ends_with", "quotes bullets", "quotes paragraphs",
+    "title starts_with", "json bullets", "json paragraphs", "json title", "json quotes", "json ends_with",
+    "json starts_with", "json no_commas", "json at_least_sentences", "json at_most_sentences")}
+
+
+class Constraint(NamedTuple):
+    name: str    # a key of CONSTRAINTS
+    args: tuple  # its arguments: ints and strings
+
+    @property
+    def text(self):
+        return CONSTRAINTS[self.name].sentence.format(*self.args)
+
+    def met(self, answer):
+        return bool(CONSTRAINTS[self.name].check(answer, *self.args))
+
+
+# -----------------------------------------------------------------------------
+# 4. Prompts, written and read back
+
+class Request(NamedTuple):
+    kind: str          # of writing, e.g. "a short poem"
+    topic: str         # e.g. "the ocean"
+    constraints: list  # of Constraint, in the order the prompt states them
+
+
+def make_prompt(kind, topic, constraints):
+    return " ".join([f"Write {kind} about {topic}."] + [c.text for c in constraints])
+
+
+def _pattern(sentence):
+    # the sentence with its {i} slots as groups: a number, or anything up to the literal that follows
+    parts = re.split(r"\{\d\}", sentence)
+    return re.compile(r"(\d+|[^\n\"]+?)".join(re.escape(p) for p in parts))
+
+
+PATTERNS = {name: _pattern(t.sentence) for name, t in CONSTRAINTS.items()}
+REQUEST = re.compile(rf"Write ({'|'.join(map(re.escape, KINDS))}) about ([^.\n]+)\.")
+
+
+def parse_prompt(prompt):
+    """The Request of a task prompt, found by searching its text, so that a prompt rendered with
+    a chat template reads as the plain one; ValueError if it holds no request or no constraint."""
+    text = prompt.messages[-1]["content"] if getattr(prompt, "messages", None) else prompt
+    request = REQUEST.search(text)
+    found = sorted((m.start(), name, tuple(int(a) if a.isdigit() else a for a in m.groups()))
+                   for name, pattern in PATTERNS.items() for m in pattern.finditer(text))
+    if request is None or not found:
+        raise ValueError(f"not an instructions prompt: {text[:80]!r}")
+    return Request(request.group(1), request.group(2), [Constraint(name, args) for _, name, args in found])
+
+
+# -----------------------------------------------------------------------------
+# 5. The judge
+
+def mentions(word, topic_word):
+    """Whether a word (lowercase) mentions a topic word: a word of 5 letters or more is
+    mentioned by any word starting with its first max(len - 2, 5) letters ("oceans" and
+    "oceanic" mention "ocean", "forests" mentions "forest", "forever" does not); a shorter one
+    only by itself with a plural "s" or "es" ("bees" mentions "bee", "been" does not)."""
+    if len(topic_word) < 5:
+        return word in (topic_word, topic_word + "s", topic_word + "es")
+    return word.startswith(topic_word[:max(len(topic_word) - 2, 5)])
+
+
+def degenerate(request, answer):
+    """Why an answer scores 0 whatever it meets, or None. An answer is degenerate when
+      empty:      it has no word;
+      off topic:  none of its words mentions a word of the topic (topic_words, `mentions`);
+      repetitive: one word is more than half of its words (4 words or more), or more than half
+                  of its 4-word sequences repeat an earlier one (a loop such as a sentence said
+                  three times), both in lowercase; or more than half of its non-blank lines
+                  repeat an earlier line (surrounding whitespace ignored), e.g. a divider looping."""
+    ws = [w.lower() for w in words(answer)]
+    if not ws:
+        return "empty"
+    if not any(mentions(w, t) for w in ws for t in topic_words(request.topic)):
+        return "off topic"
+    grams = list(zip(ws, ws[1:], ws[2:], ws[3:]))
+    top = Counter(ws).most_common(1)[0][1]
+    lines = [line.strip() for line in answer.splitlines() if line.strip()]
+    if ((len(ws) >= 4 and top > len(ws) / 2) or len(grams) - len(set(grams)) > len(grams) / 2
+            or len(lines) - len(set(lines)) > len(lines) / 2):
+        return "repetitive"
+    return None
+
+
+def verdicts(request, answer):
+    """Whether the answer meets each constraint of the request; all False when degenerate."""
+    if degenerate(request, answer):
+        return [False] * len(request.constraints)
+    return [c.met(answer) for c in request.constraints]
+
+
+def judge(prompt, candidates):
+    """The built-in judge: one score per candidate, the share of the prompt's constraints it
+    meets (0 for a degenerate answer), in [0, 1]; 1.0 iff every one is met. Deterministic."""
+    request = parse_prompt(prompt)
+    return [sum(v) / len(v) for v in (verdicts(request, a) for a in candidates)]
+
+
+def ifeval_metrics(prompts, answers):
+    """IFEval's two headline figures, and the judge's mean score, over one answer per prompt:
+      prompt_accuracy:      share of prompts whose every constraint is met (strict);
+      instruction_accuracy: constraints met / constraints, over all prompts;
+      score:                the judge's mean score."""
+    vs = [verdicts(parse_prompt(p), a) for p, a in zip(prompts, answers, strict=True)]
+    return {"prompt_accuracy": sum(all(v) for v in vs) / len(vs),
+            "instruction_accuracy": sum(map(sum, vs)) / sum(map(len, vs)),
+            "score": sum(sum(v) / len(v) for v in vs) / len(vs)}
+
+
+# -----------------------------------------------------------------------------
+# 6. The task: training chunks and held-out prompts
+
+EVAL_MODULUS = 5  # a topic, or a combination of constraint types, is held out iff crc32 % 5 == 0
+
+
+def is_eval(key):
+    # a fixed hash, not the sampling order: the splits are disjoint for every seed and size
+    return zlib.crc32(key.encode()) % EVAL_MODULUS == 0
+
+
+def combination_key(names):
+    return "+".join(sorted(names))
+
+
+def combinations(size):
+    """Every combination of `size` constraint types without a conflicting pair, sorted."""
+    return [c for c in itertools.combinations(sorted(CONSTRAINTS), size)
+            if not any(frozenset(p) in CONFLICTS for p in itertools.combinations(c, 2))]
+
+
+@dataclass
+class Task:
+    """The built-in prompts, plain user turns, unique.
+    chunks: n_chunks lists of prompts: chunk 0 for offline DPO, chunk t for SELM iteration t
+    eval:   held-out prompts: no chunk holds their topics or their combinations of constraint types
+    config: the arguments that made it."""
+    chunks: list
+    eval: list
+    config: dict = field(default_factory=dict)
+
+
+def make_task(seed=0, n_prompts_per_chunk=256, n_chunks=4, n_eval=128, max_constraints=3, types=None):
+    """Build the prompts deterministically from `seed`: each has 1..max_constraints constraints
+    (uniform over the sizes its split has), a combination drawn uniformly among those of that
+    size in its split, a topic and a kind of writing uniformly, and the constraints' arguments.
+    types: the constraint types to draw from (default: all of CONSTRAINTS). Chunks and eval
+    draw from their own streams, so n_eval leaves the chunks unchanged."""
+    config = dict(locals())
+    types = set(CONSTRAINTS if types is None else types)
+    if not 1 <= max_constraints <= 3 or not types or types - set(CONSTRAINTS):
+        raise ValueError(f"max_constraints must be 1, 2 or 3 and types some of {sorted(CONSTRAINTS)}, "
+                         f"got {max_constraints} and {sorted(types)}")
+    master = random.Random(seed)
+    rng_train, rng_eval = (random.Random(master.getrandbits(64)) for _ in range(2))
+
+    def draw(rng, want_eval, seen, n):
+        split = "held-out" if want_eval else "training"
+        topics = [t.split("|")[0] for t in TOPICS if is_eval(t.split("|")[0]) == want_eval]
+        by_size = [[c for c in combinations(k) if set(c) <= types and is_eval(combination_key(c)) == want_eval]
+                   for k in range(1, max_constraints + 1)]
+        by_size = [combos for combos in by_size if combos]
+        if not by_size:
+            raise ValueError(f"types {sorted(types)} make no {split} combination of constraints")
+        out, misses = [], 0
+        while len(out) < n:
+            names = rng.choice(by_size[rng.randrange(len(by_size))])
+            cs = [Constraint(name, CONSTRAINTS[name].draw(rng)) for name in names]
+            p = make_prompt(rng.choice(KINDS), rng.choice(topics), rng.sample(cs, len(cs)))
+            if p not in seen:
+                seen.add(p)
+                out.append(p)
+            elif (misses := misses + 1) > 10_000:
+                raise ValueError(f"types {sorted(types)} give fewer than {n} distinct {split} prompts")
+        return out
+    seen = set()
+    chunks = [draw(rng_train, False, seen, n_prompts_per_chunk) for _ in range(n_chunks)]
+    return Task(chunks=chunks, eval=draw(rng_eval, True, set(), n_eval), config=config)
+
+
+# -----------------------------------------------------------------------------
+# 7. Offline pairs from the starting model's own answers, cached in the run's directory
+
+def build_pairs(prompts, sample, k=4, seed=0):
+    """UltraFeedback's recipe on this task: sample(prompts, k, seed) -> k answers per prompt
+    (the starting model at temperature 1; the prompts are plain user turns, which the sampler
+    renders as the run renders them), each judged; the best answer becomes chosen and the worst
+    rejected (the first of equals). A prompt whose answers all tie is dropped.
+    Returns ([{"prompt", "chosen", "rejected", "chosen_score", "rejected_score"}], dropped)."""
+    answers = sample(prompts, k, seed)
+    if len(answers) != len(prompts) or any(len(a) != k for a in answers):
+        raise ValueError(f"sample() must return {k} answers for each of {len(prompts)} prompts")
+    pairs = []
+    for p, ans in zip(prompts, answers):
+        scores = judge(p, ans)
+        best, worst = scores.index(max(scores)), scores.index(min(scores))
+        if scores[best] > scores[worst]:
+            pairs.append({"prompt": p, "chosen": ans[best], "rejected": ans[worst],
+                          "chosen_score": scores[best], "rejected_score": scores[worst]})
+    return pairs, len(prompts) - len(pairs)
+
+
+PAIRS_FILE, PAIR = "instruction_pairs.jsonl", ("prompt", "chosen", "rejected")
+
+
+def cached_pairs(out_dir, chunks, sample, k=4, seed=0, settings=None, write=True, elsewhere=()):
+    """The offline pairs of every chunk (a list of pair lists), built by build_pairs (chunk i
+    sampled with seed + i) and kept in out_dir/PAIRS_FILE: a header {"settings": ...}, then a
+    pair with its "chunk" per line. A later call reuses the file when the settings match: k, seed,
+    a digest of the prompts and `settings`, JSON values of whatever else shapes the answers (the
+    model, max_new_tokens, temperature); else the pairs are built again, the file replaced atomically.
+    elsewhere: more directories whose file may serve (a run started from another run's stage);
+    write: whether this process writes the file (under torchrun, rank 0 only)."""
+    digest = hashlib.sha256(json.dumps(chunks).encode()).hexdigest()[:16]
+    header = {"settings": json.loads(json.dumps({"k": k, "seed": seed, "prompts": digest, **(settings or {})}))}
+    for d in (out_dir, *elsewhere):
+        pairs = read_pairs(os.path.join(d, PAIRS_FILE), header["settings"], len(chunks))
+        if pairs is not None:
+            if d != out_dir and write:
+                write_jsonl_atomic(os.path.join(out_dir, PAIRS_FILE), [rec for _, rec in read_jsonl(os.path.join(d, PAIRS_FILE))])
+            return pairs
+    built = [build_pairs(c, sample, k, seed + i) for i, c in enumerate(chunks)]
+    header["dropped"] = [d for _, d in built]  # prompts whose answers all tied, per chunk
+    if write:
+        write_jsonl_atomic(os.path.join(out_dir, PAIRS_FILE),
+                           [header] + [{"chunk": i, **e} for i, (ps, _) in enumerate(built) for e in ps])
+    return [[{f: e[f] for f in PAIR} for e in ps] for ps, _ in built]
+
+
+def read_pairs(path, settings, n_chunks):
+    """The pairs in a PAIRS_FILE written with these settings, per chunk; None when there is no
+    such file or it was written with other settings."""
+    if not os.path.isfile(path):
+        return None
+    rows = [rec for _, rec in read_jsonl(path)]
+    if not rows or rows[0].get("settings") != settings:
+        return None
+    try:
+        return [[{f: r[f] for f in PAIR} for r in rows[1:] if r["chunk"] == i] for i in range(n_chunks)]
+    except (KeyError, TypeError):
+        raise DataError(f"{path}: not a pairs file of this task; delete it to build the pairs again") from None
+
+
+def training_data(chunks, eval_prompts, template):
+    """The run's data.TrainingData: the pairs and the held-out prompts rendered as one user
+    turn with the model's chat template (a chat.ChatTemplate), judged by `judge`, the greedy
+    answers also scored by IFEval's figures. builtin=True: the pipeline's "perfect" share
+    (score 1.0) is then the prompt-level strict accuracy. chunks: per chunk, its offline pairs
+    ({"prompt", "chosen", "rejected"}) or, before the starting model has answered them, its
+    plain prompts, kept as they are."""
+    chunks = rendered(chunks, template)
+    evals = [chat.evaluation_prompt({"prompt": p}, template) for p in eval_prompts]
+    return TrainingData([], chunks, evals, judge, builtin=True, conversational=True, metrics=accuracies)
+
+
+def rendered(chunks, template):
+    """Each chunk's pairs rendered with the chat template (plain prompts kept as they are)."""
+    return [[chat.preference_pair(e, template) if isinstance(e, dict) else e for e in c] for c in chunks]
+
+
+def accuracies(prompts, answers):
+    """IFEval's two headline figures of the answers (the judge's mean score is the run's reward)."""
+    m = ifeval_metrics(prompts, answers)
+    return {"prompt_accuracy": m["prompt_accuracy"], "instruction_accuracy": m["instruction_accuracy"]}
+
+
+if __name__ == "__main__":
+    task = make_task()
+    for p in task.eval[:5]:
+        print(p, "\n")
+    n = [len(combinations(k)) for k in (1, 2, 3)]
+    print(f"{len(CONSTRAINTS)} constraint types, {n} combinations of 1/2/3; default task: "
+          f"{len(task.chunks)}x{len(task.chunks[0])} training prompts, {len(task.eval)} held out")
