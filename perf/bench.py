@@ -209,8 +209,9 @@ def check_args(args):
     for flag, n in (("--threads", args.threads), ("--qwen2-layers", args.qwen2_layers)):
         if n is not None and n < 1:
             raise ValueError(f"{flag} must be at least 1, got {n}")
-    if "real" in args.sections.split(",") and not (args.init_from and os.path.isfile(os.path.join(args.init_from,
-                                                                                                    "config.json"))):
+    if args.init_from is not None and not os.path.isfile(os.path.join(args.init_from, "config.json")):
+        raise ValueError(f"--init-from {args.init_from!r}: not a Hugging Face model directory (no config.json)")
+    if "real" in [s.strip() for s in args.sections.split(",")] and args.init_from is None:
         raise ValueError("--sections real needs --init-from DIR, a Hugging Face chat model directory "
                          "(python -m tools.gguf_to_hf --smollm2 DIR makes one)")
     check_device(args.device)

