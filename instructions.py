@@ -443,40 +443,42 @@ PAIRS_FILE, PAIR = "instruction_pairs.jsonl", ("prompt", "chosen", "rejected")
 
 def cached_pairs(out_dir, chunks, sample, k=4, seed=0, settings=None, write=True, elsewhere=()):
     """The offline pairs of every chunk (a list of pair lists), built by build_pairs (chunk i
-    sampled with seed + i) and kept in out_dir/PAIRS_FILE: a header {"settings": ...}, then a
-    pair with its "chunk" per line. A later call reuses the file when the settings match: k, seed,
-    a digest of the prompts and `settings`, JSON values of whatever else shapes the answers (the
-    model, max_new_tokens, temperature); else the pairs are built again, the file replaced atomically.
+    sampled with seed + i) and kept in out_dir/PAIRS_FILE: a header {"settings", "chunks": a
+    digest of each chunk's prompts, "dropped"}, then a pair with its "chunk" per line. A later
+    call reuses a file whose settings match (k, seed and `settings`: JSON values of whatever else
+    shapes the answers, such as the model, max_new_tokens, temperature) and whose chunks begin
+    with this call's: a run of T iterations reads the pairs a longer run made. Otherwise the
+    pairs are built again and the file replaced atomically.
     elsewhere: more directories whose file may serve (a run started from another run's stage);
     write: whether this process writes the file (under torchrun, rank 0 only)."""
-    digest = hashlib.sha256(json.dumps(chunks).encode()).hexdigest()[:16]
-    header = {"settings": json.loads(json.dumps({"k": k, "seed": seed, "prompts": digest, **(settings or {})}))}
+    want = {"settings": json.loads(json.dumps({"k": k, "seed": seed, **(settings or {})})),
+            "chunks": [hashlib.sha256(json.dumps(c).encode()).hexdigest()[:16] for c in chunks]}
     for d in (out_dir, *elsewhere):
-        pairs = read_pairs(os.path.join(d, PAIRS_FILE), header["settings"], len(chunks))
-        if pairs is not None:
-            if d != out_dir and write:
-                write_jsonl_atomic(os.path.join(out_dir, PAIRS_FILE), [rec for _, rec in read_jsonl(os.path.join(d, PAIRS_FILE))])
-            return pairs
+        rows = read_pairs(os.path.join(d, PAIRS_FILE), want)
+        if rows is not None:
+            if d != out_dir and write:  # the run keeps its own copy: its --resume needs nothing else
+                write_jsonl_atomic(os.path.join(out_dir, PAIRS_FILE), rows)
+            return [[{f: r[f] for f in PAIR} for r in rows[1:] if r["chunk"] == i] for i in range(len(chunks))]
     built = [build_pairs(c, sample, k, seed + i) for i, c in enumerate(chunks)]
-    header["dropped"] = [d for _, d in built]  # prompts whose answers all tied, per chunk
     if write:
-        write_jsonl_atomic(os.path.join(out_dir, PAIRS_FILE),
-                           [header] + [{"chunk": i, **e} for i, (ps, _) in enumerate(built) for e in ps])
+        write_jsonl_atomic(os.path.join(out_dir, PAIRS_FILE), [{**want, "dropped": [d for _, d in built]}] + [
+            {"chunk": i, **e} for i, (ps, _) in enumerate(built) for e in ps])
     return [[{f: e[f] for f in PAIR} for e in ps] for ps, _ in built]
 
 
-def read_pairs(path, settings, n_chunks):
-    """The pairs in a PAIRS_FILE written with these settings, per chunk; None when there is no
-    such file or it was written with other settings."""
+def read_pairs(path, want):
+    """The rows of a PAIRS_FILE whose settings are want's and whose chunks begin with want's;
+    None when there is no such file."""
     if not os.path.isfile(path):
         return None
     rows = [rec for _, rec in read_jsonl(path)]
-    if not rows or rows[0].get("settings") != settings:
+    header = rows[0] if rows else {}
+    if header.get("settings") != want["settings"] or header.get("chunks", [])[:len(want["chunks"])] != want["chunks"]:
         return None
-    try:
-        return [[{f: r[f] for f in PAIR} for r in rows[1:] if r["chunk"] == i] for i in range(n_chunks)]
-    except (KeyError, TypeError):
-        raise DataError(f"{path}: not a pairs file of this task; delete it to build the pairs again") from None
+    if not all(isinstance(r, dict) and isinstance(r.get("chunk"), int) and all(isinstance(r.get(f), str) for f in PAIR)
+               for r in rows[1:]):
+        raise DataError(f"{path}: not a pairs file of this task; delete it to build the pairs again")
+    return rows
 
 
 def training_data(chunks, eval_prompts, template):

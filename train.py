@@ -414,7 +414,7 @@ def run(cfg):
         sft_answers = answers if stage == "sft" else sft_answers
         results.append(row)  # results.json holds no timings: a resumed run reproduces it exactly
         seconds = time.time() - t0
-        rt.log.write({"eval": row, "time": round(seconds, 2), **({"online": info} if info else {})})
+        rt.log.write({"eval": row, "time": round(seconds, 2), **({"online": info} if info else {}), "answers": answers})
         state.update(results=results, evaluated=True, sft_answers=sft_answers, metrics_size=rt.log.size())
         commit(cfg.out_dir, state, rt.ranks.main)
         state = None

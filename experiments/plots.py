@@ -1,5 +1,6 @@
 """
-plots.py -- the figures of sweep.py and study.py, drawn when matplotlib is installed.
+plots.py -- the figures of the sweep, the study and the chat-model comparison, drawn when
+matplotlib is installed.
 
 matplotlib is optional: without it these functions draw nothing and say so once, and the
 tables (the results themselves) are written all the same.
@@ -59,6 +60,27 @@ def primary_endpoint(per_iteration, T, delta, path):
     ax.axhspan(-delta, delta, color="gray", alpha=0.15)
     ax.set_xlabel("SELM iteration")
     ax.set_ylabel("paired difference in greedy reward")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write_path(path, lambda tmp: fig.savefig(tmp, dpi=100))  # the format: tmp's extension, path's
+    plt.close(fig)
+
+
+def arms_by_stage(per_stage, names, T, path):
+    """The chat-model comparison: held-out prompt-level accuracy per stage (starting model,
+    offline DPO, then each iteration), one line per arm, mean over seeds with the seeds' spread;
+    per_stage[arm] = [per-seed values of each stage]."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k, (arm, stages) in enumerate(per_stage.items()):
+        xs = [x + 0.04 * (k - 1.5) for x in range(T + 2)]  # side by side, not on top of each other
+        m = [statistics.mean(v) for v in stages]
+        sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in stages]
+        ax.errorbar(xs, m, yerr=sd, marker="o", capsize=3, label=f"{arm}: {names[arm]}")
+    ax.set_xticks(range(T + 2), ["start", "offline DPO"] + [f"iter {t}" for t in range(1, T + 1)])
+    ax.set_ylabel("held-out prompt-level accuracy")
     ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_write_path(path, lambda tmp: fig.savefig(tmp, dpi=100))  # the format: tmp's extension, path's

@@ -187,6 +187,15 @@ def study_cli(tmp_path, monkeypatch):
     return study.main, ["--quick", "--out", str(tmp_path / "out")]
 
 
+def chat_model_cli(tmp_path, monkeypatch):
+    from experiments import chat_model
+    monkeypatch.setattr(chat_model, "run_comparison", reached)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    return chat_model.main, ["--init-from", str(model), "--out", str(tmp_path / "out")]
+
+
 def analyse_cli(tmp_path, monkeypatch):
     from experiments import analyse
     monkeypatch.setattr(analyse, "analyse", reached)
@@ -203,18 +212,19 @@ def gguf_cli(tmp_path, monkeypatch):
 def parsers():
     import data
     import sample
-    from experiments import analyse, study, sweep
+    from experiments import analyse, chat_model, study, sweep
     from perf import bench, memory
     from tools import gguf_to_hf
     return {"sample.py": sample.parser(), "data.py": data.parser(), "perf.bench": bench.parser(),
             "perf.memory": memory.parser(), "experiments.sweep": sweep.parser(), "experiments.study": study.parser(),
-            "experiments.analyse": analyse.parser(), "tools.gguf_to_hf": gguf_to_hf.parser()}
+            "experiments.analyse": analyse.parser(), "tools.gguf_to_hf": gguf_to_hf.parser(),
+            "experiments.chat_model": chat_model.parser()}
 
 
 # (each command's parser, its runner: main with what comes after the checks stubbed out, and good arguments)
 COMMANDS = {"sample.py": sample_cli, "data.py": data_cli, "perf.bench": bench_cli, "perf.memory": memory_cli,
             "experiments.sweep": sweep_cli, "experiments.study": study_cli, "experiments.analyse": analyse_cli,
-            "tools.gguf_to_hf": gguf_cli}
+            "tools.gguf_to_hf": gguf_cli, "experiments.chat_model": chat_model_cli}
 FINE_OPTIONS = {
     "sample.py": {("--seed", 0): "seeds start at 0", ("--temperature", 0.0): "temperature 0 is greedy",
                   ("--prompt", "no-such-thing"): "any text is a prompt"},
@@ -222,6 +232,7 @@ FINE_OPTIONS = {
                           ("--report", "no-such-thing"): "a report file that is not there yet is written"},
     "experiments.study": {("--out", "no-such-thing"): "a directory that is not there yet is made"},
     "tools.gguf_to_hf": {("out_dir", "no-such-thing"): "a directory that is not there yet is made"},
+    "experiments.chat_model": {("--out", "no-such-thing"): "a directory that is not there yet is made"},
 }
 
 

@@ -258,6 +258,8 @@ def test_pairs_are_cached_and_rebuilt_when_settings_change(tmp_path):
     assert path.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
     again = I.cached_pairs(str(tmp_path), chunks, fake_sampler(calls), k=3, seed=5, settings={"model": "m"})
     assert again == first and len(calls) == 2  # reused: the sampler was not called
+    assert I.cached_pairs(str(tmp_path), chunks[:1], fake_sampler(calls), k=3, seed=5, settings={"model": "m"}) \
+        == first[:1] and len(calls) == 2  # fewer iterations: the first chunks of the file serve
     for change in [dict(k=4), dict(seed=6), dict(settings={"model": "other"}), dict(chunks=chunks[::-1])]:
         kw = dict(chunks=chunks, k=3, seed=5, settings={"model": "m"}) | change
         n = len(calls)

@@ -1,0 +1,274 @@
+"""
+chat_model.py -- the paper's comparison on a real chat model (docs/instructions-plan.md):
+iterative DPO, SELM with its tuned alpha, SELM with sampled y_ref and the optimism term over
+m = 2 samples, and online DPO with 2 samples, on `train.py --task instructions`.
+
+    python -m experiments.chat_model --init-from models/SmolLM2-135M-Instruct   # hours on 2 cores
+    python -m experiments.chat_model --init-from DIR --quick                    # the machinery, minutes
+
+Phases, in order; each decision goes to <out>/decisions.json once and is never revised, so the
+command can be stopped and started again at any point:
+  1. pairs       the offline pairs of each task seed, made once (the starting model's answers
+                 do not depend on the training seed) and copied into every run's directory
+  2. lr          offline DPO at each learning rate of the grid, on the tuning seed
+  3. alpha       arm A and arm B at each alpha of the grid, on the tuning seed
+  4. held out    per held-out seed, the shared offline DPO and the four arms from it
+  5. report      <out>/report.md and report.json: every endpoint, the decision, a figure
+Every run is a train.py process (runner.run_all: --jobs at a time, resumable).
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+
+import inputs
+import train
+from checkpoint import write_json_atomic
+from experiments import plots
+from experiments.runner import Job, read_json, run_all
+from instructions import PAIRS_FILE, make_task, parse_prompt, verdicts
+from runtime import check_or_exit, setup
+
+ARMS = {  # the preregistered arms: train.py flags besides the shared ones
+    "A": ("iterative DPO", ["--alpha", "0"]),
+    "B": ("SELM", ["--alpha", "{alpha}"]),
+    "C": ("SELM, sampled y_ref, m = 2", ["--alpha", "{alpha}", "--y-ref", "sampled", "--optimism-samples", "2"]),
+    "D": ("online DPO, 2 samples", ["--alpha", "0", "--y-ref", "sampled", "--online-samples", "2"]),
+}
+FULL = dict(flags=[], T=2, tuning=100, heldout=[0, 1, 2], lrs=[3e-6, 1e-5, 3e-5], alphas=[0.03, 0.3])
+QUICK = dict(flags=["--chunk-size", "8", "--n-eval", "8", "--max-new-tokens", "16"], T=1, tuning=100, heldout=[0, 1],
+             lrs=[1e-5, 3e-5], alphas=[0.03, 0.3])
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # two-sided 95% t quantiles by degrees of freedom
+DELTA = 0.05  # the equivalence margin, in prompt-level accuracy
+
+
+class Run(Job):
+    """A train.py run of the comparison: no analysis step (results.json holds every endpoint)."""
+
+    def complete(self):
+        return self.trained()
+
+    def commands(self, extra, analyse_flags):
+        return super().commands(extra, analyse_flags)[:-1] if not self.trained() else []
+
+
+def shared(args, P, task_seed, seed):
+    return ["--init-from", args.init_from, "--task", "instructions", "--task-seed", str(task_seed),
+            "--seed", str(seed), *P["flags"]]
+
+
+def make_pairs(args, P, task_seed):
+    """The offline pairs of task seed `task_seed` for T iterations, made once in this process
+    by the pipeline's own step (train.instruction_pairs) in <out>/pairs-<task_seed>/."""
+    out = os.path.join(args.out, f"pairs-{task_seed}")
+    path = os.path.join(out, PAIRS_FILE)
+    if not os.path.isfile(path):
+        cfg = train.parse_args(shared(args, P, task_seed, 0) + ["--iterations", str(P["T"]), "--out-dir", out])
+        inputs.check_config(cfg)
+        os.makedirs(out, exist_ok=True)
+        rt = setup(cfg.device, cfg.dtype, out)
+        tok, task_data = inputs.tokenizer_and_data(cfg, rt)
+        train.instruction_pairs(rt, cfg, tok, inputs.build_model(cfg, tok, rt), task_data)
+        print(f"made the offline pairs of task seed {task_seed} in {path}", flush=True)
+    return path
+
+
+def launch(args, P, jobs, pairs):
+    """Run the jobs, each with its task seed's pairs file in its directory beforehand."""
+    for j in jobs:
+        os.makedirs(j.dir, exist_ok=True)
+        if not os.path.exists(os.path.join(j.dir, PAIRS_FILE)):
+            shutil.copyfile(pairs, os.path.join(j.dir, PAIRS_FILE))
+    failed = run_all(list({j.name: j for j in jobs}.values()), args.out, args.jobs, [], [])
+    if failed:
+        sys.exit(f"experiments.chat_model: {len(failed)} runs failed: {', '.join(sorted(failed))}")
+
+
+def base_job(args, P, seed, task_seed, lr):
+    return Run(args.out, f"lr{lr:g}/seed{seed}/base", shared(args, P, task_seed, seed) + ["--lr", f"{lr:g}"], 0)
+
+
+def arm_job(args, P, base, arm, alpha, tag=""):
+    flags = base.flags + [f.format(alpha=f"{alpha:g}") for f in ARMS[arm][1]]
+    return Run(args.out, os.path.dirname(base.name) + f"/{arm}{tag}", flags, P["T"], base)
+
+
+def final(job, key="reward"):
+    return job.results()[job.stages[-1]][key]
+
+
+# ---- the phases --------------------------------------------------------------------------------
+
+def tune(args, P, decisions, path):
+    pairs = make_pairs(args, P, P["tuning"])
+    if "lr" not in decisions:
+        bases = {lr: base_job(args, P, P["tuning"], P["tuning"], lr) for lr in P["lrs"]}
+        launch(args, P, bases.values(), pairs)
+        scores = {f"{lr:g}": final(b) for lr, b in bases.items()}
+        best = max(scores.values())
+        decisions["lr_grid"] = scores  # the smallest lr within 0.01 of the best
+        decisions["lr"] = min(lr for lr in P["lrs"] if scores[f"{lr:g}"] >= best - 0.01)
+        write_json_atomic(decisions, path)
+    if "alpha" not in decisions:
+        base = base_job(args, P, P["tuning"], P["tuning"], decisions["lr"])
+        jobs = [arm_job(args, P, base, "A", 0)] + [arm_job(args, P, base, "B", a, f"-a{a:g}") for a in P["alphas"]]
+        launch(args, P, jobs, pairs)
+        scores = {f"{a:g}": final(j) for a, j in zip(P["alphas"], jobs[1:])}
+        best = max(scores.values())
+        decisions.update(alpha_grid=scores, alpha_A=final(jobs[0]),
+                         alpha=min(a for a in P["alphas"] if scores[f"{a:g}"] >= best - 0.01))
+        write_json_atomic(decisions, path)
+
+
+def held_out(args, P, decisions):
+    pairs = make_pairs(args, P, 0)
+    runs = {}
+    for seed in P["heldout"]:
+        base = base_job(args, P, seed, 0, decisions["lr"])
+        runs[seed] = {arm: arm_job(args, P, base, arm, decisions["alpha"]) for arm in ARMS}
+    launch(args, P, [j for arms in runs.values() for j in arms.values()], pairs)
+    return runs
+
+
+# ---- the report --------------------------------------------------------------------------------
+
+def interval(xs):
+    m = statistics.mean(xs)
+    half = T95[len(xs) - 1] * statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else math.inf
+    return m, m - half, m + half
+
+
+def decide(lo, hi):
+    if lo > 0:
+        return "helps"
+    if hi < 0:
+        return "hurts"
+    return "equivalent" if -DELTA <= lo and hi <= DELTA else "inconclusive"
+
+
+def sign_test(wins, losses):
+    """Exact two-sided p-value of `wins` against `losses` under a fair coin (McNemar's exact test)."""
+    n, k = wins + losses, min(wins, losses)
+    return 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def met(job, stage, prompts):
+    """Per held-out prompt, whether the stage's greedy answer (metrics.jsonl) met every constraint."""
+    for line in open(os.path.join(job.dir, "metrics.jsonl")):
+        row = json.loads(line)
+        if row.get("eval", {}).get("stage") == stage:
+            return [all(verdicts(parse_prompt(p), a)) for p, a in zip(prompts, row["answers"], strict=True)]
+    raise ValueError(f"{job.dir}/metrics.jsonl has no evaluation of {stage}")
+
+
+def report(args, P, decisions, runs):
+    seeds, T = P["heldout"], P["T"]
+    n_eval = train.parse_args(runs[seeds[0]]["A"].flags)  # the held-out prompts, as the runs drew them
+    prompts = make_task(seed=0, n_prompts_per_chunk=1, n_chunks=1, n_eval=inputs.resolve(n_eval).n_eval).eval
+    keys = ["prompt_accuracy", "instruction_accuracy", "reward", "win_rate_vs_sft", "kl", "length"]
+    fmt = lambda xs: f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"  # noqa: E731
+    res = {s: {a: runs[s][a].results() for a in ARMS} for s in seeds}
+    lines = ["# SELM against its baselines on SmolLM2-135M-Instruct: results", "",
+             f"Plan: docs/instructions-plan.md. Tuning (seed {P['tuning']}): lr grid {json.dumps(decisions['lr_grid'])} "
+             f"-> lr {decisions['lr']:g}; alpha grid {json.dumps(decisions['alpha_grid'])} (arm A: "
+             f"{decisions['alpha_A']:.3f}) -> alpha {decisions['alpha']:g}. Held-out seeds {seeds}, T = {T}.", "",
+             "## Every endpoint at the last stage (mean ± std over seeds)", "",
+             "| arm | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    start = [res[s]["A"]["sft"] for s in seeds]
+    lines.append("| starting model | " + " | ".join(fmt([r[k] for r in start]) for k in keys) + " |")
+    offline = [res[s]["A"]["dpo"] for s in seeds]
+    lines.append("| offline DPO | " + " | ".join(fmt([r[k] for r in offline]) for k in keys) + " |")
+    for a, (name, _) in ARMS.items():
+        rows = [res[s][a][f"selm_{T}"] for s in seeds]
+        lines.append(f"| {a}: {name} | " + " | ".join(fmt([r[k] for r in rows]) for k in keys) + " |")
+    lines += ["", "## Prompt-level accuracy per seed and stage", "",
+              "| seed | starting model | offline DPO | " + " | ".join(f"{a}, iter {t}" for a in ARMS for t in range(1, T + 1))
+              + " |", "|---|---|---|" + "---|" * (len(ARMS) * T)]
+    for s in seeds:
+        lines.append(f"| {s} | {res[s]['A']['sft']['prompt_accuracy']:.3f} | {res[s]['A']['dpo']['prompt_accuracy']:.3f} | "
+                     + " | ".join(f"{res[s][a][f'selm_{t}']['prompt_accuracy']:.3f}" for a in ARMS
+                                  for t in range(1, T + 1)) + " |")
+    summary = {"decisions": decisions, "comparisons": {}, "per_stage": {}}
+    lines += ["", "## The comparisons: paired differences in prompt-level accuracy at the last stage", "",
+              "| comparison | mean | 95% interval (t, 2 df) | decision | pooled: first only / second only | "
+              "sign test p |", "|---|---|---|---|---|---|"]
+    for x, y in (("B", "A"), ("C", "A"), ("D", "A")):
+        diffs = [res[s][x][f"selm_{T}"]["prompt_accuracy"] - res[s][y][f"selm_{T}"]["prompt_accuracy"] for s in seeds]
+        m, lo, hi = interval(diffs)
+        pairs = [(p, q) for s in seeds for p, q in zip(met(runs[s][x], f"selm_{T}", prompts),
+                                                      met(runs[s][y], f"selm_{T}", prompts))]
+        wins, losses = sum(p and not q for p, q in pairs), sum(q and not p for p, q in pairs)
+        verdict = decide(lo, hi) if (x, y) == ("B", "A") else "(no decision)"
+        summary["comparisons"][f"{x} - {y}"] = {"diffs": diffs, "mean": m, "interval": [lo, hi], "decision": verdict,
+                                                "pooled": [wins, losses], "p": sign_test(wins, losses)}
+        lines.append(f"| {x} - {y} | {m:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {verdict} | {wins} / {losses} | "
+                     f"{sign_test(wins, losses):.3f} |")
+    recipe = [(res[s]["B"]["sft"]["prompt_accuracy"], res[s]["B"][f"selm_{T}"]["prompt_accuracy"]) for s in seeds]
+    summary["recipe"] = recipe
+    lines += ["", "The recipe (arm B) against the starting model, prompt-level accuracy per seed: "
+              + ", ".join(f"seed {s}: {a:.3f} -> {b:.3f}" for s, (a, b) in zip(seeds, recipe)) + "."]
+    for a in ARMS:
+        summary["per_stage"][a] = [[res[s][a][st]["prompt_accuracy"] for s in seeds]
+                                   for st in ["sft", "dpo"] + [f"selm_{t}" for t in range(1, T + 1)]]
+    with open(os.path.join(args.out, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    write_json_atomic(summary, os.path.join(args.out, "report.json"))
+    plots.arms_by_stage(summary["per_stage"], {a: n for a, (n, _) in ARMS.items()}, T,
+                        os.path.join(args.out, "prompt_accuracy.png"))
+    print("\n".join(lines))
+
+
+# ---- the command ------------------------------------------------------------------------------
+
+def parser():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    ap.add_argument("--init-from", required=True, help="the chat model's directory (python -m tools.gguf_to_hf)")
+    ap.add_argument("--out", default=None, help="output root (default out/chat-model, or out/chat-model-quick)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at once (each one single-threaded)")
+    ap.add_argument("--quick", action="store_true", help="the machinery at toy sizes, in minutes")
+    ap.add_argument("--report-only", action="store_true", help="tabulate what is there, run nothing")
+    return ap
+
+
+def check_args(args):
+    """Every flag checked, in one line naming it, before anything runs."""
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+    if not os.path.isfile(os.path.join(args.init_from, "config.json")):
+        raise ValueError(f"--init-from {args.init_from!r} is not a Hugging Face model directory (no config.json)")
+    if args.out == "" or args.out is not None and os.path.isfile(args.out):
+        raise ValueError(f"--out {args.out!r} is not a directory")
+
+
+def main(argv=None):
+    ap = parser()
+    args = ap.parse_args(argv)
+    check_or_exit(ap, check_args, args)
+    run_comparison(args)
+
+
+def run_comparison(args):
+    """Tuning and the held-out runs, each decision kept in decisions.json so that a rerun goes
+    on from there; then the report."""
+    P = QUICK if args.quick else FULL
+    args.out = args.out or ("out/chat-model-quick" if args.quick else "out/chat-model")
+    args.init_from = os.path.abspath(args.init_from)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "decisions.json")
+    decisions = read_json(path, {})
+    if args.report_only and "alpha" not in decisions:
+        sys.exit(f"experiments.chat_model: --report-only, but {path} holds no tuning yet")
+    if not args.report_only:
+        tune(args, P, decisions, path)
+    runs = held_out(args, P, decisions) if not args.report_only else {
+        s: {a: arm_job(args, P, base_job(args, P, s, 0, decisions["lr"]), a, decisions["alpha"]) for a in ARMS}
+        for s in P["heldout"]}
+    report(args, P, decisions, runs)
+
+
+if __name__ == "__main__":
+    main()
