@@ -417,10 +417,46 @@ def preference_rows(examples):
     return [(ex.prompt, r) for part in parts for ex, r in zip(examples, part)]
 
 
-def collate_preferences(examples, pad_id):
-    """One batch for one forward pass over every response of B Examples, padded to one T, in
-    the order of preference_rows."""
-    return collate(preference_rows(examples), pad_id)
+def collate_shared(examples, pad_id, length=None):
+    """One batch for one forward pass over every response of B Examples, each prompt computed
+    once: row i holds prompt_i, then each of its responses in turn, right-padded to one T.
+    A response attends to the prompt and to itself, never to its siblings, and its positions
+    start where the prompt ends, so each response's log-probs are those of (prompt, response)
+    alone; the prompt, often most of a row, is not run n_parts times. Returns [B, T] tensors
+      input_ids, position_ids;
+      response_mask  True on response tokens (EOS included);
+      predecessor    the position whose logits predict each token: t - 1 inside a response,
+                     the prompt's last position for a response's first token;
+      part           which response a token belongs to (0 chosen, 1 rejected, 2.. y_refs; -1 none);
+    and attention_mask [B, 1, T, T] bool, True where a query may attend to a key. length: pad
+    to this T (one shape for a whole stage, as a compiled forward wants), not the longest row."""
+    if not examples:
+        raise ValueError("collate_shared: no examples")
+    B, T = len(examples), max(len(ex.prompt) + sum(map(len, ex.responses())) for ex in examples)
+    T = max(T, length or 0)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((B, T), dtype=torch.long)
+    segment = torch.full((B, T), -1, dtype=torch.long)  # 0 the prompt, 1 + k response k, -1 padding
+    predecessor = torch.zeros((B, T), dtype=torch.long)
+    for i, ex in enumerate(examples):
+        if not ex.prompt or not all(ex.responses()):
+            raise ValueError(f"collate_shared: example {i} has an empty prompt or response")
+        P, start = len(ex.prompt), len(ex.prompt)
+        input_ids[i, :P], position_ids[i, :P], segment[i, :P] = torch.tensor(ex.prompt), torch.arange(P), 0
+        for k, r in enumerate(ex.responses()):
+            end = start + len(r)
+            input_ids[i, start:end] = torch.tensor(r)
+            position_ids[i, start:end] = torch.arange(P, P + len(r))
+            segment[i, start:end] = 1 + k
+            predecessor[i, start:end] = torch.arange(start - 1, end - 1)
+            predecessor[i, start] = P - 1  # a response's first token follows the prompt, not its sibling
+            start = end
+    q, kv = segment[:, :, None], segment[:, None, :]  # [B, T, 1] queries, [B, 1, T] keys
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    allowed = causal & (kv >= 0) & ((kv == 0) | (kv == q))
+    allowed |= torch.eye(T, dtype=torch.bool)  # a padding query sees itself: no fully masked row (NaN)
+    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": allowed[:, None],
+            "response_mask": segment > 0, "predecessor": predecessor, "part": (segment - 1).clamp(min=-1)}
 
 
 def batches(n, batch_size, seed=0, shuffle=True, drop_last=False):

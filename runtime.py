@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import stage_path
-from data import JudgeError, collate, judge_block, write_error
+from data import JudgeError, collate, collate_shared, judge_block, write_error
 from sample import compile_seconds, generate
 from selm import reference_logps
 
@@ -274,11 +274,12 @@ class Runtime:
             return nullcontext()
         return nullcontext() if sync or self.ranks.world == 1 else train_model.no_sync()
 
-    def to_device(self, batch, fixed_len, pad_id):
+    def to_device(self, batch, fixed_len=None, pad_id=0):
         """Move a collated batch to the device. Under compile, first right-pad it to the
-        stage's longest sequence: one shape for the whole stage means one compiled graph
-        (padding is masked out of every loss, and right padding never touches real tokens)."""
-        if self.compile:
+        stage's longest sequence (fixed_len; a batch of data.collate_shared comes padded):
+        one shape for the whole stage means one compiled graph (padding is masked out of
+        every loss, and right padding never touches real tokens)."""
+        if self.compile and fixed_len:
             extra = fixed_len - batch["input_ids"].shape[1]
             batch = {k: F.pad(v, (0, extra), value=pad_id if k == "input_ids" else False)
                      for k, v in batch.items()}
@@ -308,6 +309,18 @@ class Runtime:
             with self.autocast():
                 return reference_logps(model, batches).float().cpu().tolist()
         return torch.tensor(self.ranks.map_blocks(score, rows, block), dtype=torch.float32)
+
+    def example_logps(self, model, examples, pad_id, block):
+        """Summed log-probs of every response of data.Examples under `model`, each prompt run
+        once (data.collate_shared), without grad in eval mode: (n_parts, N) fp32 on the CPU,
+        rows chosen, rejected, then each y_ref."""
+        n_parts = len(examples[0].responses())
+
+        def score(_, exs):
+            batches = (collate_shared(exs[i:i + block], pad_id) for i in range(0, len(exs), block))
+            with self.autocast():
+                return reference_logps(model, batches, n_parts).float().cpu().T.tolist()  # per example
+        return torch.tensor(self.ranks.map_blocks(score, examples, block), dtype=torch.float32).T
 
     def judge(self, judge, prompts, candidates, block):
         """The judge's checked scores of every (prompt, candidate list) (data.judge_block: a

@@ -83,26 +83,54 @@ def sequence_logps(model, input_ids, response_mask, attention_mask=None, positio
 
 
 class TokenLogprob(torch.autograd.Function):
-    """log softmax(z)[y] = z_y - logsumexp(z) for logits z [N, V] and targets y [N].
+    """log softmax(z_r)[y] = z_{r,y} - logsumexp(z_r) for logits z [M, V], targets y [N] and,
+    optionally, the row r [N] of z that predicts each target (default: row n for target n;
+    several targets may share a row: a prompt's last position predicts every response's first
+    token, collate_shared).
 
-    Autograd through gather and logsumexp would hold several [N, V] tensors at once in the
-    backward pass; cross_entropy saves a whole [N, V] log-softmax. This saves only the logits
-    (alive anyway) and the [N] logsumexp, and builds the gradient in one [N, V] buffer:
-    d/dz = g * (onehot(y) - softmax(z)).
+    Autograd through gather and logsumexp would hold several [M, V] tensors at once in the
+    backward pass; cross_entropy saves a whole [M, V] log-softmax. This saves only the logits
+    (alive anyway) and the [M] logsumexp, and builds the gradient in one [M, V] buffer:
+    d/dz_r = sum over the targets n of row r of g_n * (onehot(y_n) - softmax(z_r)).
     """
 
     @staticmethod
-    def forward(ctx, logits, targets):
-        lse = torch.logsumexp(logits, dim=-1)                                   # [N]
-        ctx.save_for_backward(logits, targets, lse)
-        return logits.gather(1, targets[:, None]).squeeze(1) - lse
+    def forward(ctx, logits, targets, rows=None):
+        lse = torch.logsumexp(logits, dim=-1)                                   # [M]
+        rows = torch.arange(len(targets), device=logits.device) if rows is None else rows
+        ctx.save_for_backward(logits, targets, lse, rows)
+        return logits[rows, targets] - lse[rows]                                # [N]
 
     @staticmethod
     def backward(ctx, grad_out):
-        logits, targets, lse = ctx.saved_tensors
-        grad = torch.sub(logits, lse[:, None]).exp_().mul_(-grad_out[:, None])  # -g * softmax
-        grad.scatter_add_(1, targets[:, None], grad_out[:, None].to(grad.dtype))  # + g * onehot
-        return grad, None
+        logits, targets, lse, rows = ctx.saved_tensors
+        weight = torch.zeros_like(lse).index_add_(0, rows, grad_out.to(lse.dtype))   # [M]: sum of g per row
+        grad = torch.sub(logits, lse[:, None]).exp_().mul_(-weight[:, None])  # -g * softmax
+        grad.index_put_((rows, targets), grad_out.to(grad.dtype), accumulate=True)  # + g * onehot
+        return grad, None, None
+
+
+def shared_logps(model, batch, n_parts):
+    """sequence_logps of a batch of data.collate_shared: every response of B examples, each
+    prompt run once. Returns [n_parts * B] in the order of data.preference_rows (all chosen,
+    all rejected, then each y_ref), which split_logps undoes, with the numbers sequence_logps
+    gives the same (prompt, response) rows up to float rounding.
+
+    The LM head runs once per position that predicts a scored token (a prompt's last position
+    predicts the first token of every response), and each scored token reads its row."""
+    ids, scored, pred = batch["input_ids"], batch["response_mask"].bool(), batch["predecessor"]
+    B, T = ids.shape
+    flat = torch.arange(B, device=ids.device)[:, None] * T                  # [B, 1]: where row b starts
+    needed = (flat + pred)[scored]                                          # [N] flat positions that predict
+    output_mask = torch.zeros(B * T, dtype=torch.bool, device=ids.device)
+    output_mask[needed] = True
+    logits = model(ids, position_ids=batch["position_ids"], attention_mask=batch["attention_mask"],
+                   output_mask=output_mask.view(B, T))                      # [M, V], row-major
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))   # fp32 log-softmax, as above
+    rows = (output_mask.long().cumsum(0) - 1)[needed]                       # [N]: the logits row of each
+    token_logps = TokenLogprob.apply(logits, ids[scored], rows)            # [N]
+    index = batch["part"][scored] * B + torch.arange(B, device=ids.device)[:, None].expand(B, T)[scored]
+    return token_logps.new_zeros(n_parts * B).index_add(0, index, token_logps)
 
 
 def split_logps(logps, n_parts):
@@ -117,12 +145,14 @@ def split_logps(logps, n_parts):
 
 
 @torch.no_grad()
-def reference_logps(model, batches):
+def reference_logps(model, batches, n_parts=None):
     """Log-probs of every row of `batches` under the reference, once per iteration.
 
     batches: iterable of dicts with "input_ids" and "response_mask" [B_k, T_k], optional
-             "attention_mask" and "position_ids" (as sequence_logps takes them).
-    Returns [sum_k B_k] on the model's device, batch after batch in order; requires_grad False.
+             "attention_mask" and "position_ids" (as sequence_logps takes them); or, with
+             n_parts, batches of data.collate_shared (shared_logps).
+    Returns [sum_k B_k] on the model's device, batch after batch in order (with n_parts:
+    [n_parts, sum_k B_k], each example's responses in its column); requires_grad False.
 
     SELM's reference is the previous iterate (pi_ref = pi_{t-1}), i.e. the policy itself at
     the start of iteration t. So the caller can score the whole chunk with the policy before
@@ -136,11 +166,16 @@ def reference_logps(model, batches):
         out = []
         for b in batches:
             get = lambda key: None if b.get(key) is None else b[key].to(device)  # noqa: E731
-            out.append(sequence_logps(model, get("input_ids"), get("response_mask"),
-                                      get("attention_mask"), get("position_ids")))
+            if n_parts:
+                out.append(shared_logps(model, {k: get(k) for k in b}, n_parts).view(n_parts, -1))
+            else:
+                out.append(sequence_logps(model, get("input_ids"), get("response_mask"),
+                                          get("attention_mask"), get("position_ids")))
     finally:
         model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, device=device)
+    if not out:
+        return torch.zeros(*([n_parts] if n_parts else []), 0, device=device)
+    return torch.cat(out, dim=-1)
 
 
 # ---- 2. losses ---------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from inputs import build_model, check_config, example_prompt, first_screen, toke
 from runtime import (check_finite, judge_failure, last_screen, lr_at, optimizer_step, parse_config, setup,
                      summary_line)
 from selm import (candidates_of, dpo_loss, pairs_from_scores, preference_metrics, relabel_counts,
-                  selm_loss, sequence_logps, split_logps, win)
+                  selm_loss, shared_logps, split_logps, win)
 
 
 def setting(default, help):
@@ -204,8 +204,7 @@ def reference_logps_of(rt, cfg, tok, ref, examples):
     """log pi_ref of every response of the Examples: (chosen, rejected, *y_refs), each (N,) on
     the device. The reference is the policy before its first update, so no second model copy
     is kept: these numbers are all the training epoch needs of it."""
-    logps = rt.logps(ref, data.preference_rows(examples), tok.pad_id, 4 * cfg.micro_batch_size).to(rt.device)
-    return split_logps(logps, len(examples[0].responses()))
+    return rt.example_logps(ref, examples, tok.pad_id, cfg.micro_batch_size).to(rt.device).unbind(0)
 
 
 # what a preference step logs of each example: preference_metrics' arguments, in this order
@@ -219,7 +218,7 @@ def preference_epoch(rt, cfg, tok, stage, policy, examples, ref_logps, lr, alpha
     gradients are all-reduced only at the last one."""
     W, rank = rt.ranks.world, rt.ranks.rank
     n_parts = len(examples[0].responses())  # chosen, rejected and the m y_refs
-    fixed_len = max(len(ex.prompt) + len(r) for ex in examples for r in ex.responses())
+    fixed_len = max(len(ex.prompt) + sum(map(len, ex.responses())) for ex in examples) if rt.compile else None
     train_model = rt.wrap(policy)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     # a batch too small to give every rank an example is dropped (only ever the last one)
@@ -234,10 +233,11 @@ def preference_epoch(rt, cfg, tok, stage, policy, examples, ref_logps, lr, alpha
         micro = [mine[m:m + cfg.micro_batch_size] for m in range(0, len(mine), cfg.micro_batch_size)]
         stats = []
         for k, mi in enumerate(micro):
-            b = rt.to_device(data.collate_preferences([examples[i] for i in mi], tok.pad_id), fixed_len, tok.pad_id)
+            b = rt.to_device(data.collate_shared([examples[i] for i in mi], tok.pad_id, fixed_len))
             with rt.accumulate(train_model, sync=k == len(micro) - 1), rt.autocast():
-                # every response of the micro-batch in one forward, split back into (B,) parts
-                logps = sequence_logps(train_model, b["input_ids"], b["response_mask"])  # (n_parts * B,)
+                # every response of the micro-batch in one forward, each prompt run once, split
+                # back into (B,) parts
+                logps = shared_logps(train_model, b, n_parts)  # (n_parts * B,)
                 pol_w, pol_l, *pol_y = split_logps(logps, n_parts)
                 ref_w, ref_l, *ref_y = (part[mi] for part in ref_logps)
                 if pol_y:  # SELM, Eq. 4.2; E_{y ~ pi_ref} estimated by the mean over the m y_refs

@@ -113,22 +113,36 @@ def test_collate_masks_keep_eos_when_pad_is_eos():
     assert b["response_mask"][0].int().tolist() == [0, 0, 1, 1, 0, 0]
 
 
-def test_collate_preferences_row_order():
+def test_preference_rows_order():
     t = PadIsEos()
     prompts = [t.encode("p0"), t.encode("p11")]
     ch = [t.encode("c0") + [300], t.encode("c1") + [300]]
     rj = [t.encode("r0") + [300], t.encode("r1xx") + [300]]
     rf = [t.encode("f0") + [300], t.encode("f1") + [300]]
     examples = [data.Example(*ex) for ex in zip(prompts, ch, rj, ((f,) for f in rf))]
-    b = data.collate_preferences(examples, pad_id=300)
+    b = data.collate(data.preference_rows(examples), pad_id=300)
     assert b["input_ids"].shape == (6, 8)
     rows = [bytes(x for x in row if x < 256).decode() for row in b["input_ids"].tolist()]
     assert rows == ["p0c0", "p11c1", "p0r0", "p11r1xx", "p0f0", "p11f1"]
     assert b["response_mask"].sum(1).tolist() == [3, 3, 3, 5, 3, 3]
-    b2 = data.collate_preferences([data.Example(*ex) for ex in zip(prompts, ch, rj)], pad_id=300)  # DPO: no y_ref
-    assert b2["input_ids"].shape[0] == 4
+    assert len(data.preference_rows([data.Example(*ex) for ex in zip(prompts, ch, rj)])) == 4  # DPO: no y_ref
     with pytest.raises(ValueError):  # every example needs as many y_refs
-        data.collate_preferences([examples[0], examples[1]._replace(y_refs=())], pad_id=300)
+        data.preference_rows([examples[0], examples[1]._replace(y_refs=())])
+
+
+def test_collate_shared_runs_each_prompt_once():
+    ex = data.Example([1, 2, 3], [10, 11], [20], (30, 31, 32),)
+    ex = ex._replace(y_refs=([30, 31, 32],))
+    b = data.collate_shared([ex, data.Example([4], [12], [21, 22], ([33],))], pad_id=0)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 10, 11, 20, 30, 31, 32], [4, 12, 21, 22, 33, 0, 0, 0, 0]]
+    assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 3, 3, 4, 5]  # each response starts after the prompt
+    assert b["predecessor"][0].tolist()[3:] == [2, 3, 2, 2, 6, 7]  # a first token follows the prompt's last
+    assert b["part"][0].tolist() == [-1, -1, -1, 0, 0, 1, 2, 2, 2] and b["part"][1, 5:].tolist() == [-1] * 4
+    mask = b["attention_mask"][0, 0]
+    assert mask[5].tolist() == [True, True, True, False, False, True, False, False, False]  # rejected: prompt, itself
+    assert mask[8].tolist() == [True, True, True, False, False, False, True, True, True]
+    assert b["attention_mask"][1, 0, 6].tolist() == [True] + [False] * 5 + [True, False, False]  # padding: never a row of False
+    assert data.collate_shared([ex], pad_id=0, length=12)["input_ids"].shape == (1, 12)
 
 
 def test_batches():

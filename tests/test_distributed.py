@@ -47,9 +47,10 @@ def same_training(one, two):
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0, msg=k)
     ra, rb = json.load(open(one / "results.json")), json.load(open(two / "results.json"))
     assert [r["stage"] for r in rb] == ["sft", "dpo", "selm_1", "selm_2"]
-    for x, y in zip(ra, rb):  # same greedy answers, same judgements; KL within float noise
+    for x, y in zip(ra, rb):  # same greedy answers, same judgements; KL within float noise: its
+        # temperature-1 samples invert a CDF, so weights 1e-6 apart can draw another token once
         assert {k: v for k, v in x.items() if k != "kl"} == {k: v for k, v in y.items() if k != "kl"}
-        assert abs(x["kl"] - y["kl"]) < 1e-3
+        assert abs(x["kl"] - y["kl"]) < 1e-2
 
 
 @pytest.mark.parametrize("flags,port", [([], 29533), (["--fsdp", "--export", "last"], 29534)], ids=["ddp", "fsdp"])

@@ -471,3 +471,28 @@ def test_relabel_counts_tell_identical_tied_and_better_apart():
               _scores({"W": 1, "R": 0, "L": 0.5})]  # worse
     n = relabel_counts(scores, ["abc", "abc", "abc", "abc"], [["abc"], ["abd"], ["xyz"], ["q"]])
     assert n == {"identical": 1, "tied": 1, "better": 1, "y_ref_chosen": 1}
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_shared_prompt_logps_equal_one_row_per_response(model_type):
+    """collate_shared + shared_logps (each prompt run once, responses side by side with a block
+    mask) give sequence_logps' numbers on the (prompt, response) rows, and the same gradients."""
+    from data import Example, collate, collate_shared, preference_rows
+    from model import GPT, preset
+    from selm import shared_logps
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=50, model_type=model_type, block_size=128)).double()
+    g = torch.Generator().manual_seed(1)
+    draw = lambda n: torch.randint(0, 50, (n,), generator=g).tolist()  # noqa: E731
+    examples = [Example(draw(p), draw(c), draw(r), (draw(y),)) for p, c, r, y in
+                [(5, 3, 7, 1), (1, 9, 2, 4), (12, 1, 1, 6)]]  # ragged, one-token prompt and responses
+    rows = collate(preference_rows(examples), pad_id=0)
+    plain = sequence_logps(model, rows["input_ids"], rows["response_mask"])
+    plain.square().sum().backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    shared = shared_logps(model, collate_shared(examples, pad_id=0), n_parts=3)
+    shared.square().sum().backward()
+    assert torch.allclose(shared, plain, atol=1e-10), (shared - plain).abs().max()
+    for p, w in zip(model.parameters(), want):
+        assert (p.grad - w).norm() <= 1e-6 * w.norm()  # not exact: Llama's RMSNorm computes in fp32 inside
