@@ -23,8 +23,7 @@ import instructions
 import sorting
 from checkpoint import stage_names
 from hf import check_stages, load_pretrained
-from model import GPT, PRESETS, preset
-from runtime import check_device
+from model import GPT, PRESETS, check_device, preset
 from selm import LOSS_TYPES, check_hparams
 from tokenizer import get_tokenizer
 

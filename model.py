@@ -407,3 +407,32 @@ class GPT(nn.Module):
         n = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.n_embd
         fwd = 2 * n + 4 * cfg.n_layer * seq_len * cfg.n_head * cfg.head_dim
         return 3 * fwd if training else fwd
+
+
+# ---- where a model can run ------------------------------------------------------------
+
+def check_device(name):
+    """The device --device names ("auto" passes as it is): cpu, cuda, cuda:N or mps, and one
+    that this PyTorch build and this machine have. A ValueError in one line otherwise."""
+    if name == "auto":
+        return name
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:N, mps, or auto)")
+    usable = {"cuda": torch.cuda.is_available, "mps": mps_available}
+    if not usable.get(device.type, lambda: True)():
+        build = f"PyTorch {torch.__version__}"
+        if device.type == "cuda":
+            build += f", built with CUDA {torch.version.cuda} but no GPU is visible" if torch.version.cuda \
+                else ", a build without CUDA"
+        raise ValueError(f"--device {name} is not available in this PyTorch build ({build})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPUs")
+    return device
+
+
+def mps_available():
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from checkpoint import stage_path
 from data import JudgeError, collate, collate_shared, judge_block, write_error
 from sample import compile_seconds, generate
+from model import check_device, mps_available
 from selm import reference_logps
 
 
@@ -41,40 +42,13 @@ from selm import reference_logps
 def pick_device(name, local_rank=0):
     """"auto" picks cuda, then mps, then cpu. Under torchrun each process takes its own GPU."""
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
     device = check_device(name)
     if device.type == "cuda":
         index = local_rank if device.index is None else device.index
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return device
-
-
-def check_device(name):
-    """The device --device names ("auto" passes as it is): cpu, cuda, cuda:N or mps, and one
-    that this PyTorch build and this machine have. A ValueError in one line otherwise."""
-    if name == "auto":
-        return name
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:N, mps, or auto)")
-    usable = {"cuda": torch.cuda.is_available, "mps": _mps_available}
-    if not usable.get(device.type, lambda: True)():
-        build = f"PyTorch {torch.__version__}"
-        if device.type == "cuda":
-            build += f", built with CUDA {torch.version.cuda} but no GPU is visible" if torch.version.cuda \
-                else ", a build without CUDA"
-        raise ValueError(f"--device {name} is not available in this PyTorch build ({build})")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPUs")
-    return device
-
-
-def _mps_available():
-    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def amp_dtype(device, dtype):

@@ -30,7 +30,7 @@ import weakref
 import torch
 
 from checkpoint import check_checkpoint_path, load_checkpoint, model_from_checkpoint
-from model import KVCache, positions_from_mask
+from model import KVCache, check_device, positions_from_mask
 
 
 def filter_logits(logits, top_k=None, top_p=None):
@@ -54,8 +54,12 @@ def filter_logits(logits, top_k=None, top_p=None):
     return logits
 
 
-def next_token(logits, temperature, top_k, top_p, generator):
+def next_token(logits, temperature, top_k, top_p, generator, rows=None, n_rows=None):
     """(B, V) logits of the last position -> (B,) next tokens.
+
+    rows, n_rows: these B rows are rows `rows` (B,) of a batch of n_rows whose other rows are
+    done. The uniform draws are those of the whole batch, so that dropping finished rows
+    changes no other row's sample.
 
     Sampling inverts the cumulative distribution: one uniform u per row, and the first token
     whose running sum of exp(logit - max) exceeds u times the row's total. That is an exact
@@ -69,7 +73,8 @@ def next_token(logits, temperature, top_k, top_p, generator):
     z = filter_logits(logits.float() / temperature if temperature != 1 else logits.float(), top_k, top_p)
     cdf = z.to(torch.float64, memory_format=torch.contiguous_format)  # (B, V), rows contiguous
     cdf.sub_(cdf.amax(-1, keepdim=True)).exp_().cumsum_(-1)  # in place: one (B, V) buffer
-    u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device)  # (B, 1) in [0, 1)
+    u = torch.rand(n_rows or cdf.size(0), 1, generator=generator, device=cdf.device)  # (B, 1) in [0, 1)
+    u = u if rows is None else u[rows]
     tok = torch.searchsorted(cdf, u.double() * cdf[:, -1:], right=True).squeeze(-1)
     return tok.clamp_(max=cdf.size(-1) - 1)  # only NaN logits reach past the end: keep ids valid, as argmax does
 
@@ -97,6 +102,11 @@ class StaticCache(KVCache):
 
     def tensors(self):
         return [*self.k, *self.v, self.mask, self.pos, self.slot]
+
+    def compact(self, keep):
+        """Keep the rows `keep` (B,) bool of the batch: finished rows stop costing compute (eager)."""
+        self.k, self.v = [k[keep] for k in self.k], [v[keep] for v in self.v]
+        self.mask, self.pos = self.mask[keep], self.pos[keep]
 
 
 def prefill(model, idx, attention_mask, cache):
@@ -204,6 +214,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
         bucket of batch size (a power of two) and cache length (see `bucket`); the first call
         of a bucket compiles it (seconds: compile_seconds), later calls reuse it. The same
         tokens as eager, and with the same seed the same samples.
+    Eager, rows that have stopped leave the batch once a quarter of it has (seen at the check
+    every stop_check_every steps), so that finished answers cost no more compute; every other
+    row's tokens, and samples, are unchanged by it.
     Returns (responses, finished): per row the new tokens only, cut after the first EOS
     (the EOS itself included), and whether that row emitted EOS.
     """
@@ -251,19 +264,27 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     # The step's input: the real rows' new tokens, then padding for the padding rows. Only the
     # real rows are sampled, so that they draw the same random numbers as they would eager.
     tokens = torch.full((B,), pad_id, dtype=torch.long, device=device)
+    rows = torch.arange(n_real, device=device)  # the batch's rows still decoding, by original row
     n = 0
     logits = prefill(model, idx, mask, cache)
     for t in range(max_new_tokens):
-        tok = next_token(logits[:n_real], temperature, top_k, top_p, generator)
+        tok = next_token(logits[:len(rows)], temperature, top_k, top_p, generator, rows, n_real)
         if eos_id is not None:
-            tok = tok.masked_fill(done, pad_id)  # a stopped row only writes padding
-            done |= torch.isin(tok, eos)
-        out[:, t] = tok
+            tok = tok.masked_fill(done[rows], pad_id)  # a stopped row only writes padding
+            done[rows] |= torch.isin(tok, eos)
+        out[rows, t] = tok
         n = t + 1
-        if eos_id is not None and (t + 1) % stop_check_every == 0 and bool(done.all()):
-            break  # the one host-device sync: every few steps, to know when to stop
+        if eos_id is not None and (t + 1) % stop_check_every == 0:  # the one host-device sync
+            finished = int(done[rows].sum())
+            if finished == len(rows):
+                break  # every row has stopped
+            if not compile and finished * 4 >= len(rows):  # eager: a quarter done, drop them
+                keep = ~done[rows]
+                rows, tok = rows[keep], tok[keep]
+                cache.compact(keep)
+                tokens = tokens[keep]
         if t + 1 < max_new_tokens:
-            tokens[:n_real] = tok
+            tokens[:len(rows)] = tok  # compiled: the padding rows after them keep their padding
             if compile:
                 t0 = time.perf_counter()
                 logits = step(model, tokens, cache)  # every slot of the bucket: a fixed shape
@@ -317,7 +338,6 @@ def parser():
 
 def check_args(args):
     """Every flag checked, in one line naming it, before the checkpoint is read."""
-    from runtime import check_device  # the command line borrows it, as it does the tokenizer
     try:
         check_checkpoint_path(args.ckpt)
     except FileNotFoundError as e:

@@ -55,8 +55,8 @@ from perf.real import bench_real
 from perf.sampling import SHAPES, bench_next_token, bench_sampling, profile_step
 from perf.measure import (RESULTS, autocast, busy_warning, compare, header, machine, peak_memory, random_model,
                           report, report_iteration, selm_iteration_times)
-from model import preset
-from runtime import check_device, check_or_exit
+from model import check_device, preset
+from runtime import check_or_exit
 from selm import selm_loss, sequence_logps, split_logps
 
 

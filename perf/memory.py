@@ -28,8 +28,8 @@ import math
 
 import torch
 
-from model import GPT, GPTConfig
-from runtime import check_device, check_or_exit
+from model import GPT, GPTConfig, check_device
+from runtime import check_or_exit
 
 GB = 1e9
 # The models people align, by their published configs (vocabulary, width, depth, heads, MLP).

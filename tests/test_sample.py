@@ -62,6 +62,31 @@ def test_stops_early_when_all_rows_done():
     assert calls["n"] == 1  # the prefill alone: the first token was EOS, no decode step
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_finished_rows_leave_the_batch_and_nobody_else_changes(temperature, monkeypatch):
+    """Rows that emitted EOS are dropped from the batch (a quarter of it done, checked every
+    few steps): each other row gets exactly the tokens, and with a seed exactly the samples,
+    that it gets when nobody is dropped (no check before the end)."""
+    import sample
+    torch.manual_seed(0)
+    m = GPT(preset("tiny", vocab_size=12, block_size=64)).eval()  # 12 tokens: EOS comes early and often
+    prompts = [[1 + i % 11, 2, 3][:1 + i % 3] for i in range(16)]
+    sizes = []
+    step = sample.decode_step
+    monkeypatch.setattr(sample, "decode_step", lambda model, tokens, *a: sizes.append(len(tokens)) or step(model, tokens, *a))
+    free, _ = sample.generate(m, prompts, 40, temperature=temperature, seed=3)
+    rows_with = lambda t: sum(t in r for r in free)  # noqa: E731
+    eos = max((t for t in range(12) if rows_with(t) < len(prompts)), key=rows_with)  # ends some rows, not all
+    kw = dict(temperature=temperature, eos_id=eos, seed=3, pad_id=0)
+    sizes.clear()
+    dropped, fin = sample.generate(m, prompts, 40, **kw)
+    assert min(sizes) < len(prompts)  # rows did leave the batch
+    sizes.clear()
+    kept, fin2 = sample.generate(m, prompts, 40, stop_check_every=1000, **kw)
+    assert set(sizes) == {len(prompts)}
+    assert dropped == kept and fin == fin2 and 0 < sum(fin) < len(prompts)
+
+
 def test_prompt_too_long_and_context_cap():
     m = tiny()  # block_size 64
     with pytest.raises(ValueError, match="leaves no room"):

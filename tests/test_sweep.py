@@ -131,3 +131,11 @@ def test_imports_point_down():
     bad = {f: sorted(n for n in imports(os.path.join(ROOT, f)) if n.split(".")[0] in ("experiments", "perf"))
            for f in chapters}
     assert not {f: n for f, n in bad.items() if n}
+    # and the chapters among themselves: imports point down, never in a circle (those inside
+    # functions included)
+    names = {f[:-3] for f in chapters}
+    down = {c: {n.split(".")[0] for n in imports(os.path.join(ROOT, f"{c}.py"))} & names - {c} for c in names}
+
+    def below(a, b, seen=()):
+        return any(n == b or (n not in seen and below(n, b, seen + (n,))) for n in down[a])
+    assert not [c for c in names if below(c, c)], {c: sorted(d) for c, d in down.items()}
