@@ -39,7 +39,7 @@ ARMS = {  # the preregistered arms: train.py flags besides the shared ones
     "C": ("SELM, sampled y_ref, m = 2", ["--alpha", "{alpha}", "--y-ref", "sampled", "--optimism-samples", "2"]),
     "D": ("online DPO, 2 samples", ["--alpha", "0", "--y-ref", "sampled", "--online-samples", "2"]),
 }
-FULL = dict(flags=[], T=2, tuning=100, heldout=[0, 1, 2], lrs=[3e-6, 1e-5, 3e-5], alphas=[0.03, 0.3])
+FULL = dict(flags=[], T=2, tuning=100, heldout=[0, 1, 2], lrs=[1e-5, 3e-5, 1e-4], alphas=[0.03, 0.3])
 QUICK = dict(flags=["--chunk-size", "8", "--n-eval", "8", "--max-new-tokens", "16"], T=1, tuning=100, heldout=[0, 1],
              lrs=[1e-5, 3e-5], alphas=[0.03, 0.3])
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # two-sided 95% t quantiles by degrees of freedom
