@@ -70,7 +70,7 @@ class Config:
     sft_lr: float = setting(2e-3, "SFT peak learning rate")
     sft_batch_size: int = setting(64, "SFT batch size")
     # DPO and SELM
-    iterations: int = setting(3, "SELM iterations after offline DPO (0 = stop after offline DPO)")
+    iterations: int = setting(None, "SELM iterations after offline DPO, 0 to stop after it (default: per task)")
     alpha: float = setting(0.001, "SELM optimism coefficient (0 = iterative DPO)")
     beta: float = setting(None, "DPO/SELM inverse temperature (default: per task, inputs.TRAINING and INSTRUCTIONS)")
     loss_type: str = setting("sigmoid", "preference loss: sigmoid (DPO) or ipo")
