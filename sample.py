@@ -215,8 +215,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
         of a bucket compiles it (seconds: compile_seconds), later calls reuse it. The same
         tokens as eager, and with the same seed the same samples.
     Eager, rows that have stopped leave the batch once a quarter of it has (seen at the check
-    every stop_check_every steps), so that finished answers cost no more compute; every other
-    row's tokens, and samples, are unchanged by it.
+    every stop_check_every steps), so that finished answers cost no more compute. The other
+    rows compute and draw exactly what they would have; only float rounding, which can depend
+    on the batch's size, may tip a near-tie another way (as compiling may).
     Returns (responses, finished): per row the new tokens only, cut after the first EOS
     (the EOS itself included), and whether that row emitted EOS.
     """
