@@ -69,7 +69,7 @@ def test_finished_rows_leave_the_batch_and_nobody_else_changes(temperature, monk
     that it gets when nobody is dropped (no check before the end)."""
     import sample
     torch.manual_seed(0)
-    m = GPT(preset("tiny", vocab_size=12, block_size=64)).eval()  # 12 tokens: EOS comes early and often
+    m = GPT(preset("tiny", vocab_size=12, block_size=64)).double().eval()  # 12 tokens: EOS comes early and often
     prompts = [[1 + i % 11, 2, 3][:1 + i % 3] for i in range(16)]
     sizes = []
     step = sample.decode_step
