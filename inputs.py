@@ -296,6 +296,9 @@ def example_prompt(task_data):
     which the stored template wraps): the first evaluation prompt when it is short and plain."""
     before, _, after = task_data.prompt_template.partition("{prompt}")
     text = task_data.eval[0]["prompt"] if task_data.eval else ""
+    turns = getattr(text, "messages", None)
+    if task_data.conversational and turns and len(turns) == 1 and len(turns[0]["content"]) <= 300:
+        return shlex.quote(turns[0]["content"])  # a one-turn conversation: its user's text
     if task_data.conversational or not (text.startswith(before) and text.endswith(after)):
         return "'your prompt'"
     text = text[len(before):len(text) - len(after)]

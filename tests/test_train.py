@@ -92,6 +92,9 @@ def test_first_screen_settings_and_last_screen_prompt():
     assert inputs.example_prompt(plain("two words")) == "'two words'"
     for unwieldy in (plain("x" * 200), plain("a\nb"), plain("<|user|>hi", conversational=True)):
         assert inputs.example_prompt(unwieldy) == "'your prompt'"
+    from tokenizer import Templated
+    one_turn = Templated("<|user|>Write a haiku.<|assistant|>", [{"role": "user", "content": "Write a haiku."}])
+    assert inputs.example_prompt(plain(one_turn, conversational=True)) == "'Write a haiku.'"  # what --prompt takes
 
 
 def test_seeds_are_the_ones_runs_were_made_with():
