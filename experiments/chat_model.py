@@ -126,11 +126,10 @@ def tune(args, P, decisions, path):
 
 def held_out(args, P, decisions):
     pairs = make_pairs(args, P, 0)
-    runs = {}
-    for seed in P["heldout"]:
-        base = base_job(args, P, seed, 0, decisions["lr"])
-        runs[seed] = {arm: arm_job(args, P, base, arm, decisions["alpha"]) for arm in ARMS}
-    launch(args, P, [j for arms in runs.values() for j in arms.values()], pairs)
+    bases = {seed: base_job(args, P, seed, 0, decisions["lr"]) for seed in P["heldout"]}
+    runs = {seed: {arm: arm_job(args, P, base, arm, decisions["alpha"]) for arm in ARMS} for seed, base in bases.items()}
+    # the bases too: the runner starts an arm only once its base is trained, and runs only what it is given
+    launch(args, P, [*bases.values(), *(j for arms in runs.values() for j in arms.values())], pairs)
     return runs
 
 

@@ -23,3 +23,24 @@ def test_sign_test_is_mcnemars_exact_test():
     assert math.isclose(cm.sign_test(5, 0), 2 / 32)  # all five discordant pairs one way
     assert math.isclose(cm.sign_test(3, 3), 1.0)
     assert math.isclose(cm.sign_test(1, 9), 2 * 11 / 1024)
+
+
+def test_every_phase_hands_the_runner_each_arms_base(tmp_path, monkeypatch):
+    """The runner starts a run only once its base is trained and runs only the jobs it is
+    given: a phase that left out a base it had not trained yet would wait forever."""
+    launched = []
+    monkeypatch.setattr(cm, "make_pairs", lambda args, P, task_seed: "pairs.jsonl")
+    monkeypatch.setattr(cm, "launch", lambda args, P, jobs, pairs: launched.append(list(jobs)))
+    monkeypatch.setattr(cm, "final", lambda job, key="reward": 0.5)
+    monkeypatch.setattr(cm, "write_json_atomic", lambda obj, path: None)
+    args = cm.parser().parse_args(["--init-from", str(tmp_path), "--out", str(tmp_path / "out")])
+    decisions = {}
+    cm.tune(args, cm.FULL, decisions, str(tmp_path / "decisions.json"))
+    cm.held_out(args, cm.FULL, decisions)
+    assert len(launched) == 3  # the lr grid, the alpha grid, the held-out runs
+    seen = set()  # a base launched by an earlier phase is trained by the time a later one starts
+    for jobs in launched:
+        seen |= {j.name for j in jobs}
+        for j in jobs:
+            assert j.base is None or j.base.name in seen, (j.name, j.base.name)
+    assert len(launched[2]) == len(cm.FULL["heldout"]) * (1 + len(cm.ARMS))
