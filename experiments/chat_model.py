@@ -30,7 +30,7 @@ import train
 from checkpoint import write_json_atomic
 from experiments import plots
 from experiments.runner import Job, read_json, run_all
-from instructions import PAIRS_FILE, make_task, parse_prompt, verdicts
+from instructions import PAIRS_FILE, degenerate, make_task, parse_prompt, verdicts, words
 from runtime import check_or_exit, setup
 
 ARMS = {  # the preregistered arms: train.py flags besides the shared ones
@@ -127,7 +127,8 @@ def tune(args, P, decisions, path):
 def held_out(args, P, decisions):
     pairs = make_pairs(args, P, 0)
     bases = {seed: base_job(args, P, seed, 0, decisions["lr"]) for seed in P["heldout"]}
-    runs = {seed: {arm: arm_job(args, P, base, arm, decisions["alpha"]) for arm in ARMS} for seed, base in bases.items()}
+    runs = {seed: {arm: arm_job(args, P, base, arm, decisions["alpha"]) for arm in ARMS}
+            for seed, base in bases.items()}
     # the bases too: the runner starts an arm only once its base is trained, and runs only what it is given
     launch(args, P, [*bases.values(), *(j for arms in runs.values() for j in arms.values())], pairs)
     return runs
@@ -155,13 +156,44 @@ def sign_test(wins, losses):
     return 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
-def met(job, stage, prompts):
-    """Per held-out prompt, whether the stage's greedy answer (metrics.jsonl) met every constraint."""
+def answers(job, stage):
+    """The stage's greedy answers to the held-out prompts, as its evaluation logged them."""
     for line in open(os.path.join(job.dir, "metrics.jsonl")):
         row = json.loads(line)
         if row.get("eval", {}).get("stage") == stage:
-            return [all(verdicts(parse_prompt(p), a)) for p, a in zip(prompts, row["answers"], strict=True)]
+            return row["answers"]
     raise ValueError(f"{job.dir}/metrics.jsonl has no evaluation of {stage}")
+
+
+def met(job, stage, prompts):
+    """Per held-out prompt, whether the stage's greedy answer met every constraint."""
+    return [all(verdicts(parse_prompt(p), a)) for p, a in zip(prompts, answers(job, stage), strict=True)]
+
+
+def answer_tables(runs, seeds, T, prompts):
+    """What the answers look like, pooled over seeds and prompts: how many the judge calls
+    degenerate (and why), their words, and each constraint type's share met, from the starting
+    model to each arm's last stage -- where reward hacking would show."""
+    cols = [("starting model", "A", "sft"), ("offline DPO", "A", "dpo")] + [(a, a, f"selm_{T}") for a in ARMS]
+    requests = [parse_prompt(p) for p in prompts]
+    got = {name: [(r, a) for s in seeds for r, a in zip(requests, answers(runs[s][arm], stage), strict=True)]
+           for name, arm, stage in cols}
+    lines = ["", "## What the answers look like (pooled over seeds and prompts)", "",
+             "| | " + " | ".join(n for n, _, _ in cols) + " |", "|---|" + "---|" * len(cols)]
+    for why in ("empty", "off topic", "repetitive"):
+        lines.append(f"| {why} (scores 0) | " + " | ".join(
+            str(sum(degenerate(r, a) == why for r, a in got[n])) for n, _, _ in cols) + " |")
+    lines.append("| words per answer | " + " | ".join(
+        f"{statistics.mean(len(words(a)) for _, a in got[n]):.1f}" for n, _, _ in cols) + " |")
+    lines += ["", "Each constraint type's share met (n: the constraint's occurrences over seeds):", "",
+              "| constraint | n | " + " | ".join(n for n, _, _ in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for name in sorted({c.name for r in requests for c in r.constraints}):
+        shares = []
+        for n, _, _ in cols:
+            hits = [v for r, a in got[n] for c, v in zip(r.constraints, verdicts(r, a)) if c.name == name]
+            shares.append(f"{sum(hits) / len(hits):.2f}")
+        lines.append(f"| {name} | {len(hits)} | " + " | ".join(shares) + " |")
+    return lines
 
 
 def report(args, P, decisions, runs):
@@ -210,6 +242,7 @@ def report(args, P, decisions, runs):
     summary["recipe"] = recipe
     lines += ["", "The recipe (arm B) against the starting model, prompt-level accuracy per seed: "
               + ", ".join(f"seed {s}: {a:.3f} -> {b:.3f}" for s, (a, b) in zip(seeds, recipe)) + "."]
+    lines += answer_tables(runs, seeds, T, prompts)
     for a in ARMS:
         summary["per_stage"][a] = [[res[s][a][st]["prompt_accuracy"] for s in seeds]
                                    for st in ["sft", "dpo"] + [f"selm_{t}" for t in range(1, T + 1)]]

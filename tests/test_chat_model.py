@@ -44,3 +44,30 @@ def test_every_phase_hands_the_runner_each_arms_base(tmp_path, monkeypatch):
         for j in jobs:
             assert j.base is None or j.base.name in seen, (j.name, j.base.name)
     assert len(launched[2]) == len(cm.FULL["heldout"]) * (1 + len(cm.ARMS))
+
+
+def test_answer_tables_count_degenerate_answers_and_constraints_met(tmp_path):
+    """Two prompts, one seed: the starting model loops on the first and meets the second; an
+    arm's last stage meets the first and says nothing to the second."""
+    import json
+    from types import SimpleNamespace
+
+    from instructions import make_prompt, Constraint
+    p1 = make_prompt("a short poem", "the ocean", [Constraint("lowercase", ())])
+    p2 = make_prompt("a short poem", "the ocean", [Constraint("no_commas", ())])
+    loop = "The ocean waves. " * 8
+    said = {("A", "sft"): [loop, "the ocean is wide"], ("A", "dpo"): [loop, "the ocean is wide"]}
+    said.update({(a, "selm_1"): ["the ocean is calm and deep", ""] for a in cm.ARMS})
+    runs = {0: {}}
+    for arm in cm.ARMS:
+        d = tmp_path / arm
+        d.mkdir()
+        rows = [{"eval": {"stage": st}, "answers": ans} for (a, st), ans in said.items() if a == arm]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs[0][arm] = SimpleNamespace(dir=str(d))
+    lines = cm.answer_tables(runs, [0], 1, [p1, p2])
+    row = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in lines if line.startswith("| ")}
+    assert row["repetitive (scores 0)"][:3] == ["1", "1", "0"]
+    assert row["empty (scores 0)"][:3] == ["0", "0", "1"]
+    assert row["lowercase"] == ["1", "0.00", "0.00", "1.00", "1.00", "1.00", "1.00 |"]
+    assert row["no_commas"] == ["1", "1.00", "1.00", "0.00", "0.00", "0.00", "0.00 |"]
