@@ -44,6 +44,7 @@ QUICK = dict(flags=["--chunk-size", "8", "--n-eval", "8", "--max-new-tokens", "1
              lrs=[1e-5, 3e-5], alphas=[0.03, 0.3])
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # two-sided 95% t quantiles by degrees of freedom
 DELTA = 0.05  # the equivalence margin, in prompt-level accuracy
+SHORT = 12  # words: an answer this short is a headline, whatever the request asked for
 
 
 class Run(Job):
@@ -157,11 +158,14 @@ def sign_test(wins, losses):
 
 
 def answers(job, stage):
-    """The stage's greedy answers to the held-out prompts, as its evaluation logged them."""
+    """The stage's greedy answers to the held-out prompts, as its evaluation logged them (in
+    the job's base run for the stages it shares: the starting model, offline DPO)."""
     for line in open(os.path.join(job.dir, "metrics.jsonl")):
         row = json.loads(line)
         if row.get("eval", {}).get("stage") == stage:
             return row["answers"]
+    if getattr(job, "base", None) is not None:
+        return answers(job.base, stage)
     raise ValueError(f"{job.dir}/metrics.jsonl has no evaluation of {stage}")
 
 
@@ -185,6 +189,8 @@ def answer_tables(runs, seeds, T, prompts):
             str(sum(degenerate(r, a) == why for r, a in got[n])) for n, _, _ in cols) + " |")
     lines.append("| words per answer | " + " | ".join(
         f"{statistics.mean(len(words(a)) for _, a in got[n]):.1f}" for n, _, _ in cols) + " |")
+    lines.append(f"| answers of under {SHORT} words | " + " | ".join(  # a one-line "letter" or "story"
+        str(sum(0 < len(words(a)) < SHORT for _, a in got[n])) for n, _, _ in cols) + " |")
     lines += ["", "Each constraint type's share met (n: the constraint's occurrences over seeds):", "",
               "| constraint | n | " + " | ".join(n for n, _, _ in cols) + " |", "|---|---|" + "---|" * len(cols)]
     for name in sorted({c.name for r in requests for c in r.constraints}):

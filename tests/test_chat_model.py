@@ -56,18 +56,20 @@ def test_answer_tables_count_degenerate_answers_and_constraints_met(tmp_path):
     p1 = make_prompt("a short poem", "the ocean", [Constraint("lowercase", ())])
     p2 = make_prompt("a short poem", "the ocean", [Constraint("no_commas", ())])
     loop = "The ocean waves. " * 8
-    said = {("A", "sft"): [loop, "the ocean is wide"], ("A", "dpo"): [loop, "the ocean is wide"]}
+    said = {("base", "sft"): [loop, "the ocean is wide"], ("base", "dpo"): [loop, "the ocean is wide"]}
     said.update({(a, "selm_1"): ["the ocean is calm and deep", ""] for a in cm.ARMS})
-    runs = {0: {}}
-    for arm in cm.ARMS:
-        d = tmp_path / arm
+    jobs = {}
+    for name in ["base", *cm.ARMS]:  # the arms evaluate their own stages; the shared ones are the base's
+        d = tmp_path / name
         d.mkdir()
-        rows = [{"eval": {"stage": st}, "answers": ans} for (a, st), ans in said.items() if a == arm]
+        rows = [{"eval": {"stage": st}, "answers": ans} for (a, st), ans in said.items() if a == name]
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        runs[0][arm] = SimpleNamespace(dir=str(d))
+        jobs[name] = SimpleNamespace(dir=str(d), base=None if name == "base" else jobs["base"])
+    runs = {0: {arm: jobs[arm] for arm in cm.ARMS}}
     lines = cm.answer_tables(runs, [0], 1, [p1, p2])
     row = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in lines if line.startswith("| ")}
     assert row["repetitive (scores 0)"][:3] == ["1", "1", "0"]
     assert row["empty (scores 0)"][:3] == ["0", "0", "1"]
+    assert row["answers of under 12 words"][:3] == ["1", "1", "1"]  # "the ocean is wide", "... calm and deep"
     assert row["lowercase"] == ["1", "0.00", "0.00", "1.00", "1.00", "1.00", "1.00 |"]
     assert row["no_commas"] == ["1", "1.00", "1.00", "0.00", "0.00", "0.00", "0.00 |"]
