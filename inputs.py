@@ -93,8 +93,8 @@ SCALE = {"tiny": dict(n_sft=4096, chunk_size=512, n_eval=256, sft_steps=800),
 TRAINING = dict(iterations=3, beta=2.0, lr=1e-4, alpha=0.001, batch_size=32, micro_batch_size=32)
 # The instruction task's recipe for SmolLM2-135M-Instruct: its whole run in about twenty minutes
 # on a 2-core CPU; lr and alpha tuned on a seed of their own (docs/chat-model.md)
-INSTRUCTIONS = dict(iterations=2, chunk_size=64, n_eval=64, sft_steps=0, max_new_tokens=48, beta=0.1, lr=3e-5, alpha=0.03,
-                    batch_size=4, micro_batch_size=4)
+INSTRUCTIONS = dict(iterations=2, chunk_size=64, n_eval=64, sft_steps=0, max_new_tokens=48, beta=0.1, lr=3e-5,
+                    alpha=0.03, batch_size=4, micro_batch_size=4)
 PER_TASK = sorted({*SCALE["default"], *TRAINING, *INSTRUCTIONS, "max_new_tokens"})  # default None: filled here
 
 

@@ -71,7 +71,7 @@ class Config:
     sft_batch_size: int = setting(64, "SFT batch size")
     # DPO and SELM
     iterations: int = setting(None, "SELM iterations after offline DPO, 0 to stop after it (default: per task)")
-    alpha: float = setting(None, "SELM optimism coefficient, 0 = iterative DPO (default: 0.001; 0.03 for instructions)")
+    alpha: float = setting(None, "SELM optimism coefficient, 0 = iterative DPO (default: per task, inputs.TRAINING and INSTRUCTIONS)")
     beta: float = setting(None, "DPO/SELM inverse temperature (default: per task, inputs.TRAINING and INSTRUCTIONS)")
     loss_type: str = setting("sigmoid", "preference loss: sigmoid (DPO) or ipo")
     lr: float = setting(None, "peak learning rate of offline DPO and of SELM iteration 1 (default: per task)")

@@ -164,7 +164,7 @@ def answers(job, stage):
         row = json.loads(line)
         if row.get("eval", {}).get("stage") == stage:
             return row["answers"]
-    if getattr(job, "base", None) is not None:
+    if job.base is not None:
         return answers(job.base, stage)
     raise ValueError(f"{job.dir}/metrics.jsonl has no evaluation of {stage}")
 

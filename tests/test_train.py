@@ -77,7 +77,7 @@ def test_help_tells_each_default_once(capsys):
         train.parse_args(["--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "(default: None)" not in out and "(default: )" not in out and not re.search(r"\(default[^)]*\) \(default", out)
-    assert "(default: 0.001; 0.03 for instructions)" in out and "(default: per preset;" in out  # --alpha's, --sft-steps'
+    assert "0 = iterative DPO (default: per task" in out and "(default: per preset;" in out  # --alpha's, --sft-steps'
 
 
 def test_first_screen_settings_and_last_screen_prompt():
