@@ -326,9 +326,9 @@ ECHO = 3  # words: a run this long that the prompt also holds is the prompt's te
 
 def restates(request, answer):
     """More than half of the answer's words lie in a run of ECHO words that the prompt also
-    holds, in lowercase, leaving out the prompt's quoted phrases (the words, first word and last
-    phrase the answer is asked to use): the answer is mostly the request, even with a few words
-    changed ("Here is a short poem about the ocean in lowercase letters")."""
+    holds, in lowercase, leaving out the prompt's quoted words and phrases (those the answer is
+    asked to use, or to avoid): the answer is mostly the request, even with a few words changed
+    ("Here is a short poem about the ocean in lowercase letters")."""
     runs = {tuple(piece[i:i + ECHO]) for piece in map(lowered, re.split(r'"[^"]*"', make_prompt(*request)))
             for i in range(len(piece) - ECHO + 1)}
     ws = lowered(answer)

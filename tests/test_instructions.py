@@ -207,6 +207,9 @@ def test_an_answer_that_is_mostly_the_request_is_degenerate():
     ]
     for prompt, answer in own:
         assert not I.restates(I.parse_prompt(prompt), answer), answer
+    ocean = I.parse_prompt("Write a short poem about the ocean. Your entire answer must be in lowercase letters, with "
+                           "no capital letters at all.")  # and one made up: the request with a few words changed
+    assert I.restates(ocean, "Here is a short poem about the ocean in lowercase letters")
     assert I.degenerate(I.parse_prompt(own[2][0]), own[2][1]) == "off topic"
 
 
