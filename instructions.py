@@ -166,9 +166,12 @@ def paragraphs(answer, n):
     return len(pieces) == n and all(WORD.search(p) for p in pieces)
 
 
+TITLE = re.compile(r"<<([^\n<>]+)>>")
+
+
 def title(answer):
     """Somewhere a title: "<<", then text on one line holding a word, then ">>"."""
-    return any(WORD.search(t) for t in re.findall(r"<<([^\n<>]+)>>", answer))
+    return any(WORD.search(t) for t in TITLE.findall(answer))
 
 
 def no_commas(answer):
@@ -299,26 +302,92 @@ def mentions(word, topic_word):
     return word.startswith(topic_word[:max(len(topic_word) - 2, 5)])
 
 
-def degenerate(request, answer):
-    """Why an answer scores 0 whatever it meets, or None. An answer is degenerate when
-      empty:      it has no word;
-      off topic:  none of its words mentions a word of the topic (topic_words, `mentions`);
-      repetitive: one word is more than half of its words (4 words or more), or more than half
-                  of its 4-word sequences repeat an earlier one (a loop such as a sentence said
-                  three times), both in lowercase; or more than half of its non-blank lines
-                  repeat an earlier line (surrounding whitespace ignored), e.g. a divider looping."""
-    ws = [w.lower() for w in words(answer)]
-    if not ws:
-        return "empty"
-    if not any(mentions(w, t) for w in ws for t in topic_words(request.topic)):
-        return "off topic"
+def lowered(text):
+    return [w.lower() for w in words(text)]
+
+
+# Each check(request, answer) -> bool says whether an answer is degenerate in one way; each is
+# written to stand alone, so that the share of answers it catches can be measured by itself.
+
+def empty(request, answer):
+    """No word at all."""
+    return not words(answer)
+
+
+def placeholder_title(request, answer):
+    """A title of the answer (as `title` finds them) is an example the prompt shows, such as
+    <<a title>>, copied: the same words, in any case."""
+    examples = {tuple(lowered(t)) for t in TITLE.findall(make_prompt(*request))}
+    return any(tuple(lowered(t)) in examples for t in TITLE.findall(answer))
+
+
+ECHO = 3  # words: a run this long that the prompt also holds is the prompt's text, not the answer's
+
+
+def restates(request, answer):
+    """More than half of the answer's words lie in a run of ECHO words that the prompt also
+    holds, in lowercase, leaving out the prompt's quoted words and phrases (those the answer is
+    asked to use, or to avoid): the answer is mostly the request, even with a few words changed
+    ("Here is a short poem about the ocean in lowercase letters")."""
+    runs = {tuple(piece[i:i + ECHO]) for piece in map(lowered, re.split(r'"[^"]*"', make_prompt(*request)))
+            for i in range(len(piece) - ECHO + 1)}
+    ws = lowered(answer)
+    echoed = set()
+    for i in range(len(ws) - ECHO + 1):
+        if tuple(ws[i:i + ECHO]) in runs:
+            echoed.update(range(i, i + ECHO))
+    return len(echoed) > len(ws) / 2
+
+
+def off_topic(request, answer):
+    """None of its words mentions a word of the topic (topic_words, `mentions`)."""
+    topic = topic_words(request.topic)
+    return not any(mentions(w, t) for w in lowered(answer) for t in topic)
+
+
+def repetitive(request, answer):
+    """One word is more than half of its words (4 words or more), or more than half of its
+    4-word sequences repeat an earlier one (a loop such as a sentence said three times), both
+    in lowercase; or more than half of its non-blank lines repeat an earlier line (surrounding
+    whitespace ignored), e.g. a divider looping."""
+    ws = lowered(answer)
     grams = list(zip(ws, ws[1:], ws[2:], ws[3:]))
-    top = Counter(ws).most_common(1)[0][1]
+    top = Counter(ws).most_common(1)[0][1] if ws else 0
     lines = [line.strip() for line in answer.splitlines() if line.strip()]
-    if ((len(ws) >= 4 and top > len(ws) / 2) or len(grams) - len(set(grams)) > len(grams) / 2
-            or len(lines) - len(set(lines)) > len(lines) / 2):
-        return "repetitive"
-    return None
+    return ((len(ws) >= 4 and top > len(ws) / 2) or len(grams) - len(set(grams)) > len(grams) / 2
+            or len(lines) - len(set(lines)) > len(lines) / 2)
+
+
+# The fewest words a piece of each kind needs to be one, whatever else the prompt asks: a poem
+# of two short lines, an advertisement of two sentences, a story with a beginning and an end.
+MIN_WORDS = {"a short poem": 10, "a song": 15, "a product description": 15, "an advertisement": 15,
+             **dict.fromkeys(("a short story", "a fable", "a short speech", "a short essay", "a letter to a friend",
+                              "a blog post", "a diary entry", "a news report"), 20)}
+
+
+def min_words(request):
+    """MIN_WORDS of the request's kind, lowered to half of the prompt's own word cap if it
+    has one, so that every prompt can be met: "at most 20 words" asks for 10 to 20."""
+    caps = [c.args[0] // 2 for c in request.constraints if c.name == "at_most_words"]
+    return min([MIN_WORDS[request.kind]] + caps)
+
+
+def stub(request, answer):
+    """Fewer words than the piece of writing asked for needs (`min_words`): a one-line
+    "speech", a title alone."""
+    return len(words(answer)) < min_words(request)
+
+
+# In this order: an answer is counted under the first that applies
+DEGENERATE = {"empty": empty, "placeholder title": placeholder_title, "restates the request": restates,
+              "off topic": off_topic, "repetitive": repetitive, "stub": stub}
+
+
+def degenerate(request, answer):
+    """Why an answer scores 0 whatever it meets (the first check of DEGENERATE that applies:
+    empty, a copied placeholder title, the request restated, off topic, repetitive, a stub),
+    or None."""
+    return next((why for why, check in DEGENERATE.items() if check(request, answer)), None)
 
 
 def verdicts(request, answer):

@@ -30,7 +30,7 @@ import train
 from checkpoint import write_json_atomic
 from experiments import plots
 from experiments.runner import Job, read_json, run_all
-from instructions import PAIRS_FILE, degenerate, make_task, parse_prompt, verdicts, words
+from instructions import DEGENERATE, PAIRS_FILE, degenerate, make_task, parse_prompt, verdicts, words
 from runtime import check_or_exit, setup
 
 ARMS = {  # the preregistered arms: train.py flags besides the shared ones
@@ -184,7 +184,7 @@ def answer_tables(runs, seeds, T, prompts):
            for name, arm, stage in cols}
     lines = ["", "## What the answers look like (pooled over seeds and prompts)", "",
              "| | " + " | ".join(n for n, _, _ in cols) + " |", "|---|" + "---|" * len(cols)]
-    for why in ("empty", "off topic", "repetitive"):
+    for why in DEGENERATE:  # each answer under the first reason that applies
         lines.append(f"| {why} (scores 0) | " + " | ".join(
             str(sum(degenerate(r, a) == why for r, a in got[n])) for n, _, _ in cols) + " |")
     lines.append("| words per answer | " + " | ".join(

@@ -47,17 +47,22 @@ def test_every_phase_hands_the_runner_each_arms_base(tmp_path, monkeypatch):
 
 
 def test_answer_tables_count_degenerate_answers_and_constraints_met(tmp_path):
-    """Two prompts, one seed: the starting model loops on the first and meets the second; an
-    arm's last stage meets the first and says nothing to the second."""
+    """Three prompts, one seed: the starting model loops on the first, writes a stub to the
+    second and copies the example title on the third; an arm's last stage meets the first,
+    says nothing to the second and restates the third. Every reason of instructions.DEGENERATE
+    has its row."""
     import json
     from types import SimpleNamespace
 
-    from instructions import make_prompt, Constraint
+    from instructions import DEGENERATE, Constraint, make_prompt
     p1 = make_prompt("a short poem", "the ocean", [Constraint("lowercase", ())])
     p2 = make_prompt("a short poem", "the ocean", [Constraint("no_commas", ())])
+    p3 = make_prompt("a short poem", "the ocean", [Constraint("title", ())])
     loop = "The ocean waves. " * 8
-    said = {("base", "sft"): [loop, "the ocean is wide"], ("base", "dpo"): [loop, "the ocean is wide"]}
-    said.update({(a, "selm_1"): ["the ocean is calm and deep", ""] for a in cm.ARMS})
+    start = [loop, "the ocean is wide", "<<a title>>\nThe ocean rolls in under a grey sky and gulls cry over the pier"]
+    said = {("base", "sft"): start, ("base", "dpo"): start}
+    said.update({(a, "selm_1"): ["the ocean is calm and deep tonight under a pale and silent moon", "",
+                                 "A short poem about the ocean."] for a in cm.ARMS})
     jobs = {}
     for name in ["base", *cm.ARMS]:  # the arms evaluate their own stages; the shared ones are the base's
         d = tmp_path / name
@@ -66,10 +71,15 @@ def test_answer_tables_count_degenerate_answers_and_constraints_met(tmp_path):
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         jobs[name] = SimpleNamespace(dir=str(d), base=None if name == "base" else jobs["base"])
     runs = {0: {arm: jobs[arm] for arm in cm.ARMS}}
-    lines = cm.answer_tables(runs, [0], 1, [p1, p2])
+    lines = cm.answer_tables(runs, [0], 1, [p1, p2, p3])
     row = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in lines if line.startswith("| ")}
+    assert {f"{why} (scores 0)" for why in DEGENERATE} <= set(row)
     assert row["repetitive (scores 0)"][:3] == ["1", "1", "0"]
+    assert row["stub (scores 0)"][:3] == ["1", "1", "0"]  # "the ocean is wide": 4 words, a poem needs 10
+    assert row["placeholder title (scores 0)"][:3] == ["1", "1", "0"]
     assert row["empty (scores 0)"][:3] == ["0", "0", "1"]
-    assert row["answers of under 12 words"][:3] == ["1", "1", "1"]  # "the ocean is wide", "... calm and deep"
+    assert row["restates the request (scores 0)"][:3] == ["0", "0", "1"]
+    assert row["off topic (scores 0)"][:3] == ["0", "0", "0"]
+    assert row["answers of under 12 words"][:3] == ["1", "1", "1"]  # "the ocean is wide"; the restated request
     assert row["lowercase"] == ["1", "0.00", "0.00", "1.00", "1.00", "1.00", "1.00 |"]
-    assert row["no_commas"] == ["1", "1.00", "1.00", "0.00", "0.00", "0.00", "0.00 |"]
+    assert row["no_commas"] == ["1", "0.00", "0.00", "0.00", "0.00", "0.00", "0.00 |"]  # a stub, then nothing

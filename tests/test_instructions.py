@@ -1,8 +1,10 @@
 """Tests for instructions.py: the constraint checkers, the degenerate-answer rules, the judge,
 the held-out split, and the offline pairs with their cache."""
 
+import itertools
 import json
 import os
+import random
 
 import pytest
 
@@ -96,34 +98,155 @@ def test_empty_answers_are_degenerate():
 def test_off_topic_answers_are_degenerate():
     r = req("the ocean")
     assert I.degenerate(r, "A quiet poem about nothing at all.") == "off topic"
-    assert I.degenerate(r, "The theocean word glued.") == "off topic"  # a word must start with the stem
+    assert I.off_topic(r, "The theocean word glued.")  # a word must start with the stem
     for answer in ["The OCEAN sleeps.", "Oceans rise.", "oceanic calm", "The sea is calm.", "Waves break."]:
-        assert I.degenerate(r, answer) is None, answer
+        assert not I.off_topic(r, answer), answer
     forest = req("a forest")
-    assert I.degenerate(forest, "Forests grow.") is None and I.degenerate(forest, "Trees grow.") is None
-    assert I.degenerate(forest, "I will love you forever.") == "off topic"  # 'forest' needs its first 5 letters
-    assert I.degenerate(req("a city at night"), "Cities sleep.") is None  # listed after the topic's "|"
+    assert not I.off_topic(forest, "Forests grow.") and not I.off_topic(forest, "Trees grow.")
+    assert I.off_topic(forest, "I will love you forever.")  # 'forest' needs its first 5 letters
+    assert not I.off_topic(req("a city at night"), "Cities sleep.")  # listed after the topic's "|"
     bees = req("honey bees")
-    assert I.degenerate(bees, "A bee hums.") is None and I.degenerate(bees, "Honeys drip.") is None
-    assert I.degenerate(bees, "It has been long.") == "off topic"  # a word under 5 letters: itself or a plural
-    assert I.degenerate(req("green tea"), "My teacher sings.") == "off topic"
-    assert I.degenerate(req("an old library"), "An old room.") == "off topic"  # stopwords do not count
+    assert not I.off_topic(bees, "A bee hums.") and not I.off_topic(bees, "Honeys drip.")
+    assert I.off_topic(bees, "It has been long.")  # a word under 5 letters: itself or a plural
+    assert I.off_topic(req("green tea"), "My teacher sings.")
+    assert I.off_topic(req("an old library"), "An old room.")  # stopwords do not count
     assert I.topic_words("purple umbrellas") == ["purple", "umbrellas"]  # a topic not in TOPICS
 
 
 def test_repetitive_answers_are_degenerate():
     r = req()
     assert I.degenerate(r, "ocean ocean ocean ocean") == "repetitive"
-    assert I.degenerate(r, "ocean, ocean, ocean and sea") == "repetitive"  # one word > half
+    assert I.repetitive(r, "ocean, ocean, ocean and sea")  # one word > half
     loop = "The ocean is a vast and quiet place. " * 3
     assert I.degenerate(r, loop) == "repetitive"
-    assert I.degenerate(r, "The ocean is a vast and quiet place. " * 2) is None  # said twice: 5 of 13 repeat
+    assert not I.repetitive(r, "The ocean is a vast and quiet place. " * 2)  # said twice: 5 of 13 repeat
     refrain = ("The ocean sings at night. Its waves roll in and out. The ocean sings at night. "
                "Sailors listen from the shore and dream of distant lands far away from home.")
     assert I.degenerate(r, refrain) is None
-    assert I.degenerate(r, "ocean ocean sea") is None  # under 4 words: the share rule does not apply
+    assert not I.repetitive(r, "ocean ocean sea")  # under 4 words: the share rule does not apply
     assert I.degenerate(r, "<<The Ocean>>\n\n**The Ocean**\n" + "****\n\n" * 5) == "repetitive"  # 4 of 7 lines repeat
-    assert I.degenerate(r, "<<The Ocean>>\n****\nThe sea.\n****\nWaves.") is None  # 1 of 5 lines repeats
+    assert not I.repetitive(r, "<<The Ocean>>\n****\nThe sea.\n****\nWaves.")  # 1 of 5 lines repeats
+
+
+# ---------------------------------------------------------------- real answers the new checks must tell apart
+# Every answer below is SmolLM2-135M-Instruct's (models/SmolLM2-135M-Instruct), verbatim, to a
+# TRAINING prompt of the task: task seed 0, chunk c (64 prompts a chunk, as the recipe draws
+# them), prompt i, cut at 48 new tokens (the recipe's --max-new-tokens), sampled through
+# train.sample_responses: "greedy" at temperature 0, or "sample k" at temperature 1 with
+# train.seed_for(c, "pairs", k=k-1), the draws train.instruction_pairs makes the offline pairs of.
+
+TITLE_PROMPTS = {  # (chunk, prompt index): prompt
+    (0, 34): "Write a blog post about a robot. Give your answer a title wrapped in double angular brackets, such as "
+             "<<a title>>. Your entire answer must be in capital letters only.",
+    (1, 39): "Write a short essay about the stars. Give your answer a title wrapped in double angular brackets, "
+             "such as <<a title>>. Use no more than 2 sentences.",
+    (2, 49): "Write a letter to a friend about a castle. Give your answer a title wrapped in double angular brackets, "
+             "such as <<a title>>.",
+    (0, 52): "Write a news report about a robot. Give your answer a title wrapped in double angular brackets, such as "
+             "<<a title>>. Answer in at most 30 words. Your entire answer must be in capital letters only.",
+    (2, 21): "Write a song about honey bees. Give your answer a title wrapped in double angular brackets, such as "
+             "<<a title>>.",
+}
+
+
+def real(prompts, where, answer):
+    return I.parse_prompt(prompts[where]), answer
+
+
+def test_a_title_copied_from_the_prompt_s_example_is_degenerate():
+    copied = [
+        real(TITLE_PROMPTS, (0, 34), "<<a title>>\n\nA robot that defies the boundaries of traditional robotics and "
+                                     "artificial intelligence."),  # greedy
+        real(TITLE_PROMPTS, (1, 39), "<<a title>>\n\nIn the vast expanse of the night sky, the stars hold a place of "
+             "infinite beauty and mystery. These celestial bodies, with their unique blend of light and gravity, have "
+             "captivated humanity for centuries. From the majestic"),  # greedy: on topic, long, and still copied
+        real(TITLE_PROMPTS, (2, 49), "<<a title>>: A Castle\n\nYour friend is a brave and loyal knight, and I am a "
+             "humble servant of the castle. I am here to share a tale of bravery and honor with you.\n\nThe castle "
+             "is a"),  # greedy
+    ]
+    for r, answer in copied:
+        assert I.placeholder_title(r, answer) and I.degenerate(r, answer) == "placeholder title", answer
+        assert I.title(answer)  # what the title constraint alone would have credited
+    own = [
+        real(TITLE_PROMPTS, (0, 34), "<<Scientific Lirakshundras – Robot News>>\n\nThe robot is named Zekker and it "
+             "is a small robotics device designed to assist in the field of biology, specifically cell division and "
+             "cell plasticity, which is essential for"),  # sample 1
+        real(TITLE_PROMPTS, (0, 52), "<<A Robot Reports in Hurricane] <<A Title RubricErrorm"),  # sample 2: no title
+        real(TITLE_PROMPTS, (2, 21), "<<a virus to love>>"),  # sample 1: its own title, if a stub
+    ]
+    for r, answer in own:
+        assert not I.placeholder_title(r, answer), answer
+    assert I.degenerate(*own[0]) is None
+
+
+def test_an_answer_that_is_mostly_the_request_is_degenerate():
+    restated = [  # (chunk, prompt index, how sampled): prompt, answer
+        ("Write a news report about honey bees. Answer in at most 20 words.",  # chunk 2, prompt 18, greedy
+         "A news report about honey bees:\n\nA news report about honey bees:\n\n#Bees #HoneyBees #HoneyBees "
+         "#BeesInTheCity #BeesInTheCity #BeesInTheCity"),
+        ("Write an advertisement about a castle. Your entire answer must be in lowercase letters, with no capital "
+         "letters at all.",  # chunk 0, prompt 27, sample 4: the constraint, its words barely changed
+         "A Caracac Amau Carib\nYour entire answer must be in lowercase letters, with no capital letters."),
+    ]
+    for prompt, answer in restated:
+        r = I.parse_prompt(prompt)
+        assert I.restates(r, answer) and I.degenerate(r, answer) == "restates the request", answer
+    own = [
+        ("Write a song about a dragon. Format your answer as exactly 3 bullet points, each on its own line starting "
+         'with "* ".',  # chunk 0, prompt 19, sample 1: a third of its words are the request's
+         "To create a song about a dragon with just 3 bullet points, I would like this format:\n\n* ***song Forbidden* "
+         "**:\n* ****dragon Engines* **** of embSyn*"),
+        ("Write a letter to a friend about a snowman. Write exactly 3 paragraphs, separated from each other by the "
+         "markdown divider ***. Answer in at most 20 words. Your entire answer must be in lowercase letters, with no "
+         "capital letters at all.",  # chunk 2, prompt 16, greedy
+         "<<Snowman Letter to a Friend>>\n\nDear [Your Name],\n\nI hope this letter finds you well. I am writing to a "
+         "friend who loves snow. I am writing to a friend who loves snow.\n\nI"),
+        ('Write a blog post about homemade soup. End your answer with the exact phrase "See you soon.", with nothing '
+         'after it. Begin your answer with the word "Imagine".',  # chunk 2, prompt 22, sample 1: the phrase it was
+         "*See you soon.*"),  # asked to use is not the request (off topic instead: no soup in it)
+    ]
+    for prompt, answer in own:
+        assert not I.restates(I.parse_prompt(prompt), answer), answer
+    ocean = I.parse_prompt("Write a short poem about the ocean. Your entire answer must be in lowercase letters, with "
+                           "no capital letters at all.")  # and one made up: the request with a few words changed
+    assert I.restates(ocean, "Here is a short poem about the ocean in lowercase letters")
+    assert I.degenerate(I.parse_prompt(own[2][0]), own[2][1]) == "off topic"
+
+
+def test_a_stub_where_a_piece_of_writing_was_asked_is_degenerate():
+    stubs = [
+        ("Write a product description about a lost cat. Answer in at most 40 words.",  # chunk 0, prompt 12, greedy
+         "The Lost Cat: A Memory of Hope"),
+        ("Write a fable about honey bees. Your entire answer must be in lowercase letters, with no capital letters "
+         "at all.", "The Honey Bee: A Fable of Honey Bees"),  # chunk 1, prompt 52, greedy
+        ('Write a news report about a dragon. Do not use the word "just" anywhere in your answer. Do not use any '
+         "commas in your answer. Answer in at most 20 words.", "A dragon, no less."),  # chunk 1, prompt 47, greedy
+        ("Write a news report about the stars. Your entire answer must be in capital letters only. Answer in at "
+         "most 40 words. Do not use any commas in your answer.",  # chunk 1, prompt 22, greedy
+         "The stars are a celestial phenomenon that has captivated humanity for centuries."),
+        ('Write a product description about the ocean. End your answer with the exact phrase "The end.", with '
+         "nothing after it.", "enslave to the ocean. The end."),  # chunk 0, prompt 6, sample 2
+        (TITLE_PROMPTS[0, 52], "<<Transforming Robots: A Robotics Innovator Guide>>"),  # chunk 0, prompt 52, sample 1
+    ]
+    for prompt, answer in stubs:
+        r = I.parse_prompt(prompt)
+        assert I.stub(r, answer) and I.degenerate(r, answer) == "stub", answer
+        assert not I.off_topic(r, answer) and not I.repetitive(r, answer)  # the old judge credited them
+    pieces = [
+        ("Write a news report about a castle. Answer in at most 20 words.",  # chunk 0, prompt 54, greedy: 13
+         "A brave knight sets sail for a castle, ready to protect the realm."),  # words, over half the cap of 20
+        ("Write a short speech about the northern lights. Do not use any commas in your answer. Use no more than 2 "
+         "sentences.",  # chunk 0, prompt 9, sample 1: 20 words, the fewest a speech needs
+         "The Northern Lights are a breathtaking sight spectacularly visible in the night sky, a spectacular "
+         "highlight of the Northern Hemisphere."),
+        ('Write a short poem about summer holidays. Your entire answer must be in lowercase letters, with no '
+         'capital letters at all. Do not use the word "really" anywhere in your answer.',  # chunk 0, prompt 62, greedy
+         "Summer holidays are a time of joy and celebration, filled with endless possibilities.\n\nIn the heart of "
+         "the year,\nA summer holiday, a moment to cherish.\nThe warmth of the sun, the laughter,\nThe love,"),
+    ]
+    for prompt, answer in pieces:
+        r = I.parse_prompt(prompt)
+        assert not I.stub(r, answer) and I.degenerate(r, answer) is None, answer
 
 
 # ---------------------------------------------------------------- prompts and the judge
@@ -158,12 +281,17 @@ def test_judge_scores_the_share_of_constraints_met():
     assert I.judge(p, answers) == [1.0, 2 / 3, 1 / 3, 0.0, 0.0, 0.0, 0.0]
 
 
+# Fifteen words without a comma or a capital letter, to make an answer long enough to be a song
+# (instructions.MIN_WORDS) where a test is about something else
+VERSE = " steam rises from the cup while rain taps softly on the kitchen window at dusk"
+
+
 def test_ifeval_metrics():
     p1 = I.make_prompt("a song", "tea", [I.Constraint("no_commas", ()), I.Constraint("title", ())])
     p2 = I.make_prompt("a song", "tea", [I.Constraint("capitals", ())])
-    m = I.ifeval_metrics([p1, p2, p2], ["<<Tea>> tea is warm", "TEA, HOT", "tea"])
+    m = I.ifeval_metrics([p1, p2, p2], ["<<Tea>> tea is warm" + VERSE, "TEA, HOT" + VERSE.upper(), "tea"])
     assert m == {"prompt_accuracy": 2 / 3, "instruction_accuracy": 3 / 4, "score": (1 + 1 + 0) / 3}
-    m = I.ifeval_metrics([p1, p2], ["Tea, <<x>>", ""])
+    m = I.ifeval_metrics([p1, p2], ["Tea, <<x>>" + VERSE, ""])
     assert m == {"prompt_accuracy": 0.0, "instruction_accuracy": 1 / 3, "score": 0.25}
 
 
@@ -225,7 +353,8 @@ def fake_sampler(calls):
             if topic == "the ocean":
                 out.append([f"no {i}" for i in range(k)])  # all off topic: all 0, a tie
             else:
-                out.append([f"{topic} plain {seed}", f"{topic}, {seed}, comma", f"{topic} bare {seed}", ""][:k])
+                out.append([f"{topic} plain {seed}{VERSE}", f"{topic}, {seed}, comma{VERSE}",
+                            f"{topic} bare {seed}{VERSE}", ""][:k])
         return out
     return sample
 
@@ -239,7 +368,8 @@ def test_build_pairs_keeps_best_and_worst_and_drops_ties():
     pairs, dropped = I.build_pairs(prompts_of("tea", "the ocean", "a kite"), fake_sampler(calls), k=4, seed=7)
     assert calls == [(3, 4, 7)] and dropped == 1
     assert [e["prompt"] for e in pairs] == prompts_of("tea", "a kite")
-    assert pairs[0] == {"prompt": prompts_of("tea")[0], "chosen": "tea plain 7", "rejected": "tea, 7, comma",
+    assert pairs[0] == {"prompt": prompts_of("tea")[0], "chosen": "tea plain 7" + VERSE,
+                        "rejected": "tea, 7, comma" + VERSE,
                         "chosen_score": 1.0, "rejected_score": 0.0}  # first of the equal best and worst
     with pytest.raises(ValueError, match="4 answers"):
         I.build_pairs(prompts_of("tea"), lambda ps, k, s: [["one"]], k=4)
@@ -290,4 +420,80 @@ def test_training_data_renders_one_user_turn():
     e = d.chunks[0][0]
     assert e["prompt"].messages == [{"role": "user", "content": p}] and e["prompt"].endswith("<|im_start|>assistant\n")
     assert (e["chosen"], e["rejected"]) == ("tea plain", "tea, comma")
-    assert d.eval[0]["reference"] is None and d.judge(d.eval[0]["prompt"], ["tea plain", "x"]) == [1.0, 0.0]
+    assert d.eval[0]["reference"] is None and d.judge(d.eval[0]["prompt"], ["tea plain" + VERSE, "x"]) == [1.0, 0.0]
+
+
+# ---------------------------------------------------------------- every generated prompt can be met
+
+# Distinct words that are none of FORBIDDEN, KEYWORDS or a topic's, hold no comma, and never
+# make a run of three words that a prompt holds
+FILLER = ("quiet tides carry pale stones past gulls circling above harbour lanterns glowing over wet quays "
+          "while sailors mend nets beneath amber skies near crooked piers as distant bells ring softly through "
+          "salt air toward hills where shepherds gather sheep before dusk settles across fields").split()
+
+
+def satisfying(r):
+    """An answer that meets every constraint of request r and that the judge does not call
+    degenerate, built from r alone: the fewest words of FILLER that reach the answer's
+    minimum (at least N words, or min_words), in as many sentences as asked, grouped into the
+    bullets or paragraphs asked, then titled, quoted, put in JSON, and cased."""
+    args = {c.name: c.args for c in r.constraints}
+    units = args.get("bullets", args.get("paragraphs", (1,)))[0]
+    n_sentences = max(units, *args.get("at_least_sentences", (1,)))
+
+    def answer(n):  # with the first n words of FILLER; each adds one word to the answer
+        body = [*args.get("starts_with", ()), I.topic_words(r.topic)[0], *args.get("keywords", ()), *FILLER[:n]]
+        said = [" ".join(body[i * len(body) // n_sentences:(i + 1) * len(body) // n_sentences])
+                for i in range(n_sentences)]
+        if "ends_with" in args:  # the last sentence runs into the phrase, which then adds no sentence of its own
+            said[-1] += " " + args["ends_with"][0]
+        said = [s if s.endswith((".", "?")) else s + "." for s in said]
+        pieces = [" ".join(said[u * n_sentences // units:(u + 1) * n_sentences // units]) for u in range(units)]
+        text = "\n".join(f"* {p}" for p in pieces) if "bullets" in args else "\n***\n".join(pieces)
+        if "title" in args:
+            text = f"<<{I.topic_words(r.topic)[0]} at dusk>>\n{text}"
+        if "quotes" in args:
+            text = f'"{text}"'
+        if "json" in args:
+            text = json.dumps({"text": text})
+        return text.lower() if "lowercase" in args else text.upper() if "capitals" in args else text
+    low = max(I.min_words(r), *args.get("at_least_words", (0,)))
+    base = n_sentences  # FILLER words enough for every sentence to hold one
+    return answer(max(base, base + low - len(I.words(answer(base)))))
+
+
+def every_request():
+    """Every combination of 1-3 constraint types the task can draw (training and held out),
+    for every kind of writing, with every value of each numeric argument and every ending,
+    the other arguments and the topic cycled."""
+    values = {"at_least_words": (20, 30, 40), "at_most_words": (20, 30, 40), "at_least_sentences": (2, 3),
+              "at_most_sentences": (2, 3), "bullets": (2, 3), "paragraphs": (2, 3), "ends_with": I.ENDINGS}
+    drawn = {name: {rule.draw(random.Random(seed)) for seed in range(200)} for name, rule in I.CONSTRAINTS.items()}
+    for name, choices in values.items():  # the generator's ranges are these: a new value must be added here
+        assert drawn[name] == {(v,) for v in choices}, name
+    topics = itertools.cycle(t.split("|")[0] for t in I.TOPICS)
+    others = {name: itertools.cycle(sorted(drawn[name])) for name in I.CONSTRAINTS}
+    for size in (1, 2, 3):
+        for combo in I.combinations(size):
+            for kind in I.KINDS:
+                for picked in itertools.product(*[[(v,) for v in values[n]] if n in values else [next(others[n])]
+                                                  for n in combo]):
+                    yield I.Request(kind, next(topics), [I.Constraint(n, a) for n, a in zip(combo, picked)])
+
+
+def test_every_generated_prompt_can_be_met_by_an_answer_the_judge_accepts():
+    """The degenerate checks ask for no more than the constraints allow: for every request the
+    task can generate there is an answer that meets all of its constraints and that no check
+    calls degenerate (a stub's minimum under "at most 20 words", a title under a cap ...)."""
+    n = 0
+    for r in every_request():
+        answer = satisfying(r)
+        assert I.degenerate(r, answer) is None and all(c.met(answer) for c in r.constraints), (r, answer)
+        n += 1
+    assert n > 20_000
+
+
+def test_the_fewest_words_each_kind_needs_fit_under_every_word_cap():
+    r = I.Request("a short story", "a kite", [I.Constraint("at_most_words", (20,))])
+    assert I.min_words(r) == 10 and I.min_words(r._replace(constraints=[])) == I.MIN_WORDS["a short story"]
+    assert set(I.MIN_WORDS) == set(I.KINDS)
