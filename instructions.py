@@ -255,8 +255,8 @@ class Constraint(NamedTuple):
 # 4. Prompts, written and read back
 
 class Request(NamedTuple):
-    kind: str          # of writing, e.g. "a short poem"
-    topic: str         # e.g. "the ocean"
+    kind: str          # of writing, e.g. "a short poem" (None: a user's prompt that names none)
+    topic: str         # e.g. "the ocean" (None: likewise)
     constraints: list  # of Constraint, in the order the prompt states them
 
 
@@ -271,19 +271,24 @@ def _pattern(sentence):
 
 
 PATTERNS = {name: _pattern(t.sentence) for name, t in CONSTRAINTS.items()}
-REQUEST = re.compile(rf"Write ({'|'.join(map(re.escape, KINDS))}) about ([^.\n]+)\.")
+REQUEST = re.compile(r"Write ([^.\n]+?) about ([^.\n]+)\.")  # a task prompt's kind is one of KINDS; a user's, any
 
 
 def parse_prompt(prompt):
-    """The Request of a task prompt, found by searching its text, so that a prompt rendered with
-    a chat template reads as the plain one; ValueError if it holds no request or no constraint."""
+    """The Request of a prompt, found by searching its text, so that a prompt rendered with a
+    chat template reads as the plain one. A user's own prompt is read as far as it goes: the
+    constraints it states in CONSTRAINTS' sentences, and its topic when it asks "Write ... about
+    TOPIC." (without one, kind and topic are None). ValueError, in one line, if it states no
+    constraint that the judge can check."""
     text = prompt.messages[-1]["content"] if getattr(prompt, "messages", None) else prompt
     request = REQUEST.search(text)
     found = sorted((m.start(), name, tuple(int(a) if a.isdigit() else a for a in m.groups()))
                    for name, pattern in PATTERNS.items() for m in pattern.finditer(text))
-    if request is None or not found:
-        raise ValueError(f"not an instructions prompt: {text[:80]!r}")
-    return Request(request.group(1), request.group(2), [Constraint(name, args) for _, name, args in found])
+    if not found:
+        raise ValueError(f"the prompt {text[:60]!r} states no constraint this judge can check (it reads the "
+                         "sentences of instructions.CONSTRAINTS, e.g. \"Answer in at most 30 words.\")")
+    kind, topic = request.groups() if request else (None, None)
+    return Request(kind, topic, [Constraint(name, args) for _, name, args in found])
 
 
 # -----------------------------------------------------------------------------
@@ -302,7 +307,8 @@ def mentions(word, topic_word):
 def degenerate(request, answer):
     """Why an answer scores 0 whatever it meets, or None. An answer is degenerate when
       empty:      it has no word;
-      off topic:  none of its words mentions a word of the topic (topic_words, `mentions`);
+      off topic:  none of its words mentions a word of the topic (topic_words, `mentions`), when
+                  the prompt names one;
       repetitive: one word is more than half of its words (4 words or more), or more than half
                   of its 4-word sequences repeat an earlier one (a loop such as a sentence said
                   three times), both in lowercase; or more than half of its non-blank lines
@@ -310,7 +316,7 @@ def degenerate(request, answer):
     ws = [w.lower() for w in words(answer)]
     if not ws:
         return "empty"
-    if not any(mentions(w, t) for w in ws for t in topic_words(request.topic)):
+    if request.topic is not None and not any(mentions(w, t) for w in ws for t in topic_words(request.topic)):
         return "off topic"
     grams = list(zip(ws, ws[1:], ws[2:], ws[3:]))
     top = Counter(ws).most_common(1)[0][1]
