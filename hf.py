@@ -395,8 +395,12 @@ class Loaded:
 def check_model_path(path):
     """A one-line FileNotFoundError unless `path` is a stage checkpoint file or a Hugging Face
     model directory (config.json)."""
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        check_checkpoint_path(path)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return
+    if os.path.isdir(path) and not any(f.endswith(".pt") for f in os.listdir(path)):
+        raise FileNotFoundError(f"{path} is a directory holding neither a Hugging Face model (config.json) nor "
+                                "checkpoints")
+    check_checkpoint_path(path)  # one naming the directory's checkpoints, or a missing file
 
 
 def load_model(path, device="cpu"):

@@ -76,7 +76,7 @@ def check_args(args):
             "--task and --prompts exclude each other": args.task and args.prompts,
             f"--prompts {args.prompts}: no such file": args.prompts and not os.path.isfile(args.prompts),
             "--prompts and --judge go together": (args.prompts is None) != (args.judge is None),
-            f"--max-new-tokens must be at least 1, got {args.max_new_tokens}": (args.max_new_tokens or 1) < 1,
+            f"--max-new-tokens must be at least 1, got {args.max_new_tokens}": args.max_new_tokens is not None and args.max_new_tokens < 1,
             f"--out {output_path(args)}: is a directory, or in none": os.path.isdir(output_path(args)) or not
             os.path.isdir(out_dir)}.items():
         if bad:
@@ -97,12 +97,13 @@ def evaluation(args):
         cfg = train.Config(**{k: v for k, v in m.ckpt["config"].items() if k in known})
         stage = m.ckpt["stage"]
     else:  # a directory: a run that would start from it, at the task's defaults
-        cfg = check_config(train.Config(init_from=args.model, task=args.task or "instructions",
-                                        max_new_tokens=64 if args.prompts else None))
+        cfg = train.Config(init_from=args.model, task=args.task or "instructions",
+                           max_new_tokens=64 if args.prompts else None)
+        check_config(cfg)  # the task's defaults filled in
         stage = os.path.basename(os.path.normpath(args.model))
     cfg.device, cfg.compile, cfg.max_new_tokens = args.device, False, args.max_new_tokens or cfg.max_new_tokens
     task = user_prompts(m, args) if args.prompts else load_data(cfg, m.template, args.device)
-    data.check_fits(task, m.tok, m.model.config.block_size, "", "")
+    data.check_fits(dataclasses.replace(task, sft=[], chunks=[]), m.tok, m.model.config.block_size, "", "")
     # the KL reference: a run's SFT model, unless this is it; a directory has none but itself
     sft_path = stage_path(os.path.dirname(args.model), "sft")
     if m.ckpt is None or stage == "sft" or not os.path.isfile(sft_path):
