@@ -8,6 +8,7 @@ import pytest
 
 import instructions as I
 from tokenizer import Templated
+from conftest import extra
 
 # ---------------------------------------------------------------- the constraint checkers
 
@@ -295,7 +296,7 @@ def test_a_damaged_pairs_file_is_one_clear_error(tmp_path):
 
 
 def test_training_data_renders_one_user_turn():
-    pytest.importorskip("jinja2", reason="chat templates need jinja2: pip install -r requirements-dev.txt")
+    extra("jinja2", "chat templates need jinja2")
     import chat
     from chat_dirs import QWEN25_TEMPLATE
     template = chat.ChatTemplate(QWEN25_TEMPLATE, "test", {"eos_token": "<|im_end|>"}, "<|im_end|>")

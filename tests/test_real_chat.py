@@ -20,9 +20,10 @@ from checkpoint import load_checkpoint, model_from_checkpoint
 from model import positions_from_mask
 from sample import generate
 from texts import NOT_NFC, RARE_BYTES, TEXTS, assert_same_ids, random_texts
+from conftest import extra
 
-transformers = pytest.importorskip("transformers", reason="the real model: pip install -r requirements-dev.txt")
-tokenizers = pytest.importorskip("tokenizers", reason="the real model: pip install -r requirements-dev.txt")
+transformers = extra("transformers", "the real model")
+tokenizers = extra("tokenizers", "the real model")
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "What is 12 + 30?",
              "Translate 'good morning' into Spanish.", "List three primary colors, one per line.",
@@ -77,8 +78,8 @@ def write_gguf(path, **fields):
 def test_the_converter_s_errors_are_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys):
     """Arguments are refused with the usage and one line (tests/test_flags.py walks each), a file
     that is GGUF but cannot be converted with one line, before transformers reads it."""
-    pytest.importorskip("gguf", reason="the converter reads GGUF: pip install -r requirements-dev.txt")
-    pytest.importorskip("transformers", reason="the converter: pip install -r requirements-dev.txt")
+    extra("gguf", "the converter reads GGUF")
+    extra("transformers", "the converter")
     from tools import gguf_to_hf
 
     def refusal(argv):

@@ -16,11 +16,12 @@ import tokenizer
 import train
 from chat_dirs import chat_tokenizer
 from checkpoint import load_checkpoint
+from conftest import extra
 
-transformers = pytest.importorskip("transformers", reason="interop test: pip install -r requirements-dev.txt")
-pytest.importorskip("tokenizers", reason="interop test: pip install -r requirements-dev.txt")
-pytest.importorskip("jinja2", reason="interop test: pip install -r requirements-dev.txt")
-pytest.importorskip("safetensors", reason="interop test: pip install -r requirements-dev.txt")
+transformers = extra("transformers", "interop test")
+extra("tokenizers", "interop test")
+extra("jinja2", "interop test")
+extra("safetensors", "interop test")
 
 TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=256)

@@ -18,6 +18,7 @@ import sample
 import train
 from checkpoint import disk_usage, human_size, load_checkpoint
 from tools import evaluate
+from conftest import extra
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--model", "tiny", "--n-sft", "256", "--chunk-size", "32", "--n-eval", "16", "--sft-steps", "20",
@@ -74,9 +75,9 @@ def test_evaluate_on_your_prompts_with_a_judge(run, tmp_path, capsys):
 
 
 def test_evaluate_a_model_directory(tmp_path, capsys):
-    pytest.importorskip("tokenizers", reason="tokenizers builds the chat model's tokenizer")
-    pytest.importorskip("jinja2", reason="jinja2 renders its chat template")
-    pytest.importorskip("safetensors", reason="safetensors writes its weights")
+    extra("tokenizers", "tokenizers builds the chat model's tokenizer")
+    extra("jinja2", "jinja2 renders its chat template")
+    extra("safetensors", "safetensors writes its weights")
     d = chat_model(tmp_path)
     evaluated(capsys, d, "--max-new-tokens", "4", "--out", tmp_path / "e.json")
     got = json.load(open(tmp_path / "e.json"))
@@ -164,9 +165,9 @@ def test_chat_without_a_template_answers_each_line(run, capsys):
 
 
 def test_chat_is_one_conversation_in_the_chat_template(tmp_path, monkeypatch):
-    pytest.importorskip("tokenizers", reason="tokenizers builds the chat model's tokenizer")
-    pytest.importorskip("jinja2", reason="jinja2 renders its chat template")
-    pytest.importorskip("safetensors", reason="safetensors writes its weights")
+    extra("tokenizers", "tokenizers builds the chat model's tokenizer")
+    extra("jinja2", "jinja2 renders its chat template")
+    extra("safetensors", "safetensors writes its weights")
     d = chat_model(tmp_path)
     seen, real = [], sample.generate
     monkeypatch.setattr(sample, "generate", lambda m, prompts, *a, **k: seen.append(prompts[0]) or real(m, prompts, *a, **k))
@@ -288,7 +289,7 @@ def test_stage_checkpoints_keep_no_optimizer_moments(run):
 # ---- experiments.plots ----------------------------------------------------------------------------
 
 def test_a_run_drawn(run, tmp_path, capsys):
-    pytest.importorskip("matplotlib", reason="matplotlib draws the curves")
+    extra("matplotlib", "matplotlib draws the curves")
     from experiments import plots
     out, _, _ = run
     plots.main([str(out), "--out", str(tmp_path / "c.png")])
