@@ -339,23 +339,17 @@ def parser():
     ap = argparse.ArgumentParser(prog="sample.py", formatter_class=DefaultsHelp, description=(
         "Answer prompts with a stage checkpoint or a Hugging Face model directory, loaded once: one --prompt, "
         "a --prompts file, or a --chat. Answers print as plain text; a file's as JSON Lines."))
-    ap.add_argument("--ckpt", required=True, help="a checkpoint train.py wrote (out/selm_3.pt), or a Hugging Face "
-                                                  "model directory (e.g. the run's --init-from: the starting model)")
-    ap.add_argument("--prompt", help="one prompt; the model's template wraps it as in training: a user turn in "
-                                     "its chat template, or the run's prompt template (built-in task: the letters)")
-    ap.add_argument("--prompts", help="a file of prompts: JSON Lines with a 'prompt' (a string or a conversation), "
-                                      "or plain text, one prompt a line; answered in batches, as JSON Lines")
-    ap.add_argument("--chat", action="store_true", help="a conversation in the model's chat template, your turns "
-                                                        "read from stdin one a line; an empty line, /exit or the "
-                                                        "end of input ends it")
-    ap.add_argument("--compare", help="a second checkpoint or directory: its answers to the same prompts follow "
-                                      "the first's, each labelled")
+    ap.add_argument("--ckpt", required=True, help="a checkpoint train.py wrote, or a Hugging Face model directory")
+    ap.add_argument("--prompt", help="one prompt, written as the model saw its prompts (chat or prompt template)")
+    ap.add_argument("--prompts", help="a file: JSON Lines with a 'prompt' (text or conversation), or a prompt a line")
+    ap.add_argument("--chat", action="store_true", help="a conversation, a turn a line of stdin, until an empty line "
+                                                        "or /exit")
+    ap.add_argument("--compare", help="a second checkpoint or directory: its answers follow the first's, labelled")
     ap.add_argument("--out", help="with --prompts: write the JSON Lines here (atomically), not to stdout")
     ap.add_argument("--num-samples", type=int, default=1, help="answers per prompt")
     ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     ap.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: all)")
-    ap.add_argument("--top-p", type=float, default=None,
-                    help="nucleus sampling: keep the most likely tokens up to this mass (default: all)")
+    ap.add_argument("--top-p", type=float, default=None, help="keep the likeliest tokens up to this mass (default: all)")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="answer length cap")
     ap.add_argument("--batch-size", type=int, default=16, help="answers per call of the sampler (--prompts)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -369,15 +363,13 @@ def check_args(args):
     for name in ("ckpt", "compare", "prompt", "prompts", "out"):
         if getattr(args, name) == "":
             raise ValueError(f"--{name} is empty")
-    for name in ("ckpt", "compare"):
         try:
-            getattr(args, name) is None or check_model_path(getattr(args, name))
+            name in ("ckpt", "compare") and getattr(args, name) is not None and check_model_path(getattr(args, name))
         except FileNotFoundError as e:
             raise ValueError(f"--{name}: {e}") from None
-    out_dir = os.path.dirname(args.out or "") or "."
     for problem, bad in {f"--prompts {args.prompts}: no such file": args.prompts and not os.path.isfile(args.prompts),
                          f"--out {args.out}: is a directory, or in none": args.out and (
-                             os.path.isdir(args.out) or not os.path.isdir(out_dir)),
+                             os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(args.out) or ".")),
                          "give one of --prompt, --prompts or --chat":
                              [args.prompt is not None, args.prompts is not None, args.chat].count(True) != 1,
                          "--out writes the answers to --prompts; give --prompts": args.out and not args.prompts,
@@ -421,9 +413,14 @@ def main(argv=None):
         for k, (text, done) in enumerate(per_prompt):
             if len(models) * args.num_samples > 1:  # more than one answer: each labelled
                 print(f"[{path}" + (f", sample {k + 1}]" if args.num_samples > 1 else "]"))
-            print(text, flush=True)
-            if not done:
-                print(f"[no EOS: cut at --max-new-tokens {args.max_new_tokens}]", file=sys.stderr)
+            show(text, done, args)
+
+
+def show(text, done, args):
+    """An answer as plain text on stdout; a note on stderr when --max-new-tokens cut it."""
+    print(text, flush=True)
+    if not done:
+        print(f"[no EOS: cut at --max-new-tokens {args.max_new_tokens}]", file=sys.stderr, flush=True)
 
 
 def answer(m, prompts, args, seed, show_bar=False):
@@ -462,9 +459,7 @@ def converse(m, args, stdin):
             say(f"sample.py: that turn does not fit the model's context of {m.model.config.block_size} tokens")
             continue
         ((reply, done),), = answer(m, [m.tok.encode_prompt(prompt)], args, args.seed + turn)
-        print(reply, flush=True)
-        if not done:
-            say(f"[no EOS: cut at --max-new-tokens {args.max_new_tokens}]")
+        show(reply, done, args)
         chat and chat.answered(reply)
 
 

@@ -207,3 +207,26 @@ def test_a_short_run_from_the_real_model_through_every_stage_to_an_export(real, 
     exported_tok = transformers.AutoTokenizer.from_pretrained(out / "hf-selm_1")
     assert exported_tok.apply_chat_template(user(QUESTIONS[0]), add_generation_prompt=True, return_dict=True)[
         "input_ids"] == ids[0]
+    # tools.evaluate on the checkpoint alone gives the stage's row of results.json again
+    from tools import evaluate
+    evaluate.main([str(out / "selm_1.pt"), "--out", str(tmp_path / "e.json")])
+    again = json.loads((tmp_path / "e.json").read_text())
+    assert {k: again[k] for k in results[-1]} == results[-1]
+
+
+def test_sample_py_chats_with_the_real_directory_in_its_chat_template(real, monkeypatch, capsys):
+    """sample.py --chat on SmolLM2's directory: each turn's prompt is the whole conversation,
+    id for id as transformers' apply_chat_template writes it, and the answers are greedy."""
+    import io
+    import sys
+
+    import sample
+    prompts, replies, generate_ = [], [], sample.generate
+    monkeypatch.setattr(sample, "generate", lambda m, ps, *a, **k: prompts.append(ps[0]) or generate_(m, ps, *a, **k))
+    monkeypatch.setattr(sample, "show", lambda text, done, args: replies.append(text))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{QUESTIONS[0]}\nAnd of Italy?\n\n"))
+    sample.main(["--ckpt", real.dir, "--chat", "--temperature", "0", "--max-new-tokens", "12"])
+    turns = [*user(QUESTIONS[0]), {"role": "assistant", "content": replies[0]}, *user("And of Italy?")]
+    assert prompts == [real.hf_tok.apply_chat_template(m, add_generation_prompt=True, return_dict=True)["input_ids"]
+                       for m in (turns[:1], turns)]
+    assert "Paris" in replies[0] and len(replies) == 2
