@@ -406,13 +406,13 @@ def last_screen(out_dir, stages, exported, prompt):
     """The closing lines of a run: where everything went and how much disk it takes, the command
     that draws its curves, and the sample.py command that tries the last stage on `prompt`
     (shell-quoted)."""
-    q = shlex.quote
+    q, curves = shlex.quote, os.path.join(out_dir, "curves.png")
     return "\n".join([f"results     {os.path.join(out_dir, 'results.json')} (each stage's evaluation), "
                       f"{os.path.join(out_dir, 'metrics.jsonl')} (every logged step)",
                       f"checkpoints {', '.join(os.path.basename(stage_path(out_dir, s)) for s in stages)} in {out_dir}",
                       *([f"exported    {', '.join(exported)} (Hugging Face directories)"] if exported else []),
                       f"disk        {human_size(disk_usage(out_dir))} in {out_dir}",
-                      f"curves      python -m experiments.plots {q(out_dir)}  (draws {q(os.path.join(out_dir, 'curves.png'))})",
+                      f"curves      python -m experiments.plots {q(out_dir)}  (draws {q(curves)})",
                       f"try it      python sample.py --ckpt {q(stage_path(out_dir, stages[-1]))} "
                       f"--prompt {prompt} --temperature 0"])
 

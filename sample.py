@@ -349,7 +349,8 @@ def parser():
     ap.add_argument("--num-samples", type=int, default=1, help="answers per prompt")
     ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     ap.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: all)")
-    ap.add_argument("--top-p", type=float, default=None, help="keep the likeliest tokens up to this mass (default: all)")
+    ap.add_argument("--top-p", type=float, default=None, help="keep the likeliest tokens up to this mass "
+                                                              "(default: all)")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="answer length cap")
     ap.add_argument("--batch-size", type=int, default=16, help="answers per call of the sampler (--prompts)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -367,7 +368,7 @@ def check_args(args):
             name in ("ckpt", "compare") and getattr(args, name) is not None and check_model_path(getattr(args, name))
         except FileNotFoundError as e:
             raise ValueError(f"--{name}: {e}") from None
-    for problem, bad in {f"--prompts {args.prompts}: no such file": args.prompts and not os.path.isfile(args.prompts),
+    problems = {f"--prompts {args.prompts}: no such file": args.prompts and not os.path.isfile(args.prompts),
                          f"--out {args.out}: is a directory, or in none": args.out and (
                              os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(args.out) or ".")),
                          "give one of --prompt, --prompts or --chat":
@@ -377,7 +378,8 @@ def check_args(args):
                          f"--num-samples must be at least 1, got {args.num_samples}": args.num_samples < 1,
                          "--chat gives one answer a turn: leave out --num-samples": args.chat and args.num_samples > 1,
                          f"--batch-size must be at least 1, got {args.batch_size}": args.batch_size < 1,
-                         f"--seed must be an integer in [0, 2**32), got {args.seed}": not 0 <= args.seed < 2**32}.items():
+                         f"--seed must be an integer in [0, 2**32), got {args.seed}": not 0 <= args.seed < 2**32}
+    for problem, bad in problems.items():
         if bad:
             raise ValueError(problem)
     try:

@@ -97,7 +97,8 @@ def arms_by_stage(per_stage, names, T, path):
 # ---- one run's curves -----------------------------------------------------------------------
 
 STEP_FIGURES = ("loss", "rewards/margins", "rewards/accuracies")  # TRL's names, as metrics.jsonl logs them
-HELD_OUT = (("reward", "win_rate_vs_sft", "win_rate_vs_reference"), ("kl",), ("prompt_accuracy", "instruction_accuracy"))
+HELD_OUT = (("reward", "win_rate_vs_sft", "win_rate_vs_reference"), ("kl",),
+            ("prompt_accuracy", "instruction_accuracy"))
 
 
 def run_curves(run_dir, path):

@@ -154,7 +154,7 @@ def test_rendered_prompts_read_as_plain_ones():
 def test_a_users_own_prompt_is_judged_on_the_constraints_it_states():
     """README's haiku prompt: not one of the task's kinds of writing, one constraint the judge
     reads; a prompt without "Write ... about ..." has no topic to be off."""
-    haiku = ("Write a haiku about tea. Your entire answer must be in lowercase letters, with no capital letters at all.")
+    haiku = "Write a haiku about tea. Your entire answer must be in lowercase letters, with no capital letters at all."
     assert I.parse_prompt(haiku) == I.Request("a haiku", "tea", [I.Constraint("lowercase", ())])
     assert I.judge(haiku, ["steam above the tea", "Steam above the tea", "steam above the cup"]) == [1.0, 0.0, 0.0]
     joke = "Tell me a joke. Answer in at most 30 words. Do not use any commas in your answer."

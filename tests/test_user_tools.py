@@ -66,7 +66,8 @@ def test_evaluate_on_your_prompts_with_a_judge(run, tmp_path, capsys):
     assert "prompt_accuracy" not in got
     # the instruction judge: IFEval's accuracies for a prompt it can read, one line for one it cannot
     prompts.write_text('{"prompt": "Write a haiku about tea. Answer in at most 30 words."}\n')
-    evaluated(capsys, out / "selm_1.pt", "--prompts", prompts, "--judge", "instructions:judge", "--out", tmp_path / "i.json")
+    evaluated(capsys, out / "selm_1.pt", "--prompts", prompts, "--judge", "instructions:judge",
+              "--out", tmp_path / "i.json")
     assert {"prompt_accuracy", "instruction_accuracy"} <= set(json.load(open(tmp_path / "i.json")))
     prompts.write_text('{"prompt": "hello"}\n')
     with pytest.raises(SystemExit) as e:
@@ -170,7 +171,7 @@ def test_chat_is_one_conversation_in_the_chat_template(tmp_path, monkeypatch):
     extra("safetensors", "safetensors writes its weights")
     d = chat_model(tmp_path)
     seen, real = [], sample.generate
-    monkeypatch.setattr(sample, "generate", lambda m, prompts, *a, **k: seen.append(prompts[0]) or real(m, prompts, *a, **k))
+    monkeypatch.setattr(sample, "generate", lambda m, ps, *a, **k: seen.append(ps[0]) or real(m, ps, *a, **k))
     printed = sampled(None, "--ckpt", d, "--chat", "--max-new-tokens", "3", "--seed", "1",
                       stdin="hello there\nand again\n/exit\nnot read\n")
     from hf import load_model

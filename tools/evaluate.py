@@ -69,16 +69,17 @@ def check_args(args):
             data.judge_target(args.judge)
         except ValueError as e:
             raise ValueError(f"--judge: {e}") from None
-    out_dir = os.path.dirname(output_path(args)) or "."
-    for problem, bad in {
-            f"--task must be sorting or instructions, got {args.task!r}": args.task not in (None, "sorting", "instructions"),
-            "--task is for a directory: a checkpoint is evaluated on its run's task": args.task and os.path.isfile(args.model),
-            "--task and --prompts exclude each other": args.task and args.prompts,
-            f"--prompts {args.prompts}: no such file": args.prompts and not os.path.isfile(args.prompts),
-            "--prompts and --judge go together": (args.prompts is None) != (args.judge is None),
-            f"--max-new-tokens must be at least 1, got {args.max_new_tokens}": args.max_new_tokens is not None and args.max_new_tokens < 1,
-            f"--out {output_path(args)}: is a directory, or in none": os.path.isdir(output_path(args)) or not
-            os.path.isdir(out_dir)}.items():
+    out, task, prompts, n = output_path(args), args.task, args.prompts, args.max_new_tokens
+    problems = {f"--task must be sorting or instructions, got {task!r}": task not in (None, "sorting", "instructions"),
+                "--task is for a directory: a checkpoint is evaluated on its run's task":
+                    task and os.path.isfile(args.model),
+                "--task and --prompts exclude each other": task and prompts,
+                f"--prompts {prompts}: no such file": prompts and not os.path.isfile(prompts),
+                "--prompts and --judge go together": (prompts is None) != (args.judge is None),
+                f"--max-new-tokens must be at least 1, got {n}": n is not None and n < 1,
+                f"--out {out}: is a directory, or in none":
+                    os.path.isdir(out) or not os.path.isdir(os.path.dirname(out) or ".")}
+    for problem, bad in problems.items():
         if bad:
             raise ValueError(problem)
     check_device(args.device)
