@@ -126,7 +126,7 @@ def user_prompts(m, args):
         e = data.plain_prompt(rec)
         return {"prompt": m.prompt(e["prompt"]), "reference": e["reference"]}
     evals = [data.converted(where, rec, read) for where, rec in data.read_jsonl(args.prompts)]
-    judge = data.load_judge(args.judge)
+    judge = data.load_judge(args.judge, args.device)  # a reward model (rm:DIR) runs where the model does
     ifeval = judge is instructions.judge
     return data.TrainingData([], [[]], evals, judge, builtin=ifeval or judge is sorting.judge,
                              conversational=m.conversational, metrics=instructions.accuracies if ifeval else None)
