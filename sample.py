@@ -399,8 +399,10 @@ def main(argv=None):
         if args.chat:
             return converse(models[0][1], args, sys.stdin)
         records = read_prompts(args.prompts) if args.prompts else [("--prompt", {"prompt": args.prompt})]
-        answers = [(path, answer(m, [converted(where, r, lambda r: m.encode(r["prompt"])) for where, r in records],
-                                 args, args.seed, show_bar=args.prompts is not None)) for path, m in models]
+        def encoded(m):  # each prompt as this model saw its prompts; one line naming a bad one
+            return [converted(where, rec, lambda r: m.encode(r["prompt"])) for where, rec in records]
+        answers = [(path, answer(m, encoded(m), args, args.seed, show_bar=args.prompts is not None))
+                   for path, m in models]
         if args.prompts:  # per prompt, each model's answers
             out = [{**rec, "model": path, "answer": text, "finished": done} for i, (_, rec) in enumerate(records)
                    for path, per_prompt in answers for text, done in per_prompt[i]]
