@@ -75,6 +75,29 @@ class ChatTemplate:
         return Templated(turn[:end])
 
 
+class Conversation:
+    """A chat in progress (sample.py --chat): its turns, rendered whole with the chat template at
+    every turn. When the prompt outgrows the model's context (fits(prompt) is False), its oldest
+    exchanges are forgotten, and counted in `forgotten`."""
+
+    def __init__(self, template, fits):
+        self.template, self.fits, self.messages, self.forgotten = template, fits, [], 0
+
+    def ask(self, text):
+        """The prompt that has the model answer `text` after the turns so far; None, and the
+        conversation starts again, when that turn alone does not fit."""
+        self.messages.append({"role": "user", "content": text})
+        while not self.fits(prompt := self.template.prompt(self.messages)) and len(self.messages) > 1:
+            self.messages, self.forgotten = self.messages[2:], self.forgotten + 1
+        if not self.fits(prompt):
+            self.messages = []
+            return None
+        return prompt
+
+    def answered(self, text):
+        self.messages.append({"role": "assistant", "content": text})
+
+
 def compile_template(text, source="?"):
     """The template compiled as transformers compiles it (utils/chat_template_utils.py)."""
     try:

@@ -94,6 +94,19 @@ def stage_path(out_dir, stage):
     return os.path.join(out_dir, f"{stage}.pt")
 
 
+def disk_usage(path):
+    """Bytes of every file under `path`."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def human_size(n):
+    """1536 -> "1.5 KB": bytes in the unit that keeps the number below 1000 (powers of 1024)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
 def prepare_out_dir(path):
     """Create the output directory, prove it writable, and sweep away what a killed process
     left half-written: the .tmp-* of atomic writes, in the directory and in its exports
@@ -208,12 +221,14 @@ def restore(ckpt, model, out_dir, device, log, is_main=True):
     return ckpt["results"], ckpt["sft_answers"], sft_model, (None if ckpt.get("evaluated", True) else ckpt)
 
 
-def stage_state(stage, model_config, weights, optimizer_state, results, **extra):
-    """What a stage's checkpoint holds: weights and optimizer state (plain tensors, as
-    runtime.Runtime.state_dict gathers them), the results so far, and `extra` as it is (the
-    run's config, the SFT answers, the metrics log's size, ...)."""
+def stage_state(stage, model_config, weights, results, **extra):
+    """What a stage's checkpoint holds: the weights (plain tensors, as runtime.Runtime.state_dict
+    gathers them), the results so far, and `extra` as it is (the run's config, the SFT answers,
+    the metrics log's size, ...). No optimizer state: every stage starts a fresh optimizer, and
+    --resume trains an interrupted stage again from its start, so AdamW's two moments (twice
+    the weights' size) would never be read again."""
     return {"model": weights, "model_config": asdict(model_config), "stage": stage, "results": results,
-            "optimizer": optimizer_state, "rng": torch.get_rng_state(), **extra}
+            "rng": torch.get_rng_state(), **extra}
 
 
 def commit(out_dir, state, is_main=True):

@@ -136,6 +136,27 @@ def check_strings(rec, fields):
     return rec
 
 
+def read_prompts(path):
+    """[(where, record)] of a file of prompts: JSON Lines whose records hold a "prompt" (a string
+    or a conversation) when its first line is a JSON object; otherwise plain text, each line
+    that is not blank one prompt (sample.py --prompts)."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = f.read().split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read: {e}") from None
+    first = next((line for line in lines if line.strip()), None)
+    if first is None:
+        raise DataError(f"{path}: no prompts in it")
+    if not first.lstrip().startswith("{"):
+        return [(f"{path}:{i}", {"prompt": line}) for i, line in enumerate(lines, 1) if line.strip()]
+    def checked(rec):
+        if "prompt" not in rec:
+            raise ValueError("missing field 'prompt'")
+        return chat.user_turn(rec["prompt"], "prompt") and rec
+    return [(where, converted(where, rec, checked)) for where, rec in read_jsonl(path)]
+
+
 def load_jsonl(path, fields=("prompt",), convert=None):
     """The records of a JSON Lines file, each with the string `fields` (check_strings):
     ("prompt", "completion") for SFT, ("prompt", "chosen", "rejected") for preferences,

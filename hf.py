@@ -12,16 +12,21 @@ unsupported family or option, a missing or mis-shaped tensor, a missing file.
 Our parameter names are GPT-2's for every family (see model.py); `hf_names` below is the
 one table that maps them onto a family's Hugging Face names, read in one direction to load
 and in the other to export. Files are written atomically (checkpoint.atomic_write).
+`load_model` at the end reads a stage checkpoint or a directory with its tokenizer, ready to
+answer prompts as the model was trained to see them (sample.py, tools/evaluate.py).
 """
 
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 
-from checkpoint import atomic_write, atomic_write_path, load_checkpoint, model_from_checkpoint, stage_path
+from chat import check_answerable, load_template, user_turn
+from checkpoint import (atomic_write, atomic_write_path, check_checkpoint_path, load_checkpoint, model_from_checkpoint,
+                        stage_path)
 from model import GPT, GPTConfig
-from tokenizer import Fields, read_json
+from tokenizer import Fields, get_tokenizer, read_json
 
 LLAMA_FAMILY = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -352,3 +357,85 @@ def check_stages(which, stages):
         raise ValueError(f"--export {which}: {', '.join(unknown)} is no stage of this run "
                          f"({', '.join(stages)}; or 'last', 'all')")
     return [s for s in stages if s in names]
+
+
+# ---- a model to answer prompts: a stage checkpoint or a directory ---------------------------
+
+@dataclass
+class Loaded:
+    """A model ready to answer: its weights, its tokenizer, and how a user's text becomes its
+    prompt. conversational: the text is one user turn in the chat template (a chat model, or
+    a run on conversations); otherwise prompt_template, "{prompt}" standing for the text (a
+    run's stored template, e.g. "sort: {prompt}\n"). ckpt: the stage checkpoint's dict."""
+    model: GPT
+    tok: object
+    template: object  # chat.ChatTemplate, or None
+    conversational: bool = False
+    prompt_template: str = "{prompt}"
+    ckpt: dict = None
+
+    def prompt(self, x):
+        """A user's text, or a conversation (a list of messages), written as the model saw its
+        prompts in training."""
+        if not (self.conversational or isinstance(x, list)):
+            return self.prompt_template.replace("{prompt}", x)
+        if self.template is None:
+            raise ValueError("a conversation needs a chat template, and this model has none")
+        return self.template.prompt(check_answerable(user_turn(x, "prompt")))
+
+
+    def encode(self, x):
+        """prompt(x) in token ids; a ValueError when they leave no room in the model's context."""
+        ids, block = self.tok.encode_prompt(self.prompt(x)), self.model.config.block_size
+        if len(ids) >= block:
+            raise ValueError(f"the prompt's {len(ids)} tokens leave no room in the model's context of {block}")
+        return ids
+
+
+def check_model_path(path):
+    """A one-line FileNotFoundError unless `path` is a stage checkpoint file or a Hugging Face
+    model directory (config.json)."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return
+    if os.path.isdir(path) and not any(f.endswith(".pt") for f in os.listdir(path)):
+        raise FileNotFoundError(f"{path} is a directory holding neither a Hugging Face model (config.json) nor "
+                                "checkpoints")
+    check_checkpoint_path(path)  # one naming the directory's checkpoints, or a missing file
+
+
+def load_model(path, device="cpu"):
+    """A stage checkpoint (.pt) or a Hugging Face directory as a Loaded model on `device`."""
+    check_model_path(path)
+    if os.path.isdir(path):
+        tok = get_tokenizer(path, verbose=False)  # one line when the directory has no tokenizer files
+        model, template, ckpt = load_pretrained(path), load_template(tok), None
+        conversational, prompt_template = template is not None, "{prompt}"
+    else:
+        ckpt = load_checkpoint(path)
+        model, tok = model_from_checkpoint(ckpt, path), checkpoint_tokenizer(ckpt, path)
+        template, conversational = load_template(tok), bool(ckpt.get("conversational"))
+        prompt_template = ckpt.get("prompt_template", "{prompt}")
+        if conversational and template is None:
+            raise ValueError(f"{path} was trained on conversations, but {tok.source} has no chat template")
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{path}: its tokenizer has {tok.vocab_size} ids, the model only {model.config.vocab_size}")
+    try:
+        model = model.to(device).eval()
+    except (AssertionError, RuntimeError) as e:  # e.g. cuda on a PyTorch built without it
+        raise ValueError(f"device {device}: {str(e).splitlines()[0]}") from None
+    return Loaded(model, tok, template, conversational, prompt_template, ckpt)
+
+
+def checkpoint_tokenizer(ckpt, path):
+    """The tokenizer a checkpoint was trained with: its name and the directory it came from
+    are stored in it. Another tokenizer would turn the prompt into ids the model never saw,
+    and nothing would say so: a mismatch is an error."""
+    saved = ckpt.get("tokenizer") or {}  # absent (a hand-made checkpoint): the default tokenizer
+    name, source = (saved, None) if isinstance(saved, str) else (saved.get("name"), saved.get("source"))
+    if source is not None and not os.path.isdir(source):
+        raise ValueError(f"checkpoint {path} was trained with the tokenizer in {source}, which is not there")
+    tok = get_tokenizer(source, verbose=False)
+    if (name is not None and tok.name != name) or tok.vocab_size > ckpt["model_config"]["vocab_size"]:
+        raise ValueError(f"checkpoint {path} was trained with tokenizer {name!r} "
+                         f"({source or 'built in, or tiktoken cache'}), but this machine gives {tok.name!r}")
+    return tok

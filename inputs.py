@@ -271,10 +271,17 @@ def first_screen(cfg, tok, task_data, model, rt):
         f"tokenizer  {tok.name}, {tok.vocab_size} ids" + (f" ({tok.source})" if tok.source else ""),
         f"data       {source}",
         f"           {len(task_data.sft)} SFT demonstrations, {len(task_data.chunks)} chunks of "
-        f"{len(task_data.chunks[0])} preference pairs, {len(task_data.eval)} evaluation prompts",
+        f"{chunk_sizes(task_data.chunks)} preference pairs, {len(task_data.eval)} evaluation prompts",
         f"stages     {' -> '.join(stages)}",
         f"           each evaluated and saved in {cfg.out_dir}",
         f"settings   {changed + ', the rest' if changed else 'the rest'} at their defaults (python train.py --help)"])
+
+
+def chunk_sizes(chunks):
+    """How many pairs the chunks hold: "64", or their range and each one's, "38-46 (39, 38, 46)"."""
+    sizes = [len(c) for c in chunks]
+    lo, hi = min(sizes), max(sizes)
+    return f"{lo}" if lo == hi else f"{lo}-{hi} ({', '.join(map(str, sizes))})"
 
 
 def changed_settings(cfg, leave_out=()):

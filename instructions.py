@@ -258,8 +258,8 @@ class Constraint(NamedTuple):
 # 4. Prompts, written and read back
 
 class Request(NamedTuple):
-    kind: str          # of writing, e.g. "a short poem"
-    topic: str         # e.g. "the ocean"
+    kind: str          # of writing, e.g. "a short poem" (None: a user's prompt that names none)
+    topic: str         # e.g. "the ocean" (None: likewise)
     constraints: list  # of Constraint, in the order the prompt states them
 
 
@@ -274,19 +274,24 @@ def _pattern(sentence):
 
 
 PATTERNS = {name: _pattern(t.sentence) for name, t in CONSTRAINTS.items()}
-REQUEST = re.compile(rf"Write ({'|'.join(map(re.escape, KINDS))}) about ([^.\n]+)\.")
+REQUEST = re.compile(r"Write ([^.\n]+?) about ([^.\n]+)\.")  # a task prompt's kind is one of KINDS; a user's, any
 
 
 def parse_prompt(prompt):
-    """The Request of a task prompt, found by searching its text, so that a prompt rendered with
-    a chat template reads as the plain one; ValueError if it holds no request or no constraint."""
+    """The Request of a prompt, found by searching its text, so that a prompt rendered with a
+    chat template reads as the plain one. A user's own prompt is read as far as it goes: the
+    constraints it states in CONSTRAINTS' sentences, and its topic when it asks "Write ... about
+    TOPIC." (without one, kind and topic are None). ValueError, in one line, if it states no
+    constraint that the judge can check."""
     text = prompt.messages[-1]["content"] if getattr(prompt, "messages", None) else prompt
     request = REQUEST.search(text)
     found = sorted((m.start(), name, tuple(int(a) if a.isdigit() else a for a in m.groups()))
                    for name, pattern in PATTERNS.items() for m in pattern.finditer(text))
-    if request is None or not found:
-        raise ValueError(f"not an instructions prompt: {text[:80]!r}")
-    return Request(request.group(1), request.group(2), [Constraint(name, args) for _, name, args in found])
+    if not found:
+        raise ValueError(f"the prompt {text[:60]!r} states no constraint this judge can check (it reads the "
+                         "sentences of instructions.CONSTRAINTS, e.g. \"Answer in at most 30 words.\")")
+    kind, topic = request.groups() if request else (None, None)
+    return Request(kind, topic, [Constraint(name, args) for _, name, args in found])
 
 
 # -----------------------------------------------------------------------------
@@ -340,7 +345,10 @@ def restates(request, answer):
 
 
 def off_topic(request, answer):
-    """None of its words mentions a word of the topic (topic_words, `mentions`)."""
+    """None of its words mentions a word of the topic (topic_words, `mentions`), when the
+    prompt names one."""
+    if request.topic is None:
+        return False
     topic = topic_words(request.topic)
     return not any(mentions(w, t) for w in lowered(answer) for t in topic)
 
@@ -366,10 +374,11 @@ MIN_WORDS = {"a short poem": 10, "a song": 15, "a product description": 15, "an 
 
 
 def min_words(request):
-    """MIN_WORDS of the request's kind, lowered to half of the prompt's own word cap if it
-    has one, so that every prompt can be met: "at most 20 words" asks for 10 to 20."""
+    """MIN_WORDS of the request's kind (none for a kind a user's prompt names that the task
+    does not), lowered to half of the prompt's own word cap if it has one, so that every
+    prompt can be met: "at most 20 words" asks for 10 to 20."""
     caps = [c.args[0] // 2 for c in request.constraints if c.name == "at_most_words"]
-    return min([MIN_WORDS[request.kind]] + caps)
+    return min([MIN_WORDS.get(request.kind, 0)] + caps)
 
 
 def stub(request, answer):

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import stage_path
+from checkpoint import disk_usage, human_size, stage_path
 from data import JudgeError, collate, collate_shared, judge_block, write_error
-from sample import compile_seconds, generate
+from sample import DefaultsHelp, compile_seconds, generate
 from model import check_device, mps_available
 from selm import reference_logps
 
@@ -78,10 +78,17 @@ class Ranks:
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
-    def map_blocks(self, fn, items, block):
-        """[fn(start, items[start:start + block]) for each block], concatenated in order."""
-        starts = range(0, len(items), block)
-        mine = [(s, fn(s, items[s:s + block])) for s in starts[self.rank::self.world]]
+    def map_blocks(self, fn, items, block, progress=None):
+        """[fn(start, items[start:start + block]) for each block], concatenated in order.
+        progress(n): told of n more items done after each of this rank's blocks, counting the
+        other ranks' blocks of the same round as done too (exact in one process)."""
+        starts, mine, done = range(0, len(items), block), [], 0
+        for s in starts[self.rank::self.world]:
+            mine.append((s, fn(s, items[s:s + block])))
+            if progress is not None:
+                now = min(len(items), s - self.rank * block + self.world * block)  # the end of this round
+                progress(now - done)
+                done = now
         if self.world > 1:
             parts = [None] * self.world
             dist.all_gather_object(parts, mine)
@@ -229,16 +236,13 @@ class Runtime:
         plain.load_state_dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))
         return plain.train(model.training)
 
-    def state_dict(self, model, optimizer=None):
-        """(weights, optimizer state) as plain tensors on the CPU for a checkpoint: under FSDP
-        gathered to rank 0 (every rank must call this; the others get empty dicts)."""
+    def state_dict(self, model):
+        """The weights as plain tensors on the CPU, for a checkpoint: under FSDP gathered to
+        rank 0 (every rank must call this; the others get an empty dict)."""
         if not self.fsdp:
-            return model.state_dict(), None if optimizer is None else optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return (get_model_state_dict(model, options=full),
-                None if optimizer is None else get_optimizer_state_dict(model, optimizer, options=full))
+            return model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def accumulate(self, train_model, sync):
         """Around one micro-batch's backward: all-reduce (DDP) or reduce-scatter (FSDP) the
@@ -261,12 +265,22 @@ class Runtime:
 
     # -- work cut into blocks and shared out over the ranks (Ranks.map_blocks) --
 
-    def sample(self, model, prompt_ids, block, seed=0, **kw):
+    def blocks(self, fn, items, block, progress=None):
+        """Ranks.map_blocks with a progress bar: progress is a description (a bar of its own for
+        this call), a bar to advance (one phase of several calls, see `bar`), or None."""
+        bar = self.bar(None, progress, total=len(items)) if isinstance(progress, str) else progress
+        try:
+            return self.ranks.map_blocks(fn, items, block, None if bar is None else bar.update)
+        finally:
+            if isinstance(progress, str):
+                bar.close()
+
+    def sample(self, model, prompt_ids, block, seed=0, progress=None, **kw):
         """sample.generate's responses to every prompt, in blocks of `block` prompts; the
         seed of a block depends only on its position. kw: generate's keyword arguments. The
         seconds spent compiling decode steps on the way add up in self.compile_seconds."""
         compiled = compile_seconds(model)
-        out = self.ranks.map_blocks(lambda start, b: generate(model, b, seed=seed + start, **kw)[0], prompt_ids, block)
+        out = self.blocks(lambda start, b: generate(model, b, seed=seed + start, **kw)[0], prompt_ids, block, progress)
         self.compile_seconds += compile_seconds(model) - compiled
         return out
 
@@ -275,16 +289,16 @@ class Runtime:
         (reported apart, as t_compile): a lap that sampled reports its net sampling time."""
         return Clock(lambda: self.compile_seconds)
 
-    def logps(self, model, rows, pad_id, block):
+    def logps(self, model, rows, pad_id, block, progress=None):
         """Summed response log-probs of (prompt_ids, response_ids) rows under `model`, without
         grad in eval mode (selm.reference_logps): (N,) fp32 on the CPU."""
         def score(_, rows):
             batches = (collate(rows[i:i + block], pad_id) for i in range(0, len(rows), block))
             with self.autocast():
                 return reference_logps(model, batches).float().cpu().tolist()
-        return torch.tensor(self.ranks.map_blocks(score, rows, block), dtype=torch.float32)
+        return torch.tensor(self.blocks(score, rows, block, progress), dtype=torch.float32)
 
-    def example_logps(self, model, examples, pad_id, block):
+    def example_logps(self, model, examples, pad_id, block, progress=None):
         """Summed log-probs of every response of data.Examples under `model`, each prompt run
         once (data.collate_shared), without grad in eval mode: (n_parts, N) fp32 on the CPU,
         rows chosen, rejected, then each y_ref."""
@@ -294,15 +308,18 @@ class Runtime:
             batches = (collate_shared(exs[i:i + block], pad_id) for i in range(0, len(exs), block))
             with self.autocast():
                 return reference_logps(model, batches, n_parts).float().cpu().T.tolist()  # per example
-        return torch.tensor(self.ranks.map_blocks(score, examples, block), dtype=torch.float32).T
+        return torch.tensor(self.blocks(score, examples, block, progress), dtype=torch.float32).T
 
-    def judge(self, judge, prompts, candidates, block):
+    def judge(self, judge, prompts, candidates, block, progress=None):
         """The judge's checked scores of every (prompt, candidate list) (data.judge_block: a
         reward model scores a whole block in batches)."""
-        return self.ranks.map_blocks(lambda _, items: judge_block(judge, items), list(zip(prompts, candidates)), block)
+        return self.blocks(lambda _, items: judge_block(judge, items), list(zip(prompts, candidates)), block, progress)
 
-    def bar(self, iterable, desc):
-        return tqdm(iterable, desc=desc, leave=False, mininterval=1.0, disable=not self.ranks.main)
+    def bar(self, iterable, desc, total=None):
+        """A progress bar on stderr, rank 0's only, with a count and an ETA; it shows once its
+        phase has run for 2 s, and leaves no line behind."""
+        return tqdm(iterable, desc=desc, total=total, leave=False, mininterval=1.0, delay=2.0,
+                    disable=not self.ranks.main)
 
     def say(self, *args):
         if self.ranks.main:
@@ -338,6 +355,20 @@ def judge_failure(stage, out_dir, saved):
 
 # ---- timing and reporting -------------------------------------------------------------------
 
+class Running:
+    """What the training bar shows: each figure's exponential moving average over every step
+    (the latest step weighs `1 - decay`), debiased so that the first steps count in full."""
+
+    def __init__(self, decay=0.9):
+        self.decay, self.steps, self.sums = decay, 0, {}
+
+    def update(self, **figures):
+        self.steps += 1
+        for k, v in figures.items():
+            self.sums[k] = self.decay * self.sums.get(k, 0.0) + (1 - self.decay) * v
+        return {k: f"{v / (1 - self.decay ** self.steps):.3f}" for k, v in self.sums.items()}
+
+
 class Clock:
     """Seconds between successive laps, by name. compiling() is a running total of seconds
     spent compiling (Runtime.clock: the sampler's decode steps): what of it falls in a lap is
@@ -372,13 +403,17 @@ def summary_line(stage, seconds, row, info):
 
 
 def last_screen(out_dir, stages, exported, prompt):
-    """The closing lines of a run: where everything went, and the sample.py command that tries
-    the last stage on `prompt` (shell-quoted)."""
+    """The closing lines of a run: where everything went and how much disk it takes, the command
+    that draws its curves, and the sample.py command that tries the last stage on `prompt`
+    (shell-quoted)."""
+    q, curves = shlex.quote, os.path.join(out_dir, "curves.png")
     return "\n".join([f"results     {os.path.join(out_dir, 'results.json')} (each stage's evaluation), "
                       f"{os.path.join(out_dir, 'metrics.jsonl')} (every logged step)",
                       f"checkpoints {', '.join(os.path.basename(stage_path(out_dir, s)) for s in stages)} in {out_dir}",
                       *([f"exported    {', '.join(exported)} (Hugging Face directories)"] if exported else []),
-                      f"try it      python sample.py --ckpt {shlex.quote(stage_path(out_dir, stages[-1]))} "
+                      f"disk        {human_size(disk_usage(out_dir))} in {out_dir}",
+                      f"curves      python -m experiments.plots {q(out_dir)}  (draws {q(curves)})",
+                      f"try it      python sample.py --ckpt {q(stage_path(out_dir, stages[-1]))} "
                       f"--prompt {prompt} --temperature 0"])
 
 
@@ -410,15 +445,6 @@ def optimizer_step(model, opt, grad_clip, stage, step):
 
 
 # ---- a command line from a configuration dataclass -------------------------------------------
-
-class DefaultsHelp(argparse.HelpFormatter):
-    """A flag's help ends with its default, unless there is none to tell (None, "", a switch's
-    False, --help's) or the help tells it itself ("(default: per preset)")."""
-
-    def _get_help_string(self, action):
-        told = action.default in (None, "", argparse.SUPPRESS) or action.default is False or "(default" in action.help
-        return action.help if told else f"{action.help} (default: %(default)s)"
-
 
 def parse_config(cls, argv=None, description=None):
     """One flag per field of the dataclass `cls` (--snake-case), its help the field's

@@ -20,6 +20,8 @@ a response for every prompt of its chunk. So the sampler is written for speed:
 """
 
 import argparse
+import itertools
+import json
 import math
 import os
 import sys
@@ -29,7 +31,6 @@ import weakref
 
 import torch
 
-from checkpoint import check_checkpoint_path, load_checkpoint, model_from_checkpoint
 from model import KVCache, check_device, positions_from_mask
 
 
@@ -323,32 +324,64 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+# ---- the command line: a stage checkpoint or a Hugging Face directory, answering ------------
+
+class DefaultsHelp(argparse.HelpFormatter):
+    """A flag's help ends with its default, unless there is none to tell (None, "", a switch's
+    False, --help's) or the help tells it itself ("(default: per preset)")."""
+
+    def _get_help_string(self, action):
+        told = action.default in (None, "", argparse.SUPPRESS) or action.default is False or "(default" in action.help
+        return action.help if told else f"{action.help} (default: %(default)s)"
+
+
 def parser():
-    ap = argparse.ArgumentParser(description="Sample from a selm checkpoint.")
-    ap.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
-    ap.add_argument("--prompt", required=True, help="prompt text; the checkpoint's prompt template wraps it (built-in task: the letters to sort)")
-    ap.add_argument("--num-samples", type=int, default=1, help="responses to draw")
+    ap = argparse.ArgumentParser(prog="sample.py", formatter_class=DefaultsHelp, description=(
+        "Answer prompts with a stage checkpoint or a Hugging Face model directory, loaded once: one --prompt, "
+        "a --prompts file, or a --chat. Answers print as plain text; a file's as JSON Lines."))
+    ap.add_argument("--ckpt", required=True, help="a checkpoint train.py wrote, or a Hugging Face model directory")
+    ap.add_argument("--prompt", help="one prompt, written as the model saw its prompts (chat or prompt template)")
+    ap.add_argument("--prompts", help="a file: JSON Lines with a 'prompt' (text or conversation), or a prompt a line")
+    ap.add_argument("--chat", action="store_true", help="a conversation, a turn a line of stdin, until an empty line "
+                                                        "or /exit")
+    ap.add_argument("--compare", help="a second checkpoint or directory: its answers follow the first's, labelled")
+    ap.add_argument("--out", help="with --prompts: write the JSON Lines here (atomically), not to stdout")
+    ap.add_argument("--num-samples", type=int, default=1, help="answers per prompt")
     ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    ap.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
-    ap.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
-    ap.add_argument("--max-new-tokens", type=int, default=64, help="response length cap")
+    ap.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: all)")
+    ap.add_argument("--top-p", type=float, default=None, help="keep the likeliest tokens up to this mass "
+                                                              "(default: all)")
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="answer length cap")
+    ap.add_argument("--batch-size", type=int, default=16, help="answers per call of the sampler (--prompts)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, mps")
     return ap
 
 
 def check_args(args):
-    """Every flag checked, in one line naming it, before the checkpoint is read."""
-    try:
-        check_checkpoint_path(args.ckpt)
-    except FileNotFoundError as e:
-        raise ValueError(f"--ckpt: {e}") from None
-    if not args.prompt:
-        raise ValueError("--prompt is empty")
-    if args.num_samples < 1:
-        raise ValueError(f"--num-samples must be at least 1, got {args.num_samples}")
-    if not 0 <= args.seed < 2 ** 32:
-        raise ValueError(f"--seed must be an integer in [0, 2**32), got {args.seed}")
+    """Every flag checked, in one line naming it, before a model is read."""
+    from hf import check_model_path
+    for name in ("ckpt", "compare", "prompt", "prompts", "out"):
+        if getattr(args, name) == "":
+            raise ValueError(f"--{name} is empty")
+        try:
+            name in ("ckpt", "compare") and getattr(args, name) is not None and check_model_path(getattr(args, name))
+        except FileNotFoundError as e:
+            raise ValueError(f"--{name}: {e}") from None
+    problems = {f"--prompts {args.prompts}: no such file": args.prompts and not os.path.isfile(args.prompts),
+                         f"--out {args.out}: is a directory, or in none": args.out and (
+                             os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(args.out) or ".")),
+                         "give one of --prompt, --prompts or --chat":
+                             [args.prompt is not None, args.prompts is not None, args.chat].count(True) != 1,
+                         "--out writes the answers to --prompts; give --prompts": args.out and not args.prompts,
+                         "--compare answers --prompt or --prompts, not --chat": args.compare and args.chat,
+                         f"--num-samples must be at least 1, got {args.num_samples}": args.num_samples < 1,
+                         "--chat gives one answer a turn: leave out --num-samples": args.chat and args.num_samples > 1,
+                         f"--batch-size must be at least 1, got {args.batch_size}": args.batch_size < 1,
+                         f"--seed must be an integer in [0, 2**32), got {args.seed}": not 0 <= args.seed < 2**32}
+    for problem, bad in problems.items():
+        if bad:
+            raise ValueError(problem)
     try:
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     except ValueError as e:
@@ -360,52 +393,79 @@ def main(argv=None):
     args = parser().parse_args(argv)
     try:
         check_args(args)
-        ckpt = load_checkpoint(args.ckpt)
-        try:
-            model = model_from_checkpoint(ckpt, args.ckpt).to(args.device)
-        except (AssertionError, RuntimeError) as e:  # e.g. cuda on a PyTorch built without it
-            raise ValueError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
-        tok = checkpoint_tokenizer(ckpt, args.ckpt)
-        ids = tok.encode_prompt(prompt_as_trained(ckpt, tok, args.prompt))
-        responses, finished = generate(model, [ids] * args.num_samples, args.max_new_tokens,
-                                       args.temperature, args.top_k, args.top_p,
-                                       eos_id=tok.eos_ids, seed=args.seed, pad_id=tok.pad_id)
-    except (ValueError, FileNotFoundError) as e:
+        from data import converted, read_prompts, write_jsonl_atomic  # the command line borrows these:
+        from hf import load_model                                     # the sampler above needs no files
+        models = [(path, load_model(path, args.device)) for path in filter(None, (args.ckpt, args.compare))]
+        if args.chat:
+            return converse(models[0][1], args, sys.stdin)
+        records = read_prompts(args.prompts) if args.prompts else [("--prompt", {"prompt": args.prompt})]
+        def encoded(m):  # each prompt as this model saw its prompts; one line naming a bad one
+            return [converted(where, rec, lambda r: m.encode(r["prompt"])) for where, rec in records]
+        answers = [(path, answer(m, encoded(m), args, args.seed, show_bar=args.prompts is not None))
+                   for path, m in models]
+        if args.prompts:  # per prompt, each model's answers
+            out = [{**rec, "model": path, "answer": text, "finished": done} for i, (_, rec) in enumerate(records)
+                   for path, per_prompt in answers for text, done in per_prompt[i]]
+            if args.out:
+                return write_jsonl_atomic(args.out, out)
+            return print("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out), end="")
+    except (ValueError, OSError) as e:  # DataError and WriteError included
         sys.exit(f"sample.py: error: {e}")
-    for r, f in zip(responses, finished):
-        text = tok.decode([t for t in r if t not in tok.eos_ids])
-        print(repr(text) + ("" if f else "  [no EOS: cut at --max-new-tokens]"))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    for path, (per_prompt,) in answers:
+        for k, (text, done) in enumerate(per_prompt):
+            if len(models) * args.num_samples > 1:  # more than one answer: each labelled
+                print(f"[{path}" + (f", sample {k + 1}]" if args.num_samples > 1 else "]"))
+            show(text, done, args)
 
 
-def prompt_as_trained(ckpt, tok, text):
-    """The prompt written as train.py wrote its prompts: in a run on conversations, one user
-    turn rendered with the chat template (the assistant's header ends it); otherwise through
-    the stored template, e.g. "sort: {prompt}\n", or as it is."""
-    if ckpt.get("conversational"):
-        from chat import load_template  # the command line borrows it, as it does the tokenizer
-        template = load_template(tok)
-        if template is None:
-            raise ValueError(f"the checkpoint was trained on conversations, but {tok.source} has no chat template")
-        return template.prompt([{"role": "user", "content": text}])
-    return ckpt.get("prompt_template", "{prompt}").replace("{prompt}", text)
+def show(text, done, args):
+    """An answer as plain text on stdout; a note on stderr when --max-new-tokens cut it."""
+    print(text, flush=True)
+    if not done:
+        print(f"[no EOS: cut at --max-new-tokens {args.max_new_tokens}]", file=sys.stderr, flush=True)
 
 
-def checkpoint_tokenizer(ckpt, path):
-    """The tokenizer a checkpoint was trained with: its name and the directory it came from
-    are stored in it. Another tokenizer would turn the prompt into ids the model never saw,
-    and nothing would say so: a mismatch is an error."""
-    # The tokenizer is tokenizer.py's business; the command line borrows it, the sampler
-    # above does not need it.
-    from tokenizer import get_tokenizer
-    saved = ckpt.get("tokenizer") or {}  # absent (a hand-made checkpoint): the default tokenizer
-    name, source = (saved, None) if isinstance(saved, str) else (saved.get("name"), saved.get("source"))
-    if source is not None and not os.path.isdir(source):
-        raise ValueError(f"checkpoint {path} was trained with the tokenizer in {source}, which is not there")
-    tok = get_tokenizer(source, verbose=False)
-    if (name is not None and tok.name != name) or tok.vocab_size > ckpt["model_config"]["vocab_size"]:
-        raise ValueError(f"checkpoint {path} was trained with tokenizer {name!r} "
-                         f"({source or 'built in, or tiktoken cache'}), but this machine gives {tok.name!r}")
-    return tok
+def answer(m, prompts, args, seed, show_bar=False):
+    """A loaded model's (hf.load_model) answers to prompts in token ids, in batches of
+    --batch-size: per prompt, --num-samples (text, whether it ended with EOS)."""
+    from tqdm import tqdm
+    rows, n, out = [p for p in prompts for _ in range(args.num_samples)], args.num_samples, []
+    with tqdm(total=len(rows), desc="answers", leave=False, delay=2, disable=not show_bar) as bar:
+        for start in range(0, len(rows), args.batch_size):
+            responses, finished = generate(m.model, rows[start:start + args.batch_size], args.max_new_tokens,
+                                           args.temperature, args.top_k, args.top_p, eos_id=m.tok.eos_ids,
+                                           seed=seed + start, pad_id=m.tok.pad_id)
+            out += [(m.tok.decode([t for t in r if t not in m.tok.eos_ids]), f) for r, f in zip(responses, finished)]
+            bar.update(len(responses))
+    return [out[i:i + n] for i in range(0, len(out), n)]
+
+
+def converse(m, args, stdin):
+    """--chat: a conversation with a loaded model (chat.Conversation), a turn per line of stdin.
+    A model without a chat template answers each line as a prompt of its own."""
+    from chat import Conversation
+    say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731 -- stdout holds the answers only
+    fits = lambda p: len(m.tok.encode_prompt(p)) < m.model.config.block_size  # noqa: E731
+    chat = m.conversational and Conversation(m.template, fits)
+    if not chat:
+        say(f"({args.ckpt} has no chat template: each line is a prompt of its own)")
+    for turn in itertools.count():
+        print("> " if stdin.isatty() else "", end="", file=sys.stderr, flush=True)
+        line, forgotten = stdin.readline().rstrip("\n"), chat and chat.forgotten
+        if not line.strip() or line.strip() == "/exit":
+            return
+        prompt = chat.ask(line) if chat else m.prompt(line)
+        if chat and chat.forgotten > forgotten:
+            say("(the conversation outgrew the model's context: its oldest exchanges are forgotten)")
+        if prompt is None or not fits(prompt):
+            say(f"sample.py: that turn does not fit the model's context of {m.model.config.block_size} tokens")
+            continue
+        ((reply, done),), = answer(m, [m.tok.encode_prompt(prompt)], args, args.seed + turn)
+        show(reply, done, args)
+        chat and chat.answered(reply)
+
 
 if __name__ == "__main__":
     main()

@@ -25,7 +25,7 @@ from checkpoint import commit, open_run, restore, stage_names, stage_state, weig
 from data import Example
 from hf import export_stages
 from inputs import build_model, check_config, example_prompt, first_screen, tokenizer_and_data
-from runtime import (check_finite, judge_failure, last_screen, lr_at, optimizer_step, parse_config, setup,
+from runtime import (Running, check_finite, judge_failure, last_screen, lr_at, optimizer_step, parse_config, setup,
                      summary_line)
 from selm import (candidates_of, dpo_loss, pairs_from_scores, preference_metrics, relabel_counts,
                   selm_loss, shared_logps, split_logps, win)
@@ -144,15 +144,17 @@ def instruction_pairs(rt, cfg, tok, model, task_data):
     (instructions.cached_pairs), where a resumed run, or one started from this run's stage,
     finds them. Returns task_data with its chunks of prompts turned into chunks of pairs."""
     template = chat.load_template(tok)
+    bar = rt.bar(None, "offline pairs: answers", cfg.pair_samples * sum(map(len, task_data.chunks)))
 
     def sample(prompts, k, seed):  # k answers per prompt, as text without the EOS
         ids = [tok.encode_prompt(template.prompt([{"role": "user", "content": p}])) for p in prompts]
-        runs = [sample_responses(rt, cfg, tok, model, ids, 1.0, seed_for(seed, "pairs", k=j)) for j in range(k)]
+        runs = [sample_responses(rt, cfg, tok, model, ids, 1.0, seed_for(seed, "pairs", k=j), bar) for j in range(k)]
         return [[tok.decode([t for t in r if t not in tok.eos_ids]) for r in answers] for answers in zip(*runs)]
     settings = {"model": weights_digest(model), "max_new_tokens": cfg.max_new_tokens, "temperature": 1.0}
     elsewhere = [os.path.dirname(os.path.abspath(cfg.start_from))] if cfg.start_from else []
     pairs = instructions.cached_pairs(cfg.out_dir, task_data.chunks, sample, cfg.pair_samples, cfg.task_seed,
                                       settings, write=rt.ranks.main, elsewhere=elsewhere)
+    bar.close()
     rt.ranks.barrier()
     empty = [i for i, chunk in enumerate(pairs) if not chunk]
     if empty:
@@ -176,7 +178,7 @@ def train_sft(rt, cfg, tok, model, examples):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.1, betas=(0.9, 0.95))
     model.train()
     g = torch.Generator().manual_seed(seed_for(cfg.seed, "sft_batches"))
-    bar = rt.bar(range(cfg.sft_steps), "sft")
+    bar, running = rt.bar(range(cfg.sft_steps), "sft"), Running()
     for step in bar:
         batch = [examples[i] for i in torch.randint(len(examples), (cfg.sft_batch_size,), generator=g).tolist()]
         n_tokens = sum(len(response) for _, response in batch)
@@ -191,20 +193,21 @@ def train_sft(rt, cfg, tok, model, examples):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer_step(model, optimizer, cfg.grad_clip, "sft", step)
+        total = sum(rt.ranks.gather([loss.item() / W]))
+        bar.set_postfix(running.update(loss=total), refresh=False)  # every step; the log every log_every
         if step % cfg.log_every == 0 or step == cfg.sft_steps - 1:
-            total = sum(rt.ranks.gather([loss.item() / W]))
             rt.log.write({"stage": "sft", "step": step, "loss": total, "lr": optimizer.param_groups[0]["lr"]})
-            bar.set_postfix(loss=f"{total:.3f}")
     return optimizer
 
 
 # ---- what offline DPO and SELM share: reference log-probs, one epoch of the loss ----------
 
-def reference_logps_of(rt, cfg, tok, ref, examples):
+def reference_logps_of(rt, cfg, tok, ref, examples, stage):
     """log pi_ref of every response of the Examples: (chosen, rejected, *y_refs), each (N,) on
     the device. The reference is the policy before its first update, so no second model copy
     is kept: these numbers are all the training epoch needs of it."""
-    return rt.example_logps(ref, examples, tok.pad_id, cfg.micro_batch_size).to(rt.device).unbind(0)
+    return rt.example_logps(ref, examples, tok.pad_id, cfg.micro_batch_size,
+                            f"{stage}: reference log-probs").to(rt.device).unbind(0)
 
 
 # what a preference step logs of each example: preference_metrics' arguments, in this order
@@ -224,7 +227,7 @@ def preference_epoch(rt, cfg, tok, stage, policy, examples, ref_logps, lr, alpha
     # a batch too small to give every rank an example is dropped (only ever the last one)
     order = [b for b in data.batches(len(examples), cfg.batch_size, seed=seed) if len(b) >= W]
     policy.train()
-    bar = rt.bar(order, stage)
+    bar, running = rt.bar(order, stage), Running()
     for step, idx in enumerate(bar):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, len(order), lr, cfg.warmup)
@@ -254,11 +257,11 @@ def preference_epoch(rt, cfg, tok, stage, policy, examples, ref_logps, lr, alpha
                 loss.backward()
             stats.append(torch.stack([losses.detach(), chosen_r, rejected_r, pol_w.detach(), pol_l.detach(), optimism], 1))
         optimizer_step(policy, optimizer, cfg.grad_clip, stage, step)
-        if step % cfg.log_every == 0 or step == len(order) - 1:
-            columns = torch.tensor(rt.ranks.gather(torch.cat(stats).cpu().tolist())).T  # (len(STATS), batch)
-            row = preference_metrics(**dict(zip(STATS, columns)))
+        columns = torch.tensor(rt.ranks.gather(torch.cat(stats).cpu().tolist())).T  # (len(STATS), batch)
+        row = preference_metrics(**dict(zip(STATS, columns)))
+        bar.set_postfix(running.update(loss=row["loss"], acc=row["rewards/accuracies"]), refresh=False)
+        if step % cfg.log_every == 0 or step == len(order) - 1:  # the bar shows every step, the log every log_every
             rt.log.write({"stage": stage, "step": step, "lr": optimizer.param_groups[0]["lr"], **row})
-            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['rewards/accuracies']:.2f}")
     return optimizer
 
 
@@ -268,7 +271,7 @@ def offline_dpo(rt, cfg, tok, policy, chunk):
     """DPO on the chunk's fixed pairs; the reference is the policy as it enters (the SFT model)."""
     examples = [Example(tok.encode_prompt(e["prompt"]), *map(tok.encode_response, (e["chosen"], e["rejected"])))
                 for e in chunk]
-    ref_logps = reference_logps_of(rt, cfg, tok, rt.unsharded(policy), examples)
+    ref_logps = reference_logps_of(rt, cfg, tok, rt.unsharded(policy), examples, "dpo")
     return preference_epoch(rt, cfg, tok, "dpo", policy, examples, ref_logps, cfg.lr, 0.0, seed_for(cfg.seed, "batches", 1))
 
 
@@ -289,7 +292,7 @@ def selm_iteration(rt, cfg, tok, t, policy, chunk, judge):
     clock.lap("t_sample")
     # 3. the judge scores each prompt's candidates: the offline pair and n of pi_ref's answers
     candidates = [candidates_of(w, ys[:n], l, cfg.tie_order) for w, ys, l in zip(chosen, texts, rejected)]
-    scores = rt.judge(judge, prompts, candidates, cfg.gen_batch_size)
+    scores = rt.judge(judge, prompts, candidates, cfg.gen_batch_size, f"selm_{t}: judging")
     # 4. the best and the worst candidates become the pair; m of pi_ref's answers are the
     #    example's reference responses for the optimism term, whatever their rank
     pairs = pairs_from_scores(scores, [*map(tok.encode_response, chosen)], [*map(tok.encode_response, rejected)],
@@ -299,7 +302,7 @@ def selm_iteration(rt, cfg, tok, t, policy, chunk, judge):
     optimizer = None
     if examples:
         # 5. the reference log-probs of chosen, rejected and y_ref, once, from pi_{t-1}
-        ref_logps = reference_logps_of(rt, cfg, tok, ref, examples)
+        ref_logps = reference_logps_of(rt, cfg, tok, ref, examples, f"selm_{t}")
         clock.lap("t_ref_logps")
         # 6. one epoch of the SELM loss: the policy becomes pi_t
         optimizer = preference_epoch(rt, cfg, tok, f"selm_{t}", policy, examples, ref_logps,
@@ -327,14 +330,17 @@ def reference_answers(rt, cfg, tok, ref, prompt_ids, stage):
     with --y-ref greedy, the greedy answer and k - 1 samples at --temperature; sampled: k samples."""
     k, greedy = max(cfg.online_samples, cfg.optimism_samples), cfg.y_ref == "greedy"
     seeds = [seed_for(cfg.seed, "y_ref", stage, j) for j in range(k)]
-    first = sample_responses(rt, cfg, tok, ref, prompt_ids, 0.0 if greedy else cfg.temperature, seeds[0])
-    more = [sample_responses(rt, cfg, tok, ref, prompt_ids, cfg.temperature, seed) for seed in seeds[1:]]
+    first = sample_responses(rt, cfg, tok, ref, prompt_ids, 0.0 if greedy else cfg.temperature, seeds[0],
+                             f"selm_{stage - 1}: y_ref")
+    more = [sample_responses(rt, cfg, tok, ref, prompt_ids, cfg.temperature, seed, f"selm_{stage - 1}: more y_ref")
+            for seed in seeds[1:]]
     return [list(a) for a in zip(first, *more)]
 
 
-def sample_responses(rt, cfg, tok, model, prompt_ids, temperature=0.0, seed=0):
-    """Responses to every prompt (token lists, EOS included when emitted), sharded over ranks."""
-    return rt.sample(model, prompt_ids, cfg.gen_batch_size, seed=seed, max_new_tokens=cfg.max_new_tokens,
+def sample_responses(rt, cfg, tok, model, prompt_ids, temperature=0.0, seed=0, progress=None):
+    """Responses to every prompt (token lists, EOS included when emitted), sharded over ranks;
+    progress: runtime.Runtime.blocks'."""
+    return rt.sample(model, prompt_ids, cfg.gen_batch_size, seed, progress, max_new_tokens=cfg.max_new_tokens,
                      temperature=temperature, eos_id=tok.eos_ids, pad_id=tok.pad_id, compile=cfg.compile)
 
 
@@ -348,20 +354,23 @@ def evaluate(rt, cfg, tok, stage, model, sft_model, task_data, sft_answers):
     prompts = [e["prompt"] for e in task_data.eval]
     prompt_ids = [tok.encode_prompt(p) for p in prompts]
     model = rt.unsharded(model)
-    ids = [[t for t in r if t not in tok.eos_ids] for r in sample_responses(rt, cfg, tok, model, prompt_ids)]  # greedy
+    greedy = sample_responses(rt, cfg, tok, model, prompt_ids, progress=f"{stage} eval: answers")
+    ids = [[t for t in r if t not in tok.eos_ids] for r in greedy]
     answers = [tok.decode(r) for r in ids]
     sft_answers = answers if sft_answers is None else sft_answers
     has_ref = all(e["reference"] is not None for e in task_data.eval)
     candidates = [[a, s] + ([e["reference"]] if has_ref else []) for a, s, e in zip(answers, sft_answers, task_data.eval)]
-    scores = rt.judge(task_data.judge, prompts, candidates, cfg.gen_batch_size)
+    scores = rt.judge(task_data.judge, prompts, candidates, cfg.gen_batch_size, f"{stage} eval: judging")
     n = len(prompts)
     kl = 0.0  # at the SFT stage pi is pi_SFT: KL is 0 by definition, not estimated
     if stage != "sft" and cfg.kl_samples > 0:
         rows = []
         for k in range(cfg.kl_samples):
-            ys = sample_responses(rt, cfg, tok, model, prompt_ids, temperature=1.0, seed=seed_for(cfg.seed, "kl", k=k))
+            ys = sample_responses(rt, cfg, tok, model, prompt_ids, 1.0, seed_for(cfg.seed, "kl", k=k),
+                                  f"{stage} eval: KL samples")
             rows += [(p, y) for p, y in zip(prompt_ids, ys) if y]
-        lp, lq = (rt.logps(m, rows, tok.pad_id, 4 * cfg.micro_batch_size) for m in (model, sft_model))
+        lp, lq = (rt.logps(m, rows, tok.pad_id, 4 * cfg.micro_batch_size, f"{stage} eval: KL log-probs")
+                  for m in (model, sft_model))
         kl = (lp - lq).mean().item()
     row = {"stage": stage, "win_rate_vs_reference": sum(win(s[0], s[2]) for s in scores) / n if has_ref else None,
            "win_rate_vs_sft": sum(win(s[0], s[1]) for s in scores) / n, "reward": sum(s[0] for s in scores) / n,
@@ -404,8 +413,8 @@ def run(cfg):
         t0, info = time.time(), {}
         with judge_failure(stage, cfg.out_dir, saved=lambda: state is not None):
             if state is None:  # train the stage, and commit its weights before its evaluation
-                optimizer, info = train_stage(rt, cfg, tok, si, stage, model, task_data, sft_examples)
-                state = stage_state(stage, model.config, *rt.state_dict(model, optimizer), list(results), evaluated=False,
+                _, info = train_stage(rt, cfg, tok, si, stage, model, task_data, sft_examples)  # its optimizer: done
+                state = stage_state(stage, model.config, rt.state_dict(model), list(results), evaluated=False,
                                     stage_index=si, sft_answers=sft_answers, metrics_size=rt.log.size(),
                                     **about(cfg, tok, task_data))
                 commit(cfg.out_dir, state, rt.ranks.main)

@@ -1,14 +1,21 @@
 """
-plots.py -- the figures of the sweep, the study and the chat-model comparison, drawn when
-matplotlib is installed.
+plots.py -- a run's curves, and the figures of the sweep, the study and the chat-model
+comparison, drawn when matplotlib is installed.
+
+    python -m experiments.plots out        # out/curves.png: the run in out/, step by step
 
 matplotlib is optional: without it these functions draw nothing and say so once, and the
 tables (the results themselves) are written all the same.
 """
 
+import argparse
+import os
 import statistics
+import sys
 
 from checkpoint import atomic_write_path
+from runtime import check_or_exit, read_metrics
+from sample import DefaultsHelp
 
 
 def pyplot():
@@ -85,3 +92,93 @@ def arms_by_stage(per_stage, names, T, path):
     fig.tight_layout()
     atomic_write_path(path, lambda tmp: fig.savefig(tmp, dpi=100))  # the format: tmp's extension, path's
     plt.close(fig)
+
+
+# ---- one run's curves -----------------------------------------------------------------------
+
+STEP_FIGURES = ("loss", "rewards/margins", "rewards/accuracies")  # TRL's names, as metrics.jsonl logs them
+HELD_OUT = (("reward", "win_rate_vs_sft", "win_rate_vs_reference"), ("kl",),
+            ("prompt_accuracy", "instruction_accuracy"))
+
+
+def run_curves(run_dir, path):
+    """A run's figures from its metrics.jsonl, drawn to `path`: along the top, each logged step
+    of SFT (its cross-entropy) and of the preference stages (TRL's loss, rewards/margins and
+    rewards/accuracies), the stages one after another and marked; along the bottom, each
+    stage's held-out evaluation (reward and win rates; KL to the SFT model, in nats; and the
+    instruction task's IFEval accuracies). Returns `path`, or None without matplotlib."""
+    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    steps = [r for r in rows if "step" in r and "loss" in r]
+    evals = [r["eval"] for r in rows if "eval" in r]
+    if not steps and not evals:
+        raise ValueError(f"{run_dir}/metrics.jsonl holds no logged step and no evaluation yet")
+    plt = pyplot()
+    if plt is None:
+        return None
+    held_out = [keys for keys in HELD_OUT if any(r.get(k) is not None for r in evals for k in keys)]
+    n = max(1 + len(STEP_FIGURES), len(held_out))
+    fig, axes = plt.subplots(2, n, figsize=(4 * n, 7), squeeze=False)
+    sft = [r for r in steps if r["stage"] == "sft"]
+    pref = [r for r in steps if r["stage"] != "sft"]
+    for ax, key, part in [(axes[0][0], "loss", sft)] + [(ax, k, pref) for ax, k in zip(axes[0][1:], STEP_FIGURES)]:
+        x, offset, stage, starts = [], 0, None, []
+        for r in part:  # the stages one after another: each starts where the last one ended
+            if r["stage"] != stage:
+                offset, stage = (x[-1] + 1 if x else 0), r["stage"]
+                starts.append((offset, stage))
+            x.append(offset + r["step"])
+        ax.plot(x, [r[key] for r in part], lw=1)
+        for x0, name in starts:
+            ax.axvline(x0, color="gray", lw=0.5, ls="--")
+            ax.text(x0, 1, f" {name}", transform=ax.get_xaxis_transform(), va="top", fontsize=7, color="gray")
+        ax.set_title(f"sft: {key}" if part is sft else key)
+        ax.set_xlabel("step")
+        ax.set_visible(bool(part))  # no SFT steps: a run that kept the starting weights
+    names = [r["stage"] for r in evals]
+    for ax, keys in zip(axes[1], held_out):
+        for k in keys:
+            if any(r.get(k) is not None for r in evals):
+                ax.plot(names, [r.get(k) for r in evals], marker="o", label=k)
+        ax.set_title("held out: " + {"kl": "KL to the SFT model (nats)", "reward": "reward and win rates"}.get(
+            keys[0], "IFEval's accuracies"))
+        ax.legend(fontsize=7)
+    for ax in [*axes[0][1 + len(STEP_FIGURES):], *axes[1][len(held_out):]]:
+        ax.set_visible(False)
+    fig.suptitle(os.path.abspath(run_dir), fontsize=9)
+    fig.tight_layout()
+    atomic_write_path(path, lambda tmp: fig.savefig(tmp, dpi=100))  # the format: tmp's extension, path's
+    plt.close(fig)
+    return path
+
+
+def parser():
+    ap = argparse.ArgumentParser(prog="python -m experiments.plots", formatter_class=DefaultsHelp,
+                                 description="Draw a run's curves from its metrics.jsonl: each step's loss, "
+                                             "rewards/margins and rewards/accuracies, each stage's held-out figures.")
+    ap.add_argument("run_dir", help="the run's --out-dir")
+    ap.add_argument("--out", help="the PNG to write (default: RUN_DIR/curves.png)")
+    return ap
+
+
+def check_args(args):
+    if not os.path.isfile(os.path.join(args.run_dir, "metrics.jsonl")):
+        raise ValueError(f"RUN_DIR {args.run_dir!r} holds no metrics.jsonl: give a run's --out-dir")
+    if args.out is not None and (not args.out.endswith(".png") or not os.path.isdir(os.path.dirname(args.out) or ".")):
+        raise ValueError(f"--out {args.out!r}: give a .png file in a directory that exists")
+
+
+def main(argv=None):
+    ap = parser()
+    args = ap.parse_args(argv)
+    check_or_exit(ap, check_args, args)
+    path = args.out or os.path.join(args.run_dir, "curves.png")
+    try:
+        if run_curves(args.run_dir, path) is None:
+            sys.exit(1)  # pyplot() said why
+    except (ValueError, OSError) as e:
+        sys.exit(f"plots: error: {e}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

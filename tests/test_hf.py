@@ -12,9 +12,10 @@ import torch
 import hf
 from model import GPT, positions_from_mask, preset
 from sample import generate
+from conftest import extra
 
-transformers = pytest.importorskip("transformers", reason="these tests compare against transformers")
-pytest.importorskip("safetensors", reason="transformers saves model.safetensors")
+transformers = extra("transformers", "these tests compare against transformers")
+extra("safetensors", "transformers saves model.safetensors")
 
 V = 300
 TINY = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

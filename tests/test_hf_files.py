@@ -9,6 +9,7 @@ import pytest
 
 import hf
 import train
+from conftest import extra
 
 LLAMA = {"model_type": "llama", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
          "num_attention_heads": 4, "max_position_embeddings": 128}
@@ -79,7 +80,7 @@ def test_weights_index_fields(tmp_path, index, msg):
 def test_a_mis_shaped_tensor_of_a_fused_group_is_one_line(tmp_path, name, shape):
     """q, k, v (and gate, up) are stacked into one matrix on load: a wrong shape among them is
     named before torch.cat sees it."""
-    pytest.importorskip("safetensors", reason="the weights are model.safetensors: pip install -r requirements-dev.txt")
+    extra("safetensors", "the weights are model.safetensors")
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -148,7 +149,7 @@ def built(*args, **kw):
 def test_tokenizer_files_fields(tmp_path, monkeypatch, name, change, msg):
     """Read as a run reads them (the tokenizer, then the chat template), through train.py: one
     line naming the file and the field, nothing written."""
-    pytest.importorskip("tokenizers", reason="builds tokenizer directories: pip install -r requirements-dev.txt")
+    extra("tokenizers", "builds tokenizer directories")
     from chat_dirs import chat_tokenizer
     monkeypatch.setattr(train, "build_model", built)
     d = tmp_path / "tok"

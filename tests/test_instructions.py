@@ -10,6 +10,7 @@ import pytest
 
 import instructions as I
 from tokenizer import Templated
+from conftest import extra
 
 # ---------------------------------------------------------------- the constraint checkers
 
@@ -267,10 +268,25 @@ def test_rendered_prompts_read_as_plain_ones():
     rendered = f"<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n"
     templated = Templated(rendered, [{"role": "system", "content": "Answer."}, {"role": "user", "content": p}])
     assert I.parse_prompt(rendered) == I.parse_prompt(templated) == I.parse_prompt(p)
-    with pytest.raises(ValueError, match="not an instructions prompt"):
+    with pytest.raises(ValueError, match="states no constraint this judge can check"):
         I.parse_prompt("sort: dcba\n")
-    with pytest.raises(ValueError, match="not an instructions prompt"):
+    with pytest.raises(ValueError, match="states no constraint this judge can check"):
         I.parse_prompt("Write a short poem about the moon.")  # no constraint
+
+
+def test_a_users_own_prompt_is_judged_on_the_constraints_it_states():
+    """README's haiku prompt: not one of the task's kinds of writing, one constraint the judge
+    reads; a prompt without "Write ... about ..." has no topic to be off."""
+    haiku = "Write a haiku about tea. Your entire answer must be in lowercase letters, with no capital letters at all."
+    assert I.parse_prompt(haiku) == I.Request("a haiku", "tea", [I.Constraint("lowercase", ())])
+    assert I.judge(haiku, ["steam above the tea", "Steam above the tea", "steam above the cup"]) == [1.0, 0.0, 0.0]
+    joke = "Tell me a joke. Answer in at most 30 words. Do not use any commas in your answer."
+    assert I.parse_prompt(joke).topic is None
+    assert I.judge(joke, ["a pun about nothing at all", "well, a pun"]) == [1.0, 0.5]
+    assert I.ifeval_metrics([joke], ["well, a pun"])["instruction_accuracy"] == 0.5
+    with pytest.raises(ValueError) as e:
+        I.judge("Tell me a joke.", ["ha"])
+    assert "\n" not in str(e.value) and "'Tell me a joke.' states no constraint" in str(e.value)
 
 
 def test_judge_scores_the_share_of_constraints_met():
@@ -410,7 +426,7 @@ def test_a_damaged_pairs_file_is_one_clear_error(tmp_path):
 
 
 def test_training_data_renders_one_user_turn():
-    pytest.importorskip("jinja2", reason="chat templates need jinja2: pip install -r requirements-dev.txt")
+    extra("jinja2", "chat templates need jinja2")
     import chat
     from chat_dirs import QWEN25_TEMPLATE
     template = chat.ChatTemplate(QWEN25_TEMPLATE, "test", {"eos_token": "<|im_end|>"}, "<|im_end|>")

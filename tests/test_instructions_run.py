@@ -21,10 +21,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from chat_dirs import chat_tokenizer  # noqa: E402
+from conftest import extra  # noqa: E402
 
-pytest.importorskip("tokenizers", reason="trains a chat tokenizer: pip install -r requirements-dev.txt")
-pytest.importorskip("jinja2", reason="renders the chat template: pip install -r requirements-dev.txt")
-pytest.importorskip("safetensors", reason="writes the model directory: pip install -r requirements-dev.txt")
+extra("tokenizers", "trains a chat tokenizer")
+extra("jinja2", "renders the chat template")
+extra("safetensors", "writes the model directory")
 
 # train.py, with the built-in judge replaced by one that scores any answer (its distinct
 # characters): the pipeline is what is tested here, not the judge

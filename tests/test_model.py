@@ -4,6 +4,7 @@ import torch
 from checkpoint import atomic_save, load_checkpoint, model_from_checkpoint
 from hf import load_pretrained
 from model import GPT, PRESETS, positions_from_mask, preset
+from conftest import extra
 
 
 def tiny(vocab=61, seed=0, **kw):
@@ -141,7 +142,7 @@ def test_from_pretrained_missing_files(tmp_path):
 
 
 def test_matches_huggingface_gpt2():
-    transformers = pytest.importorskip("transformers", reason="interop test: pip install -r requirements-dev.txt")
+    transformers = extra("transformers", "interop test")
     cfg = transformers.GPT2Config(vocab_size=61, n_positions=64, n_embd=64, n_layer=2, n_head=2,
                                   resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
     torch.manual_seed(0)

@@ -5,6 +5,7 @@ import builtins
 import pytest
 
 from experiments import plots
+from conftest import extra
 
 
 def draw_both(tmp_path):
@@ -16,7 +17,7 @@ def draw_both(tmp_path):
 
 
 def test_figures_are_pngs(tmp_path):
-    pytest.importorskip("matplotlib", reason="plots: pip install -r requirements-dev.txt")
+    extra("matplotlib", "plots")
     draw_both(tmp_path)
     for name in ("sweep.png", "primary.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

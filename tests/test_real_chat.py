@@ -20,9 +20,10 @@ from checkpoint import load_checkpoint, model_from_checkpoint
 from model import positions_from_mask
 from sample import generate
 from texts import NOT_NFC, RARE_BYTES, TEXTS, assert_same_ids, random_texts
+from conftest import extra
 
-transformers = pytest.importorskip("transformers", reason="the real model: pip install -r requirements-dev.txt")
-tokenizers = pytest.importorskip("tokenizers", reason="the real model: pip install -r requirements-dev.txt")
+transformers = extra("transformers", "the real model")
+tokenizers = extra("tokenizers", "the real model")
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "What is 12 + 30?",
              "Translate 'good morning' into Spanish.", "List three primary colors, one per line.",
@@ -77,8 +78,8 @@ def write_gguf(path, **fields):
 def test_the_converter_s_errors_are_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys):
     """Arguments are refused with the usage and one line (tests/test_flags.py walks each), a file
     that is GGUF but cannot be converted with one line, before transformers reads it."""
-    pytest.importorskip("gguf", reason="the converter reads GGUF: pip install -r requirements-dev.txt")
-    pytest.importorskip("transformers", reason="the converter: pip install -r requirements-dev.txt")
+    extra("gguf", "the converter reads GGUF")
+    extra("transformers", "the converter")
     from tools import gguf_to_hf
 
     def refusal(argv):
@@ -206,3 +207,26 @@ def test_a_short_run_from_the_real_model_through_every_stage_to_an_export(real, 
     exported_tok = transformers.AutoTokenizer.from_pretrained(out / "hf-selm_1")
     assert exported_tok.apply_chat_template(user(QUESTIONS[0]), add_generation_prompt=True, return_dict=True)[
         "input_ids"] == ids[0]
+    # tools.evaluate on the checkpoint alone gives the stage's row of results.json again
+    from tools import evaluate
+    evaluate.main([str(out / "selm_1.pt"), "--out", str(tmp_path / "e.json")])
+    again = json.loads((tmp_path / "e.json").read_text())
+    assert {k: again[k] for k in results[-1]} == results[-1]
+
+
+def test_sample_py_chats_with_the_real_directory_in_its_chat_template(real, monkeypatch, capsys):
+    """sample.py --chat on SmolLM2's directory: each turn's prompt is the whole conversation,
+    id for id as transformers' apply_chat_template writes it, and the answers are greedy."""
+    import io
+    import sys
+
+    import sample
+    prompts, replies, generate_ = [], [], sample.generate
+    monkeypatch.setattr(sample, "generate", lambda m, ps, *a, **k: prompts.append(ps[0]) or generate_(m, ps, *a, **k))
+    monkeypatch.setattr(sample, "show", lambda text, done, args: replies.append(text))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{QUESTIONS[0]}\nAnd of Italy?\n\n"))
+    sample.main(["--ckpt", real.dir, "--chat", "--temperature", "0", "--max-new-tokens", "12"])
+    turns = [*user(QUESTIONS[0]), {"role": "assistant", "content": replies[0]}, *user("And of Italy?")]
+    assert prompts == [real.hf_tok.apply_chat_template(m, add_generation_prompt=True, return_dict=True)["input_ids"]
+                       for m in (turns[:1], turns)]
+    assert "Paris" in replies[0] and len(replies) == 2

@@ -11,10 +11,11 @@ import torch
 
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
+from conftest import extra
 
-transformers = pytest.importorskip("transformers", reason="interop test: pip install -r requirements-dev.txt")
-tokenizers = pytest.importorskip("tokenizers", reason="interop test: pip install -r requirements-dev.txt")
-pytest.importorskip("safetensors", reason="interop test: pip install -r requirements-dev.txt")
+transformers = extra("transformers", "interop test")
+tokenizers = extra("tokenizers", "interop test")
+extra("safetensors", "interop test")
 
 JUDGE = '''
 def judge(prompt, candidates):

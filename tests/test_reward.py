@@ -10,17 +10,19 @@ import torch
 
 import chat
 import data
+import hf
 import reward
 import sample
 import tokenizer
 import train
 from chat_dirs import chat_tokenizer
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
+from conftest import extra
 
-transformers = pytest.importorskip("transformers", reason="interop test: pip install -r requirements-dev.txt")
-pytest.importorskip("tokenizers", reason="interop test: pip install -r requirements-dev.txt")
-pytest.importorskip("jinja2", reason="interop test: pip install -r requirements-dev.txt")
-pytest.importorskip("safetensors", reason="interop test: pip install -r requirements-dev.txt")
+transformers = extra("transformers", "interop test")
+extra("tokenizers", "interop test")
+extra("jinja2", "interop test")
+extra("safetensors", "interop test")
 
 TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=256)
@@ -178,9 +180,10 @@ def test_the_papers_loop_on_conversations_with_a_reward_model(tmp_path, capsys):
     ckpt = load_checkpoint(str(out / "selm_1.pt"))
     prompt = chat.load_template(tok).prompt([{"role": "user", "content": "say c:"}])
     assert prompt.endswith("<|im_start|>user\nsay c:<|im_end|>\n<|im_start|>assistant\n")
-    assert sample.prompt_as_trained(ckpt, tok, "say c:") == prompt
-    model = sample.model_from_checkpoint(ckpt, str(out / "selm_1.pt"))
+    loaded = hf.load_model(str(out / "selm_1.pt"))
+    assert loaded.conversational and loaded.prompt("say c:") == prompt
+    model = model_from_checkpoint(ckpt, str(out / "selm_1.pt"))
     r, _ = sample.generate(model, [tok.encode_prompt(prompt)], 6, temperature=0, eos_id=tok.eos_ids, pad_id=tok.pad_id)
     capsys.readouterr()
     sample.main(["--ckpt", str(out / "selm_1.pt"), "--prompt", "say c:", "--temperature", "0", "--max-new-tokens", "6"])
-    assert capsys.readouterr().out.startswith(repr(tok.decode([t for t in r[0] if t not in tok.eos_ids])))
+    assert capsys.readouterr().out == tok.decode([t for t in r[0] if t not in tok.eos_ids]) + "\n"  # plain text

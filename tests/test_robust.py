@@ -11,6 +11,7 @@ import torch
 
 import runtime
 import train
+from conftest import extra
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--model", "tiny", "--n-sft", "1024", "--chunk-size", "128", "--n-eval", "64",
@@ -189,7 +190,7 @@ train.main({argv!r})
 def test_sigkill_during_export_then_resume(reference_run, tmp_path):
     """kill -9 while --export writes: --resume sweeps what the killed writers left in the export
     folders, exports again, and gives the same results.json."""
-    pytest.importorskip("safetensors", reason="the export writes model.safetensors: pip install -r requirements-dev.txt")
+    extra("safetensors", "the export writes model.safetensors")
     import hf
     from checkpoint import load_checkpoint
     out = tmp_path / "run"

@@ -180,11 +180,12 @@ def test_command_line(tmp_path):
                                     capture_output=True, text=True, cwd=root)
     ok = run("--ckpt", str(ckpt), "--prompt", "dcba", "--num-samples", "3", "--max-new-tokens", "5", "--seed", "1")
     assert ok.returncode == 0, ok.stderr
-    assert len(ok.stdout.strip().splitlines()) == 3
+    assert ok.stdout.count(f"[{ckpt}, sample ") == 3 and ok.stdout.endswith("\n")  # each answer labelled, plain
+    assert ok.stderr.count("[no EOS: cut at --max-new-tokens 5]") <= 3
     for args, msg in [(("--ckpt", str(tmp_path / "none.pt")), "does not exist"),
                       (("--ckpt", str(tmp_path)), f"checkpoint {tmp_path} is a directory; give one of its checkpoint "
                                                   "files (m.pt)"),
-                      (("--ckpt", str(ckpt), "--prompt", "x" * 80), "leaves no room")]:
+                      (("--ckpt", str(ckpt), "--prompt", "x" * 80), "--prompt: the prompt's 87 tokens leave no room")]:
         bad = run(*args, *(() if "--prompt" in args else ("--prompt", "x")))
         assert bad.returncode != 0 and msg in bad.stderr and "Traceback" not in bad.stderr
 

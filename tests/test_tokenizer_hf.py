@@ -7,9 +7,10 @@ import json
 import pytest
 
 import tokenizer
+from conftest import extra
 from texts import NOT_NFC, RARE_BYTES, TEXTS, assert_same_ids, random_texts
 
-tokenizers = pytest.importorskip("tokenizers", reason="these tests compare against the tokenizers package")
+tokenizers = extra("tokenizers", "these tests compare against the tokenizers package")
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
 
 # Qwen2's pre-tokenization split (Llama-3's, but with \p{N} one digit at a time)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train
+from conftest import extra
 
 JUDGE = '''
 def judge(prompt, candidates):
@@ -91,7 +92,7 @@ def test_init_from_missing_directory(tmp_path):
 
 
 def test_init_from_gpt2_directory_without_bpe_files_names_them(tmp_path, files):
-    transformers = pytest.importorskip("transformers", reason="interop test: pip install -r requirements-dev.txt")
+    transformers = extra("transformers", "interop test")
     cfg = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=16, n_layer=1, n_head=2)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(SystemExit) as e:
