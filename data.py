@@ -65,13 +65,31 @@ def read_jsonl(path):
     return rows
 
 
+def file_problem(path):
+    """Why `path` is no file to read, in a few words; None for a regular file (or a link to
+    one). A FIFO or a device is no file: a reader would wait forever or read nothing."""
+    if os.path.isdir(path):
+        return "is a directory, not a file"
+    if not os.path.exists(path):
+        return "a link to nothing" if os.path.islink(path) else "does not exist"
+    if not os.path.isfile(path):
+        return "is not a regular file (a FIFO, a socket or a device)"
+    return None
+
+
+# The name of every temporary folder selm makes, then TMP_PREFIX<pid>-<random>: a name no other
+# program uses, so a start-up sweep (checkpoint.sweep) can tell what a killed selm process left
+TMP_PREFIX = ".selm-tmp-"
+
+
 def atomic_write_path(path, save):
     """Write a file so that a crash never leaves half of it: save(temporary path), fsync, then a
     rename, so readers see the old file or the new one, with the mode the umask gives. The
-    temporary path is `path`'s name in a private .tmp-*/ beside it: a writer's own temporary
-    files (safetensors') stay in there, and a format read from the extension (matplotlib's) is
-    right. A failure the OS explains (a full disk, a quota) is a WriteError naming `path`."""
-    tmp_dir = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    temporary path is `path`'s name in a private folder beside it, TMP_PREFIX<pid>-*/: a writer's
+    own temporary files (safetensors') stay in there, and a format read from the extension
+    (matplotlib's) is right. A failure the OS explains (a full disk, a quota) is a WriteError
+    naming `path`."""
+    tmp_dir = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f"{TMP_PREFIX}{os.getpid()}-")
     tmp = os.path.join(tmp_dir, os.path.basename(path))
     try:
         save(tmp)
@@ -194,8 +212,8 @@ def judge_target(spec):
         raise DataError(f"judge {spec!r}: expected 'module:function' or 'file.py:function'")
     if not (target.endswith(".py") or os.sep in target or "/" in target or os.path.isfile(target)):
         return "module", target, name
-    if not os.path.isfile(target):
-        raise DataError(f"judge {spec!r}: no file {target}")
+    if file_problem(target):
+        raise DataError(f"judge {spec!r}: {target} {file_problem(target)}")
     if not target.endswith(".py"):
         raise DataError(f"judge {spec!r}: {target} is not a Python file (.py)")
     return "file", target, name

@@ -38,6 +38,9 @@ _GPT2_FILES = {
     "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json":
         "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
 }
+# The files a tokenizer directory may be read from (Tokenizer.digest)
+FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "vocab.json", "merges.txt",
+         "vocab.bpe", "encoder.json")
 _announced = set()  # tokenizer names already printed, so we say it once per process
 
 
@@ -45,11 +48,13 @@ class Templated(str):
     """Text that a chat template wrote (chat.py): a rendered prompt, or an assistant turn as the
     template writes it. It is a str for everyone else; Tokenizer.encode_prompt and
     encode_response encode it with its special tokens. `messages`: the conversation a prompt
-    was rendered from (None for a response), for a judge that renders it again its own way."""
+    was rendered from (None for a response), for a judge that renders it again its own way.
+    finished=False: an answer the model never finished (cut off at a token limit), which
+    encode_response ends with no EOS."""
 
-    def __new__(cls, text, messages=None):
+    def __new__(cls, text, messages=None, finished=True):
         self = super().__new__(cls, text)
-        self.messages = messages
+        self.messages, self.finished = messages, finished
         return self
 
 
@@ -102,8 +107,21 @@ class Tokenizer:
         return ([] if self.bos_id is None else [self.bos_id]) + self.encode(text)
 
     def encode_response(self, text):
-        """A finished response's ids: the text (plain, or Templated as above), then EOS."""
-        return self.encode(text, allow_special=isinstance(text, Templated)) + [self.eos_id]
+        """A response's ids: the text (plain, or Templated as above), then EOS, unless the text is
+        an unfinished answer (Templated with finished=False)."""
+        return self.encode(text, allow_special=isinstance(text, Templated)) + (
+            [self.eos_id] if getattr(text, "finished", True) else [])
+
+    def digest(self):
+        """A short fingerprint of what this tokenizer does: its name, its special ids and the
+        files it was read from."""
+        h = hashlib.sha256(repr((self.name, sorted(self.eos_ids), self.pad_id, self.bos_id)).encode())
+        for name in FILES if self.source else ():
+            path = os.path.join(self.source, name)
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    h.update(name.encode() + f.read())
+        return h.hexdigest()[:16]
 
     def decode(self, ids):
         # ids past the tokenizer's vocabulary (a checkpoint's embedding is often padded beyond

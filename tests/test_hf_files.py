@@ -164,4 +164,4 @@ def test_tokenizer_files_fields(tmp_path, monkeypatch, name, change, msg):
         train.main(["--model", "tiny", "--bpe-path", str(d), "--out-dir", str(tmp_path / "out")])
     err = str(e.value)
     assert f"{path}: " in err and msg in err and "\n" not in err, err
-    assert not os.listdir(tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written, not even the out-dir
