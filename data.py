@@ -57,6 +57,10 @@ def read_jsonl(path):
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: bad JSON: {e.msg} (column {e.colno})") from e
+        except RecursionError:
+            raise DataError(f"{where}: bad JSON: nested too deeply") from None
+        except ValueError as e:  # a number of more digits than Python converts
+            raise DataError(f"{where}: bad JSON: {str(e).split(';')[0]}") from None
         if not isinstance(rec, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
         rows.append((where, rec))
@@ -244,11 +248,20 @@ def call_judge(judge_fn, prompt, candidates):
 def checked_scores(where, scores, candidates):
     try:
         scores = [float(s) for s in scores]
-    except (TypeError, ValueError) as e:
-        raise JudgeError(f"{where} returned non-numeric scores {scores!r}") from e
+    except (TypeError, ValueError, OverflowError) as e:  # OverflowError: an integer too large for a float
+        raise JudgeError(f"{where} returned non-numeric scores {shown(scores)}") from e
     if len(scores) != len(candidates) or not all(math.isfinite(s) for s in scores):
-        raise JudgeError(f"{where} returned {scores!r} for {len(candidates)} candidates")
+        raise JudgeError(f"{where} returned {shown(scores)} for {len(candidates)} candidates")
     return scores
+
+
+def shown(value, width=100):
+    """repr(value), cut to `width` characters for a one-line message."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long to write out
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def judge_block(judge_fn, items):
@@ -331,7 +344,13 @@ def plain_demonstration(rec):
 
 
 def plain_prompt(rec):
-    return {"prompt": check_strings(rec, ("prompt",))["prompt"], "reference": rec.get("reference")}
+    """An evaluation record of strings: a prompt and maybe a reference answer; a preference
+    record's chosen answer is its reference, as for conversations (chat.evaluation_prompt)."""
+    check_strings(rec, ("prompt",))
+    name = "reference" if "reference" in rec or "chosen" not in rec else "chosen"
+    if rec.get(name) is not None:
+        check_strings(rec, (name,))
+    return {"prompt": rec["prompt"], "reference": rec.get(name)}
 
 
 def check_fits(d, tok, block_size, sft_where, prefs_where):
@@ -355,6 +374,9 @@ def check_fits(d, tok, block_size, sft_where, prefs_where):
     for kind, records, default in (("prompts", d.eval, "evaluation prompts"),
                                    ("prefs", [e for c in d.chunks for e in c], prefs_where)):
         for i, e in enumerate(records):
+            if not tok.encode_prompt(e["prompt"]):
+                raise DataError(f"{where(kind, i, default)}: prompt {e['prompt'][:40]!r} encodes to no tokens (the "
+                                "tokenizer's vocabulary lacks its characters)")
             if len(tok.encode_prompt(e["prompt"])) >= block_size - 1:
                 raise DataError(f"{where(kind, i, default)}: prompt {e['prompt'][:40]!r}... leaves no room for a "
                                 f"response in the context of {block_size} tokens")

@@ -361,8 +361,9 @@ def main(argv=None):
     try:
         check_args(args)
         ckpt = load_checkpoint(args.ckpt)
+        model = model_from_checkpoint(ckpt, args.ckpt)
         try:
-            model = model_from_checkpoint(ckpt, args.ckpt).to(args.device)
+            model = model.to(args.device)
         except (AssertionError, RuntimeError) as e:  # e.g. cuda on a PyTorch built without it
             raise ValueError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
         tok = checkpoint_tokenizer(ckpt, args.ckpt)

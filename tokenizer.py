@@ -407,7 +407,8 @@ def hf_tokenizer(path):
                               fuse_unk=model.get("fuse_unk", False), nfc=nfc,
                               normalized=[c for c, t in added.items() if t.get("normalized", not t.get("special"))])
     eos_id, eos_ids, pad_id = _eos_and_pad(path, enc)
-    return Tokenizer(enc, enc.name, eos_id, pad_id, eos_ids=eos_ids, source=path, bos_id=_bos(tj),
+    return Tokenizer(enc, enc.name, eos_id, pad_id, eos_ids=eos_ids, source=path,
+                     bos_id=_bos(tj, where, enc.n_vocab),
                      always_special=[c for c, t in added.items() if not t.get("special")], irregular=irregular)
 
 
@@ -423,13 +424,22 @@ def _is_nfc(normalizer, where):
     return kinds == ["NFC"]
 
 
-def _bos(tj):
-    """The id a TemplateProcessing post-processor puts before a single text, if any."""
+def _bos(tj, where, n_vocab):
+    """The id a TemplateProcessing post-processor puts before a single text, if any: the first
+    of the ids its special_tokens give the token that begins its "single" template, which must
+    be there (check_tokenizer_json has checked the fields' types)."""
     pp = tj.get("post_processor") or {}
-    for p in pp.get("processors", [pp]):
+    for j, p in enumerate(pp.get("processors", [pp])):
         first = (p.get("single") or [{}])[0] if p.get("type") == "TemplateProcessing" else {}
         if "SpecialToken" in first:
-            return p["special_tokens"][first["SpecialToken"]["id"]]["ids"][0]
+            field = "post_processor" + (f".processors.{j}" if "processors" in pp else "")
+            name = first["SpecialToken"]["id"]
+            ids = (p.get("special_tokens") or {}).get(name, {}).get("ids")
+            if not ids or ids[0] >= n_vocab:
+                raise ValueError(f"{where}: field '{field}.single' begins with special token {name!r}, to which "
+                                 f"'{field}.special_tokens' gives " + (f"id {ids[0]}, not in [0, {n_vocab})" if ids
+                                                                       else "no ids"))
+            return ids[0]
     return None
 
 
@@ -476,6 +486,8 @@ def read_json(path):
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
+    except RecursionError:
+        raise ValueError(f"{path}: unreadable JSON (nested too deeply)") from None
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: unreadable JSON ({e.strerror if isinstance(e, OSError) else e})") from None
 
@@ -552,6 +564,8 @@ def check_tokenizer_json(tj, where):
         special = p.nested("special_tokens")
         for name in special.obj:
             special.nested(name).array("ids", lambda i: type(i) is int and i >= 0, "a list of token ids")
+        for k, piece in enumerate(p.array("single", objects, "a list of objects")):
+            Fields(piece, where, path=f"{p.path}single.{k}.").nested("SpecialToken").text("id", None)
 
 
 def special_token(config, name, where):
