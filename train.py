@@ -7,7 +7,7 @@ Config -> SFT -> offline DPO (iteration 0: the reference is the SFT model) -> SE
 iterations t = 1..T (Algorithm 1: the reference is the previous iterate; its greedy answer
 joins the offline pair; the judge keeps the best and the worst; one epoch of the SELM loss)
 -> evaluation -> the main loop, which evaluates and checkpoints every stage. `--alpha 0` is
-iterative online DPO. Plumbing lives in runtime.py, what goes to disk in checkpoint.py.
+iterative online DPO. Plumbing lives in runtime.py, what goes to disk in checkpoint.py and outdir.py.
 """
 
 import os
@@ -21,12 +21,12 @@ import torch.nn.functional as F
 import chat
 import data
 import instructions
-from checkpoint import (begin, check_start, claim_out_dir, commit, restore, resume_advice, stage_names,
-                        stage_state, survey)
+from checkpoint import commit, stage_names, stage_state
 from data import Example
 from hf import export_stages
 from inputs import (build_model, check_config, check_inputs, example_prompt, first_screen, offline_record,
                     pair_settings, tokenizer_and_data)
+from outdir import begin, check_start, claim_out_dir, restore, resume_advice, survey
 from runtime import (check_finite, judge_failure, last_screen, lr_at, optimizer_step, parse_config, setup,
                      summary_line)
 from selm import (candidates_of, dpo_loss, pairs_from_scores, preference_metrics, relabel_counts,
@@ -142,10 +142,10 @@ def seed_for(seed, purpose, stage=0, k=0):
 def instruction_pairs(rt, cfg, tok, model, task_data):
     """UltraFeedback's recipe on --task instructions: --pair-samples answers of the starting model
     to each chunk's prompts, at temperature 1, judged; the best becomes chosen and the worst
-    rejected, and a prompt whose answers all tie is dropped. An answer cut off at
-    --max-new-tokens stays unfinished, as y_ref does: no EOS follows it in training. Built once
-    and kept in --out-dir (instructions.cached_pairs), where a resumed run, or one started from
-    this run's stage, finds them. Returns task_data with its chunks of prompts turned into chunks of pairs."""
+    rejected, and a prompt whose answers all tie is dropped; one cut off at --max-new-tokens stays
+    unfinished, as y_ref does. Built once and kept in --out-dir (instructions.cached_pairs), where
+    a resumed run, or one started from this run's stage, finds them. Returns task_data with its
+    chunks of prompts turned into chunks of pairs."""
     template = chat.load_template(tok)
 
     def text(r):  # an answer as text without its EOS; one cut off at --max-new-tokens has none
@@ -388,9 +388,8 @@ def about(cfg, tok, task_data):
 
 
 def run(cfg):
-    """The whole pipeline. Every input is read and checked first (settings, tokenizer, data and
-    judge, model, the checkpoints continued from); only then is --out-dir claimed (one run at a
-    time) and touched, then the stages run (run_stages)."""
+    """Every input read and checked (settings, data and judge, model, the checkpoints continued
+    from); only then --out-dir claimed (one run at a time) and written, and the stages run."""
     check_config(cfg)
     rt = setup(cfg.device, cfg.dtype, cfg.out_dir, cfg.compile, cfg.fsdp, cfg.activation_checkpointing)
     stages = stage_names(cfg.iterations)
@@ -409,8 +408,7 @@ def run(cfg):
 
 
 def run_stages(rt, cfg, tok, model, task_data, sft_examples, ckpt, done):
-    """The main loop: each stage trained, committed, evaluated and committed again, after the
-    last one `ckpt` completed (the completed stages: `done`)."""
+    """Each stage after those `done` (ckpt: the last one's) trained, committed, evaluated, committed again."""
     stages = stage_names(cfg.iterations)
     rt.say(first_screen(cfg, tok, task_data, model, rt))
     if cfg.task == "instructions" and not cfg.resume:  # what the offline pairs hold (a resumed run's log has it)

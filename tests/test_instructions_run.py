@@ -193,6 +193,36 @@ def test_answers_that_cannot_fit_are_refused_before_sampling(chat_model, tmp_pat
     assert not out.exists()
 
 
+def test_a_damaged_cache_is_refused_by_every_kind_of_run(reference, chat_model, tmp_path, monkeypatch):
+    """The issue's case: a cache cut to its header and two pairs was read as valid. A fresh run
+    (the cache alone in its out-dir), --resume and --start-from (the cache beside the stage
+    started from) each refuse it in one line, and change nothing."""
+    import shutil
+
+    import instructions
+    import train as T
+
+    def stand_in(prompt, candidates):  # the reference run's judge, by name: the cache's key names it
+        raise AssertionError("judged: the damaged cache was not refused before sampling")
+    stand_in.__module__, stand_in.__qualname__ = "__main__", "stand_in"
+    monkeypatch.setattr(instructions, "judge", stand_in)
+    run = tmp_path / "run"
+    shutil.copytree(reference[0], run)
+    cache = run / instructions.PAIRS_FILE
+    cache.write_text("".join(cache.read_text().splitlines(keepends=True)[:3]))
+    (tmp_path / "fresh").mkdir()
+    shutil.copy(cache, tmp_path / "fresh")
+    for out, how in [(tmp_path / "fresh", []), (run, ["--resume"]),
+                     (tmp_path / "arm", ["--start-from", str(run / "dpo.pt")])]:
+        before = {n: (run / n).read_bytes() for n in os.listdir(run) if os.path.isfile(run / n)}
+        with pytest.raises(SystemExit) as e:
+            T.main(argv(chat_model, out, *how))
+        msg = str(e.value)
+        assert f"{instructions.PAIRS_FILE}: damaged (its header counts" in msg and "\n" not in msg, msg
+        assert {n: (run / n).read_bytes() for n in os.listdir(run) if os.path.isfile(run / n)} == before
+    assert os.listdir(tmp_path / "fresh") == [instructions.PAIRS_FILE] and not (tmp_path / "arm").exists()
+
+
 def test_instructions_needs_a_chat_model(tmp_path):
     import train
     with pytest.raises(SystemExit) as e:

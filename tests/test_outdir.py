@@ -8,12 +8,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
-import checkpoint
 import data
+import outdir
 import runtime
 import train
 
@@ -110,7 +109,7 @@ def test_the_sweep_removes_only_selms_own_temporary_folders(tmp_path):
     os.symlink(victim, out / f"{data.TMP_PREFIX}{dead_pid()}-l")
     kept = {k: v for k, v in snapshot(out).items() if not k.startswith((dead, f"hf-dpo/{dead}"))}
     outside = snapshot(victim)
-    checkpoint.sweep(str(out))
+    outdir.sweep(str(out))
     assert snapshot(out) == kept and snapshot(victim) == outside
 
 
@@ -147,8 +146,8 @@ def test_start_from_and_resume_change_nothing_before_the_judge_is_loaded(finishe
 HOLD = """
 import sys, time
 sys.path.insert(0, {root!r})
-import checkpoint
-lock = checkpoint.RunLock({out!r})
+import outdir
+lock = outdir.RunLock({out!r})
 print("held", flush=True)
 time.sleep(600)
 """
@@ -169,9 +168,9 @@ def test_one_run_at_a_time_and_a_killed_runs_lock_blocks_nothing(finished, tmp_p
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    assert os.path.exists(out / checkpoint.LOCK_FILE)  # the killed holder's file stays; the kernel let go of it
+    assert os.path.exists(out / outdir.LOCK_FILE)  # the killed holder's file stays; the kernel let go of it
     run(out, "--resume")
-    assert not os.path.exists(out / checkpoint.LOCK_FILE)  # a run that ends removes its own
+    assert not os.path.exists(out / outdir.LOCK_FILE)  # a run that ends removes its own
 
 
 def test_only_rank_0_takes_the_lock(tmp_path):
@@ -181,7 +180,7 @@ def test_only_rank_0_takes_the_lock(tmp_path):
         def gather(self, items):
             return items
 
-    with checkpoint.claim_out_dir(str(tmp_path / "out"), Other()):
+    with outdir.claim_out_dir(str(tmp_path / "out"), Other()):
         assert not os.path.exists(tmp_path / "out")
 
 
@@ -197,6 +196,18 @@ def test_a_fresh_run_refuses_another_runs_stages(finished, tmp_path):
     msg = refused(out)
     assert "holds another run (sft.pt, dpo.pt, results.json)" in msg and "--resume" in msg, msg
     assert snapshot(out) == before
+
+
+def test_an_export_never_writes_through_a_link(finished, tmp_path):
+    """An export writes config.json and the weights into hf-<stage>/ and deletes weights of
+    another format there: through a link, that would be the user's folder."""
+    out, victim = user_files(tmp_path)
+    shutil.copytree(finished / "finished", out, dirs_exist_ok=True)
+    before, outside = snapshot(out), snapshot(victim)
+    for how in ([], ["--resume"]):
+        msg = refused(out, "--export", "all", *how)
+        assert f"--export: {out / 'hf-sft'} is a link" in msg, msg
+        assert snapshot(out) == before and snapshot(victim) == outside
 
 
 # ---- 6. a damaged metrics log -----------------------------------------------------------------
@@ -278,13 +289,13 @@ def state_lone_log(tmp_path, runs):  # killed before its first checkpoint: a log
 
 def state_stale_lock(tmp_path, runs):  # a killed run's lock file, which nobody holds
     shutil.copytree(runs / "finished", tmp_path / "out")
-    (tmp_path / "out" / checkpoint.LOCK_FILE).write_text(f"{dead_pid()} elsewhere\n")
+    (tmp_path / "out" / outdir.LOCK_FILE).write_text(f"{dead_pid()} elsewhere\n")
     return {}
 
 
 def state_held_lock(tmp_path, runs):
     shutil.copytree(runs / "finished", tmp_path / "out")
-    return {"lock": checkpoint.RunLock(str(tmp_path / "out"))}  # flock: this process's other open file
+    return {"lock": outdir.RunLock(str(tmp_path / "out"))}  # flock: this process's other open file
 
 
 def state_damaged_log(tmp_path, runs):
@@ -327,13 +338,13 @@ def test_every_out_dir_state(finished, tmp_path, state):
             if want == OK:
                 run(out, *argv)
                 assert [r["stage"] for r in json.load(open(out / "results.json"))] == ["sft", "dpo", "selm_1"]
-                assert not os.path.exists(out / checkpoint.LOCK_FILE), (state, mode)
+                assert not os.path.exists(out / outdir.LOCK_FILE), (state, mode)
             else:
                 msg = refused(out, *argv)
                 assert want in msg, (state, mode, msg)
                 after = snapshot(out) if out.exists() else None
                 if state == "stale lock":  # the one change: a killed run's lock file, selm's own, is gone
-                    before.pop(checkpoint.LOCK_FILE)
+                    before.pop(outdir.LOCK_FILE)
                 assert after == before, (state, mode)
         finally:
             if "lock" in extra:
