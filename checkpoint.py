@@ -89,9 +89,12 @@ def check_fields(ckpt, path, need=()):
                              f"got {type(ckpt[name]).__name__}")
     if "stage" in ckpt and not STAGE.fullmatch(ckpt["stage"]):
         raise ValueError(f"checkpoint {path}: field 'stage' is {ckpt['stage'][:40]!r}, no stage of train.py")
+    saved_tok = ckpt.get("tokenizer") if isinstance(ckpt.get("tokenizer"), dict) else {}
     if ckpt.get("metrics_size", 0) < 0 or not all(isinstance(r, dict) for r in ckpt.get("results", [])) \
-            or not all(isinstance(a, str) for a in ckpt.get("sft_answers") or []):
-        raise ValueError(f"checkpoint {path}: its metrics_size, results or sft_answers are not what train.py writes")
+            or not all(isinstance(a, str) for a in ckpt.get("sft_answers") or []) \
+            or not all(isinstance(saved_tok.get(k), (str, type(None))) for k in ("name", "source")):
+        raise ValueError(f"checkpoint {path}: its metrics_size, results, sft_answers or tokenizer are not what "
+                         "train.py writes")
     model_config(ckpt, path)
     return ckpt
 

@@ -33,7 +33,8 @@ class RunLock:
     """out_dir held by this process: an exclusive flock on out_dir/LOCK_FILE, a file holding
     "<pid> <host>", which names the holder to a run that is refused. The kernel lets go of a
     flock when its process ends, however it ends, so a killed run's file blocks nothing; a run
-    that ends removes its file (without fcntl, on Windows, nothing is locked)."""
+    that ends removes its file (without fcntl, on Windows, or on a filesystem without flock,
+    nothing is locked)."""
 
     def __init__(self, out_dir):
         self.path, self.fd = os.path.join(out_dir, LOCK_FILE), None
@@ -51,6 +52,9 @@ class RunLock:
                 os.close(fd)
                 who = f"process {holder[0]} on {holder[1]}" if len(holder) == 2 else "a process starting up"
                 raise ValueError(f"--out-dir {out_dir} is in use by another run ({who}); one run at a time") from None
+            except OSError:  # a filesystem without flock (some network or FUSE ones): the run goes unlocked
+                os.close(fd)
+                return
             try:
                 current = os.path.samestat(os.fstat(fd), os.stat(self.path))
             except FileNotFoundError:

@@ -110,6 +110,8 @@ def checkpoint(path, **change):
 @pytest.mark.parametrize("change,msg", [
     (dict(prompt_template=5), "field 'prompt_template' must be str, got int"),
     (dict(tokenizer=[1]), "field 'tokenizer' must be dict or str, got list"),
+    (dict(tokenizer={"name": "bytes", "source": 5}),
+     "its metrics_size, results, sft_answers or tokenizer are not what train.py writes"),
     (dict(vocab_size="258"), "model_config field 'vocab_size' must be an integer >= 1, got '258'"),
     (dict(n_layer=0), "model_config field 'n_layer' must be an integer >= 1, got 0"),
     (dict(dropout=float("nan")), "model_config field 'dropout' must be a finite number >= 0, got nan"),

@@ -173,6 +173,17 @@ def test_one_run_at_a_time_and_a_killed_runs_lock_blocks_nothing(finished, tmp_p
     assert not os.path.exists(out / outdir.LOCK_FILE)  # a run that ends removes its own
 
 
+def test_a_filesystem_without_locks_runs_unlocked(tmp_path, monkeypatch):
+    import errno
+
+    def no_locks(fd, how):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(outdir.fcntl, "flock", no_locks)
+    lock = outdir.RunLock(str(tmp_path))
+    assert lock.fd is None
+    lock.release()
+
+
 def test_only_rank_0_takes_the_lock(tmp_path):
     class Other:  # rank 1 of 2
         main, world = False, 2
