@@ -487,13 +487,17 @@ def read_pairs(path, want):
     """The rows of a PAIRS_FILE whose settings are want's and whose chunks begin with want's;
     None when there is no such file, or it was made with other settings. A file of want's
     settings is checked whole -- its number of pairs, their checksum, each pair's fields -- and
-    a damaged one is refused in one line: it is never read as valid, nor replaced."""
+    a damaged one is refused in one line, as is a file that is none of selm's: neither is read
+    as valid, nor replaced."""
     if not os.path.isfile(path):
         return None
     rows = [rec for _, rec in read_jsonl(path)]
     header, body = rows[0], rows[1:]
-    if header.get("settings") != want["settings"] or header.get("chunks", [])[:len(want["chunks"])] != want["chunks"]:
-        return None
+    if not isinstance(header.get("settings"), dict) or not isinstance(header.get("chunks"), list):
+        raise DataError(f"{path}: not a pairs file of selm's (its first line has no settings and chunks); move it, "
+                        "or give another --out-dir")
+    if header["settings"] != want["settings"] or header["chunks"][:len(want["chunks"])] != want["chunks"]:
+        return None  # a file of other settings: built again and replaced
 
     def whole(r):
         return type(r.get("chunk")) is int and 0 <= r["chunk"] < len(header["chunks"]) \

@@ -269,10 +269,12 @@ def check_log(path, size, ckpt_path):
 
 
 def selm_log(path):
-    """Whether the file at path is a metrics log train.py wrote: its first line a row of one."""
+    """Whether the file at path is a metrics log train.py wrote: empty (begun, no row yet), or
+    its first line a row of one."""
     try:
         with open(path, "rb") as f:
-            row = json.loads(f.readline(1 << 20))
+            first = f.readline(1 << 20)
+        row = json.loads(first) if first else {"stage": None}
     except (OSError, ValueError, RecursionError):
         return False
     return os.path.isfile(path) and isinstance(row, dict) and bool({"stage", "eval", "offline_pairs"} & set(row))

@@ -293,6 +293,9 @@ def test_a_damaged_pairs_file_is_refused_never_read_nor_replaced(tmp_path):
             I.cached_pairs(str(tmp_path), chunks, fake_sampler([]), k=2)
         assert str(e.value) == f"{path}: damaged ({damage}); remove it to build the pairs again"
         assert path.read_text() == text  # neither read nor replaced
+    path.write_text('{"not": "a cache of selm\'s"}\n')
+    with pytest.raises(DataError, match="not a pairs file of selm's"):
+        I.cached_pairs(str(tmp_path), chunks, fake_sampler([]), k=2)
     path.write_text("".join(lines))
     assert I.cached_pairs(str(tmp_path), chunks, fake_sampler([]), k=2) == whole
 

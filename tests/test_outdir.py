@@ -221,6 +221,18 @@ def test_an_export_never_writes_through_a_link(finished, tmp_path):
         assert snapshot(out) == before and snapshot(victim) == outside
 
 
+def test_a_log_is_selms_if_it_is_empty_or_begins_with_a_row_of_selms(tmp_path):
+    """A fresh run starts a run's log again if that run saved no stage; a file of another kind
+    under that name is refused, not emptied."""
+    log = tmp_path / "metrics.jsonl"
+    for text, selms in [("", True), ('{"stage": "sft", "step": 0}\n', True), ('{"offline_pairs": {}}\n', True),
+                        ("my notes\n", False), ('{"loss": 1}\n', False), ("[]\n", False)]:
+        log.write_text(text)
+        assert outdir.selm_log(str(log)) == selms, text
+    msg = refused(tmp_path)
+    assert "holds a metrics.jsonl that is no log of selm's" in msg and log.read_text() == "[]\n", msg
+
+
 # ---- 6. a damaged metrics log -----------------------------------------------------------------
 
 def test_resume_refuses_a_shortened_metrics_log_and_pads_nothing(finished, tmp_path):
