@@ -82,7 +82,7 @@ def file_problem(path):
 
 
 # The name of every temporary folder selm makes, then TMP_PREFIX<pid>-<random>: a name no other
-# program uses, so a start-up sweep (checkpoint.sweep) can tell what a killed selm process left
+# program uses, so a start-up sweep (outdir.sweep) can tell what a killed selm process left
 TMP_PREFIX = ".selm-tmp-"
 
 
@@ -374,10 +374,11 @@ def check_fits(d, tok, block_size, sft_where, prefs_where):
     for kind, records, default in (("prompts", d.eval, "evaluation prompts"),
                                    ("prefs", [e for c in d.chunks for e in c], prefs_where)):
         for i, e in enumerate(records):
-            if not tok.encode_prompt(e["prompt"]):
+            n = len(tok.encode_prompt(e["prompt"]))
+            if n == 0:
                 raise DataError(f"{where(kind, i, default)}: prompt {e['prompt'][:40]!r} encodes to no tokens (the "
                                 "tokenizer's vocabulary lacks its characters)")
-            if len(tok.encode_prompt(e["prompt"])) >= block_size - 1:
+            if n >= block_size - 1:
                 raise DataError(f"{where(kind, i, default)}: prompt {e['prompt'][:40]!r}... leaves no room for a "
                                 f"response in the context of {block_size} tokens")
     return sft

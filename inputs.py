@@ -307,8 +307,8 @@ def first_screen(cfg, tok, task_data, model, rt):
               "dpo (chunk 0's pairs)"] + ([f"selm_1..selm_{t} (chunks 1..{t}, alpha {cfg.alpha}" +
                                            ("" if cfg.alpha else ": iterative online DPO") + ")"] if t else [])
     changed = changed_settings(cfg, leave_out=("model", "init_from", "sft", "prefs", "prompts", "judge", "out_dir"))
-    cut = offline_record(task_data)
-    cut = cut["unfinished_chosen"] + cut["unfinished_rejected"]
+    offline = offline_record(task_data)
+    cut = offline["unfinished_chosen"] + offline["unfinished_rejected"]
     unfinished = f"\n           {cut} offline answers cut off at --max-new-tokens {cfg.max_new_tokens}, trained " \
                  "unfinished (no end-of-turn token)" if cut else ""
     return "\n".join([

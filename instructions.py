@@ -446,8 +446,8 @@ def build_pairs(prompts, sample, k=4, seed=0):
     return pairs, len(prompts) - len(pairs)
 
 
-PAIRS_FILE, PAIR, FINISHED = "instruction_pairs.jsonl", ("prompt", "chosen", "rejected"), ("chosen_finished",
-                                                                                            "rejected_finished")
+PAIRS_FILE = "instruction_pairs.jsonl"
+PAIR, FINISHED = ("prompt", "chosen", "rejected"), ("chosen_finished", "rejected_finished")
 
 
 def cached_pairs(out_dir, chunks, sample, k=4, seed=0, settings=None, write=True, elsewhere=()):

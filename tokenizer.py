@@ -436,9 +436,9 @@ def _bos(tj, where, n_vocab):
             name = first["SpecialToken"]["id"]
             ids = (p.get("special_tokens") or {}).get(name, {}).get("ids")
             if not ids or ids[0] >= n_vocab:
+                gives = f"id {ids[0]}, not in [0, {n_vocab})" if ids else "no ids"
                 raise ValueError(f"{where}: field '{field}.single' begins with special token {name!r}, to which "
-                                 f"'{field}.special_tokens' gives " + (f"id {ids[0]}, not in [0, {n_vocab})" if ids
-                                                                       else "no ids"))
+                                 f"'{field}.special_tokens' gives {gives}")
             return ids[0]
     return None
 
