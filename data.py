@@ -57,6 +57,10 @@ def read_jsonl(path):
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: bad JSON: {e.msg} (column {e.colno})") from e
+        except RecursionError:
+            raise DataError(f"{where}: bad JSON: nested too deeply") from None
+        except ValueError as e:  # a number of more digits than Python converts
+            raise DataError(f"{where}: bad JSON: {str(e).split(';')[0]}") from None
         if not isinstance(rec, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
         rows.append((where, rec))
@@ -65,13 +69,31 @@ def read_jsonl(path):
     return rows
 
 
+def file_problem(path):
+    """Why `path` is no file to read, in a few words; None for a regular file (or a link to
+    one). A FIFO or a device is no file: a reader would wait forever or read nothing."""
+    if os.path.isdir(path):
+        return "is a directory, not a file"
+    if not os.path.exists(path):
+        return "a link to nothing" if os.path.islink(path) else "does not exist"
+    if not os.path.isfile(path):
+        return "is not a regular file (a FIFO, a socket or a device)"
+    return None
+
+
+# The name of every temporary folder selm makes, then TMP_PREFIX<pid>-<random>: a name no other
+# program uses, so a start-up sweep (outdir.sweep) can tell what a killed selm process left
+TMP_PREFIX = ".selm-tmp-"
+
+
 def atomic_write_path(path, save):
     """Write a file so that a crash never leaves half of it: save(temporary path), fsync, then a
     rename, so readers see the old file or the new one, with the mode the umask gives. The
-    temporary path is `path`'s name in a private .tmp-*/ beside it: a writer's own temporary
-    files (safetensors') stay in there, and a format read from the extension (matplotlib's) is
-    right. A failure the OS explains (a full disk, a quota) is a WriteError naming `path`."""
-    tmp_dir = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    temporary path is `path`'s name in a private folder beside it, TMP_PREFIX<pid>-*/: a writer's
+    own temporary files (safetensors') stay in there, and a format read from the extension
+    (matplotlib's) is right. A failure the OS explains (a full disk, a quota) is a WriteError
+    naming `path`."""
+    tmp_dir = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f"{TMP_PREFIX}{os.getpid()}-")
     tmp = os.path.join(tmp_dir, os.path.basename(path))
     try:
         save(tmp)
@@ -215,8 +237,8 @@ def judge_target(spec):
         raise DataError(f"judge {spec!r}: expected 'module:function' or 'file.py:function'")
     if not (target.endswith(".py") or os.sep in target or "/" in target or os.path.isfile(target)):
         return "module", target, name
-    if not os.path.isfile(target):
-        raise DataError(f"judge {spec!r}: no file {target}")
+    if file_problem(target):
+        raise DataError(f"judge {spec!r}: {target} {file_problem(target)}")
     if not target.endswith(".py"):
         raise DataError(f"judge {spec!r}: {target} is not a Python file (.py)")
     return "file", target, name
@@ -247,11 +269,20 @@ def call_judge(judge_fn, prompt, candidates):
 def checked_scores(where, scores, candidates):
     try:
         scores = [float(s) for s in scores]
-    except (TypeError, ValueError) as e:
-        raise JudgeError(f"{where} returned non-numeric scores {scores!r}") from e
+    except (TypeError, ValueError, OverflowError) as e:  # OverflowError: an integer too large for a float
+        raise JudgeError(f"{where} returned non-numeric scores {shown(scores)}") from e
     if len(scores) != len(candidates) or not all(math.isfinite(s) for s in scores):
-        raise JudgeError(f"{where} returned {scores!r} for {len(candidates)} candidates")
+        raise JudgeError(f"{where} returned {shown(scores)} for {len(candidates)} candidates")
     return scores
+
+
+def shown(value, width=100):
+    """repr(value), cut to `width` characters for a one-line message."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long to write out
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def judge_block(judge_fn, items):
@@ -334,7 +365,13 @@ def plain_demonstration(rec):
 
 
 def plain_prompt(rec):
-    return {"prompt": check_strings(rec, ("prompt",))["prompt"], "reference": rec.get("reference")}
+    """An evaluation record of strings: a prompt and maybe a reference answer; a preference
+    record's chosen answer is its reference, as for conversations (chat.evaluation_prompt)."""
+    check_strings(rec, ("prompt",))
+    name = "reference" if "reference" in rec or "chosen" not in rec else "chosen"
+    if rec.get(name) is not None:
+        check_strings(rec, (name,))
+    return {"prompt": rec["prompt"], "reference": rec.get(name)}
 
 
 def check_fits(d, tok, block_size, sft_where, prefs_where):
@@ -358,7 +395,11 @@ def check_fits(d, tok, block_size, sft_where, prefs_where):
     for kind, records, default in (("prompts", d.eval, "evaluation prompts"),
                                    ("prefs", [e for c in d.chunks for e in c], prefs_where)):
         for i, e in enumerate(records):
-            if len(tok.encode_prompt(e["prompt"])) >= block_size - 1:
+            n = len(tok.encode_prompt(e["prompt"]))
+            if n == 0:
+                raise DataError(f"{where(kind, i, default)}: prompt {e['prompt'][:40]!r} encodes to no tokens (the "
+                                "tokenizer's vocabulary lacks its characters)")
+            if n >= block_size - 1:
                 raise DataError(f"{where(kind, i, default)}: prompt {e['prompt'][:40]!r}... leaves no room for a "
                                 f"response in the context of {block_size} tokens")
     return sft

@@ -13,6 +13,8 @@ names the problem, before anything is trained. `first_screen` tells the user wha
 """
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import shlex
@@ -21,7 +23,7 @@ import chat
 import data
 import instructions
 import sorting
-from checkpoint import stage_names
+from checkpoint import stage_names, weights_digest
 from hf import check_stages, load_pretrained
 from model import GPT, PRESETS, check_device, preset
 from selm import LOSS_TYPES, check_hparams
@@ -81,6 +83,47 @@ def build_model(cfg, tok, rt):
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer {tok.name} has {tok.vocab_size} ids, the model only {model.config.vocab_size}")
     return model.to(rt.device)
+
+
+def check_inputs(cfg, tok, task_data, block_size):
+    """The data against the model's context of block_size tokens, before anything is written:
+    every record fits (data.check_fits); returns the SFT demonstrations encoded. The instruction
+    task's chunks hold prompts until the starting model answers them (train.instruction_pairs):
+    then every prompt must leave room for an answer of --max-new-tokens and the end-of-turn
+    token, or sampling them would be wasted on pairs that do not fit."""
+    if cfg.task == "instructions" and not isinstance(task_data.chunks[0][0], dict):
+        template = chat.load_template(tok)
+        longest = max(len(tok.encode_prompt(template.prompt([{"role": "user", "content": p}])))
+                      for chunk in task_data.chunks for p in chunk)
+        if longest + cfg.max_new_tokens + 1 > block_size:
+            raise ValueError(f"--max-new-tokens {cfg.max_new_tokens}: an answer that long and its end-of-turn token "
+                             f"do not fit after the longest training prompt ({longest} tokens) in the context of "
+                             f"{block_size} (--block-size); give --max-new-tokens at most "
+                             f"{max(0, block_size - longest - 1)}, or a larger --block-size")
+        task_data = dataclasses.replace(task_data, chunks=[[]])  # the evaluation prompts' turn
+    return data.check_fits(task_data, tok, block_size, cfg.sft or "built-in SFT data", cfg.prefs or "built-in pairs")
+
+
+def pair_settings(cfg, tok, model, template, rt):
+    """Everything that shapes the instruction task's offline pairs besides their prompts, the
+    number of answers and the seed (instructions.cached_pairs keys its cache on these): the
+    weights, the tokenizer and the chat template, the sampling settings (--gen-batch-size sets
+    each block's seed), the device (its random numbers) and dtype, and the judge with its rules."""
+    with open(instructions.__file__, "rb") as f:
+        rules = hashlib.sha256(f.read()).hexdigest()[:16]
+    return {"model": weights_digest(model), "tokenizer": tok.digest(),
+            "template": hashlib.sha256(json.dumps([template.text, template.specials]).encode()).hexdigest()[:16],
+            "max_new_tokens": cfg.max_new_tokens, "temperature": 1.0, "gen_batch_size": cfg.gen_batch_size,
+            "device": rt.device.type, "dtype": str(rt.dtype), "judge": data.judge_name(instructions.judge),
+            "rules": rules}
+
+
+def offline_record(task_data):
+    """The instruction task's offline pairs, for the metrics log: pairs per chunk, and the
+    answers among them cut off at --max-new-tokens (trained unfinished: no EOS follows them)."""
+    unfinished = {k: sum(getattr(e[k], "finished", True) is False for c in task_data.chunks for e in c)
+                  for k in ("chosen", "rejected")}
+    return {"pairs": [len(c) for c in task_data.chunks], **{f"unfinished_{k}": v for k, v in unfinished.items()}}
 
 
 # ---- settings ---------------------------------------------------------------------------------
@@ -183,9 +226,8 @@ def check_config(cfg):
         if getattr(cfg, name) is not None and not os.path.isdir(getattr(cfg, name)):
             raise ValueError(f"{flag(name)} {getattr(cfg, name)} is not a directory")
     for name in FILES:
-        if getattr(cfg, name) is not None and not os.path.isfile(getattr(cfg, name)):
-            raise ValueError(f"{flag(name)} {getattr(cfg, name)}: " + (
-                "is a directory, not a file" if os.path.isdir(getattr(cfg, name)) else "no such file"))
+        if getattr(cfg, name) is not None and data.file_problem(getattr(cfg, name)):
+            raise ValueError(f"{flag(name)} {getattr(cfg, name)}: {data.file_problem(getattr(cfg, name))}")
     if cfg.judge is not None:
         try:
             data.judge_target(cfg.judge)
@@ -265,13 +307,17 @@ def first_screen(cfg, tok, task_data, model, rt):
               "dpo (chunk 0's pairs)"] + ([f"selm_1..selm_{t} (chunks 1..{t}, alpha {cfg.alpha}" +
                                            ("" if cfg.alpha else ": iterative online DPO") + ")"] if t else [])
     changed = changed_settings(cfg, leave_out=("model", "init_from", "sft", "prefs", "prompts", "judge", "out_dir"))
+    offline = offline_record(task_data)
+    cut = offline["unfinished_chosen"] + offline["unfinished_rejected"]
+    unfinished = f"\n           {cut} offline answers cut off at --max-new-tokens {cfg.max_new_tokens}, trained " \
+                 "unfinished (no end-of-turn token)" if cut else ""
     return "\n".join([
         f"model      {cfg.init_from or cfg.model}: {model.num_params() / 1e6:.2f}M parameters, {where}, "
         f"on {rt.device} ({dtype})" + (f", {rt.ranks.world} processes" if rt.ranks.world > 1 else ""),
         f"tokenizer  {tok.name}, {tok.vocab_size} ids" + (f" ({tok.source})" if tok.source else ""),
         f"data       {source}",
         f"           {len(task_data.sft)} SFT demonstrations, {len(task_data.chunks)} chunks of "
-        f"{chunk_sizes(task_data.chunks)} preference pairs, {len(task_data.eval)} evaluation prompts",
+        f"{chunk_sizes(task_data.chunks)} preference pairs, {len(task_data.eval)} evaluation prompts" + unfinished,
         f"stages     {' -> '.join(stages)}",
         f"           each evaluated and saved in {cfg.out_dir}",
         f"settings   {changed + ', the rest' if changed else 'the rest'} at their defaults (python train.py --help)"])

@@ -497,12 +497,18 @@ def make_task(seed=0, n_prompts_per_chunk=256, n_chunks=4, n_eval=128, max_const
 # -----------------------------------------------------------------------------
 # 7. Offline pairs from the starting model's own answers, cached in the run's directory
 
+class Unfinished(str):
+    """An answer the sampler cut off at its token limit: it stays unfinished in training, with no
+    end-of-turn token after it, as a y_ref does (build_pairs and rendered keep the mark)."""
+
+
 def build_pairs(prompts, sample, k=4, seed=0):
     """UltraFeedback's recipe on this task: sample(prompts, k, seed) -> k answers per prompt
     (the starting model at temperature 1; the prompts are plain user turns, which the sampler
-    renders as the run renders them), each judged; the best answer becomes chosen and the worst
-    rejected (the first of equals). A prompt whose answers all tie is dropped.
-    Returns ([{"prompt", "chosen", "rejected", "chosen_score", "rejected_score"}], dropped)."""
+    renders as the run renders them; an answer cut off is an Unfinished), each judged; the best
+    answer becomes chosen and the worst rejected (the first of equals). A prompt whose answers
+    all tie is dropped. Returns ([{"prompt", "chosen", "rejected", "chosen_score", "rejected_score",
+    "chosen_finished", "rejected_finished"}], dropped)."""
     answers = sample(prompts, k, seed)
     if len(answers) != len(prompts) or any(len(a) != k for a in answers):
         raise ValueError(f"sample() must return {k} answers for each of {len(prompts)} prompts")
@@ -511,22 +517,26 @@ def build_pairs(prompts, sample, k=4, seed=0):
         scores = judge(p, ans)
         best, worst = scores.index(max(scores)), scores.index(min(scores))
         if scores[best] > scores[worst]:
-            pairs.append({"prompt": p, "chosen": ans[best], "rejected": ans[worst],
-                          "chosen_score": scores[best], "rejected_score": scores[worst]})
+            pairs.append({"prompt": p, "chosen": str(ans[best]), "rejected": str(ans[worst]),
+                          "chosen_score": scores[best], "rejected_score": scores[worst],
+                          "chosen_finished": not isinstance(ans[best], Unfinished),
+                          "rejected_finished": not isinstance(ans[worst], Unfinished)})
     return pairs, len(prompts) - len(pairs)
 
 
-PAIRS_FILE, PAIR = "instruction_pairs.jsonl", ("prompt", "chosen", "rejected")
+PAIRS_FILE = "instruction_pairs.jsonl"
+PAIR, FINISHED = ("prompt", "chosen", "rejected"), ("chosen_finished", "rejected_finished")
 
 
 def cached_pairs(out_dir, chunks, sample, k=4, seed=0, settings=None, write=True, elsewhere=()):
     """The offline pairs of every chunk (a list of pair lists), built by build_pairs (chunk i
     sampled with seed + i) and kept in out_dir/PAIRS_FILE: a header {"settings", "chunks": a
-    digest of each chunk's prompts, "dropped"}, then a pair with its "chunk" per line. A later
-    call reuses a file whose settings match (k, seed and `settings`: JSON values of whatever else
-    shapes the answers, such as the model, max_new_tokens, temperature) and whose chunks begin
-    with this call's: a run of T iterations reads the pairs a longer run made. Otherwise the
-    pairs are built again and the file replaced atomically.
+    digest of each chunk's prompts, "dropped", "pairs": their number, "sha256": their checksum},
+    then a pair with its "chunk" per line. A later call reuses a file whose settings match (k,
+    seed and `settings`: JSON values of everything else that shapes the answers: the model, its
+    tokenizer and chat template, the sampling settings, ...) and whose chunks begin with this
+    call's: a run of T iterations reads the pairs a longer run made. Such a file is checked whole
+    (read_pairs). Otherwise the pairs are built again and the file replaced atomically.
     elsewhere: more directories whose file may serve (a run started from another run's stage);
     write: whether this process writes the file (under torchrun, rank 0 only)."""
     want = {"settings": json.loads(json.dumps({"k": k, "seed": seed, **(settings or {})})),
@@ -536,26 +546,45 @@ def cached_pairs(out_dir, chunks, sample, k=4, seed=0, settings=None, write=True
         if rows is not None:
             if d != out_dir and write:  # the run keeps its own copy: its --resume needs nothing else
                 write_jsonl_atomic(os.path.join(out_dir, PAIRS_FILE), rows)
-            return [[{f: r[f] for f in PAIR} for r in rows[1:] if r["chunk"] == i] for i in range(len(chunks))]
+            return [[{f: r[f] for f in PAIR + FINISHED} for r in rows[1:] if r["chunk"] == i]
+                    for i in range(len(chunks))]
     built = [build_pairs(c, sample, k, seed + i) for i, c in enumerate(chunks)]
+    body = [{"chunk": i, **e} for i, (ps, _) in enumerate(built) for e in ps]
     if write:
-        write_jsonl_atomic(os.path.join(out_dir, PAIRS_FILE), [{**want, "dropped": [d for _, d in built]}] + [
-            {"chunk": i, **e} for i, (ps, _) in enumerate(built) for e in ps])
-    return [[{f: e[f] for f in PAIR} for e in ps] for ps, _ in built]
+        write_jsonl_atomic(os.path.join(out_dir, PAIRS_FILE), [
+            {**want, "dropped": [d for _, d in built], "pairs": len(body), "sha256": checksum(body)}] + body)
+    return [[{f: e[f] for f in PAIR + FINISHED} for e in ps] for ps, _ in built]
+
+
+def checksum(rows):
+    """The sha256 of rows as PAIRS_FILE holds them, one JSON line each."""
+    return hashlib.sha256("\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode()).hexdigest()
 
 
 def read_pairs(path, want):
     """The rows of a PAIRS_FILE whose settings are want's and whose chunks begin with want's;
-    None when there is no such file."""
+    None when there is no such file, or it was made with other settings. A file of want's
+    settings is checked whole -- its number of pairs, their checksum, each pair's fields -- and
+    a damaged one is refused in one line, as is a file that is none of selm's: neither is read
+    as valid, nor replaced."""
     if not os.path.isfile(path):
         return None
     rows = [rec for _, rec in read_jsonl(path)]
-    header = rows[0] if rows else {}
-    if header.get("settings") != want["settings"] or header.get("chunks", [])[:len(want["chunks"])] != want["chunks"]:
-        return None
-    if not all(isinstance(r, dict) and isinstance(r.get("chunk"), int) and all(isinstance(r.get(f), str) for f in PAIR)
-               for r in rows[1:]):
-        raise DataError(f"{path}: not a pairs file of this task; delete it to build the pairs again")
+    header, body = rows[0], rows[1:]
+    if not isinstance(header.get("settings"), dict) or not isinstance(header.get("chunks"), list):
+        raise DataError(f"{path}: not a pairs file of selm's (its first line has no settings and chunks); move it, "
+                        "or give another --out-dir")
+    if header["settings"] != want["settings"] or header["chunks"][:len(want["chunks"])] != want["chunks"]:
+        return None  # a file of other settings: built again and replaced
+
+    def whole(r):
+        return type(r.get("chunk")) is int and 0 <= r["chunk"] < len(header["chunks"]) \
+            and all(type(r.get(f)) is str for f in PAIR) and all(type(r.get(f)) is bool for f in FINISHED)
+    damage = (f"its header counts {header.get('pairs')} pairs, it holds {len(body)}" if header.get("pairs") != len(body)
+              else "its pairs do not match its checksum" if header.get("sha256") != checksum(body)
+              else "a pair lacks a field" if not all(map(whole, body)) else None)
+    if damage:
+        raise DataError(f"{path}: damaged ({damage}); remove it to build the pairs again")
     return rows
 
 
@@ -572,8 +601,13 @@ def training_data(chunks, eval_prompts, template):
 
 
 def rendered(chunks, template):
-    """Each chunk's pairs rendered with the chat template (plain prompts kept as they are)."""
-    return [[chat.preference_pair(e, template) if isinstance(e, dict) else e for e in c] for c in chunks]
+    """Each chunk's pairs rendered with the chat template (plain prompts kept as they are); an
+    answer the sampler cut off stays unfinished (chat.Templated with finished=False)."""
+    def pair(e):
+        r = chat.preference_pair(e, template)
+        return {**r, **{k: chat.Templated(r[k], finished=False) for k in ("chosen", "rejected")
+                        if e.get(f"{k}_finished") is False}}
+    return [[pair(e) if isinstance(e, dict) else e for e in c] for c in chunks]
 
 
 def accuracies(prompts, answers):

@@ -134,17 +134,23 @@ class MetricsLog:
         return os.path.getsize(self.path) if os.path.exists(self.path) else 0
 
     def truncate(self, size):
+        """Cut the log back to `size` bytes; never longer (truncate would pad it with NUL bytes)."""
         if self.enabled and os.path.exists(self.path):
+            if size > self.size():
+                raise ValueError(f"{self.path} is {self.size()} bytes, shorter than the {size} to keep")
             with open(self.path, "r+") as f:
                 f.truncate(size)
 
 
 def read_metrics(path):
-    """The rows of a metrics.jsonl, skipping a torn (unparseable) last line."""
+    """The rows of a metrics.jsonl, skipping a torn (unparseable) last line. A log with NUL
+    bytes was damaged (a file cut or padded under a writer), not torn: it is refused."""
     rows = []
     with open(path) as f:
         lines = f.read().split("\n")
     for i, line in enumerate(lines):
+        if "\0" in line:
+            raise ValueError(f"{path}:{i + 1}: NUL bytes: a damaged log")
         if not line.strip():
             continue
         try:

@@ -38,6 +38,9 @@ _GPT2_FILES = {
     "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json":
         "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
 }
+# The files a tokenizer directory may be read from (Tokenizer.digest)
+FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "vocab.json", "merges.txt",
+         "vocab.bpe", "encoder.json")
 _announced = set()  # tokenizer names already printed, so we say it once per process
 
 
@@ -45,11 +48,13 @@ class Templated(str):
     """Text that a chat template wrote (chat.py): a rendered prompt, or an assistant turn as the
     template writes it. It is a str for everyone else; Tokenizer.encode_prompt and
     encode_response encode it with its special tokens. `messages`: the conversation a prompt
-    was rendered from (None for a response), for a judge that renders it again its own way."""
+    was rendered from (None for a response), for a judge that renders it again its own way.
+    finished=False: an answer the model never finished (cut off at a token limit), which
+    encode_response ends with no EOS."""
 
-    def __new__(cls, text, messages=None):
+    def __new__(cls, text, messages=None, finished=True):
         self = super().__new__(cls, text)
-        self.messages = messages
+        self.messages, self.finished = messages, finished
         return self
 
 
@@ -102,8 +107,21 @@ class Tokenizer:
         return ([] if self.bos_id is None else [self.bos_id]) + self.encode(text)
 
     def encode_response(self, text):
-        """A finished response's ids: the text (plain, or Templated as above), then EOS."""
-        return self.encode(text, allow_special=isinstance(text, Templated)) + [self.eos_id]
+        """A response's ids: the text (plain, or Templated as above), then EOS, unless the text is
+        an unfinished answer (Templated with finished=False)."""
+        return self.encode(text, allow_special=isinstance(text, Templated)) + (
+            [self.eos_id] if getattr(text, "finished", True) else [])
+
+    def digest(self):
+        """A short fingerprint of what this tokenizer does: its name, its special ids and the
+        files it was read from."""
+        h = hashlib.sha256(repr((self.name, sorted(self.eos_ids), self.pad_id, self.bos_id)).encode())
+        for name in FILES if self.source else ():
+            path = os.path.join(self.source, name)
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    h.update(name.encode() + f.read())
+        return h.hexdigest()[:16]
 
     def decode(self, ids):
         # ids past the tokenizer's vocabulary (a checkpoint's embedding is often padded beyond
@@ -389,7 +407,8 @@ def hf_tokenizer(path):
                               fuse_unk=model.get("fuse_unk", False), nfc=nfc,
                               normalized=[c for c, t in added.items() if t.get("normalized", not t.get("special"))])
     eos_id, eos_ids, pad_id = _eos_and_pad(path, enc)
-    return Tokenizer(enc, enc.name, eos_id, pad_id, eos_ids=eos_ids, source=path, bos_id=_bos(tj),
+    return Tokenizer(enc, enc.name, eos_id, pad_id, eos_ids=eos_ids, source=path,
+                     bos_id=_bos(tj, where, enc.n_vocab),
                      always_special=[c for c, t in added.items() if not t.get("special")], irregular=irregular)
 
 
@@ -405,13 +424,22 @@ def _is_nfc(normalizer, where):
     return kinds == ["NFC"]
 
 
-def _bos(tj):
-    """The id a TemplateProcessing post-processor puts before a single text, if any."""
+def _bos(tj, where, n_vocab):
+    """The id a TemplateProcessing post-processor puts before a single text, if any: the first
+    of the ids its special_tokens give the token that begins its "single" template, which must
+    be there (check_tokenizer_json has checked the fields' types)."""
     pp = tj.get("post_processor") or {}
-    for p in pp.get("processors", [pp]):
+    for j, p in enumerate(pp.get("processors", [pp])):
         first = (p.get("single") or [{}])[0] if p.get("type") == "TemplateProcessing" else {}
         if "SpecialToken" in first:
-            return p["special_tokens"][first["SpecialToken"]["id"]]["ids"][0]
+            field = "post_processor" + (f".processors.{j}" if "processors" in pp else "")
+            name = first["SpecialToken"]["id"]
+            ids = (p.get("special_tokens") or {}).get(name, {}).get("ids")
+            if not ids or ids[0] >= n_vocab:
+                gives = f"id {ids[0]}, not in [0, {n_vocab})" if ids else "no ids"
+                raise ValueError(f"{where}: field '{field}.single' begins with special token {name!r}, to which "
+                                 f"'{field}.special_tokens' gives {gives}")
+            return ids[0]
     return None
 
 
@@ -458,6 +486,8 @@ def read_json(path):
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
+    except RecursionError:
+        raise ValueError(f"{path}: unreadable JSON (nested too deeply)") from None
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: unreadable JSON ({e.strerror if isinstance(e, OSError) else e})") from None
 
@@ -534,6 +564,8 @@ def check_tokenizer_json(tj, where):
         special = p.nested("special_tokens")
         for name in special.obj:
             special.nested(name).array("ids", lambda i: type(i) is int and i >= 0, "a list of token ids")
+        for k, piece in enumerate(p.array("single", objects, "a list of objects")):
+            Fields(piece, where, path=f"{p.path}single.{k}.").nested("SpecialToken").text("id", None)
 
 
 def special_token(config, name, where):

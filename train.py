@@ -7,7 +7,7 @@ Config -> SFT -> offline DPO (iteration 0: the reference is the SFT model) -> SE
 iterations t = 1..T (Algorithm 1: the reference is the previous iterate; its greedy answer
 joins the offline pair; the judge keeps the best and the worst; one epoch of the SELM loss)
 -> evaluation -> the main loop, which evaluates and checkpoints every stage. `--alpha 0` is
-iterative online DPO. Plumbing lives in runtime.py, what goes to disk in checkpoint.py.
+iterative online DPO. Plumbing lives in runtime.py, what goes to disk in checkpoint.py and outdir.py.
 """
 
 import os
@@ -21,10 +21,12 @@ import torch.nn.functional as F
 import chat
 import data
 import instructions
-from checkpoint import commit, open_run, restore, stage_names, stage_state, weights_digest
+from checkpoint import commit, stage_names, stage_state
 from data import Example
 from hf import export_stages
-from inputs import build_model, check_config, example_prompt, first_screen, tokenizer_and_data
+from inputs import (build_model, check_config, check_inputs, example_prompt, first_screen, offline_record,
+                    pair_settings, tokenizer_and_data)
+from outdir import begin, check_start, claim_out_dir, restore, resume_advice, survey
 from runtime import (Running, check_finite, judge_failure, last_screen, lr_at, optimizer_step, parse_config, setup,
                      summary_line)
 from selm import (candidates_of, dpo_loss, pairs_from_scores, preference_metrics, relabel_counts,
@@ -140,20 +142,25 @@ def seed_for(seed, purpose, stage=0, k=0):
 def instruction_pairs(rt, cfg, tok, model, task_data):
     """UltraFeedback's recipe on --task instructions: --pair-samples answers of the starting model
     to each chunk's prompts, at temperature 1, judged; the best becomes chosen and the worst
-    rejected, and a prompt whose answers all tie is dropped. Built once and kept in --out-dir
-    (instructions.cached_pairs), where a resumed run, or one started from this run's stage,
-    finds them. Returns task_data with its chunks of prompts turned into chunks of pairs."""
+    rejected, and a prompt whose answers all tie is dropped; one cut off at --max-new-tokens stays
+    unfinished, as y_ref does. Built once and kept in --out-dir (instructions.cached_pairs), where
+    a resumed run, or one started from this run's stage, finds them. Returns task_data with its
+    chunks of prompts turned into chunks of pairs."""
     template = chat.load_template(tok)
     bar = rt.bar(None, "offline pairs: answers", cfg.pair_samples * sum(map(len, task_data.chunks)))
 
-    def sample(prompts, k, seed):  # k answers per prompt, as text without the EOS
+    def text(r):  # an answer as text without its EOS; one cut off at --max-new-tokens has none
+        words = tok.decode([t for t in r if t not in tok.eos_ids])
+        return words if r and r[-1] in tok.eos_ids else instructions.Unfinished(words)
+
+    def sample(prompts, k, seed):  # k answers per prompt
         ids = [tok.encode_prompt(template.prompt([{"role": "user", "content": p}])) for p in prompts]
         runs = [sample_responses(rt, cfg, tok, model, ids, 1.0, seed_for(seed, "pairs", k=j), bar) for j in range(k)]
-        return [[tok.decode([t for t in r if t not in tok.eos_ids]) for r in answers] for answers in zip(*runs)]
-    settings = {"model": weights_digest(model), "max_new_tokens": cfg.max_new_tokens, "temperature": 1.0}
+        return [[text(r) for r in answers] for answers in zip(*runs)]
     elsewhere = [os.path.dirname(os.path.abspath(cfg.start_from))] if cfg.start_from else []
     pairs = instructions.cached_pairs(cfg.out_dir, task_data.chunks, sample, cfg.pair_samples, cfg.task_seed,
-                                      settings, write=rt.ranks.main, elsewhere=elsewhere)
+                                      pair_settings(cfg, tok, model, template, rt), write=rt.ranks.main,
+                                      elsewhere=elsewhere)
     bar.close()
     rt.ranks.barrier()
     empty = [i for i, chunk in enumerate(pairs) if not chunk]
@@ -390,20 +397,33 @@ def about(cfg, tok, task_data):
 
 
 def run(cfg):
+    """Every input read and checked (settings, data and judge, model, the checkpoints continued
+    from); only then --out-dir claimed (one run at a time) and written, and the stages run."""
     check_config(cfg)
     rt = setup(cfg.device, cfg.dtype, cfg.out_dir, cfg.compile, cfg.fsdp, cfg.activation_checkpointing)
     stages = stage_names(cfg.iterations)
-    ckpt, done = open_run(cfg.out_dir, stages, asdict(cfg), rt.ranks.main, rt.ranks.barrier)
     tok, task_data = tokenizer_and_data(cfg, rt)
     torch.manual_seed(seed_for(cfg.seed, "init"))
     model = build_model(cfg, tok, rt)
-    if cfg.task == "instructions":  # the offline pairs are the starting model's own answers, judged
-        task_data = instruction_pairs(rt, cfg, tok, model, task_data)
-    sft_examples = data.check_fits(task_data, tok, model.config.block_size, cfg.sft or "built-in SFT data",
-                                   cfg.prefs or "built-in pairs")
+    sft_examples = check_inputs(cfg, tok, task_data, model.config.block_size)
+    start = check_start(cfg.start_from, stages, asdict(cfg), model.config) if cfg.start_from else None
+    with claim_out_dir(cfg.out_dir, rt.ranks, create=not cfg.resume):
+        ckpt, done = survey(cfg.out_dir, stages, asdict(cfg), model.config, start)
+        if cfg.task == "instructions":  # the offline pairs are the starting model's own answers, judged
+            task_data = instruction_pairs(rt, cfg, tok, model, task_data)
+            check_inputs(cfg, tok, task_data, model.config.block_size)
+        begin(cfg.out_dir, ckpt, start, rt.log, rt.ranks)  # the run's first writes
+        return run_stages(rt, cfg, tok, model, task_data, sft_examples, ckpt, done)
+
+
+def run_stages(rt, cfg, tok, model, task_data, sft_examples, ckpt, done):
+    """Each stage after those `done` (ckpt: the last one's) trained, committed, evaluated, committed again."""
+    stages = stage_names(cfg.iterations)
     rt.say(first_screen(cfg, tok, task_data, model, rt))
+    if cfg.task == "instructions" and not cfg.resume:  # what the offline pairs hold (a resumed run's log has it)
+        rt.log.write({"offline_pairs": offline_record(task_data)})
     # continue after the last stage trained (state: that stage, if its evaluation was cut short)
-    results, sft_answers, sft_model, state = restore(ckpt, model, cfg.out_dir, rt.device, rt.log, rt.ranks.main)
+    results, sft_answers, sft_model, state = restore(ckpt, model, cfg.out_dir, rt.device)
     rt.prepare(model)  # --fsdp, --activation-checkpointing
     if ckpt is not None:
         rt.say(f"continuing after stage {done[-1]}" + ("'s training" if state else ""))
@@ -453,7 +473,7 @@ def main(argv=None):
             raise  # the whole traceback, the judge's own included, on request
         sys.exit(f"train.py: error: {e}")
     except KeyboardInterrupt:
-        sys.exit(f"train.py: interrupted; `--resume` continues after the last completed stage in {cfg.out_dir}")
+        sys.exit(f"train.py: interrupted; {resume_advice(cfg.out_dir, asdict(cfg))}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Every file selm writes is written whole and readable: through a temporary path and a rename,
 with the permissions the umask gives (whatever the writer does with its own temporary files),
-what a killed writer leaves swept at the next start, and a full disk one line naming the file."""
+and a full disk one line naming the file. What a killed writer leaves is swept at the next start:
+tests/test_outdir.py."""
 import errno
 import os
 
@@ -10,7 +11,7 @@ import torch
 import checkpoint
 import data
 import hf
-from checkpoint import atomic_save, atomic_write, prepare_out_dir, write_json_atomic
+from checkpoint import atomic_save, atomic_write, write_json_atomic
 from data import WriteError
 from model import GPT, preset
 from conftest import extra
@@ -48,22 +49,6 @@ def test_every_atomic_writer_follows_the_umask(tmp_path, umask_027):
     data.atomic_write_path(str(tmp_path / "c.bin"), lambda tmp: os.close(os.open(tmp, os.O_CREAT, 0o600)))
     assert names(tmp_path) == ["a.pt", "b.json", "c.bin"]
     assert all((tmp_path / f).stat().st_mode & 0o777 == umask_027 for f in names(tmp_path))
-
-
-def test_start_up_sweeps_what_a_killed_writer_left(tmp_path):
-    """The temporary files of atomic writes (.tmp-*/), and those a third-party writer left in
-    an export folder (safetensors' .tmp*), go; everything else stays."""
-    out = tmp_path / "out"
-    (out / "hf-sft" / ".tmp-abc").mkdir(parents=True)
-    (out / "hf-sft" / ".tmp-abc" / "model.safetensors").write_bytes(b"half")
-    (out / "hf-sft" / ".tmpXy12ab").write_bytes(b"half")  # safetensors' own
-    (out / "hf-sft" / "config.json").write_text("{}")
-    (out / ".tmp-def").write_bytes(b"")
-    (out / "sft.pt").write_bytes(b"")
-    (out / "hf-notes.txt").write_text("a file, not an export folder")
-    prepare_out_dir(str(out))
-    assert names(out) == ["hf-notes.txt", "hf-sft", "sft.pt"]
-    assert names(out / "hf-sft") == ["config.json"]
 
 
 def full_disk(*args, **kw):

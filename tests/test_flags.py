@@ -70,7 +70,7 @@ COMBINATIONS = [
     (["--prefs", __file__], "--prefs, --prompts and --judge together"),
     (["--offline-passes", "2,2"], "lo and hi must differ"),
     (["--sft", os.path.dirname(__file__)], "is a directory, not a file"),
-    (["--judge", __file__.replace(".py", ".pyc") + ":judge"], "no file"),
+    (["--judge", __file__.replace(".py", ".pyc") + ":judge"], "test_flags.pyc does not exist"),
     (["--judge", "rm:" + os.path.dirname(__file__)], "no config.json"),
     (["--judge", "x"], "expected 'module:function'"),
 ]

@@ -129,6 +129,19 @@ TOKENIZER_FILES = [
      "field 'pre_tokenizer.pretokenizers.0.pattern.Regex' must be a string"),
     ("tokenizer.json", set_field("post_processor", {"type": "TemplateProcessing", "special_tokens": {"<s>": {"ids": 1}}}),
      "field 'post_processor.special_tokens.<s>.ids' must be a list of token ids"),
+    ("tokenizer.json", set_field("post_processor", {"type": "TemplateProcessing", "special_tokens": {},
+                                                    "single": [{"SpecialToken": {"id": "<s>"}}]}),
+     "field 'post_processor.single' begins with special token '<s>', to which 'post_processor.special_tokens' "
+     "gives no ids"),
+    ("tokenizer.json", set_field("post_processor", {"type": "Sequence", "processors": [
+        {"type": "TemplateProcessing", "special_tokens": {"<s>": {"ids": []}},
+         "single": [{"SpecialToken": {"id": "<s>"}}]}]}),
+     "field 'post_processor.processors.0.single' begins with special token '<s>', to which "
+     "'post_processor.processors.0.special_tokens' gives no ids"),
+    ("tokenizer.json", set_field("post_processor", {"type": "TemplateProcessing", "special_tokens": {"<s>": {"ids": [
+        10 ** 6]}}, "single": [{"SpecialToken": {"id": "<s>"}}]}), "gives id 1000000, not in [0, "),
+    ("tokenizer.json", set_field("post_processor", {"type": "TemplateProcessing", "single": {"SpecialToken": 1}}),
+     "field 'post_processor.single' must be a list of objects"),
     ("tokenizer_config.json", set_field("eos_token", 5), "field 'eos_token' must be a string or an object"),
     ("tokenizer_config.json", set_field("eos_token", {"content": 5}), "field 'eos_token.content' must be a string"),
     ("tokenizer_config.json", set_field("pad_token", "<nope>"), "field 'pad_token' names '<nope>', which is not one"),
@@ -165,4 +178,4 @@ def test_tokenizer_files_fields(tmp_path, monkeypatch, name, change, msg):
         train.main(["--model", "tiny", "--bpe-path", str(d), "--out-dir", str(tmp_path / "out")])
     err = str(e.value)
     assert f"{path}: " in err and msg in err and "\n" not in err, err
-    assert not os.listdir(tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written, not even the out-dir

@@ -9,6 +9,7 @@ import random
 import pytest
 
 import instructions as I
+from data import TMP_PREFIX
 from tokenizer import Templated
 from conftest import extra
 
@@ -386,7 +387,8 @@ def test_build_pairs_keeps_best_and_worst_and_drops_ties():
     assert [e["prompt"] for e in pairs] == prompts_of("tea", "a kite")
     assert pairs[0] == {"prompt": prompts_of("tea")[0], "chosen": "tea plain 7" + VERSE,
                         "rejected": "tea, 7, comma" + VERSE,
-                        "chosen_score": 1.0, "rejected_score": 0.0}  # first of the equal best and worst
+                        "chosen_score": 1.0, "rejected_score": 0.0,  # first of the equal best and worst
+                        "chosen_finished": True, "rejected_finished": True}
     with pytest.raises(ValueError, match="4 answers"):
         I.build_pairs(prompts_of("tea"), lambda ps, k, s: [["one"]], k=4)
 
@@ -411,18 +413,63 @@ def test_pairs_are_cached_and_rebuilt_when_settings_change(tmp_path):
         n = len(calls)
         I.cached_pairs(str(tmp_path), sample=fake_sampler(calls), **kw)
         assert len(calls) == n + 2, change  # rebuilt
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(TMP_PREFIX)]
 
 
-def test_a_damaged_pairs_file_is_one_clear_error(tmp_path):
+def test_a_damaged_pairs_file_is_refused_never_read_nor_replaced(tmp_path):
+    """The issue's case, a file cut to its header and two pairs, was read as valid: the file is
+    checked whole (the count of pairs, their checksum, each pair's fields)."""
     from data import DataError
-    chunks = [prompts_of("tea")]
-    I.cached_pairs(str(tmp_path), chunks, fake_sampler([]), k=2)
+    chunks = [prompts_of("tea", "a kite", "coffee")]
+    whole = I.cached_pairs(str(tmp_path), chunks, fake_sampler([]), k=2)
     path = tmp_path / I.PAIRS_FILE
-    header = path.read_text().splitlines()[0]
-    path.write_text(header + '\n{"chunk": 0, "prompt": "x"}\n')
-    with pytest.raises(DataError, match="not a pairs file"):
+    lines = path.read_text().splitlines(keepends=True)
+    assert len(lines) == 4
+    edited = json.loads(lines[2]) | {"chosen": "changed"}
+    bad_field = json.loads(lines[1]) | {"chosen_finished": "yes"}
+    header = json.loads(lines[0])
+    relabelled = json.dumps(header | {"sha256": I.checksum([bad_field] + [json.loads(x) for x in lines[2:]])})
+    for text, damage in [("".join(lines[:3]), "its header counts 3 pairs, it holds 2"),
+                         (lines[0] + lines[1] + json.dumps(edited) + "\n" + lines[3],
+                          "its pairs do not match its checksum"),
+                         (relabelled + "\n" + json.dumps(bad_field) + "\n" + "".join(lines[2:]),
+                          "a pair lacks a field")]:
+        path.write_text(text)
+        with pytest.raises(DataError) as e:
+            I.cached_pairs(str(tmp_path), chunks, fake_sampler([]), k=2)
+        assert str(e.value) == f"{path}: damaged ({damage}); remove it to build the pairs again"
+        assert path.read_text() == text  # neither read nor replaced
+    path.write_text('{"not": "a cache of selm\'s"}\n')
+    with pytest.raises(DataError, match="not a pairs file of selm's"):
         I.cached_pairs(str(tmp_path), chunks, fake_sampler([]), k=2)
+    path.write_text("".join(lines))
+    assert I.cached_pairs(str(tmp_path), chunks, fake_sampler([]), k=2) == whole
+
+
+def test_answers_cut_off_stay_unfinished(tmp_path):
+    """An answer the sampler cut off at its token limit is recorded so, kept in the cache, and
+    rendered as an unfinished turn that encode_response ends with no EOS (as a y_ref)."""
+    pytest.importorskip("jinja2", reason="chat templates need jinja2: pip install -r requirements-dev.txt")
+    import chat
+    from chat_dirs import QWEN25_TEMPLATE
+
+    def sample(prompts, k, seed):  # the best answer (no comma) was cut off
+        topics = [I.parse_prompt(p).topic for p in prompts]
+        return [[I.Unfinished(f"{t} plain"), f"{t}, comma"] for t in topics]
+    chunks = [prompts_of("tea")]
+    pairs = I.cached_pairs(str(tmp_path), chunks, sample, k=2)
+    assert [(e["chosen_finished"], e["rejected_finished"]) for e in pairs[0]] == [(False, True)]
+    assert I.cached_pairs(str(tmp_path), chunks, None, k=2) == pairs  # from the cache, as it was
+    template = chat.ChatTemplate(QWEN25_TEMPLATE, "test", {"eos_token": "<|im_end|>"}, "<|im_end|>")
+    e = I.rendered(pairs, template)[0][0]
+    assert (e["chosen"], e["chosen"].finished, e["rejected"].finished) == ("tea plain", False, True)
+
+    class Tok:  # encode_response as tokenizer.Tokenizer has it, on characters
+        eos_id = 0
+        encode = staticmethod(lambda text, allow_special=False: [ord(c) for c in text])
+    from tokenizer import Tokenizer
+    assert Tokenizer.encode_response(Tok, e["chosen"]) == [ord(c) for c in "tea plain"]
+    assert Tokenizer.encode_response(Tok, e["rejected"])[-1] == 0
 
 
 def test_training_data_renders_one_user_turn():

@@ -121,7 +121,107 @@ def test_sigkill_while_the_pairs_are_made_then_rerun(reference, chat_model, tmp_
     log = again.communicate()[0]
     assert again.returncode == 0, log[-3000:]
     assert (out / "results.json").read_bytes() == (reference[0] / "results.json").read_bytes()
-    assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
+    assert not [f for f in os.listdir(out) if f.startswith((".tmp", ".selm-tmp"))]
+
+
+def test_answers_cut_off_are_counted_and_trained_unfinished(reference):
+    """A random model's answers of 6 tokens rarely end: they are kept unfinished (no EOS is
+    appended to them in training), and the run's record counts them."""
+    out, log = reference
+    rows = [json.loads(x) for x in open(out / "instruction_pairs.jsonl")][1:]
+    cut = sum(not r[f] for r in rows for f in ("chosen_finished", "rejected_finished"))
+    assert cut > 0
+    offline = [json.loads(x)["offline_pairs"] for x in open(out / "metrics.jsonl") if '"offline_pairs"' in x]
+    assert len(offline) == 1 and offline[0]["unfinished_chosen"] + offline[0]["unfinished_rejected"] == cut
+    assert offline[0]["pairs"] == [sum(r["chunk"] == i for r in rows) for i in (0, 1)]
+    assert f"{cut} offline answers cut off at --max-new-tokens 6" in log
+
+
+def test_the_pairs_cache_is_keyed_on_everything_that_shapes_them(chat_model, tmp_path):
+    """The issue's case: the key missed the chat template and --gen-batch-size (which sets the
+    sampling seeds), so a run read pairs another setting had made."""
+    import dataclasses
+
+    import torch
+
+    import chat
+    import inputs
+    import runtime
+    import train as T
+    from chat_dirs import chat_tokenizer
+    from tokenizer import get_tokenizer
+    cfg = T.parse_args(argv(chat_model, tmp_path / "o"))
+    inputs.check_config(cfg)
+    tok = get_tokenizer(chat_model, verbose=False)
+    template = chat.load_template(tok)
+    model = inputs.build_model(cfg, tok, runtime.setup("cpu", "auto", str(tmp_path)))
+    rt = runtime.setup("cpu", "auto", str(tmp_path))
+    key = inputs.pair_settings(cfg, tok, model, template, rt)
+    assert inputs.pair_settings(cfg, tok, model, template, rt) == key
+    other = tmp_path / "other-tokenizer"
+    chat_tokenizer(other, "llama3")
+    changed = torch.nn.Linear(1, 1)
+    heavier = inputs.build_model(cfg, tok, rt)
+    with torch.no_grad():
+        heavier.lm_head.weight[0, 0] += 1
+    for what, args in {
+            "template": (cfg, tok, model, chat.ChatTemplate(template.text + " ", template.source, template.specials,
+                                                            template.end_of_turn), rt),
+            "gen_batch_size": (dataclasses.replace(cfg, gen_batch_size=3), tok, model, template, rt),
+            "max_new_tokens": (dataclasses.replace(cfg, max_new_tokens=5), tok, model, template, rt),
+            "tokenizer": (cfg, get_tokenizer(str(other), verbose=False), model, template, rt),
+            "model": (cfg, tok, heavier, template, rt),
+            "dtype": (cfg, tok, model, template, dataclasses.replace(rt, dtype=torch.bfloat16)),
+            "device": (cfg, tok, model, template, dataclasses.replace(rt, device=torch.device("meta")))}.items():
+        assert inputs.pair_settings(*args)[what] != key[what], what
+    del changed
+
+
+def test_answers_that_cannot_fit_are_refused_before_sampling(chat_model, tmp_path, monkeypatch):
+    """The issue's case: with --block-size 100 on SmolLM2 the pairs were sampled and cached for
+    38 s, then a pair did not fit. The settings are refused before any sampling."""
+    import train as T
+
+    def sampled(*args, **kw):
+        raise AssertionError("the starting model was sampled")
+    monkeypatch.setattr(T, "sample_responses", sampled)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        T.main(argv(chat_model, out, "--max-new-tokens", "1000"))
+    msg = str(e.value)
+    assert "--max-new-tokens 1000: an answer that long and its end-of-turn token do not fit" in msg, msg
+    assert "in the context of 1024 (--block-size)" in msg and "\n" not in msg
+    assert not out.exists()
+
+
+def test_a_damaged_cache_is_refused_by_every_kind_of_run(reference, chat_model, tmp_path, monkeypatch):
+    """The issue's case: a cache cut to its header and two pairs was read as valid. A fresh run
+    (the cache alone in its out-dir), --resume and --start-from (the cache beside the stage
+    started from) each refuse it in one line, and change nothing."""
+    import shutil
+
+    import instructions
+    import train as T
+
+    def stand_in(prompt, candidates):  # the reference run's judge, by name: the cache's key names it
+        raise AssertionError("judged: the damaged cache was not refused before sampling")
+    stand_in.__module__, stand_in.__qualname__ = "__main__", "stand_in"
+    monkeypatch.setattr(instructions, "judge", stand_in)
+    run = tmp_path / "run"
+    shutil.copytree(reference[0], run)
+    cache = run / instructions.PAIRS_FILE
+    cache.write_text("".join(cache.read_text().splitlines(keepends=True)[:3]))
+    (tmp_path / "fresh").mkdir()
+    shutil.copy(cache, tmp_path / "fresh")
+    for out, how in [(tmp_path / "fresh", []), (run, ["--resume"]),
+                     (tmp_path / "arm", ["--start-from", str(run / "dpo.pt")])]:
+        before = {n: (run / n).read_bytes() for n in os.listdir(run) if os.path.isfile(run / n)}
+        with pytest.raises(SystemExit) as e:
+            T.main(argv(chat_model, out, *how))
+        msg = str(e.value)
+        assert f"{instructions.PAIRS_FILE}: damaged (its header counts" in msg and "\n" not in msg, msg
+        assert {n: (run / n).read_bytes() for n in os.listdir(run) if os.path.isfile(run / n)} == before
+    assert os.listdir(tmp_path / "fresh") == [instructions.PAIRS_FILE] and not (tmp_path / "arm").exists()
 
 
 def test_instructions_needs_a_chat_model(tmp_path):

@@ -230,3 +230,19 @@ def test_sample_py_chats_with_the_real_directory_in_its_chat_template(real, monk
     assert prompts == [real.hf_tok.apply_chat_template(m, add_generation_prompt=True, return_dict=True)["input_ids"]
                        for m in (turns[:1], turns)]
     assert "Paris" in replies[0] and len(replies) == 2
+
+
+def test_the_instruction_task_refuses_answers_that_cannot_fit_before_sampling(real, tmp_path, monkeypatch):
+    """The issue's case on this model: --block-size 100 sampled and cached the pairs for 38 s,
+    then a pair (its answer cut to fit, an EOS appended) did not fit. Now refused first."""
+    def sampled(*args, **kw):
+        raise AssertionError("the starting model was sampled")
+    monkeypatch.setattr(train, "sample_responses", sampled)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--init-from", real.dir, "--task", "instructions", "--block-size", "100", "--device", "cpu",
+                    "--out-dir", str(tmp_path / "out")])
+    msg = str(e.value)
+    assert re.fullmatch(r"train\.py: error: --max-new-tokens 48: an answer that long and its end-of-turn token do "
+                        r"not fit after the longest training prompt \(\d+ tokens\) in the context of 100 "
+                        r"\(--block-size\); give --max-new-tokens at most \d+, or a larger --block-size", msg), msg
+    assert not (tmp_path / "out").exists()
