@@ -449,26 +449,26 @@ def test_a_damaged_pairs_file_is_refused_never_read_nor_replaced(tmp_path):
 def test_answers_cut_off_stay_unfinished(tmp_path):
     """An answer the sampler cut off at its token limit is recorded so, kept in the cache, and
     rendered as an unfinished turn that encode_response ends with no EOS (as a y_ref)."""
-    pytest.importorskip("jinja2", reason="chat templates need jinja2: pip install -r requirements-dev.txt")
+    extra("jinja2", "chat templates need jinja2")
     import chat
     from chat_dirs import QWEN25_TEMPLATE
 
     def sample(prompts, k, seed):  # the best answer (no comma) was cut off
         topics = [I.parse_prompt(p).topic for p in prompts]
-        return [[I.Unfinished(f"{t} plain"), f"{t}, comma"] for t in topics]
+        return [[I.Unfinished(f"{t} plain" + VERSE), f"{t}, comma" + VERSE] for t in topics]
     chunks = [prompts_of("tea")]
     pairs = I.cached_pairs(str(tmp_path), chunks, sample, k=2)
     assert [(e["chosen_finished"], e["rejected_finished"]) for e in pairs[0]] == [(False, True)]
     assert I.cached_pairs(str(tmp_path), chunks, None, k=2) == pairs  # from the cache, as it was
     template = chat.ChatTemplate(QWEN25_TEMPLATE, "test", {"eos_token": "<|im_end|>"}, "<|im_end|>")
     e = I.rendered(pairs, template)[0][0]
-    assert (e["chosen"], e["chosen"].finished, e["rejected"].finished) == ("tea plain", False, True)
+    assert (e["chosen"], e["chosen"].finished, e["rejected"].finished) == ("tea plain" + VERSE, False, True)
 
     class Tok:  # encode_response as tokenizer.Tokenizer has it, on characters
         eos_id = 0
         encode = staticmethod(lambda text, allow_special=False: [ord(c) for c in text])
     from tokenizer import Tokenizer
-    assert Tokenizer.encode_response(Tok, e["chosen"]) == [ord(c) for c in "tea plain"]
+    assert Tokenizer.encode_response(Tok, e["chosen"]) == [ord(c) for c in "tea plain" + VERSE]
     assert Tokenizer.encode_response(Tok, e["rejected"])[-1] == 0
 
 
