@@ -1,8 +1,8 @@
 """
 data.py -- user data and batches: JSON Lines records, judges, padded tensors.
 
-  1. user data: JSON Lines files (plain strings, or conversations that chat.py renders), read and
-     written atomically, and judges ("module:function", or "rm:DIR": a reward model, reward.py);
+  1. user data: JSON Lines files (plain strings, or conversations that chat.py renders), read,
+     and judges ("module:function", or "rm:DIR": a reward model, reward.py);
   2. batching: right-padded tensors with prompt/response masks;
   3. `python data.py fit MODEL_DIR BLOCK_SIZE in.jsonl`: the records of a file that fit a context.
 Tokenizers live in tokenizer.py, the built-in tasks in sorting.py and instructions.py.
@@ -16,15 +16,13 @@ import json
 import math
 import os
 import random
-import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 import chat
+from files import file_problem
 
 
 class DataError(ValueError):
@@ -67,82 +65,6 @@ def read_jsonl(path):
     if not rows:
         raise DataError(f"{path}:1: empty file, no JSON records")
     return rows
-
-
-def file_problem(path):
-    """Why `path` is no file to read, in a few words; None for a regular file (or a link to
-    one). A FIFO or a device is no file: a reader would wait forever or read nothing."""
-    if os.path.isdir(path):
-        return "is a directory, not a file"
-    if not os.path.exists(path):
-        return "a link to nothing" if os.path.islink(path) else "does not exist"
-    if not os.path.isfile(path):
-        return "is not a regular file (a FIFO, a socket or a device)"
-    return None
-
-
-# The name of every temporary folder selm makes, then TMP_PREFIX<pid>-<random>: a name no other
-# program uses, so a start-up sweep (outdir.sweep) can tell what a killed selm process left
-TMP_PREFIX = ".selm-tmp-"
-
-
-def atomic_write_path(path, save):
-    """Write a file so that a crash never leaves half of it: save(temporary path), fsync, then a
-    rename, so readers see the old file or the new one, with the mode the umask gives. The
-    temporary path is `path`'s name in a private folder beside it, TMP_PREFIX<pid>-*/: a writer's
-    own temporary files (safetensors') stay in there, and a format read from the extension
-    (matplotlib's) is right. A failure the OS explains (a full disk, a quota) is a WriteError
-    naming `path`."""
-    tmp_dir = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f"{TMP_PREFIX}{os.getpid()}-")
-    tmp = os.path.join(tmp_dir, os.path.basename(path))
-    try:
-        save(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # after the writer: safetensors renames a private (0600) file over ours
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except Exception as e:
-        error = write_error(e, path)
-        if error is None:
-            raise
-        raise error from e
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
-class WriteError(OSError):
-    """A file could not be written; its message is one line: what the OS said, and the file."""
-
-    def __str__(self):
-        return self.strerror
-
-
-def write_error(e, path):
-    """A WriteError naming `path` when an errno explains `e`: its own, that of the OSError torch
-    keeps as its RuntimeError's context, or the one safetensors names ("os error N"); else None."""
-    cause = e
-    while cause is not None:
-        named = re.search(r"\(os error (\d+)\)", str(cause))
-        code = getattr(cause, "errno", None) or (named and int(named.group(1)))
-        if code:
-            what = os.strerror(code)
-            return WriteError(code, f"{what[:1].lower()}{what[1:]} writing {path}")
-        cause = cause.__cause__ or cause.__context__
-    return None
-
-
-def _umask():
-    mask = os.umask(0)  # reading the umask means setting it: set it straight back
-    os.umask(mask)
-    return mask
-
-
-def write_jsonl_atomic(path, records):
-    """Records (JSON objects) as a JSON Lines file, one per line, UTF-8, written atomically."""
-    def save(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    atomic_write_path(path, save)
 
 
 def check_strings(rec, fields):

@@ -24,6 +24,7 @@ import data
 import instructions
 import sorting
 from checkpoint import stage_names, weights_digest
+from files import file_problem
 from hf import check_stages, load_pretrained
 from model import GPT, PRESETS, check_device, preset
 from selm import LOSS_TYPES, check_hparams
@@ -226,8 +227,8 @@ def check_config(cfg):
         if getattr(cfg, name) is not None and not os.path.isdir(getattr(cfg, name)):
             raise ValueError(f"{flag(name)} {getattr(cfg, name)} is not a directory")
     for name in FILES:
-        if getattr(cfg, name) is not None and data.file_problem(getattr(cfg, name)):
-            raise ValueError(f"{flag(name)} {getattr(cfg, name)}: {data.file_problem(getattr(cfg, name))}")
+        if getattr(cfg, name) is not None and file_problem(getattr(cfg, name)):
+            raise ValueError(f"{flag(name)} {getattr(cfg, name)}: {file_problem(getattr(cfg, name))}")
     if cfg.judge is not None:
         try:
             data.judge_target(cfg.judge)

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import chat
-from data import DataError, TrainingData, read_jsonl, write_jsonl_atomic
+from data import DataError, TrainingData, read_jsonl
+from files import write_jsonl_atomic
 
 # -----------------------------------------------------------------------------
 # 1. The requests: kinds of writing and topics

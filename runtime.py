@@ -31,7 +31,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import disk_usage, human_size, stage_path
-from data import JudgeError, collate, collate_shared, judge_block, write_error
+from data import JudgeError, collate, collate_shared, judge_block
+from files import write_error
 from sample import DefaultsHelp, compile_seconds, generate
 from model import check_device, mps_available
 from selm import reference_logps

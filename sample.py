@@ -393,8 +393,9 @@ def main(argv=None):
     args = parser().parse_args(argv)
     try:
         check_args(args)
-        from data import converted, read_prompts, write_jsonl_atomic  # the command line borrows these:
-        from hf import load_model                                     # the sampler above needs no files
+        from data import converted, read_prompts  # the command line borrows these:
+        from files import write_jsonl_atomic      # the sampler above needs no files
+        from hf import load_model
         models = [(path, load_model(path, args.device)) for path in filter(None, (args.ckpt, args.compare))]
         if args.chat:
             return converse(models[0][1], args, sys.stdin)

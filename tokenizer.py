@@ -16,18 +16,18 @@ Three tokenizers, all tiktoken Encodings wrapped in one small class:
   - plain bytes otherwise: ids 0..255 are the bytes, 256 is EOS, 257 is padding. Every
     text has an encoding and the vocabulary is tiny, which suits the built-in task.
 
-This file knows nothing of the rest of the project.
+Of the rest of the project this file imports only files.py.
 """
 
 import hashlib
-import json
-import math
 import os
 import re
 import tempfile
 import unicodedata
 
 import tiktoken
+
+from files import Fields, read_json
 
 # Where tiktoken's own "gpt2" encoding fetches its two files from, and their sha256.
 # tiktoken caches each one under sha1(url) in its cache directory; we look there first
@@ -448,11 +448,7 @@ def _eos_and_pad(path, enc):
     model ends its turn with (<|im_end|>, <|eot_id|>), else generation_config.json's first
     eos_token_id; eos_ids adds every id that generation_config.json stops on. Padding:
     pad_token, else generation_config's pad_token_id, else eos_id."""
-    def read(name):
-        file = os.path.join(path, name)
-        return Fields(read_json(file) if os.path.isfile(file) else {}, file)
-
-    tc, gen = read("tokenizer_config.json"), read("generation_config.json")
+    tc, gen = (Fields.of(os.path.join(path, name)) for name in ("tokenizer_config.json", "generation_config.json"))
 
     def token_id(name):  # the id of tokenizer_config.json's eos_token or pad_token
         token = special_token(tc, name, tc.where)
@@ -477,66 +473,6 @@ def _eos_and_pad(path, enc):
     pad = token_id("pad_token")
     pad = gen.get("pad_token_id", None, is_id, ids) if pad is None else pad
     return eos_ids[0], eos_ids, eos_ids[0] if pad is None else pad
-
-
-# ---- Hugging Face files: JSON, read and checked -------------------------------------------
-
-def read_json(path):
-    """The JSON in a file, or a ValueError in one line naming it: unreadable, not UTF-8, not JSON."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except RecursionError:
-        raise ValueError(f"{path}: unreadable JSON (nested too deeply)") from None
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable JSON ({e.strerror if isinstance(e, OSError) else e})") from None
-
-
-class Fields:
-    """The fields of a JSON object read from a Hugging Face file (config.json, tokenizer.json,
-    ...), each checked as it is read: of its type, in its range; else a ValueError in one line
-    naming the file and the field. A field that is absent or null takes its default; one
-    without a default must be there. `path` prefixes the names of a nested object's fields."""
-
-    def __init__(self, obj, where, what="the file", path=""):
-        if not isinstance(obj, dict):
-            name = f"field {path[:-1]!r}" if path else "the file"
-            raise ValueError(f"{where}: {name} must be a JSON object, got {json.dumps(obj)[:60]}")
-        self.obj, self.where, self.what, self.path = obj, where, what, path
-
-    def get(self, name, default=..., ok=None, want=None):
-        value = self.obj.get(name)
-        if value is None:
-            if default is ...:
-                raise ValueError(f"{self.where}: {self.what} lacks {self.path + name!r}")
-            return default
-        if ok is not None and not ok(value):
-            raise ValueError(f"{self.where}: field {self.path + name!r} must be {want}, got {json.dumps(value)[:60]}")
-        return value
-
-    def count(self, name, default=..., lo=1):
-        return self.get(name, default, lambda v: type(v) is int and v >= lo, f"an integer >= {lo}")
-
-    def number(self, name, default=..., lo=0.0, strict=True):
-        """A finite number above `lo` (strict) or from `lo` on."""
-        return self.get(name, default, lambda v: type(v) in (int, float) and (v > lo if strict else v >= lo)
-                        and math.isfinite(v), f"a finite number {'>' if strict else '>='} {lo:g}")
-
-    def flag(self, name, default=False):
-        return self.get(name, default, lambda v: type(v) is bool, "true or false")
-
-    def text(self, name, default=...):
-        return self.get(name, default, lambda v: type(v) is str, "a string")
-
-    def array(self, name, ok=lambda v: True, want="a list"):
-        return self.get(name, [], lambda v: type(v) is list and all(ok(x) for x in v), want)
-
-    def nested(self, name):
-        return Fields(self.get(name, {}), self.where, self.what, f"{self.path}{name}.")
-
-    def check(self, bad, message):
-        if bad:
-            raise ValueError(f"{self.where}: {message}")
 
 
 def check_tokenizer_json(tj, where):

@@ -32,7 +32,8 @@ import torch
 import chat
 import inputs
 import train
-from checkpoint import load_checkpoint, model_from_checkpoint, stage_path, write_json_atomic
+from checkpoint import load_checkpoint, model_from_checkpoint, stage_path
+from files import write_json_atomic
 from runtime import Runtime, check_or_exit, read_metrics, setup
 from selm import candidates_of, pairs_from_scores
 from experiments.runner import read_json

@@ -27,9 +27,9 @@ import sys
 
 import inputs
 import train
-from checkpoint import write_json_atomic
 from experiments import plots
 from experiments.runner import Job, read_json, run_all
+from files import write_json_atomic
 from instructions import DEGENERATE, PAIRS_FILE, degenerate, make_task, parse_prompt, verdicts, words
 from runtime import check_or_exit, setup
 

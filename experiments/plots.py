@@ -13,7 +13,7 @@ import os
 import statistics
 import sys
 
-from checkpoint import atomic_write_path
+from files import atomic_write_path
 from runtime import check_or_exit, read_metrics
 from sample import DefaultsHelp
 

@@ -28,13 +28,13 @@ import sys
 
 import inputs
 import train
-from checkpoint import atomic_write, load_checkpoint, write_json_atomic
+from checkpoint import load_checkpoint
 from experiments import plots
 from experiments.runner import Job, check_common, run_all
+from files import atomic_write, read_json, write_json_atomic
 from runtime import check_or_exit, read_metrics
 from selm import win
 from sorting import judge
-from tokenizer import read_json
 
 ARMS = {  # the preregistered arms: train.py flags besides the shared ones (alpha is tuned for B, D)
     "A": ("iterative DPO, greedy", ["--alpha", "0"]),

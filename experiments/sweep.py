@@ -28,12 +28,10 @@ import statistics
 import sys
 import time
 
-import inputs
 import sorting
-import train
-from checkpoint import atomic_write, write_json_atomic
 from experiments import plots
 from experiments.runner import Job, check_common, run_all
+from files import atomic_write, write_json_atomic
 from runtime import check_or_exit
 from selm import win
 

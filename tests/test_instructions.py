@@ -9,7 +9,7 @@ import random
 import pytest
 
 import instructions as I
-from data import TMP_PREFIX
+from files import TMP_PREFIX
 from tokenizer import Templated
 from conftest import extra
 

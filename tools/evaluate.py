@@ -29,7 +29,8 @@ import data
 import instructions
 import sorting
 import train
-from checkpoint import stage_path, write_json_atomic
+from checkpoint import stage_path
+from files import write_json_atomic
 from hf import check_model_path, load_model
 from inputs import check_config, load_data
 from runtime import check_or_exit, setup, summary_line
