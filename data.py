@@ -1,8 +1,8 @@
 """
 data.py -- user data and batches: JSON Lines records, judges, padded tensors.
 
-  1. user data: JSON Lines files (plain strings, or conversations that chat.py renders), read,
-     and judges ("module:function", or "rm:DIR": a reward model, reward.py);
+  1. user data: JSON Lines files (plain strings, or conversations that chat.py renders), read and
+     checked, and a judge's scores checked (the judge itself, a function, comes from inputs.py);
   2. batching: right-padded tensors with prompt/response masks;
   3. `python data.py fit MODEL_DIR BLOCK_SIZE in.jsonl`: the records of a file that fit a context.
 Tokenizers live in tokenizer.py, the built-in tasks in sorting.py and instructions.py.
@@ -10,8 +10,6 @@ Tokenizers live in tokenizer.py, the built-in tasks in sorting.py and instructio
 This file imports nothing from the model code.
 """
 
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -22,7 +20,6 @@ from typing import NamedTuple
 import torch
 
 import chat
-from files import file_problem
 
 
 class DataError(ValueError):
@@ -119,53 +116,6 @@ def converted(where, rec, convert):
         raise DataError(f"{where}: {e}") from None
 
 
-def load_judge(spec, device=None):
-    """A judge from "package.module:function" or "path/to/file.py:function" -- the function
-    must follow judge(prompt, candidates) -> list[float] -- or from "rm:DIR", a reward model
-    in a Hugging Face directory (reward.py), run on `device`."""
-    kind, target, name = judge_target(spec)
-    if kind == "rm":
-        # reward.py is imported by name, as a user's judge module is: this file imports no model code
-        try:
-            return importlib.import_module("reward").load_judge(target, device=device)
-        except (ValueError, OSError) as e:
-            raise DataError(f"judge {spec!r}: {e}") from None
-    try:
-        if kind == "file":
-            modspec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(target))[0], target)
-            module = importlib.util.module_from_spec(modspec)
-            modspec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(target)
-    except Exception as e:  # ImportError, or whatever the module raised on import
-        raise DataError(f"judge {spec!r}: cannot import {target}: {e!r}") from e
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise DataError(f"judge {spec!r}: {target} has no callable {name!r}")
-    return fn
-
-
-def judge_target(spec):
-    """What a judge spec names, checked without importing anything: ("rm", DIR, None),
-    ("file", path.py, function) or ("module", name, function); a DataError naming the spec
-    otherwise."""
-    if spec.startswith("rm:"):
-        if not os.path.isfile(os.path.join(spec[3:], "config.json")):
-            raise DataError(f"judge {spec!r}: {spec[3:] or 'the empty path'} is not a Hugging Face model "
-                            "directory (no config.json); rm:DIR names a reward model's directory")
-        return "rm", spec[3:], None
-    target, _, name = spec.rpartition(":")  # the last ":", so C:\dir\f.py:fn works
-    if not target or not name:
-        raise DataError(f"judge {spec!r}: expected 'module:function' or 'file.py:function'")
-    if not (target.endswith(".py") or os.sep in target or "/" in target or os.path.isfile(target)):
-        return "module", target, name
-    if file_problem(target):
-        raise DataError(f"judge {spec!r}: {target} {file_problem(target)}")
-    if not target.endswith(".py"):
-        raise DataError(f"judge {spec!r}: {target} is not a Python file (.py)")
-    return "file", target, name
-
-
 class JudgeError(DataError):
     """The judge raised, or returned something other than one finite score per candidate."""
 
@@ -249,15 +199,15 @@ class TrainingData:
     metrics: object = None
 
 
-def load_user_data(sft_path, prefs_path, prompts_path, judge_spec, n_chunks, template=None, device=None):
-    """The user's JSON Lines files and judge as TrainingData. A malformed record stops the
+def load_user_data(sft_path, prefs_path, prompts_path, n_chunks, template=None):
+    """The user's JSON Lines files as TrainingData, its judge None (inputs.load_data loads the
+    one --judge names, once the data is known to be good). A malformed record stops the
     run with its file, line and field, before anything is trained on partial data. The pairs
     are cut into n_chunks equal chunks (a remainder is left out).
 
     Records are plain strings, or conversations (chat.py). One conversation in any of the
     files makes the run conversational: every record is then rendered with `template`, the
-    model's chat template (chat.ChatTemplate), which must exist. The judge is loaded last,
-    once the data is known to be good; a reward model ("rm:DIR") runs on `device`."""
+    model's chat template (chat.ChatTemplate), which must exist."""
     files = {"sft": sft_path, "prefs": prefs_path, "prompts": prompts_path}
     raw = {k: read_jsonl(path) for k, path in files.items() if path}
     first = next((where for recs in raw.values() for where, rec in recs if chat.is_conversational(rec)), None)
@@ -278,7 +228,7 @@ def load_user_data(sft_path, prefs_path, prompts_path, judge_spec, n_chunks, tem
         raise DataError(f"{prefs_path}: {len(prefs)} pairs cannot fill {n_chunks} chunks "
                         f"(offline DPO + {n_chunks - 1} iterations)")
     chunks = [prefs[i * n:(i + 1) * n] for i in range(n_chunks)]
-    return TrainingData(sft, chunks, evals, load_judge(judge_spec, device), lines=lines, conversational=bool(first))
+    return TrainingData(sft, chunks, evals, None, lines=lines, conversational=bool(first))
 
 
 def plain_demonstration(rec):

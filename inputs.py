@@ -4,8 +4,10 @@ inputs.py -- what a run starts from: its settings checked, its tokenizer, data a
   settings   the per-preset defaults filled in, impossible combinations refused;
   tokenizer  the --bpe-path or --init-from directory's, else whatever tokenizer.get_tokenizer finds;
   data       a built-in task: letter sorting (sorting.py) or, for a chat model, verifiable
-             instructions (instructions.py); or the user's JSON Lines files and judge
-             (conversations rendered with the tokenizer directory's chat template, chat.py);
+             instructions (instructions.py); or the user's JSON Lines files (conversations
+             rendered with the tokenizer directory's chat template, chat.py);
+  judge      the built-in task's, or the function --judge names: a module's or a file's, or a
+             reward model (rm:DIR, reward.py), resolved here and handed on as a function;
   model      a fresh preset sized for the tokenizer, or a Hugging Face directory on disk
              (GPT-2, Llama, Mistral, Qwen2, Qwen3: hf.py).
 Each function takes the run's configuration (train.Config) and fails with one line that
@@ -14,6 +16,8 @@ names the problem, before anything is trained. `first_screen` tells the user wha
 
 import dataclasses
 import hashlib
+import importlib
+import importlib.util
 import json
 import math
 import os
@@ -22,6 +26,7 @@ import shlex
 import chat
 import data
 import instructions
+import reward
 import sorting
 from checkpoint import stage_names, weights_digest
 from files import file_problem
@@ -39,8 +44,8 @@ def tokenizer_and_data(cfg, rt):
 
 
 def load_data(cfg, template=None, device=None):
-    """The built-in task, or the user's JSONL files and judge (data.load_user_data: `template`
-    renders conversations, `device` is where a reward model judges). check_config has checked
+    """The built-in task, or the user's JSONL files (data.load_user_data: `template` renders
+    conversations) and judge (load_judge: `device` is where a reward model judges). check_config has checked
     that the files come together. The instruction task's chunks hold its prompts only (plain
     user turns) until train.instruction_pairs has the starting model answer them."""
     if cfg.task == "instructions":
@@ -56,7 +61,55 @@ def load_data(cfg, template=None, device=None):
                               sft_passes=passes(cfg.sft_passes, "sft"), offline_passes=passes(cfg.offline_passes, "offline"))
         return data.TrainingData(t.sft, t.chunks, t.eval, sorting.judge, builtin=True,
                                  prompt_template=sorting.make_prompt("{prompt}"))
-    return data.load_user_data(cfg.sft, cfg.prefs, cfg.prompts, cfg.judge, cfg.iterations + 1, template, device)
+    d = data.load_user_data(cfg.sft, cfg.prefs, cfg.prompts, cfg.iterations + 1, template)
+    return dataclasses.replace(d, judge=load_judge(cfg.judge, device))  # last: once the data is known to be good
+
+
+def load_judge(spec, device=None):
+    """The judge a --judge spec names: "package.module:function" or "path/to/file.py:function" --
+    the function must follow judge(prompt, candidates) -> list[float] -- or "rm:DIR", a reward
+    model in a Hugging Face directory (reward.py), run on `device`. A spec is resolved here, where
+    a run's inputs are assembled; data.py and the pipeline receive the function."""
+    kind, target, name = judge_target(spec)
+    if kind == "rm":
+        try:
+            return reward.load_judge(target, device=device)
+        except (ValueError, OSError) as e:
+            raise data.DataError(f"judge {spec!r}: {e}") from None
+    try:
+        if kind == "file":
+            modspec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(target))[0], target)
+            module = importlib.util.module_from_spec(modspec)
+            modspec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except Exception as e:  # ImportError, or whatever the module raised on import
+        raise data.DataError(f"judge {spec!r}: cannot import {target}: {e!r}") from e
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise data.DataError(f"judge {spec!r}: {target} has no callable {name!r}")
+    return fn
+
+
+def judge_target(spec):
+    """What a judge spec names, checked without importing anything: ("rm", DIR, None),
+    ("file", path.py, function) or ("module", name, function); a data.DataError naming the spec
+    otherwise."""
+    if spec.startswith("rm:"):
+        if not os.path.isfile(os.path.join(spec[3:], "config.json")):
+            raise data.DataError(f"judge {spec!r}: {spec[3:] or 'the empty path'} is not a Hugging Face model "
+                                 "directory (no config.json); rm:DIR names a reward model's directory")
+        return "rm", spec[3:], None
+    target, _, name = spec.rpartition(":")  # the last ":", so C:\dir\f.py:fn works
+    if not target or not name:
+        raise data.DataError(f"judge {spec!r}: expected 'module:function' or 'file.py:function'")
+    if not (target.endswith(".py") or os.sep in target or "/" in target or os.path.isfile(target)):
+        return "module", target, name
+    if file_problem(target):
+        raise data.DataError(f"judge {spec!r}: {target} {file_problem(target)}")
+    if not target.endswith(".py"):
+        raise data.DataError(f"judge {spec!r}: {target} is not a Python file (.py)")
+    return "file", target, name
 
 
 def tokenizer_for(cfg):
@@ -231,7 +284,7 @@ def check_config(cfg):
             raise ValueError(f"{flag(name)} {getattr(cfg, name)}: {file_problem(getattr(cfg, name))}")
     if cfg.judge is not None:
         try:
-            data.judge_target(cfg.judge)
+            judge_target(cfg.judge)
         except ValueError as e:
             raise ValueError(f"--judge: {e}") from None
     if not cfg.out_dir or os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):

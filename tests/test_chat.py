@@ -86,7 +86,7 @@ def test_conversational_records_load_as_rendered_strings(tmp_path):
                                                 ULTRAFEEDBACK])  # test_prefs: its chosen answer is the reference
     sft = write(tmp_path, "sft.jsonl", [{"messages": conversation("aaaa")},
                                         {"prompt": "say b:", "completion": "bbbb"}])
-    td = data.load_user_data(sft, prefs, prompts, "sorting:judge", 1, template)
+    td = data.load_user_data(sft, prefs, prompts, 1, template)
     want = template.prompt([SYSTEM, USER])
     assert want.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
     pairs = td.chunks[0]
@@ -100,7 +100,7 @@ def test_conversational_records_load_as_rendered_strings(tmp_path):
     assert td.sft == [(want, "aaaa"), (template.prompt([{"role": "user", "content": "say b:"}]), "bbbb")]
     # plain-text records load as they always did, Templated nowhere
     plain = write(tmp_path, "plain.jsonl", [{"prompt": "say a:", "chosen": "aaaa", "rejected": "x", "extra": 1}])
-    td = data.load_user_data(None, plain, write(tmp_path, "p.jsonl", [{"prompt": "say a:"}]), "sorting:judge", 1, template)
+    td = data.load_user_data(None, plain, write(tmp_path, "p.jsonl", [{"prompt": "say a:"}]), 1, template)
     assert td.chunks[0][0]["prompt"] == "say a:" and type(td.chunks[0][0]["prompt"]) is str
 
 
@@ -192,7 +192,7 @@ def test_fit_keeps_the_records_that_fit(tmp_path, capsys):
     assert "kept 2 of 3 records" in err
     # what it keeps, a run loads and fits; a malformed record is an error, not dropped
     kept = write(tmp_path, "kept.jsonl", [json.loads(line) for line in out.splitlines()])
-    td = data.load_user_data(None, kept, kept, "sorting:judge", 1, loaded(d)[1])
+    td = data.load_user_data(None, kept, kept, 1, loaded(d)[1])
     data.check_fits(td, tokenizer.get_tokenizer(d, verbose=False), 128, "", kept)
     with pytest.raises(SystemExit, match=r"prefs.jsonl:2: chosen has no assistant turn"):
         data.main(["fit", d, "128", write(tmp_path, "prefs.jsonl", [IMPLICIT, {"chosen": [USER], "rejected": [USER]}])])

@@ -87,11 +87,12 @@ def test_impossible_combinations_are_one_line(tmp_path, monkeypatch, flags, msg)
 
 def test_a_judge_file_that_is_no_python_is_one_line(tmp_path, monkeypatch):
     import data
+    import inputs
     (tmp_path / "prefs.jsonl").write_text('{"prompt": "a"}\n')
     monkeypatch.chdir(tmp_path)
     for spec in (f"{tmp_path}/prefs.jsonl:judge", "prefs.jsonl:judge"):
         with pytest.raises(data.DataError) as e:
-            data.load_judge(spec)
+            inputs.load_judge(spec)
         assert f"judge {spec!r}: " in str(e.value) and "prefs.jsonl is not a Python file (.py)" in str(e.value)
 
 

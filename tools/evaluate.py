@@ -32,7 +32,7 @@ import train
 from checkpoint import stage_path
 from files import write_json_atomic
 from hf import check_model_path, load_model
-from inputs import check_config, load_data
+from inputs import check_config, judge_target, load_data, load_judge
 from runtime import check_or_exit, setup, summary_line
 from sample import DefaultsHelp
 
@@ -67,7 +67,7 @@ def check_args(args):
         raise ValueError(f"MODEL: {e}") from None
     if args.judge is not None:
         try:
-            data.judge_target(args.judge)
+            judge_target(args.judge)
         except ValueError as e:
             raise ValueError(f"--judge: {e}") from None
     out, task, prompts, n = output_path(args), args.task, args.prompts, args.max_new_tokens
@@ -127,7 +127,7 @@ def user_prompts(m, args):
         e = data.plain_prompt(rec)
         return {"prompt": m.prompt(e["prompt"]), "reference": e["reference"]}
     evals = [data.converted(where, rec, read) for where, rec in data.read_jsonl(args.prompts)]
-    judge = data.load_judge(args.judge, args.device)  # a reward model (rm:DIR) runs where the model does
+    judge = load_judge(args.judge, args.device)  # a reward model (rm:DIR) runs where the model does
     ifeval = judge is instructions.judge
     return data.TrainingData([], [[]], evals, judge, builtin=ifeval or judge is sorting.judge,
                              conversational=m.conversational, metrics=instructions.accuracies if ifeval else None)
