@@ -3,11 +3,12 @@ inputs.py -- what a run starts from: its settings checked, its tokenizer, data a
 
   settings   the per-preset defaults filled in, impossible combinations refused;
   tokenizer  the --bpe-path or --init-from directory's, else whatever tokenizer.get_tokenizer finds;
-  data       a built-in task: letter sorting (sorting.py) or, for a chat model, verifiable
-             instructions (instructions.py); or the user's JSON Lines files (conversations
-             rendered with the tokenizer directory's chat template, chat.py);
-  judge      the built-in task's, or the function --judge names: a module's or a file's, or a
-             reward model (rm:DIR, reward.py), resolved here and handed on as a function;
+  data       a task of tasks/, through its Task alone: letter sorting (tasks/sorting.py) or, for a
+             chat model, verifiable instructions (tasks/instructions.py), or one of your own; or
+             the user's JSON Lines files (conversations rendered with the tokenizer directory's
+             chat template, chat.py);
+  judge      the task's, or the function --judge names: a module's or a file's, or a reward model
+             (rm:DIR, reward.py), resolved here and handed on as a function;
   model      a fresh preset sized for the tokenizer, or a Hugging Face directory on disk
              (GPT-2, Llama, Mistral, Qwen2, Qwen3: hf.py).
 Each function takes the run's configuration (train.Config) and fails with one line that
@@ -22,16 +23,17 @@ import json
 import math
 import os
 import shlex
+import sys
 
 import chat
 import data
-import instructions
 import reward
-import sorting
+import tasks
 from checkpoint import stage_names, weights_digest
 from files import file_problem
 from hf import check_stages, load_pretrained
 from model import GPT, PRESETS, check_device, preset
+from pairs import rendered
 from selm import LOSS_TYPES, check_hparams
 from tokenizer import get_tokenizer
 
@@ -44,25 +46,64 @@ def tokenizer_and_data(cfg, rt):
 
 
 def load_data(cfg, template=None, device=None):
-    """The built-in task, or the user's JSONL files (data.load_user_data: `template` renders
-    conversations) and judge (load_judge: `device` is where a reward model judges). check_config has checked
-    that the files come together. The instruction task's chunks hold its prompts only (plain
-    user turns) until train.instruction_pairs has the starting model answer them."""
-    if cfg.task == "instructions":
-        if template is None:
-            raise ValueError(f"--task instructions needs a chat model, and {cfg.init_from} has no chat template "
-                             "(chat_template.jinja, or tokenizer_config.json's \"chat_template\")")
-        t = instructions.make_task(seed=cfg.task_seed, n_prompts_per_chunk=cfg.chunk_size,
-                                   n_chunks=cfg.iterations + 1, n_eval=cfg.n_eval)
-        return instructions.training_data(t.chunks, t.eval, template)
+    """The --task's data (task_data), or the user's JSONL files (data.load_user_data: `template`
+    renders conversations) and judge (load_judge: `device` is where a reward model judges).
+    check_config has checked that the files come together, and that a task is not given with them."""
     if not any([cfg.sft, cfg.prefs, cfg.prompts, cfg.judge]):
-        t = sorting.make_task(seed=cfg.task_seed, n_sft=cfg.n_sft, n_prompts_per_chunk=cfg.chunk_size,
-                              n_chunks=cfg.iterations + 1, n_eval=cfg.n_eval, min_len=cfg.min_len, max_len=cfg.max_len,
-                              sft_passes=passes(cfg.sft_passes, "sft"), offline_passes=passes(cfg.offline_passes, "offline"))
-        return data.TrainingData(t.sft, t.chunks, t.eval, sorting.judge, builtin=True,
-                                 prompt_template=sorting.make_prompt("{prompt}"))
+        return task_data(cfg, template)
     d = data.load_user_data(cfg.sft, cfg.prefs, cfg.prompts, cfg.iterations + 1, template)
     return dataclasses.replace(d, judge=load_judge(cfg.judge, device))  # last: once the data is known to be good
+
+
+def load_task(name):
+    """tasks/NAME.py's TASK, a tasks.Task: the one door through which a run meets a task."""
+    if name not in tasks.names():
+        raise ValueError(f"--task must be one of {', '.join(tasks.names())} (the files of tasks/), got {name!r}")
+    try:
+        task = getattr(importlib.import_module(f"tasks.{name}"), "TASK", None)
+    except Exception as e:  # whatever a task of your own raises on import
+        raise ValueError(f"--task {name}: cannot import tasks/{name}.py: {e!r}") from e
+    if not isinstance(task, tasks.Task):
+        raise ValueError(f"--task {name}: tasks/{name}.py has no TASK that is a tasks.Task")
+    return task
+
+
+def task_data(cfg, template=None):
+    """The --task's data as the run's TrainingData, made through its Task alone. A task with a
+    prompt template gives offline pairs; a chat model's task (template None) gives prompts, each
+    a user turn rendered with the model's chat template (`template`), and the chunks keep them
+    plain until train.instruction_pairs has the starting model answer them (awaiting_pairs)."""
+    task = load_task(cfg.task)
+    made = task.make(cfg)
+    chat_task = task.template is None
+    if any(isinstance(e, dict) == chat_task for chunk in made.chunks for e in chunk):
+        raise ValueError(f"--task {cfg.task}: its chunks must hold " + (
+            "prompts (strings): a chat model's task has the starting model make its pairs" if chat_task else
+            'offline pairs {"prompt", "chosen", "rejected"}: only a chat model\'s task (template None) gives prompts'))
+    if not made.sft and cfg.sft_steps > 0:
+        raise ValueError(f"--task {cfg.task} has no SFT data: --sft-steps must be 0")
+    if not chat_task:
+        return data.TrainingData(list(made.sft), made.chunks, made.eval, task.judge, builtin=True,
+                                 prompt_template=task.template, metrics=task.metrics)
+    if template is None:
+        raise ValueError(f"--task {cfg.task} needs a chat model, and {cfg.init_from} has no chat template "
+                         "(chat_template.jinja, or tokenizer_config.json's \"chat_template\")")
+    sft = [chat.demonstration({"prompt": p, "completion": r}, template) for p, r in made.sft]
+    return data.TrainingData(sft, rendered(made.chunks, template), [chat.evaluation_prompt(e, template) for e in made.eval],
+                             task.judge, builtin=True, conversational=True, metrics=task.metrics)
+
+
+def awaiting_pairs(task_data):
+    """Whether the chunks hold prompts still, not pairs: a chat model's task, before
+    train.instruction_pairs has the starting model answer them."""
+    return any(not isinstance(e, dict) for chunk in task_data.chunks for e in chunk)
+
+
+def task_of(judge):
+    """The Task whose judge `judge` is (a --judge spec naming one, tasks.instructions:judge, brings
+    its metrics and its "perfect" score), or None."""
+    task = getattr(sys.modules.get(getattr(judge, "__module__", None) or ""), "TASK", None)
+    return task if isinstance(task, tasks.Task) and task.judge is judge else None
 
 
 def load_judge(spec, device=None):
@@ -145,7 +186,7 @@ def check_inputs(cfg, tok, task_data, block_size):
     task's chunks hold prompts until the starting model answers them (train.instruction_pairs):
     then every prompt must leave room for an answer of --max-new-tokens and the end-of-turn
     token, or sampling them would be wasted on pairs that do not fit."""
-    if cfg.task == "instructions" and not isinstance(task_data.chunks[0][0], dict):
+    if awaiting_pairs(task_data):
         template = chat.load_template(tok)
         longest = max(len(tok.encode_prompt(template.prompt([{"role": "user", "content": p}])))
                       for chunk in task_data.chunks for p in chunk)
@@ -159,21 +200,34 @@ def check_inputs(cfg, tok, task_data, block_size):
 
 
 def pair_settings(cfg, tok, model, template, rt):
-    """Everything that shapes the instruction task's offline pairs besides their prompts, the
-    number of answers and the seed (instructions.cached_pairs keys its cache on these): the
-    weights, the tokenizer and the chat template, the sampling settings (--gen-batch-size sets
-    each block's seed), the device (its random numbers) and dtype, and the judge with its rules."""
-    with open(instructions.__file__, "rb") as f:
-        rules = hashlib.sha256(f.read()).hexdigest()[:16]
+    """Everything that shapes a chat task's offline pairs besides their prompts, the number of
+    answers and the seed (pairs.cached_pairs keys its cache on these): the weights, the tokenizer
+    and the chat template, the sampling settings (--gen-batch-size sets each block's seed), the
+    device (its random numbers) and dtype, and the judge with its rules (the task's code)."""
+    judge = load_task(cfg.task).judge
     return {"model": weights_digest(model), "tokenizer": tok.digest(),
             "template": hashlib.sha256(json.dumps([template.text, template.specials]).encode()).hexdigest()[:16],
             "max_new_tokens": cfg.max_new_tokens, "temperature": 1.0, "gen_batch_size": cfg.gen_batch_size,
-            "device": rt.device.type, "dtype": str(rt.dtype), "judge": data.judge_name(instructions.judge),
-            "rules": rules}
+            "device": rt.device.type, "dtype": str(rt.dtype), "judge": data.judge_name(judge),
+            "rules": code_digest(sys.modules[f"tasks.{cfg.task}"])}
+
+
+def code_digest(module):
+    """A short fingerprint of a module's code and of the chapters it takes names from (one level):
+    a task's rules, so that a changed judge makes the pairs it judged stale."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    used = {module} | {v if isinstance(v, type(sys)) else sys.modules.get(getattr(v, "__module__", None) or "")
+                       for v in vars(module).values()}
+    h = hashlib.sha256()
+    for path in sorted({getattr(m, "__file__", None) or "" for m in used} - {""}):
+        if path.startswith(here + os.sep):
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:16]
 
 
 def offline_record(task_data):
-    """The instruction task's offline pairs, for the metrics log: pairs per chunk, and the
+    """A chat task's offline pairs, for the metrics log: pairs per chunk, and the
     answers among them cut off at --max-new-tokens (trained unfinished: no EOS follows them)."""
     unfinished = {k: sum(getattr(e[k], "finished", True) is False for c in task_data.chunks for e in c)
                   for k in ("chosen", "rejected")}
@@ -230,7 +284,6 @@ RULES = {
     "model": (f"one of {', '.join(PRESETS)}", lambda v: v in PRESETS),
     "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
     "block_size": (f"between 2 and {MAX_BLOCK_SIZE}", lambda v: v is None or 2 <= v <= MAX_BLOCK_SIZE),
-    "task": ("sorting or instructions", lambda v: v in ("sorting", "instructions")),
     "task_seed": (SEEDS, lambda v: 0 <= v < 2 ** 32),
     "min_len": ("at least 1", _at_least(1)),
     "max_len": ("at least 1", _at_least(1)),  # and at least --min-len, below the context: check_config
@@ -290,6 +343,7 @@ def check_config(cfg):
     if not cfg.out_dir or os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise ValueError(f"--out-dir {cfg.out_dir!r} is not a directory")
     check_device(cfg.device)
+    task = load_task(cfg.task)  # one of tasks/, with a TASK
     context = cfg.block_size or (None if cfg.init_from else PRESETS[cfg.model].get("block_size", 1024))
     own_data = any(x is not None for x in (cfg.sft, cfg.prefs, cfg.prompts, cfg.judge))
     problems = {f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size {cfg.micro_batch_size}":
@@ -307,12 +361,10 @@ def check_config(cfg):
                 "the sorting task); --sft is optional": own_data and not (cfg.prefs and cfg.prompts and cfg.judge),
                 "--prefs without --sft: give --sft demonstrations, or --init-from a pretrained model with "
                 "--sft-steps 0": own_data and cfg.sft is None and cfg.init_from is None and cfg.sft_steps > 0,
-                "--task instructions is for a chat model: give its directory with --init-from":
-                    cfg.task == "instructions" and cfg.init_from is None,
-                "--task instructions brings its own prompts, pairs and judge: leave out --sft, --prefs, "
-                "--prompts and --judge": cfg.task == "instructions" and own_data,
-                "--task instructions has no SFT data: --sft-steps must be 0":
-                    cfg.task == "instructions" and cfg.sft_steps > 0}
+                f"--task {cfg.task} is for a chat model: give its directory with --init-from":
+                    task.template is None and cfg.init_from is None,
+                f"--task {cfg.task} brings its own prompts, pairs and judge: leave out --sft, --prefs, "
+                "--prompts and --judge": own_data and cfg.task != default(cfg, "task")}
     for message, bad in problems.items():
         if bad:
             raise ValueError(message)
@@ -329,6 +381,11 @@ def check_config(cfg):
 
 def flag(name):
     return "--" + name.replace("_", "-")
+
+
+def default(cfg, name):
+    """The default of one of cfg's settings (train.Config's field)."""
+    return next(f.default for f in dataclasses.fields(cfg) if f.name == name)
 
 
 def passes(spec, which):
@@ -348,11 +405,11 @@ def first_screen(cfg, tok, task_data, model, rt):
     settings that differ from their defaults."""
     t, where = cfg.iterations, f"{cfg.init_from}'s weights" if cfg.init_from else "fresh weights"
     dtype = str(rt.dtype).removeprefix("torch.") if rt.dtype else "float32"
-    if cfg.task == "instructions":
-        source = ("the built-in task, instructions with 1-3 checkable constraints (instructions.py), offline pairs "
-                  f"from {cfg.pair_samples} answers of the starting model per prompt, in its chat template")
-    elif task_data.builtin:
-        source = f"the built-in task, sorting the letters of words of {cfg.min_len}-{cfg.max_len} letters (sorting.py)"
+    if task_data.builtin:
+        task = load_task(cfg.task)
+        source = f"--task {cfg.task}: {task.about.format(cfg=cfg)} (tasks/{cfg.task}.py)" + (
+            f", offline pairs from {cfg.pair_samples} answers of the starting model per prompt, in its chat template"
+            if task.template is None else "")
     else:
         source = ", ".join(f"--{k} {v}" for k, v in (("sft", cfg.sft), ("prefs", cfg.prefs), ("prompts", cfg.prompts)) if v)
         source += f", judged by {data.judge_name(task_data.judge)}" + (

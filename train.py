@@ -20,13 +20,13 @@ import torch.nn.functional as F
 
 import chat
 import data
-import instructions
 from checkpoint import commit, stage_names, stage_state
 from data import Example
 from hf import export_stages
-from inputs import (build_model, check_config, check_inputs, example_prompt, first_screen, offline_record,
-                    pair_settings, tokenizer_and_data)
+from inputs import (awaiting_pairs, build_model, check_config, check_inputs, example_prompt, first_screen,
+                    offline_record, pair_settings, tokenizer_and_data)
 from outdir import begin, check_start, claim_out_dir, restore, resume_advice, survey
+from pairs import Unfinished, cached_pairs, rendered
 from runtime import (Running, check_finite, judge_failure, last_screen, lr_at, optimizer_step, parse_config, setup,
                      summary_line)
 from selm import (candidates_of, dpo_loss, pairs_from_scores, preference_metrics, relabel_counts,
@@ -54,9 +54,9 @@ class Config:
     bpe_path: str = setting(None, "directory of GPT-2 BPE files: vocab.bpe + encoder.json, or merges.txt + vocab.json")
     block_size: int = setting(None, "context length of the fresh model (default: the preset's)")
     # the built-in tasks
-    task: str = setting("sorting", "the built-in task when no data files are given: sorting (the letters of a word, "
-                                   "for a fresh --model) or instructions (verifiable instructions, for a chat model "
-                                   "given by --init-from; instructions.py)")
+    task: str = setting("sorting", "the task when no data files are given, a file of tasks/: sorting (the letters of a "
+                                   "word, for a fresh --model), instructions (verifiable instructions, for a chat "
+                                   "model given by --init-from), or one of your own")
     task_seed: int = setting(0, "seed of the built-in task's data (kept fixed across training seeds)")
     min_len: int = setting(7, "shortest word to sort")
     max_len: int = setting(10, "longest word to sort")
@@ -143,7 +143,7 @@ def instruction_pairs(rt, cfg, tok, model, task_data):
     """UltraFeedback's recipe on --task instructions: --pair-samples answers of the starting model
     to each chunk's prompts, at temperature 1, judged; the best becomes chosen and the worst
     rejected, and a prompt whose answers all tie is dropped; one cut off at --max-new-tokens stays
-    unfinished, as y_ref does. Built once and kept in --out-dir (instructions.cached_pairs), where
+    unfinished, as y_ref does. Built once and kept in --out-dir (pairs.cached_pairs), where
     a resumed run, or one started from this run's stage, finds them. Returns task_data with its
     chunks of prompts turned into chunks of pairs."""
     template = chat.load_template(tok)
@@ -151,23 +151,23 @@ def instruction_pairs(rt, cfg, tok, model, task_data):
 
     def text(r):  # an answer as text without its EOS; one cut off at --max-new-tokens has none
         words = tok.decode([t for t in r if t not in tok.eos_ids])
-        return words if r and r[-1] in tok.eos_ids else instructions.Unfinished(words)
+        return words if r and r[-1] in tok.eos_ids else Unfinished(words)
 
     def sample(prompts, k, seed):  # k answers per prompt
         ids = [tok.encode_prompt(template.prompt([{"role": "user", "content": p}])) for p in prompts]
         runs = [sample_responses(rt, cfg, tok, model, ids, 1.0, seed_for(seed, "pairs", k=j), bar) for j in range(k)]
         return [[text(r) for r in answers] for answers in zip(*runs)]
     elsewhere = [os.path.dirname(os.path.abspath(cfg.start_from))] if cfg.start_from else []
-    pairs = instructions.cached_pairs(cfg.out_dir, task_data.chunks, sample, cfg.pair_samples, cfg.task_seed,
-                                      pair_settings(cfg, tok, model, template, rt), write=rt.ranks.main,
-                                      elsewhere=elsewhere)
+    pairs = cached_pairs(cfg.out_dir, task_data.chunks, sample, cfg.pair_samples, cfg.task_seed,
+                         pair_settings(cfg, tok, model, template, rt), write=rt.ranks.main,
+                         elsewhere=elsewhere, judge=task_data.judge)
     bar.close()
     rt.ranks.barrier()
     empty = [i for i, chunk in enumerate(pairs) if not chunk]
     if empty:
         raise data.DataError(f"the starting model's {cfg.pair_samples} answers tied on every prompt of chunk "
                              f"{empty[0]}: no offline pair to train on (is {cfg.init_from} a chat model?)")
-    return replace(task_data, chunks=instructions.rendered(pairs, template))
+    return replace(task_data, chunks=rendered(pairs, template))
 
 
 # ---- stage 1: SFT -------------------------------------------------------------------------
@@ -409,18 +409,20 @@ def run(cfg):
     start = check_start(cfg.start_from, stages, asdict(cfg), model.config) if cfg.start_from else None
     with claim_out_dir(cfg.out_dir, rt.ranks, create=not cfg.resume):
         ckpt, done = survey(cfg.out_dir, stages, asdict(cfg), model.config, start)
-        if cfg.task == "instructions":  # the offline pairs are the starting model's own answers, judged
+        own_pairs = awaiting_pairs(task_data)
+        if own_pairs:  # a chat task's offline pairs are the starting model's own answers, judged
             task_data = instruction_pairs(rt, cfg, tok, model, task_data)
             check_inputs(cfg, tok, task_data, model.config.block_size)
         begin(cfg.out_dir, ckpt, start, rt.log, rt.ranks)  # the run's first writes
-        return run_stages(rt, cfg, tok, model, task_data, sft_examples, ckpt, done)
+        return run_stages(rt, cfg, tok, model, task_data, sft_examples, ckpt, done, own_pairs)
 
 
-def run_stages(rt, cfg, tok, model, task_data, sft_examples, ckpt, done):
-    """Each stage after those `done` (ckpt: the last one's) trained, committed, evaluated, committed again."""
+def run_stages(rt, cfg, tok, model, task_data, sft_examples, ckpt, done, own_pairs=False):
+    """Each stage after those `done` (ckpt: the last one's) trained, committed, evaluated, committed again;
+    own_pairs: the offline pairs are the starting model's answers (instruction_pairs)."""
     stages = stage_names(cfg.iterations)
     rt.say(first_screen(cfg, tok, task_data, model, rt))
-    if cfg.task == "instructions" and not cfg.resume:  # what the offline pairs hold (a resumed run's log has it)
+    if own_pairs and not cfg.resume:  # what the offline pairs hold (a resumed run's log has it)
         rt.log.write({"offline_pairs": offline_record(task_data)})
     # continue after the last stage trained (state: that stage, if its evaluation was cut short)
     results, sft_answers, sft_model, state = restore(ckpt, model, cfg.out_dir, rt.device)

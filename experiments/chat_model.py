@@ -30,8 +30,9 @@ import train
 from experiments import plots
 from experiments.runner import Job, read_json, run_all
 from files import write_json_atomic
-from instructions import DEGENERATE, PAIRS_FILE, degenerate, make_task, parse_prompt, verdicts, words
+from pairs import PAIRS_FILE
 from runtime import check_or_exit, setup
+from tasks.instructions import DEGENERATE, degenerate, make_task, parse_prompt, verdicts, words
 
 ARMS = {  # the preregistered arms: train.py flags besides the shared ones
     "A": ("iterative DPO", ["--alpha", "0"]),

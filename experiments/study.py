@@ -34,7 +34,7 @@ from experiments.runner import Job, check_common, run_all
 from files import atomic_write, read_json, write_json_atomic
 from runtime import check_or_exit, read_metrics
 from selm import win
-from sorting import judge
+from tasks.sorting import judge
 
 ARMS = {  # the preregistered arms: train.py flags besides the shared ones (alpha is tuned for B, D)
     "A": ("iterative DPO, greedy", ["--alpha", "0"]),

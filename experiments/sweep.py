@@ -28,12 +28,12 @@ import statistics
 import sys
 import time
 
-import sorting
 from experiments import plots
 from experiments.runner import Job, check_common, run_all
 from files import atomic_write, write_json_atomic
 from runtime import check_or_exit
 from selm import win
+from tasks import sorting
 
 # alpha*beta = 0.002 .. 0.16 at beta 2: from "no measurable effect" to "clearly too optimistic"
 # on the built-in task (see docs/results.md, the sweep); the paper searched 0.0001 .. 0.005

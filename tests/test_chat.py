@@ -104,7 +104,7 @@ def test_conversational_records_load_as_rendered_strings(tmp_path):
     assert td.chunks[0][0]["prompt"] == "say a:" and type(td.chunks[0][0]["prompt"]) is str
 
 
-def run_flags(tmp_path, tok, prefs, judge="sorting:judge", extra=()):
+def run_flags(tmp_path, tok, prefs, judge="tasks.sorting:judge", extra=()):
     sft = write(tmp_path, "sft.jsonl", [{"messages": conversation("aaaa")}] * 4)
     prompts = write(tmp_path, "prompts.jsonl", [{"prompt": [SYSTEM, USER]}] * 2)
     return ["--model", "tiny", "--bpe-path", tok, "--block-size", "128", "--sft", sft, "--prefs", prefs,

@@ -49,12 +49,12 @@ def test_every_phase_hands_the_runner_each_arms_base(tmp_path, monkeypatch):
 def test_answer_tables_count_degenerate_answers_and_constraints_met(tmp_path):
     """Three prompts, one seed: the starting model loops on the first, writes a stub to the
     second and copies the example title on the third; an arm's last stage meets the first,
-    says nothing to the second and restates the third. Every reason of instructions.DEGENERATE
+    says nothing to the second and restates the third. Every reason of tasks.instructions.DEGENERATE
     has its row."""
     import json
     from types import SimpleNamespace
 
-    from instructions import DEGENERATE, Constraint, make_prompt
+    from tasks.instructions import DEGENERATE, Constraint, make_prompt
     p1 = make_prompt("a short poem", "the ocean", [Constraint("lowercase", ())])
     p2 = make_prompt("a short poem", "the ocean", [Constraint("no_commas", ())])
     p3 = make_prompt("a short poem", "the ocean", [Constraint("title", ())])

@@ -9,9 +9,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import inputs  # noqa: E402
-import sorting  # noqa: E402
 import tokenizer  # noqa: E402
 from data import DataError  # noqa: E402
+from tasks import sorting  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_load_jsonl_malformed(tmp_path, text, line, what):
 
 
 def test_load_judge(tmp_path):
-    assert inputs.load_judge("sorting:judge") is sorting.judge
+    assert inputs.load_judge("tasks.sorting:judge") is sorting.judge
     src = "def longest(prompt, candidates):\n    return [len(c) for c in candidates]\n"
     f = write(tmp_path, src, name="myjudge.py")
     fn = inputs.load_judge(f"{f}:longest")

@@ -1,5 +1,5 @@
-"""Tests for instructions.py: the constraint checkers, the degenerate-answer rules, the judge,
-the held-out split, and the offline pairs with their cache."""
+"""Tests for tasks/instructions.py: the constraint checkers, the degenerate-answer rules, the judge,
+the held-out split; and the offline pairs the task's prompts get, with their cache (pairs.py)."""
 
 import itertools
 import json
@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-import instructions as I
+import pairs as P
+from tasks import instructions as I
 from files import TMP_PREFIX
 from tokenizer import Templated
 from conftest import extra
@@ -376,13 +377,21 @@ def fake_sampler(calls):
     return sample
 
 
+def cached_pairs(*args, **kw):  # the instruction task's pairs, judged as train.instruction_pairs has them judged
+    return P.cached_pairs(*args, judge=I.judge, **kw)
+
+
+def build_pairs(*args, **kw):
+    return P.build_pairs(*args, judge=I.judge, **kw)
+
+
 def prompts_of(*topics):
     return [I.make_prompt("a song", t, [I.Constraint("no_commas", ())]) for t in topics]
 
 
 def test_build_pairs_keeps_best_and_worst_and_drops_ties():
     calls = []
-    pairs, dropped = I.build_pairs(prompts_of("tea", "the ocean", "a kite"), fake_sampler(calls), k=4, seed=7)
+    pairs, dropped = build_pairs(prompts_of("tea", "the ocean", "a kite"), fake_sampler(calls), k=4, seed=7)
     assert calls == [(3, 4, 7)] and dropped == 1
     assert [e["prompt"] for e in pairs] == prompts_of("tea", "a kite")
     assert pairs[0] == {"prompt": prompts_of("tea")[0], "chosen": "tea plain 7" + VERSE,
@@ -390,28 +399,28 @@ def test_build_pairs_keeps_best_and_worst_and_drops_ties():
                         "chosen_score": 1.0, "rejected_score": 0.0,  # first of the equal best and worst
                         "chosen_finished": True, "rejected_finished": True}
     with pytest.raises(ValueError, match="4 answers"):
-        I.build_pairs(prompts_of("tea"), lambda ps, k, s: [["one"]], k=4)
+        build_pairs(prompts_of("tea"), lambda ps, k, s: [["one"]], k=4)
 
 
 def test_pairs_are_cached_and_rebuilt_when_settings_change(tmp_path):
     chunks = [prompts_of("tea", "the ocean"), prompts_of("a kite", "coffee")]
     calls = []
-    first = I.cached_pairs(str(tmp_path), chunks, fake_sampler(calls), k=3, seed=5, settings={"model": "m"})
+    first = cached_pairs(str(tmp_path), chunks, fake_sampler(calls), k=3, seed=5, settings={"model": "m"})
     assert calls == [(2, 3, 5), (2, 3, 6)]  # chunk i sampled with seed + i
     assert [[e["prompt"] for e in c] for c in first] == [prompts_of("tea"), prompts_of("a kite", "coffee")]
-    path = tmp_path / I.PAIRS_FILE
+    path = tmp_path / P.PAIRS_FILE
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert lines[0]["settings"]["model"] == "m" and lines[0]["dropped"] == [1, 0]
     (tmp_path / "plain").write_bytes(b"")  # the permissions open() gives under this umask, not mkstemp's 0600
     assert path.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
-    again = I.cached_pairs(str(tmp_path), chunks, fake_sampler(calls), k=3, seed=5, settings={"model": "m"})
+    again = cached_pairs(str(tmp_path), chunks, fake_sampler(calls), k=3, seed=5, settings={"model": "m"})
     assert again == first and len(calls) == 2  # reused: the sampler was not called
-    assert I.cached_pairs(str(tmp_path), chunks[:1], fake_sampler(calls), k=3, seed=5, settings={"model": "m"}) \
+    assert cached_pairs(str(tmp_path), chunks[:1], fake_sampler(calls), k=3, seed=5, settings={"model": "m"}) \
         == first[:1] and len(calls) == 2  # fewer iterations: the first chunks of the file serve
     for change in [dict(k=4), dict(seed=6), dict(settings={"model": "other"}), dict(chunks=chunks[::-1])]:
         kw = dict(chunks=chunks, k=3, seed=5, settings={"model": "m"}) | change
         n = len(calls)
-        I.cached_pairs(str(tmp_path), sample=fake_sampler(calls), **kw)
+        cached_pairs(str(tmp_path), sample=fake_sampler(calls), **kw)
         assert len(calls) == n + 2, change  # rebuilt
     assert not [f for f in os.listdir(tmp_path) if f.startswith(TMP_PREFIX)]
 
@@ -421,14 +430,14 @@ def test_a_damaged_pairs_file_is_refused_never_read_nor_replaced(tmp_path):
     checked whole (the count of pairs, their checksum, each pair's fields)."""
     from data import DataError
     chunks = [prompts_of("tea", "a kite", "coffee")]
-    whole = I.cached_pairs(str(tmp_path), chunks, fake_sampler([]), k=2)
-    path = tmp_path / I.PAIRS_FILE
+    whole = cached_pairs(str(tmp_path), chunks, fake_sampler([]), k=2)
+    path = tmp_path / P.PAIRS_FILE
     lines = path.read_text().splitlines(keepends=True)
     assert len(lines) == 4
     edited = json.loads(lines[2]) | {"chosen": "changed"}
     bad_field = json.loads(lines[1]) | {"chosen_finished": "yes"}
     header = json.loads(lines[0])
-    relabelled = json.dumps(header | {"sha256": I.checksum([bad_field] + [json.loads(x) for x in lines[2:]])})
+    relabelled = json.dumps(header | {"sha256": P.checksum([bad_field] + [json.loads(x) for x in lines[2:]])})
     for text, damage in [("".join(lines[:3]), "its header counts 3 pairs, it holds 2"),
                          (lines[0] + lines[1] + json.dumps(edited) + "\n" + lines[3],
                           "its pairs do not match its checksum"),
@@ -436,14 +445,14 @@ def test_a_damaged_pairs_file_is_refused_never_read_nor_replaced(tmp_path):
                           "a pair lacks a field")]:
         path.write_text(text)
         with pytest.raises(DataError) as e:
-            I.cached_pairs(str(tmp_path), chunks, fake_sampler([]), k=2)
+            cached_pairs(str(tmp_path), chunks, fake_sampler([]), k=2)
         assert str(e.value) == f"{path}: damaged ({damage}); remove it to build the pairs again"
         assert path.read_text() == text  # neither read nor replaced
     path.write_text('{"not": "a cache of selm\'s"}\n')
     with pytest.raises(DataError, match="not a pairs file of selm's"):
-        I.cached_pairs(str(tmp_path), chunks, fake_sampler([]), k=2)
+        cached_pairs(str(tmp_path), chunks, fake_sampler([]), k=2)
     path.write_text("".join(lines))
-    assert I.cached_pairs(str(tmp_path), chunks, fake_sampler([]), k=2) == whole
+    assert cached_pairs(str(tmp_path), chunks, fake_sampler([]), k=2) == whole
 
 
 def test_answers_cut_off_stay_unfinished(tmp_path):
@@ -455,13 +464,13 @@ def test_answers_cut_off_stay_unfinished(tmp_path):
 
     def sample(prompts, k, seed):  # the best answer (no comma) was cut off
         topics = [I.parse_prompt(p).topic for p in prompts]
-        return [[I.Unfinished(f"{t} plain" + VERSE), f"{t}, comma" + VERSE] for t in topics]
+        return [[P.Unfinished(f"{t} plain" + VERSE), f"{t}, comma" + VERSE] for t in topics]
     chunks = [prompts_of("tea")]
-    pairs = I.cached_pairs(str(tmp_path), chunks, sample, k=2)
+    pairs = cached_pairs(str(tmp_path), chunks, sample, k=2)
     assert [(e["chosen_finished"], e["rejected_finished"]) for e in pairs[0]] == [(False, True)]
-    assert I.cached_pairs(str(tmp_path), chunks, None, k=2) == pairs  # from the cache, as it was
+    assert cached_pairs(str(tmp_path), chunks, None, k=2) == pairs  # from the cache, as it was
     template = chat.ChatTemplate(QWEN25_TEMPLATE, "test", {"eos_token": "<|im_end|>"}, "<|im_end|>")
-    e = I.rendered(pairs, template)[0][0]
+    e = P.rendered(pairs, template)[0][0]
     assert (e["chosen"], e["chosen"].finished, e["rejected"].finished) == ("tea plain" + VERSE, False, True)
 
     class Tok:  # encode_response as tokenizer.Tokenizer has it, on characters
@@ -472,18 +481,32 @@ def test_answers_cut_off_stay_unfinished(tmp_path):
     assert Tokenizer.encode_response(Tok, e["rejected"])[-1] == 0
 
 
-def test_training_data_renders_one_user_turn():
+def test_the_task_renders_one_user_turn():
+    """Through the Task door (inputs.task_data): the task's prompts stay plain in their chunks
+    until the starting model answers them, its held-out prompts and the pairs made later are one
+    user turn in the chat template, judged by the task's judge, with IFEval's figures."""
     extra("jinja2", "chat templates need jinja2")
+    import types
+
     import chat
+    import inputs
     from chat_dirs import QWEN25_TEMPLATE
     template = chat.ChatTemplate(QWEN25_TEMPLATE, "test", {"eos_token": "<|im_end|>"}, "<|im_end|>")
+    cfg = types.SimpleNamespace(task="instructions", task_seed=3, chunk_size=2, iterations=1, n_eval=2, sft_steps=0)
+    d = inputs.task_data(cfg, template)
+    assert d.builtin and d.conversational and d.judge is I.judge and d.sft == [] and d.metrics is I.accuracies
+    task = I.make_task(seed=3, n_prompts_per_chunk=2, n_chunks=2, n_eval=2)
+    assert d.chunks == task.chunks and inputs.awaiting_pairs(d)
+    e = d.eval[0]
+    assert e["prompt"].messages == [{"role": "user", "content": task.eval[0]}] and e["reference"] is None
+    assert e["prompt"].endswith("<|im_start|>assistant\n")
     p = prompts_of("tea")[0]
-    d = I.training_data([[{"prompt": p, "chosen": "tea plain", "rejected": "tea, comma"}]], [p], template)
-    assert d.builtin and d.conversational and d.judge is I.judge and d.sft == []
-    e = d.chunks[0][0]
-    assert e["prompt"].messages == [{"role": "user", "content": p}] and e["prompt"].endswith("<|im_start|>assistant\n")
-    assert (e["chosen"], e["rejected"]) == ("tea plain", "tea, comma")
-    assert d.eval[0]["reference"] is None and d.judge(d.eval[0]["prompt"], ["tea plain" + VERSE, "x"]) == [1.0, 0.0]
+    r = P.rendered([[{"prompt": p, "chosen": "tea plain", "rejected": "tea, comma"}]], template)[0][0]
+    assert r["prompt"].messages == [{"role": "user", "content": p}] and r["prompt"].endswith("<|im_start|>assistant\n")
+    assert (r["chosen"], r["rejected"]) == ("tea plain", "tea, comma")
+    assert d.judge(r["prompt"], ["tea plain" + VERSE, "x"]) == [1.0, 0.0]
+    with pytest.raises(ValueError, match="--task instructions has no SFT data: --sft-steps must be 0"):
+        inputs.task_data(types.SimpleNamespace(**{**vars(cfg), "sft_steps": 5}), template)
 
 
 # ---------------------------------------------------------------- every generated prompt can be met

@@ -9,12 +9,12 @@ import torch
 
 import data
 import inputs
-import sorting
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
 from sample import generate
 from sample import main as sample_main
 from selm import win
+from tasks import sorting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--model", "tiny", "--n-sft", "1024", "--chunk-size", "128", "--n-eval", "64",

@@ -3,7 +3,7 @@ evaluate.py -- one model evaluated as a run evaluates each of its stages.
 
     python -m tools.evaluate out/selm_3.pt                          # on its run's held-out prompts
     python -m tools.evaluate models/SmolLM2-135M-Instruct           # on the instruction task's
-    python -m tools.evaluate out/selm_3.pt --prompts mine.jsonl --judge instructions:judge
+    python -m tools.evaluate out/selm_3.pt --prompts mine.jsonl --judge tasks.instructions:judge
 
 A stage checkpoint is evaluated on its run's task, rebuilt from the configuration it carries
 (the same held-out prompts, judge, seeds and sampling settings), against its run's SFT model
@@ -12,7 +12,7 @@ results.json, number for number. A Hugging Face directory is evaluated on a buil
 held-out prompts (--task; the settings are the task's defaults), against itself: win vs SFT
 0.5 and KL 0 by definition. --prompts with --judge evaluates on your prompts instead, written
 for the model as sample.py writes them (a user turn in its chat template, or the run's prompt
-template); `--judge instructions:judge` adds IFEval's two accuracies.
+template); `--judge tasks.instructions:judge` adds IFEval's two accuracies.
 
 The row is train.evaluate's, with the same columns as results.json's, and is written as JSON
 (atomically) with each prompt and answer: by default beside the model, <model>.eval.json.
@@ -26,13 +26,11 @@ import time
 
 import chat
 import data
-import instructions
-import sorting
 import train
 from checkpoint import stage_path
 from files import write_json_atomic
 from hf import check_model_path, load_model
-from inputs import check_config, judge_target, load_data, load_judge
+from inputs import check_config, judge_target, load_data, load_judge, load_task, task_of
 from runtime import check_or_exit, setup, summary_line
 from sample import DefaultsHelp
 
@@ -42,12 +40,12 @@ def parser():
         "Evaluate a stage checkpoint or a Hugging Face model directory as train.py evaluates a stage: "
         "greedy answers to held-out prompts, judged; the row of results.json, and each answer, as JSON."))
     ap.add_argument("model", help="a stage checkpoint (out/selm_3.pt) or a Hugging Face model directory")
-    ap.add_argument("--task", help="a directory's built-in task: sorting or instructions (default: instructions); "
+    ap.add_argument("--task", help="a directory's task, a file of tasks/ (default: instructions); "
                                    "a checkpoint is evaluated on its run's")
     ap.add_argument("--prompts", help="your prompts instead: JSONL with 'prompt' (a string or a conversation) and "
                                       "maybe 'reference' (an answer to beat); needs --judge")
     ap.add_argument("--judge", help="the judge of --prompts: module:function, file.py:function or rm:DIR "
-                                    "(instructions:judge, the instruction task's: with IFEval's accuracies)")
+                                    "(tasks.instructions:judge, the instruction task's: with IFEval's accuracies)")
     ap.add_argument("--max-new-tokens", type=int, help="answer length cap (default: the run's, or the task's; "
                                                        "64 for --prompts on a directory)")
     ap.add_argument("--out", help="the JSON file to write (default: <model>.eval.json, beside the model)")
@@ -71,8 +69,9 @@ def check_args(args):
         except ValueError as e:
             raise ValueError(f"--judge: {e}") from None
     out, task, prompts, n = output_path(args), args.task, args.prompts, args.max_new_tokens
-    problems = {f"--task must be sorting or instructions, got {task!r}": task not in (None, "sorting", "instructions"),
-                "--task is for a directory: a checkpoint is evaluated on its run's task":
+    if task is not None:
+        load_task(task)  # one of tasks/, with a TASK
+    problems = {"--task is for a directory: a checkpoint is evaluated on its run's task":
                     task and os.path.isfile(args.model),
                 "--task and --prompts exclude each other": task and prompts,
                 f"--prompts {prompts}: no such file": prompts and not os.path.isfile(prompts),
@@ -128,9 +127,9 @@ def user_prompts(m, args):
         return {"prompt": m.prompt(e["prompt"]), "reference": e["reference"]}
     evals = [data.converted(where, rec, read) for where, rec in data.read_jsonl(args.prompts)]
     judge = load_judge(args.judge, args.device)  # a reward model (rm:DIR) runs where the model does
-    ifeval = judge is instructions.judge
-    return data.TrainingData([], [[]], evals, judge, builtin=ifeval or judge is sorting.judge,
-                             conversational=m.conversational, metrics=instructions.accuracies if ifeval else None)
+    task = task_of(judge)  # a task's judge (tasks.instructions:judge): its metrics, and 1.0 is "perfect"
+    return data.TrainingData([], [[]], evals, judge, builtin=task is not None, conversational=m.conversational,
+                             metrics=task and task.metrics)
 
 
 def main(argv=None):

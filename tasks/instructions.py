@@ -1,9 +1,10 @@
 """
-instructions.py -- the built-in task for a chat model: follow instructions that can be checked.
+tasks/instructions.py -- the built-in task of a chat model: follow instructions that can be checked.
 
 It plays the paper's setup with a real chat model (--init-from):
   - UltraFeedback: prompts in chunks, one per stage, and offline pairs the starting model writes
-    itself: k answers per prompt at temperature 1, judged, best chosen and worst rejected;
+    itself: k answers per prompt at temperature 1, judged, best chosen and worst rejected
+    (train.instruction_pairs, cached by pairs.py);
   - PairRM: `judge(prompt, candidates)` scores an answer by the share of the prompt's constraints
     it meets, read back from the prompt text, so it needs no hidden state;
   - AlpacaEval: held-out prompts whose topics AND constraint combinations training never sees,
@@ -13,16 +14,14 @@ It plays the paper's setup with a real chat model (--init-from):
 A prompt is a request plus 1-3 constraints, one sentence each, as plain text:
     Write a short poem about the ocean. Your entire answer must be in lowercase letters, with
     no capital letters at all. Answer in at most 30 words.
-A run renders it with the model's chat template as one user turn (training_data, through
-chat.py), as it renders a file of conversations; the judge reads the plain and the rendered
-prompt alike. `python instructions.py` prints a few prompts and the shape of the default task.
-This file imports nothing from the model code: only data.py and chat.py.
+A run renders it with the model's chat template as one user turn (TASK's template is None:
+inputs.task_data, through chat.py), as it renders a file of conversations; the judge reads the
+plain and the rendered prompt alike. `python -m tasks.instructions` prints a few prompts and the
+shape of the default task. Of the rest of the project this file imports only the Task interface.
 """
 
-import hashlib
 import itertools
 import json
-import os
 import random
 import re
 import zlib
@@ -30,9 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import chat
-from data import DataError, TrainingData, read_jsonl
-from files import write_jsonl_atomic
+from tasks import Data, Task
 
 # -----------------------------------------------------------------------------
 # 1. The requests: kinds of writing and topics
@@ -447,7 +444,7 @@ def combinations(size):
 
 
 @dataclass
-class Task:
+class Prompts:
     """The built-in prompts, plain user turns, unique.
     chunks: n_chunks lists of prompts: chunk 0 for offline DPO, chunk t for SELM iteration t
     eval:   held-out prompts: no chunk holds their topics or their combinations of constraint types
@@ -492,129 +489,26 @@ def make_task(seed=0, n_prompts_per_chunk=256, n_chunks=4, n_eval=128, max_const
         return out
     seen = set()
     chunks = [draw(rng_train, False, seen, n_prompts_per_chunk) for _ in range(n_chunks)]
-    return Task(chunks=chunks, eval=draw(rng_eval, True, set(), n_eval), config=config)
-
-
-# -----------------------------------------------------------------------------
-# 7. Offline pairs from the starting model's own answers, cached in the run's directory
-
-class Unfinished(str):
-    """An answer the sampler cut off at its token limit: it stays unfinished in training, with no
-    end-of-turn token after it, as a y_ref does (build_pairs and rendered keep the mark)."""
-
-
-def build_pairs(prompts, sample, k=4, seed=0):
-    """UltraFeedback's recipe on this task: sample(prompts, k, seed) -> k answers per prompt
-    (the starting model at temperature 1; the prompts are plain user turns, which the sampler
-    renders as the run renders them; an answer cut off is an Unfinished), each judged; the best
-    answer becomes chosen and the worst rejected (the first of equals). A prompt whose answers
-    all tie is dropped. Returns ([{"prompt", "chosen", "rejected", "chosen_score", "rejected_score",
-    "chosen_finished", "rejected_finished"}], dropped)."""
-    answers = sample(prompts, k, seed)
-    if len(answers) != len(prompts) or any(len(a) != k for a in answers):
-        raise ValueError(f"sample() must return {k} answers for each of {len(prompts)} prompts")
-    pairs = []
-    for p, ans in zip(prompts, answers):
-        scores = judge(p, ans)
-        best, worst = scores.index(max(scores)), scores.index(min(scores))
-        if scores[best] > scores[worst]:
-            pairs.append({"prompt": p, "chosen": str(ans[best]), "rejected": str(ans[worst]),
-                          "chosen_score": scores[best], "rejected_score": scores[worst],
-                          "chosen_finished": not isinstance(ans[best], Unfinished),
-                          "rejected_finished": not isinstance(ans[worst], Unfinished)})
-    return pairs, len(prompts) - len(pairs)
-
-
-PAIRS_FILE = "instruction_pairs.jsonl"
-PAIR, FINISHED = ("prompt", "chosen", "rejected"), ("chosen_finished", "rejected_finished")
-
-
-def cached_pairs(out_dir, chunks, sample, k=4, seed=0, settings=None, write=True, elsewhere=()):
-    """The offline pairs of every chunk (a list of pair lists), built by build_pairs (chunk i
-    sampled with seed + i) and kept in out_dir/PAIRS_FILE: a header {"settings", "chunks": a
-    digest of each chunk's prompts, "dropped", "pairs": their number, "sha256": their checksum},
-    then a pair with its "chunk" per line. A later call reuses a file whose settings match (k,
-    seed and `settings`: JSON values of everything else that shapes the answers: the model, its
-    tokenizer and chat template, the sampling settings, ...) and whose chunks begin with this
-    call's: a run of T iterations reads the pairs a longer run made. Such a file is checked whole
-    (read_pairs). Otherwise the pairs are built again and the file replaced atomically.
-    elsewhere: more directories whose file may serve (a run started from another run's stage);
-    write: whether this process writes the file (under torchrun, rank 0 only)."""
-    want = {"settings": json.loads(json.dumps({"k": k, "seed": seed, **(settings or {})})),
-            "chunks": [hashlib.sha256(json.dumps(c).encode()).hexdigest()[:16] for c in chunks]}
-    for d in (out_dir, *elsewhere):
-        rows = read_pairs(os.path.join(d, PAIRS_FILE), want)
-        if rows is not None:
-            if d != out_dir and write:  # the run keeps its own copy: its --resume needs nothing else
-                write_jsonl_atomic(os.path.join(out_dir, PAIRS_FILE), rows)
-            return [[{f: r[f] for f in PAIR + FINISHED} for r in rows[1:] if r["chunk"] == i]
-                    for i in range(len(chunks))]
-    built = [build_pairs(c, sample, k, seed + i) for i, c in enumerate(chunks)]
-    body = [{"chunk": i, **e} for i, (ps, _) in enumerate(built) for e in ps]
-    if write:
-        write_jsonl_atomic(os.path.join(out_dir, PAIRS_FILE), [
-            {**want, "dropped": [d for _, d in built], "pairs": len(body), "sha256": checksum(body)}] + body)
-    return [[{f: e[f] for f in PAIR + FINISHED} for e in ps] for ps, _ in built]
-
-
-def checksum(rows):
-    """The sha256 of rows as PAIRS_FILE holds them, one JSON line each."""
-    return hashlib.sha256("\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode()).hexdigest()
-
-
-def read_pairs(path, want):
-    """The rows of a PAIRS_FILE whose settings are want's and whose chunks begin with want's;
-    None when there is no such file, or it was made with other settings. A file of want's
-    settings is checked whole -- its number of pairs, their checksum, each pair's fields -- and
-    a damaged one is refused in one line, as is a file that is none of selm's: neither is read
-    as valid, nor replaced."""
-    if not os.path.isfile(path):
-        return None
-    rows = [rec for _, rec in read_jsonl(path)]
-    header, body = rows[0], rows[1:]
-    if not isinstance(header.get("settings"), dict) or not isinstance(header.get("chunks"), list):
-        raise DataError(f"{path}: not a pairs file of selm's (its first line has no settings and chunks); move it, "
-                        "or give another --out-dir")
-    if header["settings"] != want["settings"] or header["chunks"][:len(want["chunks"])] != want["chunks"]:
-        return None  # a file of other settings: built again and replaced
-
-    def whole(r):
-        return type(r.get("chunk")) is int and 0 <= r["chunk"] < len(header["chunks"]) \
-            and all(type(r.get(f)) is str for f in PAIR) and all(type(r.get(f)) is bool for f in FINISHED)
-    damage = (f"its header counts {header.get('pairs')} pairs, it holds {len(body)}" if header.get("pairs") != len(body)
-              else "its pairs do not match its checksum" if header.get("sha256") != checksum(body)
-              else "a pair lacks a field" if not all(map(whole, body)) else None)
-    if damage:
-        raise DataError(f"{path}: damaged ({damage}); remove it to build the pairs again")
-    return rows
-
-
-def training_data(chunks, eval_prompts, template):
-    """The run's data.TrainingData: the pairs and the held-out prompts rendered as one user
-    turn with the model's chat template (a chat.ChatTemplate), judged by `judge`, the greedy
-    answers also scored by IFEval's figures. builtin=True: the pipeline's "perfect" share
-    (score 1.0) is then the prompt-level strict accuracy. chunks: per chunk, its offline pairs
-    ({"prompt", "chosen", "rejected"}) or, before the starting model has answered them, its
-    plain prompts, kept as they are."""
-    chunks = rendered(chunks, template)
-    evals = [chat.evaluation_prompt({"prompt": p}, template) for p in eval_prompts]
-    return TrainingData([], chunks, evals, judge, builtin=True, conversational=True, metrics=accuracies)
-
-
-def rendered(chunks, template):
-    """Each chunk's pairs rendered with the chat template (plain prompts kept as they are); an
-    answer the sampler cut off stays unfinished (chat.Templated with finished=False)."""
-    def pair(e):
-        r = chat.preference_pair(e, template)
-        return {**r, **{k: chat.Templated(r[k], finished=False) for k in ("chosen", "rejected")
-                        if e.get(f"{k}_finished") is False}}
-    return [[pair(e) if isinstance(e, dict) else e for e in c] for c in chunks]
+    return Prompts(chunks=chunks, eval=draw(rng_eval, True, set(), n_eval), config=config)
 
 
 def accuracies(prompts, answers):
     """IFEval's two headline figures of the answers (the judge's mean score is the run's reward)."""
     m = ifeval_metrics(prompts, answers)
     return {"prompt_accuracy": m["prompt_accuracy"], "instruction_accuracy": m["instruction_accuracy"]}
+
+
+def make(cfg):
+    """The prompts a run's settings (train.Config) ask for: --task-seed, --iterations + 1 chunks of
+    --chunk-size, --n-eval held out. The chunks hold prompts: their pairs are the starting model's
+    own answers, judged (train.instruction_pairs)."""
+    t = make_task(seed=cfg.task_seed, n_prompts_per_chunk=cfg.chunk_size, n_chunks=cfg.iterations + 1, n_eval=cfg.n_eval)
+    return Data(t.chunks, [{"prompt": p, "reference": None} for p in t.eval])
+
+
+# No prompt template: a user turn in the model's chat template. The judge's score 1.0 is the
+# prompt-level strict accuracy (every constraint met), and IFEval's two figures join results.json.
+TASK = Task(make, judge, template=None, about="instructions with 1-3 checkable constraints", metrics=accuracies)
 
 
 if __name__ == "__main__":
