@@ -209,20 +209,24 @@ def pair_settings(cfg, tok, model, template, rt):
             "template": hashlib.sha256(json.dumps([template.text, template.specials]).encode()).hexdigest()[:16],
             "max_new_tokens": cfg.max_new_tokens, "temperature": 1.0, "gen_batch_size": cfg.gen_batch_size,
             "device": rt.device.type, "dtype": str(rt.dtype), "judge": data.judge_name(judge),
-            "rules": code_digest(sys.modules[f"tasks.{cfg.task}"])}
+            "rules": files_digest(code_files(sys.modules[f"tasks.{cfg.task}"]))}
 
 
-def code_digest(module):
-    """A short fingerprint of a module's code and of the chapters it takes names from (one level):
-    a task's rules, so that a changed judge makes the pairs it judged stale."""
+def code_files(module):
+    """The files of a module and of the chapters it takes names from (one level): a task's rules,
+    its judge's code included (tasks/instructions.py reads constraints.py's)."""
     here = os.path.dirname(os.path.abspath(__file__))
     used = {module} | {v if isinstance(v, type(sys)) else sys.modules.get(getattr(v, "__module__", None) or "")
                        for v in vars(module).values()}
+    return sorted(path for path in {getattr(m, "__file__", None) or "" for m in used} if path.startswith(here + os.sep))
+
+
+def files_digest(paths):
+    """A short fingerprint of the files' bytes: a changed rule makes the pairs it judged stale."""
     h = hashlib.sha256()
-    for path in sorted({getattr(m, "__file__", None) or "" for m in used} - {""}):
-        if path.startswith(here + os.sep):
-            with open(path, "rb") as f:
-                h.update(f.read())
+    for path in paths:
+        with open(path, "rb") as f:
+            h.update(f.read())
     return h.hexdigest()[:16]
 
 

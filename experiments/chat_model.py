@@ -27,12 +27,13 @@ import sys
 
 import inputs
 import train
+from constraints import words
 from experiments import plots
 from experiments.runner import Job, read_json, run_all
 from files import write_json_atomic
 from pairs import PAIRS_FILE
 from runtime import check_or_exit, setup
-from tasks.instructions import DEGENERATE, degenerate, make_task, parse_prompt, verdicts, words
+from tasks.instructions import DEGENERATE, degenerate, make_task, parse_prompt, verdicts
 
 ARMS = {  # the preregistered arms: train.py flags besides the shared ones
     "A": ("iterative DPO", ["--alpha", "0"]),

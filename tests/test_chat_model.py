@@ -54,7 +54,8 @@ def test_answer_tables_count_degenerate_answers_and_constraints_met(tmp_path):
     import json
     from types import SimpleNamespace
 
-    from tasks.instructions import DEGENERATE, Constraint, make_prompt
+    from constraints import Constraint
+    from tasks.instructions import DEGENERATE, make_prompt
     p1 = make_prompt("a short poem", "the ocean", [Constraint("lowercase", ())])
     p2 = make_prompt("a short poem", "the ocean", [Constraint("no_commas", ())])
     p3 = make_prompt("a short poem", "the ocean", [Constraint("title", ())])
