@@ -183,10 +183,11 @@ def test_a_users_judge_sees_the_rendered_prompt_and_its_messages(tmp_path):
 
 
 def test_fit_keeps_the_records_that_fit(tmp_path, capsys):
+    from tools import fit
     d = tok_dir(tmp_path)
     long = {"chosen": conversation("a" * 2000), "rejected": conversation("x")}
     path = write(tmp_path, "prefs.jsonl", [IMPLICIT, long, ULTRAFEEDBACK])
-    data.main(["fit", d, "128", path])
+    fit.main([d, "128", path])
     out, err = capsys.readouterr()
     assert [json.loads(line) for line in out.splitlines()] == [IMPLICIT, ULTRAFEEDBACK]
     assert "kept 2 of 3 records" in err
@@ -195,7 +196,7 @@ def test_fit_keeps_the_records_that_fit(tmp_path, capsys):
     td = data.load_user_data(None, kept, kept, 1, loaded(d)[1])
     data.check_fits(td, tokenizer.get_tokenizer(d, verbose=False), 128, "", kept)
     with pytest.raises(SystemExit, match=r"prefs.jsonl:2: chosen has no assistant turn"):
-        data.main(["fit", d, "128", write(tmp_path, "prefs.jsonl", [IMPLICIT, {"chosen": [USER], "rejected": [USER]}])])
+        fit.main([d, "128", write(tmp_path, "prefs.jsonl", [IMPLICIT, {"chosen": [USER], "rejected": [USER]}])])
 
 
 def test_a_template_that_does_not_parse_or_does_not_end_turns_with_eos():

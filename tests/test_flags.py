@@ -96,7 +96,7 @@ def test_a_judge_file_that_is_no_python_is_one_line(tmp_path, monkeypatch):
         assert f"judge {spec!r}: " in str(e.value) and "prefs.jsonl is not a Python file (.py)" in str(e.value)
 
 
-# ---- the other commands: sample.py, data.py's fit, and the tools -----------------------------
+# ---- the other commands: sample.py and the tools ---------------------------------------------
 
 def option_bad_values(ap, fine):
     """[(option or positional name, value)] for every argument of the parser `ap` that takes a
@@ -170,12 +170,11 @@ def plots_cli(tmp_path, monkeypatch):
     return plots.main, [str(tmp_path)]
 
 
-def data_cli(tmp_path, monkeypatch):
-    import data
-    import tokenizer
-    monkeypatch.setattr(tokenizer, "get_tokenizer", reached)
+def fit_cli(tmp_path, monkeypatch):
+    from tools import fit
+    monkeypatch.setattr(fit, "get_tokenizer", reached)
     (tmp_path / "d.jsonl").write_text('{"prompt": "a"}\n')
-    return data.main, ["fit", str(tmp_path), "64", str(tmp_path / "d.jsonl")]
+    return fit.main, [str(tmp_path), "64", str(tmp_path / "d.jsonl")]
 
 
 def bench_cli(tmp_path, monkeypatch):
@@ -225,12 +224,11 @@ def gguf_cli(tmp_path, monkeypatch):
 
 
 def parsers():
-    import data
     import sample
     from experiments import analyse, chat_model, plots, study, sweep
     from perf import bench, memory
-    from tools import evaluate, gguf_to_hf
-    return {"sample.py": sample.parser(), "data.py": data.parser(), "perf.bench": bench.parser(),
+    from tools import evaluate, fit, gguf_to_hf
+    return {"sample.py": sample.parser(), "tools.fit": fit.parser(), "perf.bench": bench.parser(),
             "perf.memory": memory.parser(), "experiments.sweep": sweep.parser(), "experiments.study": study.parser(),
             "experiments.analyse": analyse.parser(), "tools.gguf_to_hf": gguf_to_hf.parser(),
             "experiments.chat_model": chat_model.parser(), "tools.evaluate": evaluate.parser(),
@@ -238,7 +236,7 @@ def parsers():
 
 
 # (each command's parser, its runner: main with what comes after the checks stubbed out, and good arguments)
-COMMANDS = {"sample.py": sample_cli, "data.py": data_cli, "perf.bench": bench_cli, "perf.memory": memory_cli,
+COMMANDS = {"sample.py": sample_cli, "tools.fit": fit_cli, "perf.bench": bench_cli, "perf.memory": memory_cli,
             "experiments.sweep": sweep_cli, "experiments.study": study_cli, "experiments.analyse": analyse_cli,
             "tools.gguf_to_hf": gguf_cli, "experiments.chat_model": chat_model_cli, "tools.evaluate": evaluate_cli,
             "experiments.plots": plots_cli}
