@@ -1,7 +1,7 @@
 """
 inputs.py -- what a run starts from: its settings checked, its tokenizer, data and model.
 
-  settings   the per-preset defaults filled in, impossible combinations refused;
+  settings   the defaults that depend on another flag (RECIPES), impossible combinations refused;
   tokenizer  the --bpe-path or --init-from directory's, else whatever tokenizer.get_tokenizer finds;
   data       a task of tasks/, through its Task alone: letter sorting (tasks/sorting.py) or, for a
              chat model, verifiable instructions (tasks/instructions.py), or one of your own; or
@@ -30,6 +30,7 @@ import data
 import reward
 import tasks
 from checkpoint import stage_names, weights_digest
+from commands import defaults_for
 from files import file_problem
 from hf import check_stages, load_pretrained
 from model import GPT, PRESETS, check_device, preset
@@ -240,26 +241,21 @@ def offline_record(task_data):
 
 # ---- settings ---------------------------------------------------------------------------------
 
-# Data and step counts that fit each preset's time budget on a 2-core CPU (`tiny`: about a
-# minute, the rest: about ten). Flags override them.
-SCALE = {"tiny": dict(n_sft=4096, chunk_size=512, n_eval=256, sft_steps=800),
-         "default": dict(n_sft=8192, chunk_size=1024, n_eval=512, sft_steps=1500)}
-# The losses' settings: tuned on the sorting task (docs/results.md), also the start for your own data
-TRAINING = dict(iterations=3, beta=2.0, lr=1e-4, alpha=0.001, batch_size=32, micro_batch_size=32)
-# The instruction task's recipe for SmolLM2-135M-Instruct: its whole run in about twenty minutes
-# on a 2-core CPU; lr and alpha tuned on a seed of their own (docs/chat-model.md)
-INSTRUCTIONS = dict(iterations=2, chunk_size=64, n_eval=64, sft_steps=0, max_new_tokens=48, beta=0.1, lr=3e-5,
-                    alpha=0.03, batch_size=4, micro_batch_size=4)
-PER_TASK = sorted({*SCALE["default"], *TRAINING, *INSTRUCTIONS, "max_new_tokens"})  # default None: filled here
+# The one table of the defaults that depend on another flag (train.Config holds the rest: the
+# default run's, the sorting task on --model small), applied by commands.parse_config to the
+# flags a run does not give; a later row wins. A task of your own may add its row.
+RECIPES = (
+    # less data and fewer steps: the tiny model's run in about a minute on a 2-core CPU
+    (("model", "tiny"), dict(n_sft=4096, chunk_size=512, n_eval=256, sft_steps=800)),
+    # SmolLM2-135M-Instruct's whole run in about twenty minutes on a 2-core CPU; lr and alpha
+    # tuned on a seed of their own (docs/chat-model.md)
+    (("task", "instructions"), dict(iterations=2, chunk_size=64, n_eval=64, sft_steps=0, max_new_tokens=48, beta=0.1,
+                                    lr=3e-5, alpha=0.03, batch_size=4, micro_batch_size=4)),
+)
 
 
 def resolve(cfg):
-    """Fill the per-task and per-preset defaults (fields left at None)."""
-    defaults = {**SCALE.get(cfg.model, SCALE["default"]), **TRAINING,
-                **(INSTRUCTIONS if cfg.task == "instructions" else {})}
-    for k, v in defaults.items():
-        if getattr(cfg, k) is None:
-            setattr(cfg, k, v)
+    """--max-new-tokens left at None: the rule its help states."""
     if cfg.max_new_tokens is None:  # a sorted word is as long as the word; other data: 64
         cfg.max_new_tokens = 64 if cfg.prefs else cfg.max_len + 4
     return cfg
@@ -446,14 +442,14 @@ def chunk_sizes(chunks):
 
 
 def changed_settings(cfg, leave_out=()):
-    """The settings that differ from their defaults, as flags; a per-preset default (SCALE,
-    --max-new-tokens) counts as a default. cfg: resolved (check_config)."""
-    per_preset = PER_TASK
-    defaults = resolve(dataclasses.replace(cfg, **dict.fromkeys(per_preset)))
+    """The settings that differ from their defaults, as flags; a default a recipe sets (RECIPES), or
+    the rule of --max-new-tokens, counts as a default. cfg: checked (check_config)."""
+    base = defaults_for(type(cfg), RECIPES, dataclasses.asdict(cfg))
+    base["max_new_tokens"] = resolve(dataclasses.replace(cfg, max_new_tokens=base["max_new_tokens"])).max_new_tokens
     flags = []
     for f in dataclasses.fields(cfg):
-        value, default = getattr(cfg, f.name), getattr(defaults, f.name) if f.name in per_preset else f.default
-        if value != default and f.name not in leave_out:
+        value = getattr(cfg, f.name)
+        if value != base[f.name] and f.name not in leave_out:
             flag = "--" + f.name.replace("_", "-")
             flags.append(flag if value is True else f"{flag} {shlex.quote(str(value))}")
     return " ".join(flags)

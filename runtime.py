@@ -9,12 +9,9 @@ or several under torchrun:
     the wrapping of a model for training (DDP, torch.compile);
   - sampling, scoring and judging a list of prompts in blocks shared out over the ranks;
   - the metrics log (metrics.jsonl) and progress bars;
-  - the learning-rate schedule and a guarded optimizer step;
-  - a command line made from a configuration dataclass.
+  - the learning-rate schedule and a guarded optimizer step.
 """
 
-import argparse
-import dataclasses
 import json
 import math
 import os
@@ -33,7 +30,7 @@ from tqdm import tqdm
 from checkpoint import disk_usage, human_size, stage_path
 from data import JudgeError, collate, collate_shared, judge_block
 from files import write_error
-from sample import DefaultsHelp, compile_seconds, generate
+from sample import compile_seconds, generate
 from model import check_device, mps_available
 from selm import reference_logps
 
@@ -451,20 +448,7 @@ def optimizer_step(model, opt, grad_clip, stage, step):
     opt.step()
 
 
-# ---- a command line from a configuration dataclass -------------------------------------------
-
-def parse_config(cls, argv=None, description=None):
-    """One flag per field of the dataclass `cls` (--snake-case), its help the field's
-    metadata["help"]; booleans are switches."""
-    ap = argparse.ArgumentParser(description=description, formatter_class=DefaultsHelp)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            ap.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            ap.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"])
-    return cls(**vars(ap.parse_args(argv)))
-
+# ---- a tool's checks -------------------------------------------------------------------------
 
 def check_or_exit(ap, check, *args):
     """check(*args), the one place a tool checks its flags: a ValueError it raises becomes the

@@ -31,6 +31,7 @@ import weakref
 
 import torch
 
+from commands import DefaultsHelp
 from model import KVCache, check_device, positions_from_mask
 
 
@@ -325,15 +326,6 @@ def _sync(device):
 
 
 # ---- the command line: a stage checkpoint or a Hugging Face directory, answering ------------
-
-class DefaultsHelp(argparse.HelpFormatter):
-    """A flag's help ends with its default, unless there is none to tell (None, "", a switch's
-    False, --help's) or the help tells it itself ("(default: per preset)")."""
-
-    def _get_help_string(self, action):
-        told = action.default in (None, "", argparse.SUPPRESS) or action.default is False or "(default" in action.help
-        return action.help if told else f"{action.help} (default: %(default)s)"
-
 
 def parser():
     ap = argparse.ArgumentParser(prog="sample.py", formatter_class=DefaultsHelp, description=(

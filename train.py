@@ -21,14 +21,14 @@ import torch.nn.functional as F
 import chat
 import data
 from checkpoint import commit, stage_names, stage_state
+from commands import parse_config
 from data import Example
 from hf import export_stages
-from inputs import (awaiting_pairs, build_model, check_config, check_inputs, example_prompt, first_screen,
+from inputs import (RECIPES, awaiting_pairs, build_model, check_config, check_inputs, example_prompt, first_screen,
                     offline_record, pair_settings, tokenizer_and_data)
 from outdir import begin, check_start, claim_out_dir, restore, resume_advice, survey
 from pairs import Unfinished, cached_pairs, rendered
-from runtime import (Running, check_finite, judge_failure, last_screen, lr_at, optimizer_step, parse_config, setup,
-                     summary_line)
+from runtime import Running, check_finite, judge_failure, last_screen, lr_at, optimizer_step, setup, summary_line
 from selm import (candidates_of, dpo_loss, pairs_from_scores, preference_metrics, relabel_counts,
                   selm_loss, shared_logps, split_logps, win)
 
@@ -39,6 +39,9 @@ def setting(default, help):
 
 @dataclass
 class Config:
+    """A run's settings, one flag each (python train.py --help). Every default is the one the default
+    run uses (--task sorting, --model small); --model tiny and --task instructions change a few, as
+    the one table inputs.RECIPES lists (and --help says beside each), and a flag you give wins."""
     # model
     model: str = setting("small", "model preset: tiny, small, gpt2, gpt2-medium, gpt2-large, gpt2-xl")
     init_from: str = setting(None, "start from a Hugging Face model directory on disk (GPT-2, Llama, Mistral, Qwen2, "
@@ -60,26 +63,26 @@ class Config:
     task_seed: int = setting(0, "seed of the built-in task's data (kept fixed across training seeds)")
     min_len: int = setting(7, "shortest word to sort")
     max_len: int = setting(10, "longest word to sort")
-    n_sft: int = setting(None, "SFT demonstrations (default: per preset, see inputs.SCALE)")
-    chunk_size: int = setting(None, "prompts per chunk: offline DPO's, then each iteration's (default: per preset and task)")
-    n_eval: int = setting(None, "held-out evaluation prompts (default: per preset and task)")
+    n_sft: int = setting(8192, "SFT demonstrations")
+    chunk_size: int = setting(1024, "prompts per chunk: offline DPO's, then each iteration's")
+    n_eval: int = setting(512, "held-out evaluation prompts")
     sft_passes: str = setting("1,3", "bubble-sort passes of the SFT demonstrations: lo,hi (more: better answers)")
     offline_passes: str = setting("0,4", "bubble-sort passes of the offline pairs' two responses: lo,hi")
     pair_samples: int = setting(4, "instructions: answers of the starting model per prompt, at temperature 1, whose "
                                    "best and worst by the judge make the prompt's offline pair")
     # SFT
-    sft_steps: int = setting(None, "SFT optimizer steps (default: per preset; 0 for instructions)")
+    sft_steps: int = setting(1500, "SFT optimizer steps")
     sft_lr: float = setting(2e-3, "SFT peak learning rate")
     sft_batch_size: int = setting(64, "SFT batch size")
     # DPO and SELM
-    iterations: int = setting(None, "SELM iterations after offline DPO, 0 to stop after it (default: per task)")
-    alpha: float = setting(None, "SELM optimism coefficient, 0 = iterative DPO (default: per task, inputs.TRAINING and INSTRUCTIONS)")
-    beta: float = setting(None, "DPO/SELM inverse temperature (default: per task, inputs.TRAINING and INSTRUCTIONS)")
+    iterations: int = setting(3, "SELM iterations after offline DPO, 0 to stop after it")
+    alpha: float = setting(0.001, "SELM optimism coefficient, 0 = iterative DPO")
+    beta: float = setting(2.0, "DPO/SELM inverse temperature")
     loss_type: str = setting("sigmoid", "preference loss: sigmoid (DPO) or ipo")
-    lr: float = setting(None, "peak learning rate of offline DPO and of SELM iteration 1 (default: per task)")
+    lr: float = setting(1e-4, "peak learning rate of offline DPO and of SELM iteration 1")
     lr_decay: float = setting(1.0, "each SELM iteration's learning rate is the previous one's times this")
-    batch_size: int = setting(None, "preference pairs per optimizer step (default: per task)")
-    micro_batch_size: int = setting(None, "pairs per forward pass, gradient accumulation when smaller (default: per task)")
+    batch_size: int = setting(32, "preference pairs per optimizer step")
+    micro_batch_size: int = setting(32, "pairs per forward pass, gradient accumulation when smaller")
     warmup: float = setting(0.1, "fraction of each stage's steps spent warming the learning rate up")
     weight_decay: float = setting(0.0, "AdamW weight decay for DPO/SELM")
     grad_clip: float = setting(1.0, "clip the gradient norm to this (0 = off)")
@@ -94,7 +97,8 @@ class Config:
                                               "ties), or authors ([y_ref, chosen, rejected], the first best and the "
                                               "first worst)")
     # sampling and evaluation
-    max_new_tokens: int = setting(None, "response length cap (default: longest word + 4; your data: 64; instructions: per task)")
+    max_new_tokens: int = setting(None, "response length cap (default: --max-len + 4, a sorted word and room to spare; "
+                                        "with --prefs: 64)")
     gen_batch_size: int = setting(256, "prompts per call of the sampler")
     kl_samples: int = setting(1, "temperature-1 samples per eval prompt for the KL(pi || pi_SFT) estimate")
     # run
@@ -118,8 +122,8 @@ class Config:
 
 
 def parse_args(argv=None):
-    return parse_config(Config, argv, "The SELM pipeline: SFT -> offline DPO -> SELM iterations, "
-                                      "each stage evaluated and checkpointed.")
+    return parse_config(Config, argv, "The SELM pipeline: SFT -> offline DPO -> SELM iterations, each stage evaluated "
+                                      "and checkpointed.", RECIPES, prog="train.py")
 
 
 # ---- seeds ------------------------------------------------------------------------------------

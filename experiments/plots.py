@@ -13,9 +13,9 @@ import os
 import statistics
 import sys
 
+from commands import DefaultsHelp
 from files import atomic_write_path
 from runtime import check_or_exit, read_metrics
-from sample import DefaultsHelp
 
 
 def pyplot():

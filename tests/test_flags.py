@@ -286,5 +286,5 @@ def test_every_command_is_walked():
         for f in files:
             if f.endswith(".py") and "ArgumentParser(" in open(os.path.join(folder, f)).read():
                 found.add(f if rel == "." else f"{rel.replace(os.sep, '.')}.{f[:-3]}")
-    # runtime.py builds train.py's parser from train.Config, walked by test_every_train_flag_...
-    assert found == set(COMMANDS) | {"runtime.py"}
+    # commands.py builds train.py's parser from train.Config, walked by test_every_train_flag_...
+    assert found == set(COMMANDS) | {"commands.py"}

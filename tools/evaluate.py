@@ -28,11 +28,11 @@ import chat
 import data
 import train
 from checkpoint import stage_path
+from commands import DefaultsHelp
 from files import write_json_atomic
 from hf import check_model_path, load_model
 from inputs import check_config, judge_target, load_data, load_judge, load_task, task_of
 from runtime import check_or_exit, setup, summary_line
-from sample import DefaultsHelp
 
 
 def parser():
@@ -98,9 +98,9 @@ def evaluation(args):
         cfg = train.Config(**{k: v for k, v in m.ckpt["config"].items() if k in known})
         stage = m.ckpt["stage"]
     else:  # a directory: a run that would start from it, at the task's defaults
-        cfg = train.Config(init_from=args.model, task=args.task or "instructions",
-                           max_new_tokens=64 if args.prompts else None)
-        check_config(cfg)  # the task's defaults filled in
+        cfg = train.parse_args(["--init-from", args.model, "--task", args.task or "instructions"]  # the task's defaults
+                               + (["--max-new-tokens", "64"] if args.prompts else []))
+        check_config(cfg)
         stage = os.path.basename(os.path.normpath(args.model))
     cfg.device, cfg.compile, cfg.max_new_tokens = args.device, False, args.max_new_tokens or cfg.max_new_tokens
     task = user_prompts(m, args) if args.prompts else load_data(cfg, m.template, args.device)

@@ -14,9 +14,9 @@ import os
 import sys
 
 import chat
+from commands import DefaultsHelp
 from data import check_strings, converted, plain_demonstration, plain_prompt, read_jsonl
 from runtime import check_or_exit
-from sample import DefaultsHelp
 from tokenizer import get_tokenizer
 
 
