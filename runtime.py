@@ -446,14 +446,3 @@ def optimizer_step(model, opt, grad_clip, stage, step):
             raise FloatingPointError(f"non-finite gradient in stage {stage} at step {step}; "
                                      "lower the learning rate (the last good checkpoint is intact)")
     opt.step()
-
-
-# ---- a tool's checks -------------------------------------------------------------------------
-
-def check_or_exit(ap, check, *args):
-    """check(*args), the one place a tool checks its flags: a ValueError it raises becomes the
-    parser's error (its usage, then the one line; exit status 2)."""
-    try:
-        check(*args)
-    except ValueError as e:
-        ap.error(str(e))

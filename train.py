@@ -11,7 +11,6 @@ iterative online DPO. Plumbing lives in runtime.py, what goes to disk in checkpo
 """
 
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 import chat
 import data
 from checkpoint import commit, stage_names, stage_state
-from commands import parse_config
+from commands import one_line_errors, parse_config
 from data import Example
 from hf import export_stages
 from inputs import (RECIPES, awaiting_pairs, build_model, check_config, check_inputs, example_prompt, first_screen,
@@ -472,14 +471,8 @@ def train_stage(rt, cfg, tok, si, stage, model, task_data, sft_examples):
 
 def main(argv=None):
     cfg = parse_args(argv)
-    try:
-        run(cfg)
-    except (ValueError, OSError, FloatingPointError) as e:  # DataError is a ValueError
-        if os.environ.get("SELM_DEBUG"):
-            raise  # the whole traceback, the judge's own included, on request
-        sys.exit(f"train.py: error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(f"train.py: interrupted; {resume_advice(cfg.out_dir, asdict(cfg))}")
+    with one_line_errors("train.py", interrupted=lambda: resume_advice(cfg.out_dir, asdict(cfg))):
+        run(cfg)  # its first step checks every setting (check_config), then every input, before any write
 
 
 if __name__ == "__main__":

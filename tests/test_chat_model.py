@@ -31,7 +31,7 @@ def test_every_phase_hands_the_runner_each_arms_base(tmp_path, monkeypatch):
     launched = []
     monkeypatch.setattr(cm, "make_pairs", lambda args, P, task_seed: "pairs.jsonl")
     monkeypatch.setattr(cm, "launch", lambda args, P, jobs, pairs: launched.append(list(jobs)))
-    monkeypatch.setattr(cm, "final", lambda job, key="reward": 0.5)
+    monkeypatch.setattr(cm.Run, "final", lambda job, key="reward": 0.5)
     monkeypatch.setattr(cm, "write_json_atomic", lambda obj, path: None)
     args = cm.parser().parse_args(["--init-from", str(tmp_path), "--out", str(tmp_path / "out")])
     decisions = {}

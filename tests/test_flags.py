@@ -275,16 +275,44 @@ def test_every_flag_of_every_command_refuses_its_bad_values(tmp_path, monkeypatc
 
 
 def test_every_command_is_walked():
-    """A command added later -- any module that builds an argument parser -- must be walked by
-    the test above (COMMANDS: its runner, with what follows its checks stubbed out)."""
+    """A command added later -- any module with a main(), or that builds an argument parser --
+    must be walked by the test above (COMMANDS: its runner, with what follows its checks stubbed
+    out)."""
+    import ast
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     found = set()
     for folder, _, files in os.walk(root):
         rel = os.path.relpath(folder, root)
         if rel != "." and (rel.split(os.sep)[0] in ("tests", "out") or rel.startswith(".")):
             continue
-        for f in files:
-            if f.endswith(".py") and "ArgumentParser(" in open(os.path.join(folder, f)).read():
+        for f in (f for f in files if f.endswith(".py")):
+            text = open(os.path.join(folder, f)).read()
+            if "ArgumentParser(" in text or any(getattr(n, "name", None) == "main" for n in ast.parse(text).body):
                 found.add(f if rel == "." else f"{rel.replace(os.sep, '.')}.{f[:-3]}")
-    # commands.py builds train.py's parser from train.Config, walked by test_every_train_flag_...
-    assert found == set(COMMANDS) | {"commands.py"}
+    # train.py's flags are walked by test_every_train_flag_...; commands.py builds its parser from
+    # train.Config, experiments/runner.py the flags every experiment shares (walked through each)
+    assert found == set(COMMANDS) | {"train.py", "commands.py", "experiments.runner"}
+
+
+def test_every_error_a_user_can_cause_is_one_line(monkeypatch):
+    """commands.one_line_errors, around every command's checks and run: one line naming the
+    command; Ctrl-C says what to do next; SELM_DEBUG=1 shows the traceback; a bug is not hidden."""
+    from commands import one_line_errors
+    from files import WriteError
+
+    def ended(error, **kw):
+        with pytest.raises(SystemExit) as e:
+            with one_line_errors("cmd", **kw):
+                raise error
+        return str(e.value)
+    assert ended(ValueError("bad value")) == "cmd: error: bad value"
+    assert ended(WriteError(28, "no space left on device writing f")) == "cmd: error: no space left on device writing f"
+    assert ended(FloatingPointError("nan loss")) == "cmd: error: nan loss"
+    assert ended(KeyboardInterrupt(), interrupted=lambda: "run it again") == "cmd: interrupted; run it again"
+    with pytest.raises(RuntimeError):
+        with one_line_errors("cmd"):
+            raise RuntimeError("a bug")
+    monkeypatch.setenv("SELM_DEBUG", "1")
+    with pytest.raises(ValueError):
+        with one_line_errors("cmd"):
+            raise ValueError("bad value")

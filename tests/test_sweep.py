@@ -72,9 +72,9 @@ def test_bad_difficulty_is_an_error(tmp_path):
                                       (["--quick", "--report-only", "--out", "/nonexistent/sweep"], "no finished run")])
 def test_bad_flags_are_one_line_errors(argv, msg, capsys):
     from experiments import sweep
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         sweep.main(argv)
-    assert msg in capsys.readouterr().err
+    assert msg in str(e.value) and str(e.value).startswith("python -m experiments.sweep: error: "), str(e.value)
 
 
 def test_implicit_rewards_of_a_sampled_y_ref_run(tmp_path):

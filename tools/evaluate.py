@@ -28,11 +28,11 @@ import chat
 import data
 import train
 from checkpoint import stage_path
-from commands import DefaultsHelp
+from commands import DefaultsHelp, one_line_errors
 from files import write_json_atomic
 from hf import check_model_path, load_model
 from inputs import check_config, judge_target, load_data, load_judge, load_task, task_of
-from runtime import check_or_exit, setup, summary_line
+from runtime import setup, summary_line
 
 
 def parser():
@@ -135,24 +135,27 @@ def user_prompts(m, args):
 def main(argv=None):
     ap = parser()
     args = ap.parse_args(argv)
-    check_or_exit(ap, check_args, args)
-    try:
-        cfg, m, task, stage, sft, sft_answers = evaluation(args)
-        rt = setup(args.device, cfg.dtype, os.path.dirname(output_path(args)) or ".")
-        rt.log.enabled = False  # an evaluation writes no metrics line into anyone's run
-        t0 = time.time()
-        if sft is not None and sft_answers is None:  # the SFT model's answers to your prompts
-            ids = [m.tok.encode_prompt(e["prompt"]) for e in task.eval]
-            sft_answers = [m.tok.decode([t for t in r if t not in m.tok.eos_ids])
-                           for r in train.sample_responses(rt, cfg, m.tok, sft, ids, progress="sft answers")]
-        elif m.ckpt is not None and stage != "sft" and sft is None:
-            print(f"evaluate: no sft.pt beside {args.model}: win vs SFT and KL are against itself", file=sys.stderr)
-        row, answers = train.evaluate(rt, cfg, m.tok, stage, m.model, sft, task, sft_answers)
-        write_json_atomic({**row, "model": args.model, "prompts": args.prompts or f"the {cfg.task} task's held-out",
-                           "answers": [{"prompt": str(e["prompt"]), "answer": a} for e, a in zip(task.eval, answers)]},
-                          output_path(args))
-    except (ValueError, OSError) as e:  # DataError, JudgeError and WriteError included
-        sys.exit(f"evaluate: error: {e}")
+    with one_line_errors(ap.prog):
+        check_args(args)
+        evaluate(args)
+
+
+def evaluate(args):
+    """The evaluation of args.model, written to output_path(args), its row printed."""
+    cfg, m, task, stage, sft, sft_answers = evaluation(args)
+    rt = setup(args.device, cfg.dtype, os.path.dirname(output_path(args)) or ".")
+    rt.log.enabled = False  # an evaluation writes no metrics line into anyone's run
+    t0 = time.time()
+    if sft is not None and sft_answers is None:  # the SFT model's answers to your prompts
+        ids = [m.tok.encode_prompt(e["prompt"]) for e in task.eval]
+        sft_answers = [m.tok.decode([t for t in r if t not in m.tok.eos_ids])
+                       for r in train.sample_responses(rt, cfg, m.tok, sft, ids, progress="sft answers")]
+    elif m.ckpt is not None and stage != "sft" and sft is None:
+        print(f"evaluate: no sft.pt beside {args.model}: win vs SFT and KL are against itself", file=sys.stderr)
+    row, answers = train.evaluate(rt, cfg, m.tok, stage, m.model, sft, task, sft_answers)
+    write_json_atomic({**row, "model": args.model, "prompts": args.prompts or f"the {cfg.task} task's held-out",
+                       "answers": [{"prompt": str(e["prompt"]), "answer": a} for e, a in zip(task.eval, answers)]},
+                      output_path(args))
     print(summary_line(stage, time.time() - t0, row, {}))
     print(f"wrote {output_path(args)}")
 

@@ -14,9 +14,8 @@ import os
 import sys
 
 import chat
-from commands import DefaultsHelp
+from commands import DefaultsHelp, one_line_errors
 from data import check_strings, converted, plain_demonstration, plain_prompt, read_jsonl
-from runtime import check_or_exit
 from tokenizer import get_tokenizer
 
 
@@ -62,17 +61,20 @@ def check_args(args):
 def main(argv=None):
     ap = parser()
     args = ap.parse_args(argv)
-    check_or_exit(ap, check_args, args)
-    try:
-        tok = get_tokenizer(args.model_dir, verbose=False)
-        template, kept = chat.load_template(tok), 0
-        records = read_jsonl(args.path)
-        for where, rec in records:
-            if converted(where, rec, lambda r: fits(r, tok, template, args.block_size)):
-                print(json.dumps(rec, ensure_ascii=False))
-                kept += 1
-    except ValueError as e:  # DataError included
-        sys.exit(f"fit: error: {e}")
+    with one_line_errors(ap.prog):
+        check_args(args)
+        fit(args)
+
+
+def fit(args):
+    """The records of args.path that fit, printed as they are; how many, on stderr."""
+    tok = get_tokenizer(args.model_dir, verbose=False)
+    template, kept = chat.load_template(tok), 0
+    records = read_jsonl(args.path)
+    for where, rec in records:
+        if converted(where, rec, lambda r: fits(r, tok, template, args.block_size)):
+            print(json.dumps(rec, ensure_ascii=False))
+            kept += 1
     print(f"fit: kept {kept} of {len(records)} records of {args.path}", file=sys.stderr)
 
 
