@@ -31,7 +31,7 @@ import weakref
 
 import torch
 
-from commands import DefaultsHelp
+from commands import DefaultsHelp, one_line_errors
 from model import KVCache, check_device, positions_from_mask
 
 
@@ -382,8 +382,9 @@ def check_args(args):
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
-    try:
+    ap = parser()
+    args = ap.parse_args(argv)
+    with one_line_errors(ap.prog):
         check_args(args)
         from data import converted, read_prompts  # the command line borrows these:
         from files import write_jsonl_atomic      # the sampler above needs no files
@@ -402,10 +403,6 @@ def main(argv=None):
             if args.out:
                 return write_jsonl_atomic(args.out, out)
             return print("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out), end="")
-    except (ValueError, OSError) as e:  # DataError and WriteError included
-        sys.exit(f"sample.py: error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(130)
     for path, (per_prompt,) in answers:
         for k, (text, done) in enumerate(per_prompt):
             if len(models) * args.num_samples > 1:  # more than one answer: each labelled
