@@ -16,10 +16,8 @@ names the problem, before anything is trained. `first_screen` tells the user wha
 """
 
 import dataclasses
-import hashlib
 import importlib
 import importlib.util
-import json
 import math
 import os
 import shlex
@@ -29,12 +27,12 @@ import chat
 import data
 import reward
 import tasks
-from checkpoint import stage_names, weights_digest
+from checkpoint import stage_names
 from commands import defaults_for
 from files import file_problem
 from hf import check_stages, load_pretrained
 from model import GPT, PRESETS, check_device, preset
-from pairs import rendered
+from pairs import offline_record, rendered
 from selm import LOSS_TYPES, check_hparams
 from tokenizer import get_tokenizer
 
@@ -198,45 +196,6 @@ def check_inputs(cfg, tok, task_data, block_size):
                              f"{max(0, block_size - longest - 1)}, or a larger --block-size")
         task_data = dataclasses.replace(task_data, chunks=[[]])  # the evaluation prompts' turn
     return data.check_fits(task_data, tok, block_size, cfg.sft or "built-in SFT data", cfg.prefs or "built-in pairs")
-
-
-def pair_settings(cfg, tok, model, template, rt):
-    """Everything that shapes a chat task's offline pairs besides their prompts, the number of
-    answers and the seed (pairs.cached_pairs keys its cache on these): the weights, the tokenizer
-    and the chat template, the sampling settings (--gen-batch-size sets each block's seed), the
-    device (its random numbers) and dtype, and the judge with its rules (the task's code)."""
-    judge = load_task(cfg.task).judge
-    return {"model": weights_digest(model), "tokenizer": tok.digest(),
-            "template": hashlib.sha256(json.dumps([template.text, template.specials]).encode()).hexdigest()[:16],
-            "max_new_tokens": cfg.max_new_tokens, "temperature": 1.0, "gen_batch_size": cfg.gen_batch_size,
-            "device": rt.device.type, "dtype": str(rt.dtype), "judge": data.judge_name(judge),
-            "rules": files_digest(code_files(sys.modules[f"tasks.{cfg.task}"]))}
-
-
-def code_files(module):
-    """The files of a module and of the chapters it takes names from (one level): a task's rules,
-    its judge's code included (tasks/instructions.py reads constraints.py's)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    used = {module} | {v if isinstance(v, type(sys)) else sys.modules.get(getattr(v, "__module__", None) or "")
-                       for v in vars(module).values()}
-    return sorted(path for path in {getattr(m, "__file__", None) or "" for m in used} if path.startswith(here + os.sep))
-
-
-def files_digest(paths):
-    """A short fingerprint of the files' bytes: a changed rule makes the pairs it judged stale."""
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            h.update(f.read())
-    return h.hexdigest()[:16]
-
-
-def offline_record(task_data):
-    """A chat task's offline pairs, for the metrics log: pairs per chunk, and the
-    answers among them cut off at --max-new-tokens (trained unfinished: no EOS follows them)."""
-    unfinished = {k: sum(getattr(e[k], "finished", True) is False for c in task_data.chunks for e in c)
-                  for k in ("chosen", "rejected")}
-    return {"pairs": [len(c) for c in task_data.chunks], **{f"unfinished_{k}": v for k, v in unfinished.items()}}
 
 
 # ---- settings ---------------------------------------------------------------------------------

@@ -6,16 +6,19 @@ model per prompt, judged; the best becomes chosen and the worst rejected, and a 
 answers all tie is dropped (build_pairs). Sampling k answers for every prompt of every chunk is
 the slowest step of a chat model's run, so the pairs are kept in the run's directory
 (PAIRS_FILE), keyed on everything that shapes them and checked whole before they are reused
-(cached_pairs): pipeline state, like a checkpoint. The sampler and the judge come from the
-caller (train.instruction_pairs: the instruction task's prompts and judge).
+(cached_pairs, its key pair_settings): pipeline state, like a checkpoint. The sampler and the
+judge come from the caller (train.instruction_pairs: the instruction task's prompts and judge).
 """
 
 import hashlib
+import importlib
 import json
 import os
+import sys
 
 import chat
-from data import DataError, call_judge, read_jsonl
+from checkpoint import weights_digest
+from data import DataError, call_judge, judge_name, read_jsonl
 from files import write_jsonl_atomic
 
 
@@ -77,6 +80,46 @@ def cached_pairs(out_dir, chunks, sample, k=4, seed=0, settings=None, write=True
         write_jsonl_atomic(os.path.join(out_dir, PAIRS_FILE), [
             {**want, "dropped": [d for _, d in built], "pairs": len(body), "sha256": checksum(body)}] + body)
     return [[{f: e[f] for f in PAIR + FINISHED} for e in ps] for ps, _ in built]
+
+
+def pair_settings(cfg, tok, model, template, rt):
+    """Everything that shapes a chat task's offline pairs besides their prompts, the number of
+    answers and the seed (pairs.cached_pairs keys its cache on these): the weights, the tokenizer
+    and the chat template, the sampling settings (--gen-batch-size sets each block's seed), the
+    device (its random numbers) and dtype, and the judge with its rules (the task's code).
+    cfg: the run's train.Config; template: the model's chat.ChatTemplate; rt: its runtime.Runtime."""
+    task = importlib.import_module(f"tasks.{cfg.task}")  # checked by inputs.load_task
+    return {"model": weights_digest(model), "tokenizer": tok.digest(),
+            "template": hashlib.sha256(json.dumps([template.text, template.specials]).encode()).hexdigest()[:16],
+            "max_new_tokens": cfg.max_new_tokens, "temperature": 1.0, "gen_batch_size": cfg.gen_batch_size,
+            "device": rt.device.type, "dtype": str(rt.dtype), "judge": judge_name(task.TASK.judge),
+            "rules": files_digest(code_files(task))}
+
+
+def code_files(module):
+    """The files of a module and of the chapters it takes names from (one level): a task's rules,
+    its judge's code included (tasks/instructions.py reads constraints.py's)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    used = {module} | {v if isinstance(v, type(sys)) else sys.modules.get(getattr(v, "__module__", None) or "")
+                       for v in vars(module).values()}
+    return sorted(path for path in {getattr(m, "__file__", None) or "" for m in used} if path.startswith(here + os.sep))
+
+
+def files_digest(paths):
+    """A short fingerprint of the files' bytes: a changed rule makes the pairs it judged stale."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def offline_record(task_data):
+    """A chat task's offline pairs, for the metrics log: pairs per chunk, and the
+    answers among them cut off at --max-new-tokens (trained unfinished: no EOS follows them)."""
+    unfinished = {k: sum(getattr(e[k], "finished", True) is False for c in task_data.chunks for e in c)
+                  for k in ("chosen", "rejected")}
+    return {"pairs": [len(c) for c in task_data.chunks], **{f"unfinished_{k}": v for k, v in unfinished.items()}}
 
 
 def checksum(rows):

@@ -24,9 +24,9 @@ from commands import one_line_errors, parse_config
 from data import Example
 from hf import export_stages
 from inputs import (RECIPES, awaiting_pairs, build_model, check_config, check_inputs, example_prompt, first_screen,
-                    offline_record, pair_settings, tokenizer_and_data)
+                    tokenizer_and_data)
 from outdir import begin, check_start, claim_out_dir, restore, resume_advice, survey
-from pairs import Unfinished, cached_pairs, rendered
+from pairs import Unfinished, cached_pairs, offline_record, pair_settings, rendered
 from runtime import Running, check_finite, judge_failure, last_screen, lr_at, optimizer_step, setup, summary_line
 from selm import (candidates_of, dpo_loss, pairs_from_scores, preference_metrics, relabel_counts,
                   selm_loss, shared_logps, split_logps, win)

@@ -485,11 +485,8 @@ def test_answers_cut_off_stay_unfinished(tmp_path):
 
 def test_the_pairs_cache_keys_on_the_judges_rules_wherever_they_live():
     """A change to the checkers changes the judge: the cache's "rules" digest reads constraints.py
-    as well as the task's own file (inputs.pair_settings)."""
-    import sys
-
-    import inputs
-    files = inputs.code_files(sys.modules[I.__name__])
+    as well as the task's own file (pairs.pair_settings)."""
+    files = P.code_files(I)
     assert {os.path.abspath(C.__file__), os.path.abspath(I.__file__)} <= set(files)
     assert not [f for f in files if "torch" in f or f.endswith("inputs.py")]
 

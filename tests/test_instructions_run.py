@@ -149,6 +149,7 @@ def test_the_pairs_cache_is_keyed_on_everything_that_shapes_them(chat_model, tmp
     import runtime
     import train as T
     from chat_dirs import chat_tokenizer
+    from pairs import pair_settings
     from tokenizer import get_tokenizer
     cfg = T.parse_args(argv(chat_model, tmp_path / "o"))
     inputs.check_config(cfg)
@@ -156,8 +157,8 @@ def test_the_pairs_cache_is_keyed_on_everything_that_shapes_them(chat_model, tmp
     template = chat.load_template(tok)
     model = inputs.build_model(cfg, tok, runtime.setup("cpu", "auto", str(tmp_path)))
     rt = runtime.setup("cpu", "auto", str(tmp_path))
-    key = inputs.pair_settings(cfg, tok, model, template, rt)
-    assert inputs.pair_settings(cfg, tok, model, template, rt) == key
+    key = pair_settings(cfg, tok, model, template, rt)
+    assert pair_settings(cfg, tok, model, template, rt) == key
     other = tmp_path / "other-tokenizer"
     chat_tokenizer(other, "llama3")
     changed = torch.nn.Linear(1, 1)
@@ -173,7 +174,7 @@ def test_the_pairs_cache_is_keyed_on_everything_that_shapes_them(chat_model, tmp
             "model": (cfg, tok, heavier, template, rt),
             "dtype": (cfg, tok, model, template, dataclasses.replace(rt, dtype=torch.bfloat16)),
             "device": (cfg, tok, model, template, dataclasses.replace(rt, device=torch.device("meta")))}.items():
-        assert inputs.pair_settings(*args)[what] != key[what], what
+        assert pair_settings(*args)[what] != key[what], what
     del changed
 
 
