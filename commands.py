@@ -60,8 +60,10 @@ def parse_config(cls, argv=None, description=None, recipes=(), prog=None):
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         changed = "".join(f"; --{k.replace('_', '-')} {v}: {row[f.name]}" for (k, v), row in recipes if f.name in row)
-        told = f.default is None or f.default == "" or f.default is False  # None: the help says it
-        help = f.metadata["help"] + ((f" ({changed[2:]})" if changed else "") if told else f" (default: {f.default}{changed})")
+        if f.default is None or f.default == "" or f.default is False:  # none to tell, or the help tells it
+            help = f.metadata["help"] + (f" ({changed[2:]})" if changed else "")
+        else:
+            help = f"{f.metadata['help']} (default: {f.default}{changed})"
         if f.type is bool:
             ap.add_argument(flag, action="store_true", help=help)
         else:

@@ -88,8 +88,9 @@ def task_data(cfg, template=None):
         raise ValueError(f"--task {cfg.task} needs a chat model, and {cfg.init_from} has no chat template "
                          "(chat_template.jinja, or tokenizer_config.json's \"chat_template\")")
     sft = [chat.demonstration({"prompt": p, "completion": r}, template) for p, r in made.sft]
-    return data.TrainingData(sft, rendered(made.chunks, template), [chat.evaluation_prompt(e, template) for e in made.eval],
-                             task.judge, builtin=True, conversational=True, metrics=task.metrics)
+    evals = [chat.evaluation_prompt(e, template) for e in made.eval]
+    return data.TrainingData(sft, rendered(made.chunks, template), evals, task.judge, builtin=True, conversational=True,
+                             metrics=task.metrics)
 
 
 def awaiting_pairs(task_data):

@@ -238,7 +238,8 @@ def translate(path):
         irregular = Irregular(enc, pattern, missing, unk_id=vocab.get(unk) if unk is not None else None,
                               fuse_unk=model.get("fuse_unk", False), nfc=nfc,
                               normalized=[c for c, t in added.items() if t.get("normalized", not t.get("special"))])
-    return Translated(enc, irregular, _bos(tj, where, enc.n_vocab), [c for c, t in added.items() if not t.get("special")])
+    always_special = [c for c, t in added.items() if not t.get("special")]
+    return Translated(enc, irregular, _bos(tj, where, enc.n_vocab), always_special)
 
 
 def _is_nfc(normalizer, where):

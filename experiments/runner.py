@@ -34,7 +34,8 @@ def parser(name, doc, quick):
     doc: the experiment's docstring, whose first paragraph is its description."""
     ap = argparse.ArgumentParser(prog=f"python -m experiments.{name}", description=doc.split("\n\n")[0].strip())
     ap.add_argument("--quick", action="store_true", help=quick)
-    ap.add_argument("--out", default=None, help=f"output root (default out/{out_name(name)}, or out/{out_name(name)}-quick)")
+    out = f"out/{out_name(name)}"
+    ap.add_argument("--out", default=None, help=f"output root (default {out}, or {out}-quick)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (each one single-threaded)")
     ap.add_argument("--report-only", action="store_true", help="tabulate the runs there, run nothing")
     return ap

@@ -180,7 +180,8 @@ DEFAULT = [s for s in SECTIONS if s != "real"]  # the real model's section runs 
 
 
 def parser():
-    ap = argparse.ArgumentParser(prog="python -m perf.bench", description="Benchmark selm's sampler, log-probs and training "
+    ap = argparse.ArgumentParser(prog="python -m perf.bench",
+                                 description="Benchmark selm's sampler, log-probs and training "
                                              "step against baselines timed in the same run.")
     ap.add_argument("--sections", default=",".join(DEFAULT),
                     help=f"comma-separated, from: {', '.join(SECTIONS)} (default: all but real)")

@@ -130,7 +130,8 @@ def measure(config, device, checkpointing, micro_pairs=4, seq=1024, response=512
 
 
 def parser():
-    ap = argparse.ArgumentParser(prog="python -m perf.memory", description="Bytes per rank of SELM training, from model configs.")
+    ap = argparse.ArgumentParser(prog="python -m perf.memory",
+                                 description="Bytes per rank of SELM training, from model configs.")
     ap.add_argument("--measure", default=None, help=f"one of {', '.join(MODELS)}: measure its training peak on "
                                                      "--device (random weights) against the plan")
     ap.add_argument("--device", default="cuda", help="for --measure")

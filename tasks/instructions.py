@@ -307,7 +307,8 @@ def make(cfg):
     """The prompts a run's settings (train.Config) ask for: --task-seed, --iterations + 1 chunks of
     --chunk-size, --n-eval held out. The chunks hold prompts: their pairs are the starting model's
     own answers, judged (train.instruction_pairs)."""
-    t = make_task(seed=cfg.task_seed, n_prompts_per_chunk=cfg.chunk_size, n_chunks=cfg.iterations + 1, n_eval=cfg.n_eval)
+    t = make_task(seed=cfg.task_seed, n_prompts_per_chunk=cfg.chunk_size, n_chunks=cfg.iterations + 1,
+                  n_eval=cfg.n_eval)
     return Data(t.chunks, [{"prompt": p, "reference": None} for p in t.eval])
 
 

@@ -298,7 +298,8 @@ def test_a_run_drawn(run, tmp_path, capsys):
     assert capsys.readouterr().out == f"wrote {tmp_path / 'c.png'}\n"
     with pytest.raises(SystemExit) as e:
         plots.main([str(tmp_path)])
-    assert str(e.value).startswith("python -m experiments.plots: error: RUN_DIR ") and "holds no metrics.jsonl" in str(e.value)
+    msg = str(e.value)
+    assert msg.startswith("python -m experiments.plots: error: RUN_DIR ") and "holds no metrics.jsonl" in msg
 
 
 def test_plots_help_says_what_it_draws():

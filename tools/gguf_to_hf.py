@@ -147,7 +147,8 @@ def convert(gguf_path, out_dir):
 
 
 def parser():
-    ap = argparse.ArgumentParser(prog="python -m tools.gguf_to_hf", description="Convert a GGUF file into a Hugging Face directory that "
+    ap = argparse.ArgumentParser(prog="python -m tools.gguf_to_hf",
+                                 description="Convert a GGUF file into a Hugging Face directory that "
                                              "train.py --init-from loads (needs transformers, gguf, accelerate).")
     ap.add_argument("gguf", nargs="?", help="the .gguf file")
     ap.add_argument("out_dir", help="the directory to write (must not exist, or be empty)")
