@@ -22,14 +22,15 @@ response the assistant's answer.
 
 Rendering is transformers' apply_chat_template: a jinja2 sandbox with the same options,
 filters and globals, the special tokens' text passed as bos_token, eos_token, ... jinja2 is
-imported here only, and only when a template is rendered. This file imports only tokenizer.py.
+imported here only, and only when a template is rendered. This file imports only files.py and tokenizer.py.
 """
 
 import json
 import os
 from datetime import datetime
 
-from tokenizer import Fields, Templated, read_json, special_token
+from files import Fields
+from tokenizer import Templated, special_token
 
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -141,7 +142,7 @@ def load_template(tok):
     if tok.source is None:
         return None
     file = os.path.join(tok.source, "tokenizer_config.json")
-    config = Fields(read_json(file) if os.path.isfile(file) else {}, file)
+    config = Fields.of(file)
     text = config.get("chat_template", None, lambda v: type(v) is str or type(v) is list and all(
         type(t) is dict and type(t.get("name")) is str and type(t.get("template")) is str for t in v),
         'a string, or a list of {"name": ..., "template": ...}')

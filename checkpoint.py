@@ -1,9 +1,9 @@
 """
 checkpoint.py -- what a run leaves on disk, written so that a crash never corrupts it.
 
-Every file goes through `atomic_write`: a temporary file beside it, fsync, then a rename, so
+Every file goes through `files.atomic_write`: a temporary file beside it, fsync, then a rename, so
 a reader sees the old file or the new one, never half of one, with the permissions the umask
-gives; a full disk is one line naming the file (data.WriteError). Checkpoints are
+gives; a full disk is one line naming the file (files.WriteError). Checkpoints are
 read with weights_only=True: a checkpoint file cannot run code.
 
 A run's directory holds one checkpoint per completed stage (sft.pt, dpo.pt, selm_1.pt, ...),
@@ -12,7 +12,6 @@ copies another run's finished stages into a new run (--start-from).
 """
 
 import hashlib
-import json
 import math
 import os
 import re
@@ -20,19 +19,8 @@ from dataclasses import asdict, fields
 
 import torch
 
-from data import atomic_write_path, file_problem
+from files import atomic_write, file_problem, write_json_atomic
 from model import GPT, GPTConfig
-
-
-def atomic_write(path, write, binary=True):
-    """Call write(file) on a temporary file in the same directory, fsync, then rename: a
-    crash leaves either the old file or the new one, never half of one."""
-    atomic_write_path(path, lambda tmp: _write_file(tmp, write, "wb" if binary else "w"))
-
-
-def _write_file(path, write, mode):
-    with open(path, mode) as f:
-        write(f)
 
 
 def atomic_save(obj, path):
@@ -139,10 +127,6 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
                          f"({bad[0] if bad else sorted(set(sd) - set(want))[0]})")
     model.load_state_dict(sd)
     return model
-
-
-def write_json_atomic(obj, path):
-    atomic_write(path, lambda f: json.dump(obj, f, indent=1), binary=False)
 
 
 # ---- a run's stages

@@ -1,24 +1,18 @@
 """
-data.py -- user data and batches: JSON Lines records, judges, padded tensors.
+data.py -- user data and batches: JSON Lines records, judges' scores, padded tensors.
 
   1. user data: JSON Lines files (plain strings, or conversations that chat.py renders), read and
-     written atomically, and judges ("module:function", or "rm:DIR": a reward model, reward.py);
-  2. batching: right-padded tensors with prompt/response masks;
-  3. `python data.py fit MODEL_DIR BLOCK_SIZE in.jsonl`: the records of a file that fit a context.
-Tokenizers live in tokenizer.py, the built-in tasks in sorting.py and instructions.py.
+     checked, and a judge's scores checked (the judge itself, a function, comes from inputs.py);
+  2. batching: right-padded tensors with prompt/response masks.
+Tokenizers live in tokenizer.py, the built-in tasks in tasks/; `python -m tools.fit` keeps the
+records of a file that fit a context.
 
 This file imports nothing from the model code.
 """
 
-import importlib
-import importlib.util
 import json
 import math
-import os
 import random
-import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -67,82 +61,6 @@ def read_jsonl(path):
     if not rows:
         raise DataError(f"{path}:1: empty file, no JSON records")
     return rows
-
-
-def file_problem(path):
-    """Why `path` is no file to read, in a few words; None for a regular file (or a link to
-    one). A FIFO or a device is no file: a reader would wait forever or read nothing."""
-    if os.path.isdir(path):
-        return "is a directory, not a file"
-    if not os.path.exists(path):
-        return "a link to nothing" if os.path.islink(path) else "does not exist"
-    if not os.path.isfile(path):
-        return "is not a regular file (a FIFO, a socket or a device)"
-    return None
-
-
-# The name of every temporary folder selm makes, then TMP_PREFIX<pid>-<random>: a name no other
-# program uses, so a start-up sweep (outdir.sweep) can tell what a killed selm process left
-TMP_PREFIX = ".selm-tmp-"
-
-
-def atomic_write_path(path, save):
-    """Write a file so that a crash never leaves half of it: save(temporary path), fsync, then a
-    rename, so readers see the old file or the new one, with the mode the umask gives. The
-    temporary path is `path`'s name in a private folder beside it, TMP_PREFIX<pid>-*/: a writer's
-    own temporary files (safetensors') stay in there, and a format read from the extension
-    (matplotlib's) is right. A failure the OS explains (a full disk, a quota) is a WriteError
-    naming `path`."""
-    tmp_dir = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f"{TMP_PREFIX}{os.getpid()}-")
-    tmp = os.path.join(tmp_dir, os.path.basename(path))
-    try:
-        save(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # after the writer: safetensors renames a private (0600) file over ours
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except Exception as e:
-        error = write_error(e, path)
-        if error is None:
-            raise
-        raise error from e
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
-class WriteError(OSError):
-    """A file could not be written; its message is one line: what the OS said, and the file."""
-
-    def __str__(self):
-        return self.strerror
-
-
-def write_error(e, path):
-    """A WriteError naming `path` when an errno explains `e`: its own, that of the OSError torch
-    keeps as its RuntimeError's context, or the one safetensors names ("os error N"); else None."""
-    cause = e
-    while cause is not None:
-        named = re.search(r"\(os error (\d+)\)", str(cause))
-        code = getattr(cause, "errno", None) or (named and int(named.group(1)))
-        if code:
-            what = os.strerror(code)
-            return WriteError(code, f"{what[:1].lower()}{what[1:]} writing {path}")
-        cause = cause.__cause__ or cause.__context__
-    return None
-
-
-def _umask():
-    mask = os.umask(0)  # reading the umask means setting it: set it straight back
-    os.umask(mask)
-    return mask
-
-
-def write_jsonl_atomic(path, records):
-    """Records (JSON objects) as a JSON Lines file, one per line, UTF-8, written atomically."""
-    def save(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    atomic_write_path(path, save)
 
 
 def check_strings(rec, fields):
@@ -195,53 +113,6 @@ def converted(where, rec, convert):
         return convert(rec)
     except ValueError as e:
         raise DataError(f"{where}: {e}") from None
-
-
-def load_judge(spec, device=None):
-    """A judge from "package.module:function" or "path/to/file.py:function" -- the function
-    must follow judge(prompt, candidates) -> list[float] -- or from "rm:DIR", a reward model
-    in a Hugging Face directory (reward.py), run on `device`."""
-    kind, target, name = judge_target(spec)
-    if kind == "rm":
-        # reward.py is imported by name, as a user's judge module is: this file imports no model code
-        try:
-            return importlib.import_module("reward").load_judge(target, device=device)
-        except (ValueError, OSError) as e:
-            raise DataError(f"judge {spec!r}: {e}") from None
-    try:
-        if kind == "file":
-            modspec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(target))[0], target)
-            module = importlib.util.module_from_spec(modspec)
-            modspec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(target)
-    except Exception as e:  # ImportError, or whatever the module raised on import
-        raise DataError(f"judge {spec!r}: cannot import {target}: {e!r}") from e
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise DataError(f"judge {spec!r}: {target} has no callable {name!r}")
-    return fn
-
-
-def judge_target(spec):
-    """What a judge spec names, checked without importing anything: ("rm", DIR, None),
-    ("file", path.py, function) or ("module", name, function); a DataError naming the spec
-    otherwise."""
-    if spec.startswith("rm:"):
-        if not os.path.isfile(os.path.join(spec[3:], "config.json")):
-            raise DataError(f"judge {spec!r}: {spec[3:] or 'the empty path'} is not a Hugging Face model "
-                            "directory (no config.json); rm:DIR names a reward model's directory")
-        return "rm", spec[3:], None
-    target, _, name = spec.rpartition(":")  # the last ":", so C:\dir\f.py:fn works
-    if not target or not name:
-        raise DataError(f"judge {spec!r}: expected 'module:function' or 'file.py:function'")
-    if not (target.endswith(".py") or os.sep in target or "/" in target or os.path.isfile(target)):
-        return "module", target, name
-    if file_problem(target):
-        raise DataError(f"judge {spec!r}: {target} {file_problem(target)}")
-    if not target.endswith(".py"):
-        raise DataError(f"judge {spec!r}: {target} is not a Python file (.py)")
-    return "file", target, name
 
 
 class JudgeError(DataError):
@@ -327,15 +198,15 @@ class TrainingData:
     metrics: object = None
 
 
-def load_user_data(sft_path, prefs_path, prompts_path, judge_spec, n_chunks, template=None, device=None):
-    """The user's JSON Lines files and judge as TrainingData. A malformed record stops the
+def load_user_data(sft_path, prefs_path, prompts_path, n_chunks, template=None):
+    """The user's JSON Lines files as TrainingData, its judge None (inputs.load_data loads the
+    one --judge names, once the data is known to be good). A malformed record stops the
     run with its file, line and field, before anything is trained on partial data. The pairs
     are cut into n_chunks equal chunks (a remainder is left out).
 
     Records are plain strings, or conversations (chat.py). One conversation in any of the
     files makes the run conversational: every record is then rendered with `template`, the
-    model's chat template (chat.ChatTemplate), which must exist. The judge is loaded last,
-    once the data is known to be good; a reward model ("rm:DIR") runs on `device`."""
+    model's chat template (chat.ChatTemplate), which must exist."""
     files = {"sft": sft_path, "prefs": prefs_path, "prompts": prompts_path}
     raw = {k: read_jsonl(path) for k, path in files.items() if path}
     first = next((where for recs in raw.values() for where, rec in recs if chat.is_conversational(rec)), None)
@@ -356,7 +227,7 @@ def load_user_data(sft_path, prefs_path, prompts_path, judge_spec, n_chunks, tem
         raise DataError(f"{prefs_path}: {len(prefs)} pairs cannot fill {n_chunks} chunks "
                         f"(offline DPO + {n_chunks - 1} iterations)")
     chunks = [prefs[i * n:(i + 1) * n] for i in range(n_chunks)]
-    return TrainingData(sft, chunks, evals, load_judge(judge_spec, device), lines=lines, conversational=bool(first))
+    return TrainingData(sft, chunks, evals, None, lines=lines, conversational=bool(first))
 
 
 def plain_demonstration(rec):
@@ -531,74 +402,3 @@ def batches(n, batch_size, seed=0, shuffle=True, drop_last=False):
         if drop_last and len(idx) < batch_size:
             return
         yield idx
-
-
-# -----------------------------------------------------------------------------
-# 3. On the command line: the records of a file that fit a context
-#
-#     python data.py fit MODEL_DIR BLOCK_SIZE in.jsonl > out.jsonl
-#
-# A run refuses a record that does not fit (check_fits); real data such as UltraFeedback has
-# some, so this keeps the ones that do, encoded exactly as a run with MODEL_DIR's tokenizer and
-# chat template encodes them. A malformed record is still an error, never silently dropped.
-
-def fits(rec, tok, template, block_size):
-    """Whether a record (preference, SFT or evaluation) fits a context of block_size tokens."""
-    conversation = chat.is_conversational(rec)
-    if conversation and template is None:
-        raise ValueError("a conversation needs the model's chat template, and its tokenizer has none")
-    if "chosen" in rec:
-        e = chat.preference_pair(rec, template) if conversation else check_strings(rec, ("prompt", "chosen", "rejected"))
-        pairs = [(e["prompt"], e[k]) for k in ("chosen", "rejected")]
-    elif "messages" in rec or "completion" in rec:
-        pairs = [chat.demonstration(rec, template) if conversation else plain_demonstration(rec)]
-    else:
-        pairs = [((chat.evaluation_prompt(rec, template) if conversation else plain_prompt(rec))["prompt"], None)]
-    for prompt, response in pairs:  # the rules of check_fits and encode_pair
-        n = len(tok.encode_prompt(prompt))
-        if n >= block_size - 1 or response is not None and n + len(tok.encode_response(response)) > block_size:
-            return False
-    return True
-
-
-def parser():
-    import argparse
-    ap = argparse.ArgumentParser(prog="data.py", description="Write the records of a JSON Lines file that fit "
-                                 "the context, as a run with this model's tokenizer and chat template encodes them.")
-    ap.add_argument("command", choices=["fit"])
-    ap.add_argument("model_dir", help="the --init-from directory (its tokenizer.json and chat template)")
-    ap.add_argument("block_size", type=int, help="the run's --block-size")
-    ap.add_argument("path", help="a JSON Lines file: preferences, SFT demonstrations or evaluation prompts")
-    return ap
-
-
-def check_args(args):
-    """Every argument checked, in one line naming it, before anything is read."""
-    if not os.path.isdir(args.model_dir):
-        raise ValueError(f"MODEL_DIR {args.model_dir!r} is not a directory")
-    if args.block_size < 2:
-        raise ValueError(f"BLOCK_SIZE must be at least 2 (a prompt token and a response token), got {args.block_size}")
-    if not os.path.isfile(args.path):
-        raise ValueError(f"PATH {args.path!r} is not a file")
-
-
-def main(argv=None):
-    import sys
-    args = parser().parse_args(argv)
-    from tokenizer import get_tokenizer
-    try:
-        check_args(args)
-        tok = get_tokenizer(args.model_dir, verbose=False)
-        template, kept = chat.load_template(tok), 0
-        records = read_jsonl(args.path)
-        for where, rec in records:
-            if converted(where, rec, lambda r: fits(r, tok, template, args.block_size)):
-                print(json.dumps(rec, ensure_ascii=False))
-                kept += 1
-    except ValueError as e:  # DataError included
-        sys.exit(f"data.py: error: {e}")
-    print(f"data.py: kept {kept} of {len(records)} records of {args.path}", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

@@ -11,7 +11,7 @@ unsupported family or option, a missing or mis-shaped tensor, a missing file.
 
 Our parameter names are GPT-2's for every family (see model.py); `hf_names` below is the
 one table that maps them onto a family's Hugging Face names, read in one direction to load
-and in the other to export. Files are written atomically (checkpoint.atomic_write).
+and in the other to export. Files are written atomically (files.atomic_write).
 `load_model` at the end reads a stage checkpoint or a directory with its tokenizer, ready to
 answer prompts as the model was trained to see them (sample.py, tools/evaluate.py).
 """
@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import torch
 
 from chat import check_answerable, load_template, user_turn
-from checkpoint import (atomic_write, atomic_write_path, check_checkpoint_path, load_checkpoint, model_from_checkpoint,
-                        stage_path)
+from checkpoint import check_checkpoint_path, load_checkpoint, model_from_checkpoint, stage_path
+from files import Fields, atomic_write, atomic_write_path, read_json
 from model import GPT, GPTConfig
-from tokenizer import Fields, get_tokenizer, read_json
+from tokenizer import get_tokenizer
 
 LLAMA_FAMILY = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}

@@ -1,11 +1,14 @@
 """
 inputs.py -- what a run starts from: its settings checked, its tokenizer, data and model.
 
-  settings   the per-preset defaults filled in, impossible combinations refused;
+  settings   the defaults that depend on another flag (RECIPES), impossible combinations refused;
   tokenizer  the --bpe-path or --init-from directory's, else whatever tokenizer.get_tokenizer finds;
-  data       a built-in task: letter sorting (sorting.py) or, for a chat model, verifiable
-             instructions (instructions.py); or the user's JSON Lines files and judge
-             (conversations rendered with the tokenizer directory's chat template, chat.py);
+  data       a task of tasks/, through its Task alone: letter sorting (tasks/sorting.py) or, for a
+             chat model, verifiable instructions (tasks/instructions.py), or one of your own; or
+             the user's JSON Lines files (conversations rendered with the tokenizer directory's
+             chat template, chat.py);
+  judge      the task's, or the function --judge names: a module's or a file's, or a reward model
+             (rm:DIR, reward.py), resolved here and handed on as a function;
   model      a fresh preset sized for the tokenizer, or a Hugging Face directory on disk
              (GPT-2, Llama, Mistral, Qwen2, Qwen3: hf.py).
 Each function takes the run's configuration (train.Config) and fails with one line that
@@ -13,19 +16,23 @@ names the problem, before anything is trained. `first_screen` tells the user wha
 """
 
 import dataclasses
-import hashlib
-import json
+import importlib
+import importlib.util
 import math
 import os
 import shlex
+import sys
 
 import chat
 import data
-import instructions
-import sorting
-from checkpoint import stage_names, weights_digest
+import reward
+import tasks
+from checkpoint import stage_names
+from commands import defaults_for
+from files import file_problem
 from hf import check_stages, load_pretrained
 from model import GPT, PRESETS, check_device, preset
+from pairs import offline_record, rendered
 from selm import LOSS_TYPES, check_hparams
 from tokenizer import get_tokenizer
 
@@ -38,24 +45,112 @@ def tokenizer_and_data(cfg, rt):
 
 
 def load_data(cfg, template=None, device=None):
-    """The built-in task, or the user's JSONL files and judge (data.load_user_data: `template`
-    renders conversations, `device` is where a reward model judges). check_config has checked
-    that the files come together. The instruction task's chunks hold its prompts only (plain
-    user turns) until train.instruction_pairs has the starting model answer them."""
-    if cfg.task == "instructions":
-        if template is None:
-            raise ValueError(f"--task instructions needs a chat model, and {cfg.init_from} has no chat template "
-                             "(chat_template.jinja, or tokenizer_config.json's \"chat_template\")")
-        t = instructions.make_task(seed=cfg.task_seed, n_prompts_per_chunk=cfg.chunk_size,
-                                   n_chunks=cfg.iterations + 1, n_eval=cfg.n_eval)
-        return instructions.training_data(t.chunks, t.eval, template)
+    """The --task's data (task_data), or the user's JSONL files (data.load_user_data: `template`
+    renders conversations) and judge (load_judge: `device` is where a reward model judges).
+    check_config has checked that the files come together, and that a task is not given with them."""
     if not any([cfg.sft, cfg.prefs, cfg.prompts, cfg.judge]):
-        t = sorting.make_task(seed=cfg.task_seed, n_sft=cfg.n_sft, n_prompts_per_chunk=cfg.chunk_size,
-                              n_chunks=cfg.iterations + 1, n_eval=cfg.n_eval, min_len=cfg.min_len, max_len=cfg.max_len,
-                              sft_passes=passes(cfg.sft_passes, "sft"), offline_passes=passes(cfg.offline_passes, "offline"))
-        return data.TrainingData(t.sft, t.chunks, t.eval, sorting.judge, builtin=True,
-                                 prompt_template=sorting.make_prompt("{prompt}"))
-    return data.load_user_data(cfg.sft, cfg.prefs, cfg.prompts, cfg.judge, cfg.iterations + 1, template, device)
+        return task_data(cfg, template)
+    d = data.load_user_data(cfg.sft, cfg.prefs, cfg.prompts, cfg.iterations + 1, template)
+    return dataclasses.replace(d, judge=load_judge(cfg.judge, device))  # last: once the data is known to be good
+
+
+def load_task(name):
+    """tasks/NAME.py's TASK, a tasks.Task: the one door through which a run meets a task."""
+    if name not in tasks.names():
+        raise ValueError(f"--task must be one of {', '.join(tasks.names())} (the files of tasks/), got {name!r}")
+    try:
+        task = getattr(importlib.import_module(f"tasks.{name}"), "TASK", None)
+    except Exception as e:  # whatever a task of your own raises on import
+        raise ValueError(f"--task {name}: cannot import tasks/{name}.py: {e!r}") from e
+    if not isinstance(task, tasks.Task):
+        raise ValueError(f"--task {name}: tasks/{name}.py has no TASK that is a tasks.Task")
+    return task
+
+
+def task_data(cfg, template=None):
+    """The --task's data as the run's TrainingData, made through its Task alone. A task with a
+    prompt template gives offline pairs; a chat model's task (template None) gives prompts, each
+    a user turn rendered with the model's chat template (`template`), and the chunks keep them
+    plain until train.instruction_pairs has the starting model answer them (awaiting_pairs)."""
+    task = load_task(cfg.task)
+    made = task.make(cfg)
+    chat_task = task.template is None
+    if any(isinstance(e, dict) == chat_task for chunk in made.chunks for e in chunk):
+        raise ValueError(f"--task {cfg.task}: its chunks must hold " + (
+            "prompts (strings): a chat model's task has the starting model make its pairs" if chat_task else
+            'offline pairs {"prompt", "chosen", "rejected"}: only a chat model\'s task (template None) gives prompts'))
+    if not made.sft and cfg.sft_steps > 0:
+        raise ValueError(f"--task {cfg.task} has no SFT data: --sft-steps must be 0")
+    if not chat_task:
+        return data.TrainingData(list(made.sft), made.chunks, made.eval, task.judge, builtin=True,
+                                 prompt_template=task.template, metrics=task.metrics)
+    if template is None:
+        raise ValueError(f"--task {cfg.task} needs a chat model, and {cfg.init_from} has no chat template "
+                         "(chat_template.jinja, or tokenizer_config.json's \"chat_template\")")
+    sft = [chat.demonstration({"prompt": p, "completion": r}, template) for p, r in made.sft]
+    evals = [chat.evaluation_prompt(e, template) for e in made.eval]
+    return data.TrainingData(sft, rendered(made.chunks, template), evals, task.judge, builtin=True, conversational=True,
+                             metrics=task.metrics)
+
+
+def awaiting_pairs(task_data):
+    """Whether the chunks hold prompts still, not pairs: a chat model's task, before
+    train.instruction_pairs has the starting model answer them."""
+    return any(not isinstance(e, dict) for chunk in task_data.chunks for e in chunk)
+
+
+def task_of(judge):
+    """The Task whose judge `judge` is (a --judge spec naming one, tasks.instructions:judge, brings
+    its metrics and its "perfect" score), or None."""
+    task = getattr(sys.modules.get(getattr(judge, "__module__", None) or ""), "TASK", None)
+    return task if isinstance(task, tasks.Task) and task.judge is judge else None
+
+
+def load_judge(spec, device=None):
+    """The judge a --judge spec names: "package.module:function" or "path/to/file.py:function" --
+    the function must follow judge(prompt, candidates) -> list[float] -- or "rm:DIR", a reward
+    model in a Hugging Face directory (reward.py), run on `device`. A spec is resolved here, where
+    a run's inputs are assembled; data.py and the pipeline receive the function."""
+    kind, target, name = judge_target(spec)
+    if kind == "rm":
+        try:
+            return reward.load_judge(target, device=device)
+        except (ValueError, OSError) as e:
+            raise data.DataError(f"judge {spec!r}: {e}") from None
+    try:
+        if kind == "file":
+            modspec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(target))[0], target)
+            module = importlib.util.module_from_spec(modspec)
+            modspec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except Exception as e:  # ImportError, or whatever the module raised on import
+        raise data.DataError(f"judge {spec!r}: cannot import {target}: {e!r}") from e
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise data.DataError(f"judge {spec!r}: {target} has no callable {name!r}")
+    return fn
+
+
+def judge_target(spec):
+    """What a judge spec names, checked without importing anything: ("rm", DIR, None),
+    ("file", path.py, function) or ("module", name, function); a data.DataError naming the spec
+    otherwise."""
+    if spec.startswith("rm:"):
+        if not os.path.isfile(os.path.join(spec[3:], "config.json")):
+            raise data.DataError(f"judge {spec!r}: {spec[3:] or 'the empty path'} is not a Hugging Face model "
+                                 "directory (no config.json); rm:DIR names a reward model's directory")
+        return "rm", spec[3:], None
+    target, _, name = spec.rpartition(":")  # the last ":", so C:\dir\f.py:fn works
+    if not target or not name:
+        raise data.DataError(f"judge {spec!r}: expected 'module:function' or 'file.py:function'")
+    if not (target.endswith(".py") or os.sep in target or "/" in target or os.path.isfile(target)):
+        return "module", target, name
+    if file_problem(target):
+        raise data.DataError(f"judge {spec!r}: {target} {file_problem(target)}")
+    if not target.endswith(".py"):
+        raise data.DataError(f"judge {spec!r}: {target} is not a Python file (.py)")
+    return "file", target, name
 
 
 def tokenizer_for(cfg):
@@ -91,7 +186,7 @@ def check_inputs(cfg, tok, task_data, block_size):
     task's chunks hold prompts until the starting model answers them (train.instruction_pairs):
     then every prompt must leave room for an answer of --max-new-tokens and the end-of-turn
     token, or sampling them would be wasted on pairs that do not fit."""
-    if cfg.task == "instructions" and not isinstance(task_data.chunks[0][0], dict):
+    if awaiting_pairs(task_data):
         template = chat.load_template(tok)
         longest = max(len(tok.encode_prompt(template.prompt([{"role": "user", "content": p}])))
                       for chunk in task_data.chunks for p in chunk)
@@ -104,50 +199,23 @@ def check_inputs(cfg, tok, task_data, block_size):
     return data.check_fits(task_data, tok, block_size, cfg.sft or "built-in SFT data", cfg.prefs or "built-in pairs")
 
 
-def pair_settings(cfg, tok, model, template, rt):
-    """Everything that shapes the instruction task's offline pairs besides their prompts, the
-    number of answers and the seed (instructions.cached_pairs keys its cache on these): the
-    weights, the tokenizer and the chat template, the sampling settings (--gen-batch-size sets
-    each block's seed), the device (its random numbers) and dtype, and the judge with its rules."""
-    with open(instructions.__file__, "rb") as f:
-        rules = hashlib.sha256(f.read()).hexdigest()[:16]
-    return {"model": weights_digest(model), "tokenizer": tok.digest(),
-            "template": hashlib.sha256(json.dumps([template.text, template.specials]).encode()).hexdigest()[:16],
-            "max_new_tokens": cfg.max_new_tokens, "temperature": 1.0, "gen_batch_size": cfg.gen_batch_size,
-            "device": rt.device.type, "dtype": str(rt.dtype), "judge": data.judge_name(instructions.judge),
-            "rules": rules}
-
-
-def offline_record(task_data):
-    """The instruction task's offline pairs, for the metrics log: pairs per chunk, and the
-    answers among them cut off at --max-new-tokens (trained unfinished: no EOS follows them)."""
-    unfinished = {k: sum(getattr(e[k], "finished", True) is False for c in task_data.chunks for e in c)
-                  for k in ("chosen", "rejected")}
-    return {"pairs": [len(c) for c in task_data.chunks], **{f"unfinished_{k}": v for k, v in unfinished.items()}}
-
-
 # ---- settings ---------------------------------------------------------------------------------
 
-# Data and step counts that fit each preset's time budget on a 2-core CPU (`tiny`: about a
-# minute, the rest: about ten). Flags override them.
-SCALE = {"tiny": dict(n_sft=4096, chunk_size=512, n_eval=256, sft_steps=800),
-         "default": dict(n_sft=8192, chunk_size=1024, n_eval=512, sft_steps=1500)}
-# The losses' settings: tuned on the sorting task (docs/results.md), also the start for your own data
-TRAINING = dict(iterations=3, beta=2.0, lr=1e-4, alpha=0.001, batch_size=32, micro_batch_size=32)
-# The instruction task's recipe for SmolLM2-135M-Instruct: its whole run in about twenty minutes
-# on a 2-core CPU; lr and alpha tuned on a seed of their own (docs/chat-model.md)
-INSTRUCTIONS = dict(iterations=2, chunk_size=64, n_eval=64, sft_steps=0, max_new_tokens=48, beta=0.1, lr=3e-5,
-                    alpha=0.03, batch_size=4, micro_batch_size=4)
-PER_TASK = sorted({*SCALE["default"], *TRAINING, *INSTRUCTIONS, "max_new_tokens"})  # default None: filled here
+# The one table of the defaults that depend on another flag (train.Config holds the rest: the
+# default run's, the sorting task on --model small), applied by commands.parse_config to the
+# flags a run does not give; a later row wins. A task of your own may add its row.
+RECIPES = (
+    # less data and fewer steps: the tiny model's run in about a minute on a 2-core CPU
+    (("model", "tiny"), dict(n_sft=4096, chunk_size=512, n_eval=256, sft_steps=800)),
+    # SmolLM2-135M-Instruct's whole run in about twenty minutes on a 2-core CPU; lr and alpha
+    # tuned on a seed of their own (docs/chat-model.md)
+    (("task", "instructions"), dict(iterations=2, chunk_size=64, n_eval=64, sft_steps=0, max_new_tokens=48, beta=0.1,
+                                    lr=3e-5, alpha=0.03, batch_size=4, micro_batch_size=4)),
+)
 
 
 def resolve(cfg):
-    """Fill the per-task and per-preset defaults (fields left at None)."""
-    defaults = {**SCALE.get(cfg.model, SCALE["default"]), **TRAINING,
-                **(INSTRUCTIONS if cfg.task == "instructions" else {})}
-    for k, v in defaults.items():
-        if getattr(cfg, k) is None:
-            setattr(cfg, k, v)
+    """--max-new-tokens left at None: the rule its help states."""
     if cfg.max_new_tokens is None:  # a sorted word is as long as the word; other data: 64
         cfg.max_new_tokens = 64 if cfg.prefs else cfg.max_len + 4
     return cfg
@@ -176,7 +244,6 @@ RULES = {
     "model": (f"one of {', '.join(PRESETS)}", lambda v: v in PRESETS),
     "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
     "block_size": (f"between 2 and {MAX_BLOCK_SIZE}", lambda v: v is None or 2 <= v <= MAX_BLOCK_SIZE),
-    "task": ("sorting or instructions", lambda v: v in ("sorting", "instructions")),
     "task_seed": (SEEDS, lambda v: 0 <= v < 2 ** 32),
     "min_len": ("at least 1", _at_least(1)),
     "max_len": ("at least 1", _at_least(1)),  # and at least --min-len, below the context: check_config
@@ -226,16 +293,17 @@ def check_config(cfg):
         if getattr(cfg, name) is not None and not os.path.isdir(getattr(cfg, name)):
             raise ValueError(f"{flag(name)} {getattr(cfg, name)} is not a directory")
     for name in FILES:
-        if getattr(cfg, name) is not None and data.file_problem(getattr(cfg, name)):
-            raise ValueError(f"{flag(name)} {getattr(cfg, name)}: {data.file_problem(getattr(cfg, name))}")
+        if getattr(cfg, name) is not None and file_problem(getattr(cfg, name)):
+            raise ValueError(f"{flag(name)} {getattr(cfg, name)}: {file_problem(getattr(cfg, name))}")
     if cfg.judge is not None:
         try:
-            data.judge_target(cfg.judge)
+            judge_target(cfg.judge)
         except ValueError as e:
             raise ValueError(f"--judge: {e}") from None
     if not cfg.out_dir or os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise ValueError(f"--out-dir {cfg.out_dir!r} is not a directory")
     check_device(cfg.device)
+    task = load_task(cfg.task)  # one of tasks/, with a TASK
     context = cfg.block_size or (None if cfg.init_from else PRESETS[cfg.model].get("block_size", 1024))
     own_data = any(x is not None for x in (cfg.sft, cfg.prefs, cfg.prompts, cfg.judge))
     problems = {f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size {cfg.micro_batch_size}":
@@ -253,12 +321,10 @@ def check_config(cfg):
                 "the sorting task); --sft is optional": own_data and not (cfg.prefs and cfg.prompts and cfg.judge),
                 "--prefs without --sft: give --sft demonstrations, or --init-from a pretrained model with "
                 "--sft-steps 0": own_data and cfg.sft is None and cfg.init_from is None and cfg.sft_steps > 0,
-                "--task instructions is for a chat model: give its directory with --init-from":
-                    cfg.task == "instructions" and cfg.init_from is None,
-                "--task instructions brings its own prompts, pairs and judge: leave out --sft, --prefs, "
-                "--prompts and --judge": cfg.task == "instructions" and own_data,
-                "--task instructions has no SFT data: --sft-steps must be 0":
-                    cfg.task == "instructions" and cfg.sft_steps > 0}
+                f"--task {cfg.task} is for a chat model: give its directory with --init-from":
+                    task.template is None and cfg.init_from is None,
+                f"--task {cfg.task} brings its own prompts, pairs and judge: leave out --sft, --prefs, "
+                "--prompts and --judge": own_data and cfg.task != default(cfg, "task")}
     for message, bad in problems.items():
         if bad:
             raise ValueError(message)
@@ -275,6 +341,11 @@ def check_config(cfg):
 
 def flag(name):
     return "--" + name.replace("_", "-")
+
+
+def default(cfg, name):
+    """The default of one of cfg's settings (train.Config's field)."""
+    return next(f.default for f in dataclasses.fields(cfg) if f.name == name)
 
 
 def passes(spec, which):
@@ -294,11 +365,11 @@ def first_screen(cfg, tok, task_data, model, rt):
     settings that differ from their defaults."""
     t, where = cfg.iterations, f"{cfg.init_from}'s weights" if cfg.init_from else "fresh weights"
     dtype = str(rt.dtype).removeprefix("torch.") if rt.dtype else "float32"
-    if cfg.task == "instructions":
-        source = ("the built-in task, instructions with 1-3 checkable constraints (instructions.py), offline pairs "
-                  f"from {cfg.pair_samples} answers of the starting model per prompt, in its chat template")
-    elif task_data.builtin:
-        source = f"the built-in task, sorting the letters of words of {cfg.min_len}-{cfg.max_len} letters (sorting.py)"
+    if task_data.builtin:
+        task = load_task(cfg.task)
+        source = f"--task {cfg.task}: {task.about.format(cfg=cfg)} (tasks/{cfg.task}.py)" + (
+            f", offline pairs from {cfg.pair_samples} answers of the starting model per prompt, in its chat template"
+            if task.template is None else "")
     else:
         source = ", ".join(f"--{k} {v}" for k, v in (("sft", cfg.sft), ("prefs", cfg.prefs), ("prompts", cfg.prompts)) if v)
         source += f", judged by {data.judge_name(task_data.judge)}" + (
@@ -331,14 +402,14 @@ def chunk_sizes(chunks):
 
 
 def changed_settings(cfg, leave_out=()):
-    """The settings that differ from their defaults, as flags; a per-preset default (SCALE,
-    --max-new-tokens) counts as a default. cfg: resolved (check_config)."""
-    per_preset = PER_TASK
-    defaults = resolve(dataclasses.replace(cfg, **dict.fromkeys(per_preset)))
+    """The settings that differ from their defaults, as flags; a default a recipe sets (RECIPES), or
+    the rule of --max-new-tokens, counts as a default. cfg: checked (check_config)."""
+    base = defaults_for(type(cfg), RECIPES, dataclasses.asdict(cfg))
+    base["max_new_tokens"] = resolve(dataclasses.replace(cfg, max_new_tokens=base["max_new_tokens"])).max_new_tokens
     flags = []
     for f in dataclasses.fields(cfg):
-        value, default = getattr(cfg, f.name), getattr(defaults, f.name) if f.name in per_preset else f.default
-        if value != default and f.name not in leave_out:
+        value = getattr(cfg, f.name)
+        if value != base[f.name] and f.name not in leave_out:
             flag = "--" + f.name.replace("_", "-")
             flags.append(flag if value is True else f"{flag} {shlex.quote(str(value))}")
     return " ".join(flags)

@@ -18,8 +18,8 @@ from dataclasses import asdict
 from typing import NamedTuple
 
 from checkpoint import (RUN_FIELDS, STAGE, atomic_save, check_fields, load_checkpoint, model_from_checkpoint,
-                        stage_names, stage_path, write_json_atomic)
-from data import TMP_PREFIX
+                        stage_names, stage_path)
+from files import TMP_PREFIX, write_json_atomic
 
 try:
     import fcntl
@@ -107,7 +107,7 @@ def claim_out_dir(out_dir, ranks, create=True):
 
 def sweep(out_dir):
     """Remove what a killed selm process left half-written: the temporary folders of its atomic
-    writes (data.TMP_PREFIX<pid>-*, of a process no longer alive on this machine), in out_dir
+    writes (files.TMP_PREFIX<pid>-*, of a process no longer alive on this machine), in out_dir
     and in its export folders hf-<stage>/. Nothing of another name, no link and nothing behind
     one: everything else in the out-dir is the user's."""
     def real_dir(path):

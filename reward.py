@@ -26,9 +26,10 @@ import torch
 import torch.nn as nn
 
 from chat import load_template
-from hf import Fields, config_from_hf, hf_to_ours, read_weights
+from files import Fields, read_json
+from hf import config_from_hf, hf_to_ours, read_weights
 from model import GPT
-from tokenizer import get_tokenizer, read_json
+from tokenizer import get_tokenizer
 
 
 class RewardModel(nn.Module):

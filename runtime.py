@@ -9,12 +9,9 @@ or several under torchrun:
     the wrapping of a model for training (DDP, torch.compile);
   - sampling, scoring and judging a list of prompts in blocks shared out over the ranks;
   - the metrics log (metrics.jsonl) and progress bars;
-  - the learning-rate schedule and a guarded optimizer step;
-  - a command line made from a configuration dataclass.
+  - the learning-rate schedule and a guarded optimizer step.
 """
 
-import argparse
-import dataclasses
 import json
 import math
 import os
@@ -31,8 +28,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import disk_usage, human_size, stage_path
-from data import JudgeError, collate, collate_shared, judge_block, write_error
-from sample import DefaultsHelp, compile_seconds, generate
+from data import JudgeError, collate, collate_shared, judge_block
+from files import write_error
+from sample import compile_seconds, generate
 from model import check_device, mps_available
 from selm import reference_logps
 
@@ -448,27 +446,3 @@ def optimizer_step(model, opt, grad_clip, stage, step):
             raise FloatingPointError(f"non-finite gradient in stage {stage} at step {step}; "
                                      "lower the learning rate (the last good checkpoint is intact)")
     opt.step()
-
-
-# ---- a command line from a configuration dataclass -------------------------------------------
-
-def parse_config(cls, argv=None, description=None):
-    """One flag per field of the dataclass `cls` (--snake-case), its help the field's
-    metadata["help"]; booleans are switches."""
-    ap = argparse.ArgumentParser(description=description, formatter_class=DefaultsHelp)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            ap.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            ap.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"])
-    return cls(**vars(ap.parse_args(argv)))
-
-
-def check_or_exit(ap, check, *args):
-    """check(*args), the one place a tool checks its flags: a ValueError it raises becomes the
-    parser's error (its usage, then the one line; exit status 2)."""
-    try:
-        check(*args)
-    except ValueError as e:
-        ap.error(str(e))

@@ -31,6 +31,7 @@ import weakref
 
 import torch
 
+from commands import DefaultsHelp, one_line_errors
 from model import KVCache, check_device, positions_from_mask
 
 
@@ -326,15 +327,6 @@ def _sync(device):
 
 # ---- the command line: a stage checkpoint or a Hugging Face directory, answering ------------
 
-class DefaultsHelp(argparse.HelpFormatter):
-    """A flag's help ends with its default, unless there is none to tell (None, "", a switch's
-    False, --help's) or the help tells it itself ("(default: per preset)")."""
-
-    def _get_help_string(self, action):
-        told = action.default in (None, "", argparse.SUPPRESS) or action.default is False or "(default" in action.help
-        return action.help if told else f"{action.help} (default: %(default)s)"
-
-
 def parser():
     ap = argparse.ArgumentParser(prog="sample.py", formatter_class=DefaultsHelp, description=(
         "Answer prompts with a stage checkpoint or a Hugging Face model directory, loaded once: one --prompt, "
@@ -390,11 +382,13 @@ def check_args(args):
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
-    try:
+    ap = parser()
+    args = ap.parse_args(argv)
+    with one_line_errors(ap.prog):
         check_args(args)
-        from data import converted, read_prompts, write_jsonl_atomic  # the command line borrows these:
-        from hf import load_model                                     # the sampler above needs no files
+        from data import converted, read_prompts  # the command line borrows these:
+        from files import write_jsonl_atomic      # the sampler above needs no files
+        from hf import load_model
         models = [(path, load_model(path, args.device)) for path in filter(None, (args.ckpt, args.compare))]
         if args.chat:
             return converse(models[0][1], args, sys.stdin)
@@ -409,10 +403,6 @@ def main(argv=None):
             if args.out:
                 return write_jsonl_atomic(args.out, out)
             return print("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out), end="")
-    except (ValueError, OSError) as e:  # DataError and WriteError included
-        sys.exit(f"sample.py: error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(130)
     for path, (per_prompt,) in answers:
         for k, (text, done) in enumerate(per_prompt):
             if len(models) * args.num_samples > 1:  # more than one answer: each labelled

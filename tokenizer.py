@@ -3,31 +3,26 @@ tokenizer.py -- text to token ids and back, with nothing to download.
 
 Three tokenizers, all tiktoken Encodings wrapped in one small class:
   - a Hugging Face tokenizer.json of the byte-level BPE kind (GPT-2, Llama-3, Qwen2/3,
-    SmolLM2), rebuilt as a tiktoken Encoding from its vocabulary, merges, pre-tokenization
-    regex and added tokens; its end-of-sequence and padding ids come from the directory's
-    generation_config.json and tokenizer_config.json. What a published file does beyond
-    tiktoken (an NFC normalizer; single bytes missing from the vocabulary) is done in Python
-    around tiktoken's BPE, for the texts it touches (Irregular). A tokenizer.json that cannot
-    be reproduced exactly (SentencePiece, another normalizer, ids out of merge order, ...)
-    is an error, never a silently different tokenization;
+    SmolLM2), rebuilt as a tiktoken Encoding, exactly or not at all (tokenizer_json.py); its
+    end-of-sequence and padding ids come from the directory's generation_config.json and
+    tokenizer_config.json;
   - GPT-2's BPE, when its files are on this machine: a directory holding the original
     release's vocab.bpe + encoder.json (or Hugging Face's merges.txt + vocab.json), or
     tiktoken's own cache;
   - plain bytes otherwise: ids 0..255 are the bytes, 256 is EOS, 257 is padding. Every
     text has an encoding and the vocabulary is tiny, which suits the built-in task.
 
-This file knows nothing of the rest of the project.
+Of the rest of the project this file imports only files.py and tokenizer_json.py.
 """
 
 import hashlib
-import json
-import math
 import os
-import re
 import tempfile
-import unicodedata
 
 import tiktoken
+
+from files import Fields
+from tokenizer_json import translate
 
 # Where tiktoken's own "gpt2" encoding fetches its two files from, and their sha256.
 # tiktoken caches each one under sha1(url) in its cache directory; we look there first
@@ -201,246 +196,16 @@ def get_tokenizer(bpe_path=None, verbose=True):
     return tok
 
 
-# ---- Hugging Face tokenizer.json -------------------------------------------------------
-
-# GPT-2's pre-tokenization split: the ByteLevel pre-tokenizer's own when use_regex is on.
-_GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# Digits (each number character a piece of its own) and then GPT-2's split, as SmolLM2 and
-# StarCoder chain them, as one regex: nothing else crosses a number character, and whitespace
-# just before one ends like whitespace at the end of a text, hence the lookahead (?![^\s\p{N}]).
-_DIGITS_GPT2_SPLIT = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
-
-
-def _byte_of_char():
-    """Byte-level BPE files spell the 256 bytes as printable characters (GPT-2's
-    bytes_to_unicode): printable Latin-1 bytes stand for themselves, the other 68 bytes take
-    the characters 256, 257, ... in byte order. Returns that character -> byte map."""
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
-
-
-def _split_pattern(pre, where):
-    """The regex whose matches are the pieces that tokenizer.json's pre_tokenizer cuts text
-    into, before each piece is mapped to byte-level characters."""
-    steps = (pre.get("pretokenizers") if pre and pre.get("type") == "Sequence" else [pre]) or [{}]
-    steps = [s or {} for s in steps]
-    kinds = [s.get("type") for s in steps]
-    *first, last = steps
-    if last.get("type") == "ByteLevel" and not last.get("add_prefix_space"):
-        if not first and last.get("use_regex", True):
-            return _GPT2_SPLIT  # GPT-2
-        if kinds[:-1] == ["Split"] and not last.get("use_regex", True):  # Llama-3, Qwen2/3
-            split = first[0]
-            isolated = split.get("behavior") == "Isolated" and not split.get("invert")
-            if "Regex" in split.get("pattern", {}) and isolated:
-                return split["pattern"]["Regex"]
-        if kinds[:-1] == ["Digits"] and last.get("use_regex", True):  # SmolLM2
-            if first[0].get("individual_digits"):
-                return _DIGITS_GPT2_SPLIT
-            return _DIGITS_GPT2_SPLIT.replace(r"\p{N}|", r"\p{N}+|", 1)  # runs of digits
-    raise ValueError(f"{where}: pre-tokenizer {' + '.join(map(str, kinds))} (with these options) is not one "
-                     "tiktoken can reproduce: byte-level BPE with a regex split is needed")
-
-
-# Bytes that no UTF-8 text holds: a vocabulary may lack them at no cost.
-_NEVER_IN_UTF8 = frozenset([0xC0, 0xC1, *range(0xF5, 0x100)])
-
-
-class Irregular:
-    """What a published byte-level BPE tokenizer.json may ask beyond tiktoken, done in Python
-    around tiktoken's own BPE for the texts it touches (touches(text)); other texts take
-    tiktoken's path unchanged.
-
-    - Single bytes missing from the vocabulary (SmolLM2's lacks 21: 192, 193, 241, 242,
-      245-255 and the control bytes 4, 6, 19, 20, 22, 29). Hugging Face's BPE splits the text
-      first, then drops each byte it has no token for, or writes the model's unk token in its
-      place (one per run of such bytes when fuse_unk); the rest of the piece merges as if the
-      byte were not there. tiktoken would panic: a Rust PanicException, a BaseException that
-      `except Exception` lets through.
-    - An NFC normalizer (Qwen2, Qwen2.5, Qwen3): Hugging Face cuts out the added tokens that
-      match the raw text, normalizes the text between them, then cuts out the added tokens
-      marked `normalized`, which match the normalized text.
-    """
-
-    def __init__(self, enc, pattern, missing, unk_id=None, fuse_unk=False, nfc=False, normalized=()):
-        import regex  # tiktoken's own dependency; Python's re lacks \p{L}
-        self.enc, self.unk_id, self.fuse_unk, self.nfc = enc, unk_id, fuse_unk, nfc
-        self.normalized = frozenset(normalized) if nfc else frozenset()  # added tokens matched after NFC
-        self.missing = bytes(sorted(missing))
-        self.missing_occurs = any(b not in _NEVER_IN_UTF8 for b in self.missing)
-        if self.missing:
-            self.missing_run = re.compile(b"([" + b"".join(re.escape(bytes([b])) for b in self.missing) + b"]+)")
-        self.split = regex.compile(pattern)
-        self._cutters = {}
-
-    def touches(self, text):
-        return (self.nfc and not unicodedata.is_normalized("NFC", text)) or self._holds_missing(text)
-
-    def _holds_missing(self, text):
-        return self.missing_occurs and self.missing_run.search(text.encode("utf-8", "surrogatepass")) is not None
-
-    def encode(self, text, allowed):
-        """Ids of text, the added tokens in `allowed` matched as tokens."""
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates: mended as tiktoken's Encoding.encode mends them
-            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-        ids, allowed = [], frozenset(allowed)
-        for part, is_token in self._cut(text, allowed - self.normalized):
-            if is_token:
-                ids.append(self.enc.encode_single_token(part))
-                continue
-            part = unicodedata.normalize("NFC", part) if self.nfc else part
-            for sub, is_token in self._cut(part, allowed & self.normalized):
-                ids += [self.enc.encode_single_token(sub)] if is_token else self._plain(sub)
-        return ids
-
-    def _cut(self, text, tokens):
-        """(part, is_token) pairs: text cut at the leftmost, longest matches of `tokens`."""
-        if tokens not in self._cutters:
-            alternatives = "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True))
-            self._cutters[tokens] = re.compile(alternatives) if tokens else None
-        start, cutter = 0, self._cutters[tokens]
-        for m in cutter.finditer(text) if cutter else ():
-            if m.start() > start:
-                yield text[start:m.start()], False
-            yield m.group(), True
-            start = m.end()
-        if start < len(text):
-            yield text[start:], False
-
-    def _plain(self, text):
-        """Text without added tokens: tiktoken's split and BPE, except in the pieces that hold a
-        missing byte."""
-        if not self._holds_missing(text):
-            return self.enc.encode_ordinary(text)
-        ids = []
-        for piece in self.split.findall(text):  # tiktoken's split, by the regex package
-            piece = piece.encode("utf-8")
-            if self.unk_id is None:  # the missing bytes dropped: the rest merges across the gap
-                piece = piece.translate(None, self.missing)
-                ids += self.enc._encode_single_piece(piece) if piece else []  # BPE, no split
-                continue
-            for i, run in enumerate(self.missing_run.split(piece)):  # the unk token stands between
-                if i % 2 == 0:  # bytes the vocabulary has, on which tiktoken cannot panic
-                    ids += self.enc._encode_single_piece(run) if run else []
-                else:
-                    ids += [self.unk_id] * (1 if self.fuse_unk else len(run))
-        return ids
-
+# ---- Hugging Face directories ---------------------------------------------------------------
 
 def hf_tokenizer(path):
-    """A Tokenizer from a Hugging Face directory: tokenizer.json (byte-level BPE) plus EOS and
-    padding from generation_config.json / tokenizer_config.json.
-
-    tiktoken splits text with one regex, maps each piece to bytes and merges adjacent parts
-    lowest rank first, the rank being the merged token's id. That is Hugging Face's BPE
-    exactly when the merges are applied in id order, so ids out of merge order are refused,
-    as is every pre- or post-processing step that neither tiktoken nor Irregular reproduces.
-    byte_fallback and the unk token act only on bytes the vocabulary lacks: they are checked
-    only then.
-    """
-    where = os.path.join(path, "tokenizer.json")
-    tj = read_json(where)
-    check_tokenizer_json(tj, where)
-    model = tj.get("model", {})
-    if model.get("type") != "BPE":
-        raise ValueError(f"{where}: a {model.get('type')} model (SentencePiece-style?) is not byte-level BPE, "
-                         "which is all tiktoken can reproduce")
-    nfc = _is_nfc(tj.get("normalizer"), where)
-    if (tj.get("decoder") or {}).get("type") != "ByteLevel":
-        raise ValueError(f"{where}: a decoder other than ByteLevel changes the text (SentencePiece-style?); "
-                         "tiktoken cannot reproduce it")
-    if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
-        raise ValueError(f"{where}: BPE dropout / subword affixes are not reproducible by tiktoken")
-    pattern = _split_pattern(tj.get("pre_tokenizer"), where)
-    vocab, byte_of = model["vocab"], _byte_of_char()
-    added = {t["content"]: t for t in tj.get("added_tokens", [])}
-    for t in added.values():
-        if t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
-            raise ValueError(f"{where}: added token {t['content']!r} strips whitespace or matches whole "
-                             "words only, which tiktoken cannot reproduce")
-    # a token that is a prefix of another: tiktoken may match either, Hugging Face the longest
-    names = sorted(added)
-    for a, b in zip(names, names[1:]):
-        if b.startswith(a):
-            raise ValueError(f"{where}: added token {a!r} is a prefix of {b!r}; tiktoken may match either")
-    ranks = {}
-    for piece, i in vocab.items():
-        if piece in added:
-            continue
-        try:
-            ranks[bytes(byte_of[c] for c in piece)] = i
-        except KeyError:
-            raise ValueError(f"{where}: vocabulary entry {piece!r} is not byte-level") from None
-    missing = [b for b in range(256) if bytes([b]) not in ranks]
-    unk = model.get("unk_token")
-    if missing and model.get("byte_fallback"):
-        raise ValueError(f"{where}: byte_fallback writes <0x..> tokens for the {len(missing)} single bytes the "
-                         "vocabulary lacks; tiktoken cannot reproduce it")
-    if missing and unk is not None and unk not in vocab:
-        raise ValueError(f"{where}: the unk token {unk!r} is not in the vocabulary")
-    last, made = -1, set()
-    for n, m in enumerate(model.get("merges", [])):
-        a, b = m.split(" ", 1) if isinstance(m, str) else m
-        i = vocab.get(a + b)
-        if i is None or a not in vocab or b not in vocab:
-            raise ValueError(f"{where}: merge {n} ({a!r} {b!r}) involves a token the vocabulary lacks")
-        if i < last:  # several merges may make one token (Llama-3 lists every split), hence <
-            raise ValueError(f"{where}: token ids are not in merge order (merge {n} makes id {i} after id "
-                             f"{last}); tiktoken merges by id, so it would tokenize differently")
-        last = i
-        made.add(i)
-    unmade = [p for p, i in vocab.items() if p not in added and len(p) > 1 and i not in made]
-    if unmade:
-        raise ValueError(f"{where}: vocabulary entry {unmade[0]!r} is made by no merge; tiktoken could "
-                         "produce it where Hugging Face never does")
-    try:
-        enc = tiktoken.Encoding(name=os.path.basename(os.path.normpath(path)), pat_str=pattern,
-                                mergeable_ranks=ranks, special_tokens={c: t["id"] for c, t in added.items()})
-    except ValueError as e:  # e.g. a regex tiktoken's engine does not accept
-        raise ValueError(f"{where}: tiktoken cannot use it: {e}") from None
-    irregular = None
-    if missing or nfc:
-        irregular = Irregular(enc, pattern, missing, unk_id=vocab.get(unk) if unk is not None else None,
-                              fuse_unk=model.get("fuse_unk", False), nfc=nfc,
-                              normalized=[c for c, t in added.items() if t.get("normalized", not t.get("special"))])
-    eos_id, eos_ids, pad_id = _eos_and_pad(path, enc)
-    return Tokenizer(enc, enc.name, eos_id, pad_id, eos_ids=eos_ids, source=path,
-                     bos_id=_bos(tj, where, enc.n_vocab),
-                     always_special=[c for c, t in added.items() if not t.get("special")], irregular=irregular)
-
-
-def _is_nfc(normalizer, where):
-    """True for an NFC normalizer (alone, or in a Sequence), False for none; any other
-    normalizer changes the text in ways tiktoken has no equivalent for."""
-    steps = normalizer.get("normalizers", []) if normalizer and normalizer.get("type") == "Sequence" else \
-        [normalizer] if normalizer else []
-    kinds = [s.get("type") for s in steps]
-    if kinds not in ([], ["NFC"]):
-        raise ValueError(f"{where}: normalizer {' + '.join(map(str, kinds))} changes the text in ways tiktoken "
-                         "cannot reproduce (SentencePiece-style?); byte-level BPE with no normalizer or NFC is needed")
-    return kinds == ["NFC"]
-
-
-def _bos(tj, where, n_vocab):
-    """The id a TemplateProcessing post-processor puts before a single text, if any: the first
-    of the ids its special_tokens give the token that begins its "single" template, which must
-    be there (check_tokenizer_json has checked the fields' types)."""
-    pp = tj.get("post_processor") or {}
-    for j, p in enumerate(pp.get("processors", [pp])):
-        first = (p.get("single") or [{}])[0] if p.get("type") == "TemplateProcessing" else {}
-        if "SpecialToken" in first:
-            field = "post_processor" + (f".processors.{j}" if "processors" in pp else "")
-            name = first["SpecialToken"]["id"]
-            ids = (p.get("special_tokens") or {}).get(name, {}).get("ids")
-            if not ids or ids[0] >= n_vocab:
-                gives = f"id {ids[0]}, not in [0, {n_vocab})" if ids else "no ids"
-                raise ValueError(f"{where}: field '{field}.single' begins with special token {name!r}, to which "
-                                 f"'{field}.special_tokens' gives {gives}")
-            return ids[0]
-    return None
+    """A Tokenizer from a Hugging Face directory: its tokenizer.json rebuilt for tiktoken
+    (tokenizer_json.translate), plus EOS and padding from generation_config.json and
+    tokenizer_config.json."""
+    t = translate(path)
+    eos_id, eos_ids, pad_id = _eos_and_pad(path, t.enc)
+    return Tokenizer(t.enc, t.enc.name, eos_id, pad_id, eos_ids=eos_ids, source=path, bos_id=t.bos_id,
+                     always_special=t.always_special, irregular=t.irregular)
 
 
 def _eos_and_pad(path, enc):
@@ -448,11 +213,7 @@ def _eos_and_pad(path, enc):
     model ends its turn with (<|im_end|>, <|eot_id|>), else generation_config.json's first
     eos_token_id; eos_ids adds every id that generation_config.json stops on. Padding:
     pad_token, else generation_config's pad_token_id, else eos_id."""
-    def read(name):
-        file = os.path.join(path, name)
-        return Fields(read_json(file) if os.path.isfile(file) else {}, file)
-
-    tc, gen = read("tokenizer_config.json"), read("generation_config.json")
+    tc, gen = (Fields.of(os.path.join(path, name)) for name in ("tokenizer_config.json", "generation_config.json"))
 
     def token_id(name):  # the id of tokenizer_config.json's eos_token or pad_token
         token = special_token(tc, name, tc.where)
@@ -477,95 +238,6 @@ def _eos_and_pad(path, enc):
     pad = token_id("pad_token")
     pad = gen.get("pad_token_id", None, is_id, ids) if pad is None else pad
     return eos_ids[0], eos_ids, eos_ids[0] if pad is None else pad
-
-
-# ---- Hugging Face files: JSON, read and checked -------------------------------------------
-
-def read_json(path):
-    """The JSON in a file, or a ValueError in one line naming it: unreadable, not UTF-8, not JSON."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except RecursionError:
-        raise ValueError(f"{path}: unreadable JSON (nested too deeply)") from None
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable JSON ({e.strerror if isinstance(e, OSError) else e})") from None
-
-
-class Fields:
-    """The fields of a JSON object read from a Hugging Face file (config.json, tokenizer.json,
-    ...), each checked as it is read: of its type, in its range; else a ValueError in one line
-    naming the file and the field. A field that is absent or null takes its default; one
-    without a default must be there. `path` prefixes the names of a nested object's fields."""
-
-    def __init__(self, obj, where, what="the file", path=""):
-        if not isinstance(obj, dict):
-            name = f"field {path[:-1]!r}" if path else "the file"
-            raise ValueError(f"{where}: {name} must be a JSON object, got {json.dumps(obj)[:60]}")
-        self.obj, self.where, self.what, self.path = obj, where, what, path
-
-    def get(self, name, default=..., ok=None, want=None):
-        value = self.obj.get(name)
-        if value is None:
-            if default is ...:
-                raise ValueError(f"{self.where}: {self.what} lacks {self.path + name!r}")
-            return default
-        if ok is not None and not ok(value):
-            raise ValueError(f"{self.where}: field {self.path + name!r} must be {want}, got {json.dumps(value)[:60]}")
-        return value
-
-    def count(self, name, default=..., lo=1):
-        return self.get(name, default, lambda v: type(v) is int and v >= lo, f"an integer >= {lo}")
-
-    def number(self, name, default=..., lo=0.0, strict=True):
-        """A finite number above `lo` (strict) or from `lo` on."""
-        return self.get(name, default, lambda v: type(v) in (int, float) and (v > lo if strict else v >= lo)
-                        and math.isfinite(v), f"a finite number {'>' if strict else '>='} {lo:g}")
-
-    def flag(self, name, default=False):
-        return self.get(name, default, lambda v: type(v) is bool, "true or false")
-
-    def text(self, name, default=...):
-        return self.get(name, default, lambda v: type(v) is str, "a string")
-
-    def array(self, name, ok=lambda v: True, want="a list"):
-        return self.get(name, [], lambda v: type(v) is list and all(ok(x) for x in v), want)
-
-    def nested(self, name):
-        return Fields(self.get(name, {}), self.where, self.what, f"{self.path}{name}.")
-
-    def check(self, bad, message):
-        if bad:
-            raise ValueError(f"{self.where}: {message}")
-
-
-def check_tokenizer_json(tj, where):
-    """Every field of a tokenizer.json that hf_tokenizer reads, of the type it needs."""
-    def objects(v):
-        return type(v) is dict
-    f = Fields(tj, where)
-    model = f.nested("model")
-    model.get("vocab", ..., lambda v: type(v) is dict and all(type(i) is int and i >= 0 for i in v.values()),
-              "an object of tokens and their ids (integers >= 0)")
-    model.array("merges", lambda m: type(m) is str and " " in m or type(m) is list and len(m) == 2
-                and all(type(x) is str for x in m), 'a list of merges, each "a b" or ["a", "b"]')
-    for i, t in enumerate(f.array("added_tokens", objects, "a list of objects")):
-        token = Fields(t, where, path=f"added_tokens.{i}.")
-        token.text("content")
-        token.count("id", lo=0)
-    f.nested("decoder")
-    pre = f.nested("pre_tokenizer")
-    for j, step in enumerate(pre.array("pretokenizers", objects, "a list of objects")):
-        Fields(step, where, path=f"pre_tokenizer.pretokenizers.{j}.").nested("pattern").text("Regex", None)
-    post = f.nested("post_processor")  # its special tokens' ids give the BOS (_bos)
-    processors = [post] + [Fields(p, where, path=f"post_processor.processors.{j}.")
-                           for j, p in enumerate(post.array("processors", objects, "a list of objects"))]
-    for p in processors:
-        special = p.nested("special_tokens")
-        for name in special.obj:
-            special.nested(name).array("ids", lambda i: type(i) is int and i >= 0, "a list of token ids")
-        for k, piece in enumerate(p.array("single", objects, "a list of objects")):
-            Fields(piece, where, path=f"{p.path}single.{k}.").nested("SpecialToken").text("id", None)
 
 
 def special_token(config, name, where):

@@ -11,7 +11,6 @@ iterative online DPO. Plumbing lives in runtime.py, what goes to disk in checkpo
 """
 
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -20,15 +19,15 @@ import torch.nn.functional as F
 
 import chat
 import data
-import instructions
 from checkpoint import commit, stage_names, stage_state
+from commands import one_line_errors, parse_config
 from data import Example
 from hf import export_stages
-from inputs import (build_model, check_config, check_inputs, example_prompt, first_screen, offline_record,
-                    pair_settings, tokenizer_and_data)
+from inputs import (RECIPES, awaiting_pairs, build_model, check_config, check_inputs, example_prompt, first_screen,
+                    tokenizer_and_data)
 from outdir import begin, check_start, claim_out_dir, restore, resume_advice, survey
-from runtime import (Running, check_finite, judge_failure, last_screen, lr_at, optimizer_step, parse_config, setup,
-                     summary_line)
+from pairs import Unfinished, cached_pairs, offline_record, pair_settings, rendered
+from runtime import Running, check_finite, judge_failure, last_screen, lr_at, optimizer_step, setup, summary_line
 from selm import (candidates_of, dpo_loss, pairs_from_scores, preference_metrics, relabel_counts,
                   selm_loss, shared_logps, split_logps, win)
 
@@ -39,6 +38,9 @@ def setting(default, help):
 
 @dataclass
 class Config:
+    """A run's settings, one flag each (python train.py --help). Every default is the one the default
+    run uses (--task sorting, --model small); --model tiny and --task instructions change a few, as
+    the one table inputs.RECIPES lists (and --help says beside each), and a flag you give wins."""
     # model
     model: str = setting("small", "model preset: tiny, small, gpt2, gpt2-medium, gpt2-large, gpt2-xl")
     init_from: str = setting(None, "start from a Hugging Face model directory on disk (GPT-2, Llama, Mistral, Qwen2, "
@@ -54,32 +56,32 @@ class Config:
     bpe_path: str = setting(None, "directory of GPT-2 BPE files: vocab.bpe + encoder.json, or merges.txt + vocab.json")
     block_size: int = setting(None, "context length of the fresh model (default: the preset's)")
     # the built-in tasks
-    task: str = setting("sorting", "the built-in task when no data files are given: sorting (the letters of a word, "
-                                   "for a fresh --model) or instructions (verifiable instructions, for a chat model "
-                                   "given by --init-from; instructions.py)")
+    task: str = setting("sorting", "the task when no data files are given, a file of tasks/: sorting (the letters of a "
+                                   "word, for a fresh --model), instructions (verifiable instructions, for a chat "
+                                   "model given by --init-from), or one of your own")
     task_seed: int = setting(0, "seed of the built-in task's data (kept fixed across training seeds)")
     min_len: int = setting(7, "shortest word to sort")
     max_len: int = setting(10, "longest word to sort")
-    n_sft: int = setting(None, "SFT demonstrations (default: per preset, see inputs.SCALE)")
-    chunk_size: int = setting(None, "prompts per chunk: offline DPO's, then each iteration's (default: per preset and task)")
-    n_eval: int = setting(None, "held-out evaluation prompts (default: per preset and task)")
+    n_sft: int = setting(8192, "SFT demonstrations")
+    chunk_size: int = setting(1024, "prompts per chunk: offline DPO's, then each iteration's")
+    n_eval: int = setting(512, "held-out evaluation prompts")
     sft_passes: str = setting("1,3", "bubble-sort passes of the SFT demonstrations: lo,hi (more: better answers)")
     offline_passes: str = setting("0,4", "bubble-sort passes of the offline pairs' two responses: lo,hi")
     pair_samples: int = setting(4, "instructions: answers of the starting model per prompt, at temperature 1, whose "
                                    "best and worst by the judge make the prompt's offline pair")
     # SFT
-    sft_steps: int = setting(None, "SFT optimizer steps (default: per preset; 0 for instructions)")
+    sft_steps: int = setting(1500, "SFT optimizer steps")
     sft_lr: float = setting(2e-3, "SFT peak learning rate")
     sft_batch_size: int = setting(64, "SFT batch size")
     # DPO and SELM
-    iterations: int = setting(None, "SELM iterations after offline DPO, 0 to stop after it (default: per task)")
-    alpha: float = setting(None, "SELM optimism coefficient, 0 = iterative DPO (default: per task, inputs.TRAINING and INSTRUCTIONS)")
-    beta: float = setting(None, "DPO/SELM inverse temperature (default: per task, inputs.TRAINING and INSTRUCTIONS)")
+    iterations: int = setting(3, "SELM iterations after offline DPO, 0 to stop after it")
+    alpha: float = setting(0.001, "SELM optimism coefficient, 0 = iterative DPO")
+    beta: float = setting(2.0, "DPO/SELM inverse temperature")
     loss_type: str = setting("sigmoid", "preference loss: sigmoid (DPO) or ipo")
-    lr: float = setting(None, "peak learning rate of offline DPO and of SELM iteration 1 (default: per task)")
+    lr: float = setting(1e-4, "peak learning rate of offline DPO and of SELM iteration 1")
     lr_decay: float = setting(1.0, "each SELM iteration's learning rate is the previous one's times this")
-    batch_size: int = setting(None, "preference pairs per optimizer step (default: per task)")
-    micro_batch_size: int = setting(None, "pairs per forward pass, gradient accumulation when smaller (default: per task)")
+    batch_size: int = setting(32, "preference pairs per optimizer step")
+    micro_batch_size: int = setting(32, "pairs per forward pass, gradient accumulation when smaller")
     warmup: float = setting(0.1, "fraction of each stage's steps spent warming the learning rate up")
     weight_decay: float = setting(0.0, "AdamW weight decay for DPO/SELM")
     grad_clip: float = setting(1.0, "clip the gradient norm to this (0 = off)")
@@ -94,7 +96,8 @@ class Config:
                                               "ties), or authors ([y_ref, chosen, rejected], the first best and the "
                                               "first worst)")
     # sampling and evaluation
-    max_new_tokens: int = setting(None, "response length cap (default: longest word + 4; your data: 64; instructions: per task)")
+    max_new_tokens: int = setting(None, "response length cap (default: --max-len + 4, a sorted word and room to spare; "
+                                        "with --prefs: 64)")
     gen_batch_size: int = setting(256, "prompts per call of the sampler")
     kl_samples: int = setting(1, "temperature-1 samples per eval prompt for the KL(pi || pi_SFT) estimate")
     # run
@@ -118,8 +121,8 @@ class Config:
 
 
 def parse_args(argv=None):
-    return parse_config(Config, argv, "The SELM pipeline: SFT -> offline DPO -> SELM iterations, "
-                                      "each stage evaluated and checkpointed.")
+    return parse_config(Config, argv, "The SELM pipeline: SFT -> offline DPO -> SELM iterations, each stage evaluated "
+                                      "and checkpointed.", RECIPES, prog="train.py")
 
 
 # ---- seeds ------------------------------------------------------------------------------------
@@ -143,7 +146,7 @@ def instruction_pairs(rt, cfg, tok, model, task_data):
     """UltraFeedback's recipe on --task instructions: --pair-samples answers of the starting model
     to each chunk's prompts, at temperature 1, judged; the best becomes chosen and the worst
     rejected, and a prompt whose answers all tie is dropped; one cut off at --max-new-tokens stays
-    unfinished, as y_ref does. Built once and kept in --out-dir (instructions.cached_pairs), where
+    unfinished, as y_ref does. Built once and kept in --out-dir (pairs.cached_pairs), where
     a resumed run, or one started from this run's stage, finds them. Returns task_data with its
     chunks of prompts turned into chunks of pairs."""
     template = chat.load_template(tok)
@@ -151,23 +154,23 @@ def instruction_pairs(rt, cfg, tok, model, task_data):
 
     def text(r):  # an answer as text without its EOS; one cut off at --max-new-tokens has none
         words = tok.decode([t for t in r if t not in tok.eos_ids])
-        return words if r and r[-1] in tok.eos_ids else instructions.Unfinished(words)
+        return words if r and r[-1] in tok.eos_ids else Unfinished(words)
 
     def sample(prompts, k, seed):  # k answers per prompt
         ids = [tok.encode_prompt(template.prompt([{"role": "user", "content": p}])) for p in prompts]
         runs = [sample_responses(rt, cfg, tok, model, ids, 1.0, seed_for(seed, "pairs", k=j), bar) for j in range(k)]
         return [[text(r) for r in answers] for answers in zip(*runs)]
     elsewhere = [os.path.dirname(os.path.abspath(cfg.start_from))] if cfg.start_from else []
-    pairs = instructions.cached_pairs(cfg.out_dir, task_data.chunks, sample, cfg.pair_samples, cfg.task_seed,
-                                      pair_settings(cfg, tok, model, template, rt), write=rt.ranks.main,
-                                      elsewhere=elsewhere)
+    pairs = cached_pairs(cfg.out_dir, task_data.chunks, sample, cfg.pair_samples, cfg.task_seed,
+                         pair_settings(cfg, tok, model, template, rt), write=rt.ranks.main,
+                         elsewhere=elsewhere, judge=task_data.judge)
     bar.close()
     rt.ranks.barrier()
     empty = [i for i, chunk in enumerate(pairs) if not chunk]
     if empty:
         raise data.DataError(f"the starting model's {cfg.pair_samples} answers tied on every prompt of chunk "
                              f"{empty[0]}: no offline pair to train on (is {cfg.init_from} a chat model?)")
-    return replace(task_data, chunks=instructions.rendered(pairs, template))
+    return replace(task_data, chunks=rendered(pairs, template))
 
 
 # ---- stage 1: SFT -------------------------------------------------------------------------
@@ -409,18 +412,20 @@ def run(cfg):
     start = check_start(cfg.start_from, stages, asdict(cfg), model.config) if cfg.start_from else None
     with claim_out_dir(cfg.out_dir, rt.ranks, create=not cfg.resume):
         ckpt, done = survey(cfg.out_dir, stages, asdict(cfg), model.config, start)
-        if cfg.task == "instructions":  # the offline pairs are the starting model's own answers, judged
+        own_pairs = awaiting_pairs(task_data)
+        if own_pairs:  # a chat task's offline pairs are the starting model's own answers, judged
             task_data = instruction_pairs(rt, cfg, tok, model, task_data)
             check_inputs(cfg, tok, task_data, model.config.block_size)
         begin(cfg.out_dir, ckpt, start, rt.log, rt.ranks)  # the run's first writes
-        return run_stages(rt, cfg, tok, model, task_data, sft_examples, ckpt, done)
+        return run_stages(rt, cfg, tok, model, task_data, sft_examples, ckpt, done, own_pairs)
 
 
-def run_stages(rt, cfg, tok, model, task_data, sft_examples, ckpt, done):
-    """Each stage after those `done` (ckpt: the last one's) trained, committed, evaluated, committed again."""
+def run_stages(rt, cfg, tok, model, task_data, sft_examples, ckpt, done, own_pairs=False):
+    """Each stage after those `done` (ckpt: the last one's) trained, committed, evaluated, committed again;
+    own_pairs: the offline pairs are the starting model's answers (instruction_pairs)."""
     stages = stage_names(cfg.iterations)
     rt.say(first_screen(cfg, tok, task_data, model, rt))
-    if cfg.task == "instructions" and not cfg.resume:  # what the offline pairs hold (a resumed run's log has it)
+    if own_pairs and not cfg.resume:  # what the offline pairs hold (a resumed run's log has it)
         rt.log.write({"offline_pairs": offline_record(task_data)})
     # continue after the last stage trained (state: that stage, if its evaluation was cut short)
     results, sft_answers, sft_model, state = restore(ckpt, model, cfg.out_dir, rt.device)
@@ -466,14 +471,8 @@ def train_stage(rt, cfg, tok, si, stage, model, task_data, sft_examples):
 
 def main(argv=None):
     cfg = parse_args(argv)
-    try:
-        run(cfg)
-    except (ValueError, OSError, FloatingPointError) as e:  # DataError is a ValueError
-        if os.environ.get("SELM_DEBUG"):
-            raise  # the whole traceback, the judge's own included, on request
-        sys.exit(f"train.py: error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(f"train.py: interrupted; {resume_advice(cfg.out_dir, asdict(cfg))}")
+    with one_line_errors("train.py", interrupted=lambda: resume_advice(cfg.out_dir, asdict(cfg))):
+        run(cfg)  # its first step checks every setting (check_config), then every input, before any write
 
 
 if __name__ == "__main__":

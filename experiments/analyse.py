@@ -23,7 +23,6 @@ import dataclasses
 import math
 import os
 import statistics
-import sys
 import time
 from typing import NamedTuple
 
@@ -32,8 +31,10 @@ import torch
 import chat
 import inputs
 import train
-from checkpoint import load_checkpoint, model_from_checkpoint, stage_path, write_json_atomic
-from runtime import Runtime, check_or_exit, read_metrics, setup
+from checkpoint import load_checkpoint, model_from_checkpoint, stage_path
+from commands import one_line_errors
+from files import write_json_atomic
+from runtime import Runtime, read_metrics, setup
 from selm import candidates_of, pairs_from_scores
 from experiments.runner import read_json
 
@@ -176,7 +177,7 @@ def analyse(d, k, n_diag, implicit=True):
 
 
 def parser():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    ap = argparse.ArgumentParser(prog="python -m experiments.analyse", description=__doc__.split("\n\n")[0].strip())
     ap.add_argument("dir", help="a train.py run directory (its checkpoints, results.json, metrics.jsonl)")
     ap.add_argument("--k", type=int, default=8, help="temperature-1 samples per prompt")
     ap.add_argument("--diag-prompts", type=int, default=128, help="prompts for the samples and implicit rewards")
@@ -198,11 +199,9 @@ def check_args(args):
 def main(argv=None):
     ap = parser()
     args = ap.parse_args(argv)
-    check_or_exit(ap, check_args, args)
-    try:
+    with one_line_errors(ap.prog):
+        check_args(args)
         analyse(args.dir, args.k, args.diag_prompts, implicit=not args.no_implicit)
-    except (ValueError, OSError) as e:
-        sys.exit(f"analyse: error: {e}")
 
 
 if __name__ == "__main__":

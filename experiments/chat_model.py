@@ -17,7 +17,6 @@ command can be stopped and started again at any point:
 Every run is a train.py process (runner.run_all: --jobs at a time, resumable).
 """
 
-import argparse
 import json
 import math
 import os
@@ -27,11 +26,14 @@ import sys
 
 import inputs
 import train
-from checkpoint import write_json_atomic
+from commands import one_line_errors
+from constraints import words
 from experiments import plots
-from experiments.runner import Job, read_json, run_all
-from instructions import DEGENERATE, PAIRS_FILE, degenerate, make_task, parse_prompt, verdicts, words
-from runtime import check_or_exit, setup
+from experiments.runner import Job, check_experiment, parser as experiment_parser, read_json, run_all
+from files import write_json_atomic
+from pairs import PAIRS_FILE
+from runtime import setup
+from tasks.instructions import DEGENERATE, degenerate, make_task, parse_prompt, verdicts
 
 ARMS = {  # the preregistered arms: train.py flags besides the shared ones
     "A": ("iterative DPO", ["--alpha", "0"]),
@@ -98,10 +100,6 @@ def arm_job(args, P, base, arm, alpha, tag=""):
     return Run(args.out, os.path.dirname(base.name) + f"/{arm}{tag}", flags, P["T"], base)
 
 
-def final(job, key="reward"):
-    return job.results()[job.stages[-1]][key]
-
-
 # ---- the phases --------------------------------------------------------------------------------
 
 def tune(args, P, decisions, path):
@@ -109,7 +107,7 @@ def tune(args, P, decisions, path):
     if "lr" not in decisions:
         bases = {lr: base_job(args, P, P["tuning"], P["tuning"], lr) for lr in P["lrs"]}
         launch(args, P, bases.values(), pairs)
-        scores = {f"{lr:g}": final(b) for lr, b in bases.items()}
+        scores = {f"{lr:g}": b.final() for lr, b in bases.items()}
         best = max(scores.values())
         decisions["lr_grid"] = scores  # the smallest lr within 0.01 of the best
         decisions["lr"] = min(lr for lr in P["lrs"] if scores[f"{lr:g}"] >= best - 0.01)
@@ -118,9 +116,9 @@ def tune(args, P, decisions, path):
         base = base_job(args, P, P["tuning"], P["tuning"], decisions["lr"])
         jobs = [arm_job(args, P, base, "A", 0)] + [arm_job(args, P, base, "B", a, f"-a{a:g}") for a in P["alphas"]]
         launch(args, P, jobs, pairs)
-        scores = {f"{a:g}": final(j) for a, j in zip(P["alphas"], jobs[1:])}
+        scores = {f"{a:g}": j.final() for a, j in zip(P["alphas"], jobs[1:])}
         best = max(scores.values())
-        decisions.update(alpha_grid=scores, alpha_A=final(jobs[0]),
+        decisions.update(alpha_grid=scores, alpha_A=jobs[0].final(),
                          alpha=min(a for a in P["alphas"] if scores[f"{a:g}"] >= best - 0.01))
         write_json_atomic(decisions, path)
 
@@ -204,8 +202,8 @@ def answer_tables(runs, seeds, T, prompts):
 
 def report(args, P, decisions, runs):
     seeds, T = P["heldout"], P["T"]
-    n_eval = train.parse_args(runs[seeds[0]]["A"].flags)  # the held-out prompts, as the runs drew them
-    prompts = make_task(seed=0, n_prompts_per_chunk=1, n_chunks=1, n_eval=inputs.resolve(n_eval).n_eval).eval
+    n_eval = train.parse_args(runs[seeds[0]]["A"].flags).n_eval  # the held-out prompts, as the runs drew them
+    prompts = make_task(seed=0, n_prompts_per_chunk=1, n_chunks=1, n_eval=n_eval).eval
     keys = ["prompt_accuracy", "instruction_accuracy", "reward", "win_rate_vs_sft", "kl", "length"]
     fmt = lambda xs: f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"  # noqa: E731
     res = {s: {a: runs[s][a].results() for a in ARMS} for s in seeds}
@@ -263,43 +261,36 @@ def report(args, P, decisions, runs):
 # ---- the command ------------------------------------------------------------------------------
 
 def parser():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    ap = experiment_parser("chat_model", __doc__, "the machinery at toy sizes, in minutes")
     ap.add_argument("--init-from", required=True, help="the chat model's directory (python -m tools.gguf_to_hf)")
-    ap.add_argument("--out", default=None, help="output root (default out/chat-model, or out/chat-model-quick)")
-    ap.add_argument("--jobs", type=int, default=2, help="runs at once (each one single-threaded)")
-    ap.add_argument("--quick", action="store_true", help="the machinery at toy sizes, in minutes")
-    ap.add_argument("--report-only", action="store_true", help="tabulate what is there, run nothing")
     return ap
 
 
 def check_args(args):
     """Every flag checked, in one line naming it, before anything runs."""
-    if args.jobs < 1:
-        raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
     if not os.path.isfile(os.path.join(args.init_from, "config.json")):
         raise ValueError(f"--init-from {args.init_from!r} is not a Hugging Face model directory (no config.json)")
-    if args.out == "" or args.out is not None and os.path.isfile(args.out):
-        raise ValueError(f"--out {args.out!r} is not a directory")
+    check_experiment(args, "chat_model")
 
 
 def main(argv=None):
     ap = parser()
     args = ap.parse_args(argv)
-    check_or_exit(ap, check_args, args)
-    run_comparison(args)
+    with one_line_errors(ap.prog):
+        check_args(args)
+        run_comparison(args)
 
 
 def run_comparison(args):
     """Tuning and the held-out runs, each decision kept in decisions.json so that a rerun goes
     on from there; then the report."""
     P = QUICK if args.quick else FULL
-    args.out = args.out or ("out/chat-model-quick" if args.quick else "out/chat-model")
     args.init_from = os.path.abspath(args.init_from)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "decisions.json")
     decisions = read_json(path, {})
     if args.report_only and "alpha" not in decisions:
-        sys.exit(f"experiments.chat_model: --report-only, but {path} holds no tuning yet")
+        raise ValueError(f"--report-only, but {path} holds no tuning yet")
     if not args.report_only:
         tune(args, P, decisions, path)
     runs = held_out(args, P, decisions) if not args.report_only else {

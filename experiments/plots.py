@@ -13,9 +13,9 @@ import os
 import statistics
 import sys
 
-from checkpoint import atomic_write_path
-from runtime import check_or_exit, read_metrics
-from sample import DefaultsHelp
+from commands import DefaultsHelp, one_line_errors
+from files import atomic_write_path
+from runtime import read_metrics
 
 
 def pyplot():
@@ -170,14 +170,12 @@ def check_args(args):
 def main(argv=None):
     ap = parser()
     args = ap.parse_args(argv)
-    check_or_exit(ap, check_args, args)
-    path = args.out or os.path.join(args.run_dir, "curves.png")
-    try:
+    with one_line_errors(ap.prog):
+        check_args(args)
+        path = args.out or os.path.join(args.run_dir, "curves.png")
         if run_curves(args.run_dir, path) is None:
             sys.exit(1)  # pyplot() said why
-    except (ValueError, OSError) as e:
-        sys.exit(f"plots: error: {e}")
-    print(f"wrote {path}")
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ that was interrupted continues (`train.py --resume`); a complete one is skipped.
 invocations may share one <out>: they see each other's locks, and `--jobs` bounds them together.
 """
 
+import argparse
 import glob
 import json
 import os
@@ -27,13 +28,38 @@ from checkpoint import stage_names
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: train.py, the chapters
 
 
-def check_common(args, extra):
-    """The flags the sweep and the study share, checked: --jobs, --out, and the train.py flags
-    passed to every run (inputs.check_config). Returns those as a checked train.Config."""
+def parser(name, doc, quick):
+    """The command line of experiments/NAME.py, with the flags every experiment takes: --quick
+    (`quick`: what it shrinks), --out, --jobs and --report-only (check_experiment checks them).
+    doc: the experiment's docstring, whose first paragraph is its description."""
+    ap = argparse.ArgumentParser(prog=f"python -m experiments.{name}", description=doc.split("\n\n")[0].strip())
+    ap.add_argument("--quick", action="store_true", help=quick)
+    out = f"out/{out_name(name)}"
+    ap.add_argument("--out", default=None, help=f"output root (default {out}, or {out}-quick)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at once (each one single-threaded)")
+    ap.add_argument("--report-only", action="store_true", help="tabulate the runs there, run nothing")
+    return ap
+
+
+def out_name(name):
+    return name.replace("_", "-")
+
+
+def check_experiment(args, name):
+    """The flags every experiment takes, checked: --jobs, and --out (by default out/NAME, or
+    out/NAME-quick with --quick: set here)."""
     if args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
     if args.out == "" or args.out is not None and os.path.isfile(args.out):
         raise ValueError(f"--out {args.out!r} is not a directory")
+    args.out = args.out or f"out/{out_name(name)}" + ("-quick" if args.quick else "")
+
+
+def check_common(args, extra, name):
+    """The flags the sweep and the study share, checked: those of every experiment
+    (check_experiment), and the train.py flags passed to every run (inputs.check_config).
+    Returns those as a checked train.Config."""
+    check_experiment(args, name)
     cfg = train.parse_args(extra)
     try:
         inputs.check_config(cfg)
@@ -65,6 +91,10 @@ class Job:
 
     def analysis(self):
         return read_json(os.path.join(self.dir, "analysis.json"), {})
+
+    def final(self, key="reward"):
+        """A figure of its last stage's row of results.json."""
+        return self.results()[self.stages[-1]][key]
 
     def trained(self):
         return list(self.results()) == self.stages

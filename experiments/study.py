@@ -19,7 +19,6 @@ its analysis (experiments.analyse: pass@16, best-of-8, greedy answers for the he
 Unknown flags go to every train.py call.
 """
 
-import argparse
 import json
 import math
 import os
@@ -28,13 +27,14 @@ import sys
 
 import inputs
 import train
-from checkpoint import atomic_write, load_checkpoint, write_json_atomic
+from checkpoint import load_checkpoint
+from commands import one_line_errors
 from experiments import plots
-from experiments.runner import Job, check_common, run_all
-from runtime import check_or_exit, read_metrics
+from experiments.runner import Job, check_common, parser as experiment_parser, run_all
+from files import atomic_write, read_json, write_json_atomic
+from runtime import read_metrics
 from selm import win
-from sorting import judge
-from tokenizer import read_json
+from tasks.sorting import judge
 
 ARMS = {  # the preregistered arms: train.py flags besides the shared ones (alpha is tuned for B, D)
     "A": ("iterative DPO, greedy", ["--alpha", "0"]),
@@ -68,10 +68,6 @@ def jobs_for(out, P, seed, task_seed, lengths, beta, lr, arms, iterations, alpha
     return base, arms_
 
 
-def final(job, key="reward"):
-    return job.results()[job.stages[-1]][key]
-
-
 # ---- the phases -------------------------------------------------------------------------------
 
 def calibrate(out, P, run, decisions):
@@ -85,7 +81,7 @@ def calibrate(out, P, run, decisions):
             run(jobs)
             bases, c1 = jobs[0::2], jobs[1::2]
             stats[key] = {
-                "exact_match": statistics.mean(final(b, "perfect") for b in bases),
+                "exact_match": statistics.mean(b.final("perfect") for b in bases),
                 "pass_at_16": statistics.mean(b.analysis()["dpo"]["pass_at_k"] for b in bases),
                 "strictly_better": statistics.mean(better_share(j, "selm_1") for j in c1)}
         if choose(stats, P["lengths"])[1] is False:
@@ -120,7 +116,7 @@ def tune(out, P, run, lengths):
     runs = {(beta, lr): [jobs_for(out, P, s, P["tuning_task"], lengths, beta, lr, ["A", "C"], P["T"])
                          for s in P["tuning"]] for beta, lr in P["settings"]}
     run([j for jobs in runs.values() for b, arms in jobs for j in (b, *arms)])
-    grid = {f"{beta:g},{lr:g}": statistics.mean(final(j) for _, arms in jobs for j in arms)
+    grid = {f"{beta:g},{lr:g}": statistics.mean(j.final() for _, arms in jobs for j in arms)
             for (beta, lr), jobs in runs.items()}
     beta, lr = (float(x) for x in max(grid, key=grid.get).split(","))
     runs = {(arm, a): [jobs_for(out, P, s, P["tuning_task"], lengths, beta, lr, [arm], P["T"], {f"alpha_{arm}": a},
@@ -128,7 +124,7 @@ def tune(out, P, run, lengths):
     run([j for jobs in runs.values() for b, arms in jobs for j in (b, *arms)])
     alphas, alpha_grid = {}, {}
     for arm in ("B", "D"):
-        scores = {f"{a:g}": statistics.mean(final(j) for _, arms in runs[(arm, a)] for j in arms) for a in P["alphas"]}
+        scores = {f"{a:g}": statistics.mean(j.final() for _, arms in runs[(arm, a)] for j in arms) for a in P["alphas"]}
         best = max(scores.values())
         alphas[f"alpha_{arm}"] = min(float(a) for a, v in scores.items() if v >= best - 0.002)  # ties: the smaller
         alpha_grid[arm] = scores
@@ -242,32 +238,24 @@ def report(out, P, d, runs):
 # ---- the command ------------------------------------------------------------------------------
 
 def parser():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    ap.add_argument("--quick", action="store_true", help="the same machinery at toy scale (the tiny model, minutes)")
-    ap.add_argument("--out", default=None, help="output root (default out/study, or out/study-quick)")
-    ap.add_argument("--jobs", type=int, default=2, help="runs at once (each one single-threaded)")
-    ap.add_argument("--report-only", action="store_true", help="report from the runs there, run nothing")
-    return ap
+    return experiment_parser("study", __doc__, "the same machinery at toy scale (the tiny model, minutes)")
 
 
 def main(argv=None):
     ap = parser()
-    args, extra = ap.parse_known_args(argv)
-    check_or_exit(ap, check_common, args, extra)
-    run_study(args, extra)
+    args, extra = ap.parse_known_args(argv)  # the unknown flags go to every train.py run
+    with one_line_errors(ap.prog):
+        check_common(args, extra, "study")
+        run_study(args, extra)
 
 
 def run_study(args, extra):
     """Calibration, tuning and the held-out runs, each decision kept in decisions.json so that
     a rerun goes on from there; then the report. extra: train.py flags added to every run."""
-    P = QUICK if args.quick else FULL
-    out = args.out or ("out/study-quick" if args.quick else "out/study")
+    P, out = QUICK if args.quick else FULL, args.out
     path = os.path.join(out, "decisions.json")
     os.makedirs(out, exist_ok=True)
-    try:
-        decisions = read_json(path) if os.path.exists(path) else {}
-    except ValueError as e:  # edited by hand into nonsense, say
-        sys.exit(f"study: error: {e}")
+    decisions = read_json(path) if os.path.exists(path) else {}  # edited by hand into nonsense: one line
 
     def run(jobs):
         jobs = list({j.name: j for j in jobs}.values())  # a shared base run once

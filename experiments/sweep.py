@@ -20,7 +20,6 @@ Tables (mean +- std over seeds) go to <out>/report.md and report.json, a PNG per
 when matplotlib is installed.
 """
 
-import argparse
 import math
 import os
 import re
@@ -28,14 +27,12 @@ import statistics
 import sys
 import time
 
-import inputs
-import sorting
-import train
-from checkpoint import atomic_write, write_json_atomic
+from commands import one_line_errors
 from experiments import plots
-from experiments.runner import Job, check_common, run_all
-from runtime import check_or_exit
+from experiments.runner import Job, check_common, parser as experiment_parser, run_all
+from files import atomic_write, write_json_atomic
 from selm import win
+from tasks import sorting
 
 # alpha*beta = 0.002 .. 0.16 at beta 2: from "no measurable effect" to "clearly too optimistic"
 # on the built-in task (see docs/results.md, the sweep); the paper searched 0.0001 .. 0.005
@@ -163,19 +160,15 @@ def report(runs, args):
 # ---- command line ----------------------------------------------------------------------
 
 def parser():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    ap.add_argument("--quick", action="store_true", help="one seed, one difficulty, two alphas")
-    ap.add_argument("--out", default=None, help="output root (default out/sweep, or out/sweep-quick)")
+    ap = experiment_parser("sweep", __doc__, "one seed, one difficulty, two alphas")
     ap.add_argument("--seeds", default=None, help="comma-separated training seeds (default 0,1,2)")
     ap.add_argument("--difficulties", default=None, help="comma-separated len<min>-<max> (default len7-10,len11-14)")
     ap.add_argument("--alphas", default=None, help="comma-separated SELM alphas (iterative DPO, alpha 0, always runs)")
     ap.add_argument("--iterations", type=int, default=3, help="SELM iterations T")
-    ap.add_argument("--jobs", type=int, default=2, help="runs at once (each one single-threaded)")
     ap.add_argument("--k", type=int, default=8, help="samples per prompt for the diagnostics")
     ap.add_argument("--diag-prompts", type=int, default=128, help="prompts for the diagnostics")
     ap.add_argument("--report", default=None, help="report path (default <out>/report.md)")
     ap.add_argument("--bases-only", action="store_true", help="only the shared SFT + offline DPO runs")
-    ap.add_argument("--report-only", action="store_true", help="tabulate what is there, run nothing")
     return ap
 
 
@@ -193,7 +186,7 @@ def check_args(args, extra):
     args.difficulties = listed("--difficulties", grid, str, difficulty_range, "len<min>-<max>, 1 <= min <= max")
     args.alphas = (QUICK_ALPHAS if args.quick else ALPHAS) if args.alphas is None else \
         listed("--alphas", args.alphas, float, lambda a: 0 <= a < math.inf, "numbers >= 0 (finite)")
-    args.train = check_common(args, extra)
+    args.train = check_common(args, extra, "sweep")
 
 
 def listed(flag, text, kind, ok, want):
@@ -209,13 +202,18 @@ def listed(flag, text, kind, ok, want):
 
 def main(argv=None):
     ap = parser()
-    args, extra = ap.parse_known_args(argv)
-    check_or_exit(ap, check_args, args, extra)
-    args.out = args.out or ("out/sweep-quick" if args.quick else "out/sweep")
+    args, extra = ap.parse_known_args(argv)  # the unknown flags go to every train.py run
+    with one_line_errors(ap.prog):
+        check_args(args, extra)
+        sweep(args, extra)
+
+
+def sweep(args, extra):
+    """The grid's runs not yet complete, then the report. extra: train.py flags for every run."""
     args.alphas = [a for a in args.alphas if a > 0]
     runs = make_grid(args)
     if args.report_only and not any(r.complete() for r in runs):
-        ap.error(f"--report-only: no finished run under {args.out}")
+        raise ValueError(f"--report-only: no finished run under {args.out}")
     t0 = time.time()
     failed = set() if args.report_only else \
         run_all(runs, args.out, args.jobs, extra, ["--k", str(args.k), "--diag-prompts", str(args.diag_prompts)])

@@ -55,8 +55,8 @@ from perf.real import bench_real
 from perf.sampling import SHAPES, bench_next_token, bench_sampling, profile_step
 from perf.measure import (RESULTS, autocast, busy_warning, compare, header, machine, peak_memory, random_model,
                           report, report_iteration, selm_iteration_times)
+from commands import one_line_errors
 from model import check_device, preset
-from runtime import check_or_exit
 from selm import selm_loss, sequence_logps, split_logps
 
 
@@ -180,7 +180,8 @@ DEFAULT = [s for s in SECTIONS if s != "real"]  # the real model's section runs 
 
 
 def parser():
-    ap = argparse.ArgumentParser(description="Benchmark selm's sampler, log-probs and training "
+    ap = argparse.ArgumentParser(prog="python -m perf.bench",
+                                 description="Benchmark selm's sampler, log-probs and training "
                                              "step against baselines timed in the same run.")
     ap.add_argument("--sections", default=",".join(DEFAULT),
                     help=f"comma-separated, from: {', '.join(SECTIONS)} (default: all but real)")
@@ -220,7 +221,13 @@ def check_args(args):
 def main(argv=None):
     ap = parser()
     args = ap.parse_args(argv)
-    check_or_exit(ap, check_args, args)
+    with one_line_errors(ap.prog):
+        check_args(args)
+        return bench(args)
+
+
+def bench(args):
+    """The sections args names, timed; then every ratio against its target, as one JSON line."""
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

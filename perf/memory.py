@@ -28,8 +28,8 @@ import math
 
 import torch
 
+from commands import one_line_errors
 from model import GPT, GPTConfig, check_device
-from runtime import check_or_exit
 
 GB = 1e9
 # The models people align, by their published configs (vocabulary, width, depth, heads, MLP).
@@ -130,7 +130,8 @@ def measure(config, device, checkpointing, micro_pairs=4, seq=1024, response=512
 
 
 def parser():
-    ap = argparse.ArgumentParser(description="Bytes per rank of SELM training, from model configs.")
+    ap = argparse.ArgumentParser(prog="python -m perf.memory",
+                                 description="Bytes per rank of SELM training, from model configs.")
     ap.add_argument("--measure", default=None, help=f"one of {', '.join(MODELS)}: measure its training peak on "
                                                      "--device (random weights) against the plan")
     ap.add_argument("--device", default="cuda", help="for --measure")
@@ -158,7 +159,13 @@ def check_args(args):
 def main(argv=None):
     ap = parser()
     args = ap.parse_args(argv)
-    check_or_exit(ap, check_args, args)
+    with one_line_errors(ap.prog):
+        check_args(args)
+        plan_or_measure(args)
+
+
+def plan_or_measure(args):
+    """--measure's peak against the plan, or the plan of every model as a markdown table."""
     if args.measure:
         config = GPTConfig(block_size=args.seq, **MODELS[args.measure])
         for ckpt in (False, True):

@@ -77,8 +77,7 @@ def test_preference_records_as_prompts_keep_their_reference(tmp_path):
     """The README's 'preference records as --prompts': a plain-string record's chosen answer is
     the reference (it was lost, and win_rate_vs_reference was null)."""
     prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}] * 2)
-    (tmp_path / "j.py").write_text("def judge(p, c):\n    return [0.0] * len(c)\n")
-    d = data.load_user_data(None, prefs, prefs, f"{tmp_path}/j.py:judge", 1)
+    d = data.load_user_data(None, prefs, prefs, 1)
     assert [e["reference"] for e in d.eval] == ["b", "b"]
 
 

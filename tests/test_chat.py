@@ -86,7 +86,7 @@ def test_conversational_records_load_as_rendered_strings(tmp_path):
                                                 ULTRAFEEDBACK])  # test_prefs: its chosen answer is the reference
     sft = write(tmp_path, "sft.jsonl", [{"messages": conversation("aaaa")},
                                         {"prompt": "say b:", "completion": "bbbb"}])
-    td = data.load_user_data(sft, prefs, prompts, "sorting:judge", 1, template)
+    td = data.load_user_data(sft, prefs, prompts, 1, template)
     want = template.prompt([SYSTEM, USER])
     assert want.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
     pairs = td.chunks[0]
@@ -100,11 +100,11 @@ def test_conversational_records_load_as_rendered_strings(tmp_path):
     assert td.sft == [(want, "aaaa"), (template.prompt([{"role": "user", "content": "say b:"}]), "bbbb")]
     # plain-text records load as they always did, Templated nowhere
     plain = write(tmp_path, "plain.jsonl", [{"prompt": "say a:", "chosen": "aaaa", "rejected": "x", "extra": 1}])
-    td = data.load_user_data(None, plain, write(tmp_path, "p.jsonl", [{"prompt": "say a:"}]), "sorting:judge", 1, template)
+    td = data.load_user_data(None, plain, write(tmp_path, "p.jsonl", [{"prompt": "say a:"}]), 1, template)
     assert td.chunks[0][0]["prompt"] == "say a:" and type(td.chunks[0][0]["prompt"]) is str
 
 
-def run_flags(tmp_path, tok, prefs, judge="sorting:judge", extra=()):
+def run_flags(tmp_path, tok, prefs, judge="tasks.sorting:judge", extra=()):
     sft = write(tmp_path, "sft.jsonl", [{"messages": conversation("aaaa")}] * 4)
     prompts = write(tmp_path, "prompts.jsonl", [{"prompt": [SYSTEM, USER]}] * 2)
     return ["--model", "tiny", "--bpe-path", tok, "--block-size", "128", "--sft", sft, "--prefs", prefs,
@@ -183,19 +183,20 @@ def test_a_users_judge_sees_the_rendered_prompt_and_its_messages(tmp_path):
 
 
 def test_fit_keeps_the_records_that_fit(tmp_path, capsys):
+    from tools import fit
     d = tok_dir(tmp_path)
     long = {"chosen": conversation("a" * 2000), "rejected": conversation("x")}
     path = write(tmp_path, "prefs.jsonl", [IMPLICIT, long, ULTRAFEEDBACK])
-    data.main(["fit", d, "128", path])
+    fit.main([d, "128", path])
     out, err = capsys.readouterr()
     assert [json.loads(line) for line in out.splitlines()] == [IMPLICIT, ULTRAFEEDBACK]
     assert "kept 2 of 3 records" in err
     # what it keeps, a run loads and fits; a malformed record is an error, not dropped
     kept = write(tmp_path, "kept.jsonl", [json.loads(line) for line in out.splitlines()])
-    td = data.load_user_data(None, kept, kept, "sorting:judge", 1, loaded(d)[1])
+    td = data.load_user_data(None, kept, kept, 1, loaded(d)[1])
     data.check_fits(td, tokenizer.get_tokenizer(d, verbose=False), 128, "", kept)
     with pytest.raises(SystemExit, match=r"prefs.jsonl:2: chosen has no assistant turn"):
-        data.main(["fit", d, "128", write(tmp_path, "prefs.jsonl", [IMPLICIT, {"chosen": [USER], "rejected": [USER]}])])
+        fit.main([d, "128", write(tmp_path, "prefs.jsonl", [IMPLICIT, {"chosen": [USER], "rejected": [USER]}])])
 
 
 def test_a_template_that_does_not_parse_or_does_not_end_turns_with_eos():

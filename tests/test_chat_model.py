@@ -31,7 +31,7 @@ def test_every_phase_hands_the_runner_each_arms_base(tmp_path, monkeypatch):
     launched = []
     monkeypatch.setattr(cm, "make_pairs", lambda args, P, task_seed: "pairs.jsonl")
     monkeypatch.setattr(cm, "launch", lambda args, P, jobs, pairs: launched.append(list(jobs)))
-    monkeypatch.setattr(cm, "final", lambda job, key="reward": 0.5)
+    monkeypatch.setattr(cm.Run, "final", lambda job, key="reward": 0.5)
     monkeypatch.setattr(cm, "write_json_atomic", lambda obj, path: None)
     args = cm.parser().parse_args(["--init-from", str(tmp_path), "--out", str(tmp_path / "out")])
     decisions = {}
@@ -49,12 +49,13 @@ def test_every_phase_hands_the_runner_each_arms_base(tmp_path, monkeypatch):
 def test_answer_tables_count_degenerate_answers_and_constraints_met(tmp_path):
     """Three prompts, one seed: the starting model loops on the first, writes a stub to the
     second and copies the example title on the third; an arm's last stage meets the first,
-    says nothing to the second and restates the third. Every reason of instructions.DEGENERATE
+    says nothing to the second and restates the third. Every reason of tasks.instructions.DEGENERATE
     has its row."""
     import json
     from types import SimpleNamespace
 
-    from instructions import DEGENERATE, Constraint, make_prompt
+    from constraints import Constraint
+    from tasks.instructions import DEGENERATE, make_prompt
     p1 = make_prompt("a short poem", "the ocean", [Constraint("lowercase", ())])
     p2 = make_prompt("a short poem", "the ocean", [Constraint("no_commas", ())])
     p3 = make_prompt("a short poem", "the ocean", [Constraint("title", ())])

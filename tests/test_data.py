@@ -8,9 +8,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-import sorting  # noqa: E402
+import inputs  # noqa: E402
 import tokenizer  # noqa: E402
 from data import DataError  # noqa: E402
+from tasks import sorting  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +56,14 @@ def test_load_jsonl_malformed(tmp_path, text, line, what):
 
 
 def test_load_judge(tmp_path):
-    assert data.load_judge("sorting:judge") is sorting.judge
+    assert inputs.load_judge("tasks.sorting:judge") is sorting.judge
     src = "def longest(prompt, candidates):\n    return [len(c) for c in candidates]\n"
     f = write(tmp_path, src, name="myjudge.py")
-    fn = data.load_judge(f"{f}:longest")
+    fn = inputs.load_judge(f"{f}:longest")
     assert data.call_judge(fn, "x", ["a", "abc"]) == [1.0, 3.0]
     for bad in ["data:nope", "data:ALPHABET", "no_such_module_xyz:f", "judge", f"{f}:missing"]:
         with pytest.raises(DataError, match="judge"):
-            data.load_judge(bad)
+            inputs.load_judge(bad)
     with pytest.raises(DataError):
         data.call_judge(lambda p, c: [1.0], "x", ["a", "b"])
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import checkpoint
-import data
+import files
 import hf
-from checkpoint import atomic_save, atomic_write, write_json_atomic
-from data import WriteError
+from checkpoint import atomic_save
+from files import WriteError, atomic_write, write_json_atomic
 from model import GPT, preset
 from conftest import extra
 
@@ -46,7 +46,7 @@ def test_export_follows_the_umask(tmp_path, umask_027):
 def test_every_atomic_writer_follows_the_umask(tmp_path, umask_027):
     atomic_save({"x": torch.zeros(2)}, str(tmp_path / "a.pt"))
     write_json_atomic([1], str(tmp_path / "b.json"))
-    data.atomic_write_path(str(tmp_path / "c.bin"), lambda tmp: os.close(os.open(tmp, os.O_CREAT, 0o600)))
+    files.atomic_write_path(str(tmp_path / "c.bin"), lambda tmp: os.close(os.open(tmp, os.O_CREAT, 0o600)))
     assert names(tmp_path) == ["a.pt", "b.json", "c.bin"]
     assert all((tmp_path / f).stat().st_mode & 0o777 == umask_027 for f in names(tmp_path))
 
@@ -76,7 +76,7 @@ def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, writer):
     assert str(e.value) == f"no space left on device writing {path}" and e.value.errno == errno.ENOSPC
     (tmp_path / "hf").mkdir()
     with pytest.raises(WriteError, match=f"no space left on device writing {tmp_path}/hf/model.safetensors"):
-        data.atomic_write_path(str(tmp_path / "hf" / "model.safetensors"), writer)
+        files.atomic_write_path(str(tmp_path / "hf" / "model.safetensors"), writer)
     assert names(tmp_path) == ["hf"] and names(tmp_path / "hf") == []  # nothing half-written left
 
 

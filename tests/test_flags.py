@@ -87,15 +87,16 @@ def test_impossible_combinations_are_one_line(tmp_path, monkeypatch, flags, msg)
 
 def test_a_judge_file_that_is_no_python_is_one_line(tmp_path, monkeypatch):
     import data
+    import inputs
     (tmp_path / "prefs.jsonl").write_text('{"prompt": "a"}\n')
     monkeypatch.chdir(tmp_path)
     for spec in (f"{tmp_path}/prefs.jsonl:judge", "prefs.jsonl:judge"):
         with pytest.raises(data.DataError) as e:
-            data.load_judge(spec)
+            inputs.load_judge(spec)
         assert f"judge {spec!r}: " in str(e.value) and "prefs.jsonl is not a Python file (.py)" in str(e.value)
 
 
-# ---- the other commands: sample.py, data.py's fit, and the tools -----------------------------
+# ---- the other commands: sample.py and the tools ---------------------------------------------
 
 def option_bad_values(ap, fine):
     """[(option or positional name, value)] for every argument of the parser `ap` that takes a
@@ -169,12 +170,11 @@ def plots_cli(tmp_path, monkeypatch):
     return plots.main, [str(tmp_path)]
 
 
-def data_cli(tmp_path, monkeypatch):
-    import data
-    import tokenizer
-    monkeypatch.setattr(tokenizer, "get_tokenizer", reached)
+def fit_cli(tmp_path, monkeypatch):
+    from tools import fit
+    monkeypatch.setattr(fit, "get_tokenizer", reached)
     (tmp_path / "d.jsonl").write_text('{"prompt": "a"}\n')
-    return data.main, ["fit", str(tmp_path), "64", str(tmp_path / "d.jsonl")]
+    return fit.main, [str(tmp_path), "64", str(tmp_path / "d.jsonl")]
 
 
 def bench_cli(tmp_path, monkeypatch):
@@ -224,12 +224,11 @@ def gguf_cli(tmp_path, monkeypatch):
 
 
 def parsers():
-    import data
     import sample
     from experiments import analyse, chat_model, plots, study, sweep
     from perf import bench, memory
-    from tools import evaluate, gguf_to_hf
-    return {"sample.py": sample.parser(), "data.py": data.parser(), "perf.bench": bench.parser(),
+    from tools import evaluate, fit, gguf_to_hf
+    return {"sample.py": sample.parser(), "tools.fit": fit.parser(), "perf.bench": bench.parser(),
             "perf.memory": memory.parser(), "experiments.sweep": sweep.parser(), "experiments.study": study.parser(),
             "experiments.analyse": analyse.parser(), "tools.gguf_to_hf": gguf_to_hf.parser(),
             "experiments.chat_model": chat_model.parser(), "tools.evaluate": evaluate.parser(),
@@ -237,7 +236,7 @@ def parsers():
 
 
 # (each command's parser, its runner: main with what comes after the checks stubbed out, and good arguments)
-COMMANDS = {"sample.py": sample_cli, "data.py": data_cli, "perf.bench": bench_cli, "perf.memory": memory_cli,
+COMMANDS = {"sample.py": sample_cli, "tools.fit": fit_cli, "perf.bench": bench_cli, "perf.memory": memory_cli,
             "experiments.sweep": sweep_cli, "experiments.study": study_cli, "experiments.analyse": analyse_cli,
             "tools.gguf_to_hf": gguf_cli, "experiments.chat_model": chat_model_cli, "tools.evaluate": evaluate_cli,
             "experiments.plots": plots_cli}
@@ -276,16 +275,44 @@ def test_every_flag_of_every_command_refuses_its_bad_values(tmp_path, monkeypatc
 
 
 def test_every_command_is_walked():
-    """A command added later -- any module that builds an argument parser -- must be walked by
-    the test above (COMMANDS: its runner, with what follows its checks stubbed out)."""
+    """A command added later -- any module with a main(), or that builds an argument parser --
+    must be walked by the test above (COMMANDS: its runner, with what follows its checks stubbed
+    out)."""
+    import ast
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     found = set()
     for folder, _, files in os.walk(root):
         rel = os.path.relpath(folder, root)
         if rel != "." and (rel.split(os.sep)[0] in ("tests", "out") or rel.startswith(".")):
             continue
-        for f in files:
-            if f.endswith(".py") and "ArgumentParser(" in open(os.path.join(folder, f)).read():
+        for f in (f for f in files if f.endswith(".py")):
+            text = open(os.path.join(folder, f)).read()
+            if "ArgumentParser(" in text or any(getattr(n, "name", None) == "main" for n in ast.parse(text).body):
                 found.add(f if rel == "." else f"{rel.replace(os.sep, '.')}.{f[:-3]}")
-    # runtime.py builds train.py's parser from train.Config, walked by test_every_train_flag_...
-    assert found == set(COMMANDS) | {"runtime.py"}
+    # train.py's flags are walked by test_every_train_flag_...; commands.py builds its parser from
+    # train.Config, experiments/runner.py the flags every experiment shares (walked through each)
+    assert found == set(COMMANDS) | {"train.py", "commands.py", "experiments.runner"}
+
+
+def test_every_error_a_user_can_cause_is_one_line(monkeypatch):
+    """commands.one_line_errors, around every command's checks and run: one line naming the
+    command; Ctrl-C says what to do next; SELM_DEBUG=1 shows the traceback; a bug is not hidden."""
+    from commands import one_line_errors
+    from files import WriteError
+
+    def ended(error, **kw):
+        with pytest.raises(SystemExit) as e:
+            with one_line_errors("cmd", **kw):
+                raise error
+        return str(e.value)
+    assert ended(ValueError("bad value")) == "cmd: error: bad value"
+    assert ended(WriteError(28, "no space left on device writing f")) == "cmd: error: no space left on device writing f"
+    assert ended(FloatingPointError("nan loss")) == "cmd: error: nan loss"
+    assert ended(KeyboardInterrupt(), interrupted=lambda: "run it again") == "cmd: interrupted; run it again"
+    with pytest.raises(RuntimeError):
+        with one_line_errors("cmd"):
+            raise RuntimeError("a bug")
+    monkeypatch.setenv("SELM_DEBUG", "1")
+    with pytest.raises(ValueError):
+        with one_line_errors("cmd"):
+            raise ValueError("bad value")

@@ -1,5 +1,6 @@
-"""Tests for instructions.py: the constraint checkers, the degenerate-answer rules, the judge,
-the held-out split, and the offline pairs with their cache."""
+"""Tests for constraints.py and tasks/instructions.py: the constraint checkers, the
+degenerate-answer rules, the judge, the held-out split; and the offline pairs the task's prompts
+get, with their cache (pairs.py)."""
 
 import itertools
 import json
@@ -8,8 +9,10 @@ import random
 
 import pytest
 
-import instructions as I
-from data import TMP_PREFIX
+import constraints as C
+import pairs as P
+from tasks import instructions as I
+from files import TMP_PREFIX
 from tokenizer import Templated
 from conftest import extra
 
@@ -48,14 +51,14 @@ CASES = {
 
 
 def test_every_constraint_type_is_tested():
-    assert set(CASES) == set(I.CONSTRAINTS)
-    assert len(I.CONSTRAINTS) >= 10
+    assert set(CASES) == set(C.CONSTRAINTS)
+    assert len(C.CONSTRAINTS) >= 10
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_checker(name):
     args, good, bad = CASES[name]
-    c = I.Constraint(name, args)
+    c = C.Constraint(name, args)
     for answer in good:
         assert c.met(answer), (name, answer)
     for answer in bad:
@@ -63,33 +66,33 @@ def test_checker(name):
 
 
 def test_words_and_sentences():
-    assert I.words("Don't stop: it's 3.5 km, well-known… café!") == ["Don't", "stop", "it's", "3", "5", "km", "well",
+    assert C.words("Don't stop: it's 3.5 km, well-known… café!") == ["Don't", "stop", "it's", "3", "5", "km", "well",
                                                                        "known", "café"]
-    assert I.words("*** -- !!! <<>>") == [] and I.words("") == []
-    assert I.sentences("One. Two!  Three?! four") == ["One.", "Two!", "Three?!", "four"]
-    assert I.sentences("<<Title>>\n\n* a\n* b.") == ["<<Title>>", "* a", "* b."]
-    assert I.sentences("It cost 3.5 dollars.") == ["It cost 3.5 dollars."]
+    assert C.words("*** -- !!! <<>>") == [] and C.words("") == []
+    assert C.sentences("One. Two!  Three?! four") == ["One.", "Two!", "Three?!", "four"]
+    assert C.sentences("<<Title>>\n\n* a\n* b.") == ["<<Title>>", "* a", "* b."]
+    assert C.sentences("It cost 3.5 dollars.") == ["It cost 3.5 dollars."]
 
 
 def test_conflicting_types_never_meet_together():
     # each pair of CONFLICTS is refused because no answer could meet both, or none obviously
-    assert not any(I.lowercase(a) and I.capitals(a) for a in ["A", "a", "Ab"])
-    assert frozenset({"json", "quotes"}) in I.CONFLICTS and frozenset({"lowercase", "capitals"}) in I.CONFLICTS
+    assert not any(C.lowercase(a) and C.capitals(a) for a in ["A", "a", "Ab"])
+    assert frozenset({"json", "quotes"}) in C.CONFLICTS and frozenset({"lowercase", "capitals"}) in C.CONFLICTS
     for size in (2, 3):
         for combo in I.combinations(size):
-            assert not any({a, b} <= set(combo) for pair in I.CONFLICTS for a, b in [tuple(pair)])
+            assert not any({a, b} <= set(combo) for pair in C.CONFLICTS for a, b in [tuple(pair)])
 
 
 def test_argument_lists_do_not_contradict():
     # a forbidden word is never one that another constraint asks for
-    asked = set(I.KEYWORDS) | {w.lower() for w in I.OPENERS} | {w.lower() for e in I.ENDINGS for w in I.words(e)}
-    assert not asked & set(I.FORBIDDEN)
+    asked = set(C.KEYWORDS) | {w.lower() for w in C.OPENERS} | {w.lower() for e in C.ENDINGS for w in C.words(e)}
+    assert not asked & set(C.FORBIDDEN)
 
 
 # ---------------------------------------------------------------- degenerate answers
 
 def req(topic="the ocean", *constraints):
-    return I.Request("a short poem", topic, list(constraints) or [I.Constraint("no_commas", ())])
+    return I.Request("a short poem", topic, list(constraints) or [C.Constraint("no_commas", ())])
 
 
 def test_empty_answers_are_degenerate():
@@ -168,7 +171,7 @@ def test_a_title_copied_from_the_prompt_s_example_is_degenerate():
     ]
     for r, answer in copied:
         assert I.placeholder_title(r, answer) and I.degenerate(r, answer) == "placeholder title", answer
-        assert I.title(answer)  # what the title constraint alone would have credited
+        assert C.title(answer)  # what the title constraint alone would have credited
     own = [
         real(TITLE_PROMPTS, (0, 34), "<<Scientific Lirakshundras – Robot News>>\n\nThe robot is named Zekker and it "
              "is a small robotics device designed to assist in the field of biology, specifically cell division and "
@@ -254,8 +257,8 @@ def test_a_stub_where_a_piece_of_writing_was_asked_is_degenerate():
 # ---------------------------------------------------------------- prompts and the judge
 
 def test_prompt_reads_back():
-    cs = [I.Constraint("ends_with", ("Is there anything else I can help with?",)), I.Constraint("at_most_words", (30,)),
-          I.Constraint("keywords", ("gold", "home")), I.Constraint("lowercase", ())]
+    cs = [C.Constraint("ends_with", ("Is there anything else I can help with?",)), C.Constraint("at_most_words", (30,)),
+          C.Constraint("keywords", ("gold", "home")), C.Constraint("lowercase", ())]
     p = I.make_prompt("a short poem", "a grandmother's kitchen", cs)
     assert p.startswith("Write a short poem about a grandmother's kitchen. End your answer with the exact phrase")
     assert I.parse_prompt(p) == I.Request("a short poem", "a grandmother's kitchen", cs)
@@ -265,7 +268,7 @@ def test_prompt_reads_back():
 
 
 def test_rendered_prompts_read_as_plain_ones():
-    p = I.make_prompt("a fable", "the moon", [I.Constraint("title", ()), I.Constraint("at_least_words", (20,))])
+    p = I.make_prompt("a fable", "the moon", [C.Constraint("title", ()), C.Constraint("at_least_words", (20,))])
     rendered = f"<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n"
     templated = Templated(rendered, [{"role": "system", "content": "Answer."}, {"role": "user", "content": p}])
     assert I.parse_prompt(rendered) == I.parse_prompt(templated) == I.parse_prompt(p)
@@ -279,7 +282,7 @@ def test_a_users_own_prompt_is_judged_on_the_constraints_it_states():
     """README's haiku prompt: not one of the task's kinds of writing, one constraint the judge
     reads; a prompt without "Write ... about ..." has no topic to be off."""
     haiku = "Write a haiku about tea. Your entire answer must be in lowercase letters, with no capital letters at all."
-    assert I.parse_prompt(haiku) == I.Request("a haiku", "tea", [I.Constraint("lowercase", ())])
+    assert I.parse_prompt(haiku) == I.Request("a haiku", "tea", [C.Constraint("lowercase", ())])
     assert I.judge(haiku, ["steam above the tea", "Steam above the tea", "steam above the cup"]) == [1.0, 0.0, 0.0]
     joke = "Tell me a joke. Answer in at most 30 words. Do not use any commas in your answer."
     assert I.parse_prompt(joke).topic is None
@@ -291,8 +294,8 @@ def test_a_users_own_prompt_is_judged_on_the_constraints_it_states():
 
 
 def test_judge_scores_the_share_of_constraints_met():
-    p = I.make_prompt("a short poem", "the ocean", [I.Constraint("lowercase", ()), I.Constraint("no_commas", ()),
-                                                    I.Constraint("at_most_words", (8,))])
+    p = I.make_prompt("a short poem", "the ocean", [C.Constraint("lowercase", ()), C.Constraint("no_commas", ()),
+                                                    C.Constraint("at_most_words", (8,))])
     answers = ["the ocean hums below the moon", "The ocean hums below the moon", "The ocean, hums below the moon",
                "The ocean, hums below the pale and silver quiet moon", "", "the moon hums", "the ocean " * 5]
     assert I.judge(p, answers) == [1.0, 2 / 3, 1 / 3, 0.0, 0.0, 0.0, 0.0]
@@ -304,8 +307,8 @@ VERSE = " steam rises from the cup while rain taps softly on the kitchen window 
 
 
 def test_ifeval_metrics():
-    p1 = I.make_prompt("a song", "tea", [I.Constraint("no_commas", ()), I.Constraint("title", ())])
-    p2 = I.make_prompt("a song", "tea", [I.Constraint("capitals", ())])
+    p1 = I.make_prompt("a song", "tea", [C.Constraint("no_commas", ()), C.Constraint("title", ())])
+    p2 = I.make_prompt("a song", "tea", [C.Constraint("capitals", ())])
     m = I.ifeval_metrics([p1, p2, p2], ["<<Tea>> tea is warm" + VERSE, "TEA, HOT" + VERSE.upper(), "tea"])
     assert m == {"prompt_accuracy": 2 / 3, "instruction_accuracy": 3 / 4, "score": (1 + 1 + 0) / 3}
     m = I.ifeval_metrics([p1, p2], ["Tea, <<x>>" + VERSE, ""])
@@ -331,7 +334,7 @@ def test_held_out_topics_and_combinations_never_train(task):
     assert len(set(flat)) == len(flat) and len(set(task.eval)) == len(task.eval)
     assert len(task.chunks) == 3 and all(len(c) == 300 for c in task.chunks) and len(task.eval) == 300
     used = {c.name for r in train for c in r.constraints}
-    assert used == set(I.CONSTRAINTS)  # every type is trained, in some combination
+    assert used == set(C.CONSTRAINTS)  # every type is trained, in some combination
 
 
 def test_task_is_deterministic(task):
@@ -376,13 +379,21 @@ def fake_sampler(calls):
     return sample
 
 
+def cached_pairs(*args, **kw):  # the instruction task's pairs, judged as train.instruction_pairs has them judged
+    return P.cached_pairs(*args, judge=I.judge, **kw)
+
+
+def build_pairs(*args, **kw):
+    return P.build_pairs(*args, judge=I.judge, **kw)
+
+
 def prompts_of(*topics):
-    return [I.make_prompt("a song", t, [I.Constraint("no_commas", ())]) for t in topics]
+    return [I.make_prompt("a song", t, [C.Constraint("no_commas", ())]) for t in topics]
 
 
 def test_build_pairs_keeps_best_and_worst_and_drops_ties():
     calls = []
-    pairs, dropped = I.build_pairs(prompts_of("tea", "the ocean", "a kite"), fake_sampler(calls), k=4, seed=7)
+    pairs, dropped = build_pairs(prompts_of("tea", "the ocean", "a kite"), fake_sampler(calls), k=4, seed=7)
     assert calls == [(3, 4, 7)] and dropped == 1
     assert [e["prompt"] for e in pairs] == prompts_of("tea", "a kite")
     assert pairs[0] == {"prompt": prompts_of("tea")[0], "chosen": "tea plain 7" + VERSE,
@@ -390,28 +401,28 @@ def test_build_pairs_keeps_best_and_worst_and_drops_ties():
                         "chosen_score": 1.0, "rejected_score": 0.0,  # first of the equal best and worst
                         "chosen_finished": True, "rejected_finished": True}
     with pytest.raises(ValueError, match="4 answers"):
-        I.build_pairs(prompts_of("tea"), lambda ps, k, s: [["one"]], k=4)
+        build_pairs(prompts_of("tea"), lambda ps, k, s: [["one"]], k=4)
 
 
 def test_pairs_are_cached_and_rebuilt_when_settings_change(tmp_path):
     chunks = [prompts_of("tea", "the ocean"), prompts_of("a kite", "coffee")]
     calls = []
-    first = I.cached_pairs(str(tmp_path), chunks, fake_sampler(calls), k=3, seed=5, settings={"model": "m"})
+    first = cached_pairs(str(tmp_path), chunks, fake_sampler(calls), k=3, seed=5, settings={"model": "m"})
     assert calls == [(2, 3, 5), (2, 3, 6)]  # chunk i sampled with seed + i
     assert [[e["prompt"] for e in c] for c in first] == [prompts_of("tea"), prompts_of("a kite", "coffee")]
-    path = tmp_path / I.PAIRS_FILE
+    path = tmp_path / P.PAIRS_FILE
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert lines[0]["settings"]["model"] == "m" and lines[0]["dropped"] == [1, 0]
     (tmp_path / "plain").write_bytes(b"")  # the permissions open() gives under this umask, not mkstemp's 0600
     assert path.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
-    again = I.cached_pairs(str(tmp_path), chunks, fake_sampler(calls), k=3, seed=5, settings={"model": "m"})
+    again = cached_pairs(str(tmp_path), chunks, fake_sampler(calls), k=3, seed=5, settings={"model": "m"})
     assert again == first and len(calls) == 2  # reused: the sampler was not called
-    assert I.cached_pairs(str(tmp_path), chunks[:1], fake_sampler(calls), k=3, seed=5, settings={"model": "m"}) \
+    assert cached_pairs(str(tmp_path), chunks[:1], fake_sampler(calls), k=3, seed=5, settings={"model": "m"}) \
         == first[:1] and len(calls) == 2  # fewer iterations: the first chunks of the file serve
     for change in [dict(k=4), dict(seed=6), dict(settings={"model": "other"}), dict(chunks=chunks[::-1])]:
         kw = dict(chunks=chunks, k=3, seed=5, settings={"model": "m"}) | change
         n = len(calls)
-        I.cached_pairs(str(tmp_path), sample=fake_sampler(calls), **kw)
+        cached_pairs(str(tmp_path), sample=fake_sampler(calls), **kw)
         assert len(calls) == n + 2, change  # rebuilt
     assert not [f for f in os.listdir(tmp_path) if f.startswith(TMP_PREFIX)]
 
@@ -421,14 +432,14 @@ def test_a_damaged_pairs_file_is_refused_never_read_nor_replaced(tmp_path):
     checked whole (the count of pairs, their checksum, each pair's fields)."""
     from data import DataError
     chunks = [prompts_of("tea", "a kite", "coffee")]
-    whole = I.cached_pairs(str(tmp_path), chunks, fake_sampler([]), k=2)
-    path = tmp_path / I.PAIRS_FILE
+    whole = cached_pairs(str(tmp_path), chunks, fake_sampler([]), k=2)
+    path = tmp_path / P.PAIRS_FILE
     lines = path.read_text().splitlines(keepends=True)
     assert len(lines) == 4
     edited = json.loads(lines[2]) | {"chosen": "changed"}
     bad_field = json.loads(lines[1]) | {"chosen_finished": "yes"}
     header = json.loads(lines[0])
-    relabelled = json.dumps(header | {"sha256": I.checksum([bad_field] + [json.loads(x) for x in lines[2:]])})
+    relabelled = json.dumps(header | {"sha256": P.checksum([bad_field] + [json.loads(x) for x in lines[2:]])})
     for text, damage in [("".join(lines[:3]), "its header counts 3 pairs, it holds 2"),
                          (lines[0] + lines[1] + json.dumps(edited) + "\n" + lines[3],
                           "its pairs do not match its checksum"),
@@ -436,14 +447,14 @@ def test_a_damaged_pairs_file_is_refused_never_read_nor_replaced(tmp_path):
                           "a pair lacks a field")]:
         path.write_text(text)
         with pytest.raises(DataError) as e:
-            I.cached_pairs(str(tmp_path), chunks, fake_sampler([]), k=2)
+            cached_pairs(str(tmp_path), chunks, fake_sampler([]), k=2)
         assert str(e.value) == f"{path}: damaged ({damage}); remove it to build the pairs again"
         assert path.read_text() == text  # neither read nor replaced
     path.write_text('{"not": "a cache of selm\'s"}\n')
     with pytest.raises(DataError, match="not a pairs file of selm's"):
-        I.cached_pairs(str(tmp_path), chunks, fake_sampler([]), k=2)
+        cached_pairs(str(tmp_path), chunks, fake_sampler([]), k=2)
     path.write_text("".join(lines))
-    assert I.cached_pairs(str(tmp_path), chunks, fake_sampler([]), k=2) == whole
+    assert cached_pairs(str(tmp_path), chunks, fake_sampler([]), k=2) == whole
 
 
 def test_answers_cut_off_stay_unfinished(tmp_path):
@@ -455,13 +466,13 @@ def test_answers_cut_off_stay_unfinished(tmp_path):
 
     def sample(prompts, k, seed):  # the best answer (no comma) was cut off
         topics = [I.parse_prompt(p).topic for p in prompts]
-        return [[I.Unfinished(f"{t} plain" + VERSE), f"{t}, comma" + VERSE] for t in topics]
+        return [[P.Unfinished(f"{t} plain" + VERSE), f"{t}, comma" + VERSE] for t in topics]
     chunks = [prompts_of("tea")]
-    pairs = I.cached_pairs(str(tmp_path), chunks, sample, k=2)
+    pairs = cached_pairs(str(tmp_path), chunks, sample, k=2)
     assert [(e["chosen_finished"], e["rejected_finished"]) for e in pairs[0]] == [(False, True)]
-    assert I.cached_pairs(str(tmp_path), chunks, None, k=2) == pairs  # from the cache, as it was
+    assert cached_pairs(str(tmp_path), chunks, None, k=2) == pairs  # from the cache, as it was
     template = chat.ChatTemplate(QWEN25_TEMPLATE, "test", {"eos_token": "<|im_end|>"}, "<|im_end|>")
-    e = I.rendered(pairs, template)[0][0]
+    e = P.rendered(pairs, template)[0][0]
     assert (e["chosen"], e["chosen"].finished, e["rejected"].finished) == ("tea plain" + VERSE, False, True)
 
     class Tok:  # encode_response as tokenizer.Tokenizer has it, on characters
@@ -472,18 +483,40 @@ def test_answers_cut_off_stay_unfinished(tmp_path):
     assert Tokenizer.encode_response(Tok, e["rejected"])[-1] == 0
 
 
-def test_training_data_renders_one_user_turn():
+def test_the_pairs_cache_keys_on_the_judges_rules_wherever_they_live():
+    """A change to the checkers changes the judge: the cache's "rules" digest reads constraints.py
+    as well as the task's own file (pairs.pair_settings)."""
+    files = P.code_files(I)
+    assert {os.path.abspath(C.__file__), os.path.abspath(I.__file__)} <= set(files)
+    assert not [f for f in files if "torch" in f or f.endswith("inputs.py")]
+
+
+def test_the_task_renders_one_user_turn():
+    """Through the Task door (inputs.task_data): the task's prompts stay plain in their chunks
+    until the starting model answers them, its held-out prompts and the pairs made later are one
+    user turn in the chat template, judged by the task's judge, with IFEval's figures."""
     extra("jinja2", "chat templates need jinja2")
+    import types
+
     import chat
+    import inputs
     from chat_dirs import QWEN25_TEMPLATE
     template = chat.ChatTemplate(QWEN25_TEMPLATE, "test", {"eos_token": "<|im_end|>"}, "<|im_end|>")
+    cfg = types.SimpleNamespace(task="instructions", task_seed=3, chunk_size=2, iterations=1, n_eval=2, sft_steps=0)
+    d = inputs.task_data(cfg, template)
+    assert d.builtin and d.conversational and d.judge is I.judge and d.sft == [] and d.metrics is I.accuracies
+    task = I.make_task(seed=3, n_prompts_per_chunk=2, n_chunks=2, n_eval=2)
+    assert d.chunks == task.chunks and inputs.awaiting_pairs(d)
+    e = d.eval[0]
+    assert e["prompt"].messages == [{"role": "user", "content": task.eval[0]}] and e["reference"] is None
+    assert e["prompt"].endswith("<|im_start|>assistant\n")
     p = prompts_of("tea")[0]
-    d = I.training_data([[{"prompt": p, "chosen": "tea plain", "rejected": "tea, comma"}]], [p], template)
-    assert d.builtin and d.conversational and d.judge is I.judge and d.sft == []
-    e = d.chunks[0][0]
-    assert e["prompt"].messages == [{"role": "user", "content": p}] and e["prompt"].endswith("<|im_start|>assistant\n")
-    assert (e["chosen"], e["rejected"]) == ("tea plain", "tea, comma")
-    assert d.eval[0]["reference"] is None and d.judge(d.eval[0]["prompt"], ["tea plain" + VERSE, "x"]) == [1.0, 0.0]
+    r = P.rendered([[{"prompt": p, "chosen": "tea plain", "rejected": "tea, comma"}]], template)[0][0]
+    assert r["prompt"].messages == [{"role": "user", "content": p}] and r["prompt"].endswith("<|im_start|>assistant\n")
+    assert (r["chosen"], r["rejected"]) == ("tea plain", "tea, comma")
+    assert d.judge(r["prompt"], ["tea plain" + VERSE, "x"]) == [1.0, 0.0]
+    with pytest.raises(ValueError, match="--task instructions has no SFT data: --sft-steps must be 0"):
+        inputs.task_data(types.SimpleNamespace(**{**vars(cfg), "sft_steps": 5}), template)
 
 
 # ---------------------------------------------------------------- every generated prompt can be met
@@ -522,7 +555,7 @@ def satisfying(r):
         return text.lower() if "lowercase" in args else text.upper() if "capitals" in args else text
     low = max(I.min_words(r), *args.get("at_least_words", (0,)))
     base = n_sentences  # FILLER words enough for every sentence to hold one
-    return answer(max(base, base + low - len(I.words(answer(base)))))
+    return answer(max(base, base + low - len(C.words(answer(base)))))
 
 
 def every_request():
@@ -530,18 +563,18 @@ def every_request():
     for every kind of writing, with every value of each numeric argument and every ending,
     the other arguments and the topic cycled."""
     values = {"at_least_words": (20, 30, 40), "at_most_words": (20, 30, 40), "at_least_sentences": (2, 3),
-              "at_most_sentences": (2, 3), "bullets": (2, 3), "paragraphs": (2, 3), "ends_with": I.ENDINGS}
-    drawn = {name: {rule.draw(random.Random(seed)) for seed in range(200)} for name, rule in I.CONSTRAINTS.items()}
+              "at_most_sentences": (2, 3), "bullets": (2, 3), "paragraphs": (2, 3), "ends_with": C.ENDINGS}
+    drawn = {name: {rule.draw(random.Random(seed)) for seed in range(200)} for name, rule in C.CONSTRAINTS.items()}
     for name, choices in values.items():  # the generator's ranges are these: a new value must be added here
         assert drawn[name] == {(v,) for v in choices}, name
     topics = itertools.cycle(t.split("|")[0] for t in I.TOPICS)
-    others = {name: itertools.cycle(sorted(drawn[name])) for name in I.CONSTRAINTS}
+    others = {name: itertools.cycle(sorted(drawn[name])) for name in C.CONSTRAINTS}
     for size in (1, 2, 3):
         for combo in I.combinations(size):
             for kind in I.KINDS:
                 for picked in itertools.product(*[[(v,) for v in values[n]] if n in values else [next(others[n])]
                                                   for n in combo]):
-                    yield I.Request(kind, next(topics), [I.Constraint(n, a) for n, a in zip(combo, picked)])
+                    yield I.Request(kind, next(topics), [C.Constraint(n, a) for n, a in zip(combo, picked)])
 
 
 def test_every_generated_prompt_can_be_met_by_an_answer_the_judge_accepts():
@@ -557,6 +590,6 @@ def test_every_generated_prompt_can_be_met_by_an_answer_the_judge_accepts():
 
 
 def test_the_fewest_words_each_kind_needs_fit_under_every_word_cap():
-    r = I.Request("a short story", "a kite", [I.Constraint("at_most_words", (20,))])
+    r = I.Request("a short story", "a kite", [C.Constraint("at_most_words", (20,))])
     assert I.min_words(r) == 10 and I.min_words(r._replace(constraints=[])) == I.MIN_WORDS["a short story"]
     assert set(I.MIN_WORDS) == set(I.KINDS)

@@ -5,7 +5,7 @@ made, then the same command again, gives the same results.json as a run never in
 
 A random model's answers never mention the request's topic, so the built-in judge would score
 them all 0 and tie every prompt: these runs judge with a stand-in that scores any text (a fake
-judge set in instructions.py before train.py starts), while the real judge is instructions.py's
+judge set in the task's TASK before train.py starts), while the real judge is tasks/instructions.py's
 own tests' subject and the real model's run is in test_real_chat.py."""
 
 import json
@@ -32,12 +32,12 @@ extra("safetensors", "writes the model directory")
 RUN = """
 import sys, time
 sys.path.insert(0, {root!r})
-import instructions
+from tasks import instructions
 def stand_in(prompt, candidates):
     open({marker!r}, "a").close()  # the test knows when judging has begun
     time.sleep({delay})  # the pairs take long enough to be killed while they are made
     return [len(set(c)) / 100 for c in candidates]
-instructions.judge = stand_in
+instructions.TASK = instructions.TASK._replace(judge=stand_in)
 import train
 train.main({argv!r})
 """
@@ -149,6 +149,7 @@ def test_the_pairs_cache_is_keyed_on_everything_that_shapes_them(chat_model, tmp
     import runtime
     import train as T
     from chat_dirs import chat_tokenizer
+    from pairs import pair_settings
     from tokenizer import get_tokenizer
     cfg = T.parse_args(argv(chat_model, tmp_path / "o"))
     inputs.check_config(cfg)
@@ -156,8 +157,8 @@ def test_the_pairs_cache_is_keyed_on_everything_that_shapes_them(chat_model, tmp
     template = chat.load_template(tok)
     model = inputs.build_model(cfg, tok, runtime.setup("cpu", "auto", str(tmp_path)))
     rt = runtime.setup("cpu", "auto", str(tmp_path))
-    key = inputs.pair_settings(cfg, tok, model, template, rt)
-    assert inputs.pair_settings(cfg, tok, model, template, rt) == key
+    key = pair_settings(cfg, tok, model, template, rt)
+    assert pair_settings(cfg, tok, model, template, rt) == key
     other = tmp_path / "other-tokenizer"
     chat_tokenizer(other, "llama3")
     changed = torch.nn.Linear(1, 1)
@@ -173,7 +174,7 @@ def test_the_pairs_cache_is_keyed_on_everything_that_shapes_them(chat_model, tmp
             "model": (cfg, tok, heavier, template, rt),
             "dtype": (cfg, tok, model, template, dataclasses.replace(rt, dtype=torch.bfloat16)),
             "device": (cfg, tok, model, template, dataclasses.replace(rt, device=torch.device("meta")))}.items():
-        assert inputs.pair_settings(*args)[what] != key[what], what
+        assert pair_settings(*args)[what] != key[what], what
     del changed
 
 
@@ -200,16 +201,17 @@ def test_a_damaged_cache_is_refused_by_every_kind_of_run(reference, chat_model, 
     started from) each refuse it in one line, and change nothing."""
     import shutil
 
-    import instructions
     import train as T
+    from pairs import PAIRS_FILE
+    from tasks import instructions
 
     def stand_in(prompt, candidates):  # the reference run's judge, by name: the cache's key names it
         raise AssertionError("judged: the damaged cache was not refused before sampling")
     stand_in.__module__, stand_in.__qualname__ = "__main__", "stand_in"
-    monkeypatch.setattr(instructions, "judge", stand_in)
+    monkeypatch.setattr(instructions, "TASK", instructions.TASK._replace(judge=stand_in))
     run = tmp_path / "run"
     shutil.copytree(reference[0], run)
-    cache = run / instructions.PAIRS_FILE
+    cache = run / PAIRS_FILE
     cache.write_text("".join(cache.read_text().splitlines(keepends=True)[:3]))
     (tmp_path / "fresh").mkdir()
     shutil.copy(cache, tmp_path / "fresh")
@@ -219,9 +221,9 @@ def test_a_damaged_cache_is_refused_by_every_kind_of_run(reference, chat_model, 
         with pytest.raises(SystemExit) as e:
             T.main(argv(chat_model, out, *how))
         msg = str(e.value)
-        assert f"{instructions.PAIRS_FILE}: damaged (its header counts" in msg and "\n" not in msg, msg
+        assert f"{PAIRS_FILE}: damaged (its header counts" in msg and "\n" not in msg, msg
         assert {n: (run / n).read_bytes() for n in os.listdir(run) if os.path.isfile(run / n)} == before
-    assert os.listdir(tmp_path / "fresh") == [instructions.PAIRS_FILE] and not (tmp_path / "arm").exists()
+    assert os.listdir(tmp_path / "fresh") == [PAIRS_FILE] and not (tmp_path / "arm").exists()
 
 
 def test_instructions_needs_a_chat_model(tmp_path):

@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-import data
 import outdir
 import runtime
 import train
+from files import TMP_PREFIX, atomic_write_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--model", "tiny", "--n-sft", "64", "--chunk-size", "8", "--n-eval", "4", "--sft-steps", "2",
@@ -69,7 +69,7 @@ def user_files(tmp_path):
     (out / ".tmp" / "keep" / "notes.txt").write_text("mine")
     (out / ".tmp_todo.txt").write_text("mine")
     (out / ".tmp-mine").mkdir()
-    (victim / f"{data.TMP_PREFIX}{dead_pid()}-abc").mkdir(parents=True)
+    (victim / f"{TMP_PREFIX}{dead_pid()}-abc").mkdir(parents=True)
     (victim / ".tmp_keep").write_text("mine")
     os.symlink(victim, out / "hf-mine")
     os.symlink(victim, out / "hf-sft")  # even an export's name, as a link, is not selm's folder
@@ -98,15 +98,15 @@ def test_the_sweep_removes_only_selms_own_temporary_folders(tmp_path):
     and in its export folders; a live process's stays, as does every other name, a file of
     selm's name (selm makes folders), and whatever lies behind a link."""
     out, victim = user_files(tmp_path)
-    dead, live = f"{data.TMP_PREFIX}{dead_pid()}-x1", f"{data.TMP_PREFIX}{os.getpid()}-x2"
+    dead, live = f"{TMP_PREFIX}{dead_pid()}-x1", f"{TMP_PREFIX}{os.getpid()}-x2"
     (out / dead).mkdir()
     (out / dead / "sft.pt").write_bytes(b"half")
     (out / "hf-dpo" / dead).mkdir(parents=True)
     (out / "hf-dpo" / dead / ".tmpk1ll3d").write_bytes(b"half")  # safetensors' own, inside selm's folder
     (out / "hf-dpo" / "config.json").write_text("{}")
     (out / live).mkdir()
-    (out / f"{data.TMP_PREFIX}{dead_pid()}-f").write_text("a file")
-    os.symlink(victim, out / f"{data.TMP_PREFIX}{dead_pid()}-l")
+    (out / f"{TMP_PREFIX}{dead_pid()}-f").write_text("a file")
+    os.symlink(victim, out / f"{TMP_PREFIX}{dead_pid()}-l")
     kept = {k: v for k, v in snapshot(out).items() if not k.startswith((dead, f"hf-dpo/{dead}"))}
     outside = snapshot(victim)
     outdir.sweep(str(out))
@@ -115,9 +115,9 @@ def test_the_sweep_removes_only_selms_own_temporary_folders(tmp_path):
 
 def test_atomic_writes_use_selms_own_temporary_name(tmp_path):
     seen = []
-    data.atomic_write_path(str(tmp_path / "f"), lambda tmp: (seen.append(tmp), open(tmp, "w").close()))
+    atomic_write_path(str(tmp_path / "f"), lambda tmp: (seen.append(tmp), open(tmp, "w").close()))
     folder = os.path.basename(os.path.dirname(seen[0]))
-    assert folder.startswith(f"{data.TMP_PREFIX}{os.getpid()}-") and os.listdir(tmp_path) == ["f"]
+    assert folder.startswith(f"{TMP_PREFIX}{os.getpid()}-") and os.listdir(tmp_path) == ["f"]
 
 
 # ---- 2. nothing changed before every input is checked ---------------------------------------

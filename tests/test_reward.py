@@ -11,6 +11,7 @@ import torch
 import chat
 import data
 import hf
+import inputs
 import reward
 import sample
 import tokenizer
@@ -57,7 +58,7 @@ def reward_dir(path, family, seed=0):
 @pytest.mark.parametrize("family", HEADS)
 def test_rewards_equal_transformers(tmp_path, family):
     hf_model = reward_dir(tmp_path / "rm", family)
-    judge = data.load_judge(f"rm:{tmp_path / 'rm'}")
+    judge = inputs.load_judge(f"rm:{tmp_path / 'rm'}")
     judge.batch_tokens = 200  # a few ragged batches of the length-sorted sequences
     # prompts as a chat run has them (rendered by the policy's template, with their messages) and plain ones
     chat_tokenizer(tmp_path / "policy", "chatml")
@@ -95,19 +96,19 @@ def test_directories_that_are_no_reward_model(tmp_path):
     (lm / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
     for spec, msg in [(f"rm:{lm}", "is not a sequence classifier"), (f"rm:{tmp_path / 'nowhere'}", "no config.json")]:
         with pytest.raises(data.DataError) as e:
-            data.load_judge(spec)
+            inputs.load_judge(spec)
         assert msg in str(e.value) and spec in str(e.value) and "\n" not in str(e.value)
     # two outputs: a classifier, not a reward model
     chat_tokenizer(tmp_path / "two", "chatml", False)
     config = transformers.Qwen2Config(vocab_size=303, **TINY, num_labels=2)
     transformers.AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "two")
     with pytest.raises(data.DataError, match=r"score.weight of shape \(2, 32\); a reward model's head is one output"):
-        data.load_judge(f"rm:{tmp_path / 'two'}")
+        inputs.load_judge(f"rm:{tmp_path / 'two'}")
 
 
 def test_a_sequence_longer_than_the_reward_models_context_is_a_judge_error(tmp_path):
     reward_dir(tmp_path / "rm", "qwen2")
-    judge = data.load_judge(f"rm:{tmp_path / 'rm'}")
+    judge = inputs.load_judge(f"rm:{tmp_path / 'rm'}")
     with pytest.raises(data.JudgeError) as e:
         data.judge_block(judge, [("say a:", ["aaaa"]), ("say b:", ["b" * 3000])])
     msg = str(e.value)
@@ -170,11 +171,12 @@ def test_the_papers_loop_on_conversations_with_a_reward_model(tmp_path, capsys):
     assert online and online[0]["pairs"] + online[0]["dropped_ties"] == 8
     # "reward" is the mean reward of the greedy answers: the SFT stage's, scored again here
     tok = tokenizer.get_tokenizer(str(policy), verbose=False)
-    d = data.load_user_data(None, str(tmp_path / "prefs.jsonl"), str(tmp_path / "prompts.jsonl"),
-                            f"rm:{tmp_path / 'rm'}", 2, chat.load_template(tok))
-    assert isinstance(d.judge, reward.RewardJudge)
+    d = data.load_user_data(None, str(tmp_path / "prefs.jsonl"), str(tmp_path / "prompts.jsonl"), 2,
+                            chat.load_template(tok))
+    judge = inputs.load_judge(f"rm:{tmp_path / 'rm'}")
+    assert isinstance(judge, reward.RewardJudge)
     answers = load_checkpoint(str(out / "selm_1.pt"))["sft_answers"]
-    scores = [d.judge(e["prompt"], [a])[0] for e, a in zip(d.eval, answers)]
+    scores = [judge(e["prompt"], [a])[0] for e, a in zip(d.eval, answers)]
     assert results[0]["reward"] == pytest.approx(sum(scores) / len(scores), abs=1e-3)  # a GPU run: TF32
     # sample.py writes its prompt as training did: a user turn in the chat template
     ckpt = load_checkpoint(str(out / "selm_1.pt"))

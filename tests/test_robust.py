@@ -9,10 +9,10 @@ import time
 import pytest
 import torch
 
-import data
 import runtime
 import train
 from conftest import extra
+from files import TMP_PREFIX
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--model", "tiny", "--n-sft", "1024", "--chunk-size", "128", "--n-eval", "64",
@@ -61,7 +61,7 @@ def test_sigkill_then_resume_gives_identical_results(reference_run, tmp_path):
     assert read(tmp_path / "results.json") == read(reference_run / "results.json")
     # the interrupted stage's log lines were cut, not duplicated
     assert eval_rows(tmp_path) == eval_rows(reference_run)
-    assert not [n for n in os.listdir(tmp_path) if n.startswith((".tmp-", data.TMP_PREFIX))]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith((".tmp-", TMP_PREFIX))]
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(reference_run, tmp_path):
@@ -201,13 +201,13 @@ def test_sigkill_during_export_then_resume(reference_run, tmp_path):
     killed = subprocess.run([sys.executable, "-c", DIE_IN_EXPORT.format(root=ROOT, argv=argv)], env=env, cwd=ROOT,
                             capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert [n for n in os.listdir(out / "hf-dpo") if n.startswith(data.TMP_PREFIX)]  # it died mid-write
+    assert [n for n in os.listdir(out / "hf-dpo") if n.startswith(TMP_PREFIX)]  # it died mid-write
     done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + argv, capture_output=True, text=True,
                           env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert read(out / "results.json") == read(reference_run / "results.json")
     assert not [os.path.join(d, n) for d, dirs, files in os.walk(out) for n in dirs + files
-                if n.startswith((".tmp", data.TMP_PREFIX))]
+                if n.startswith((".tmp", TMP_PREFIX))]
     umask = os.umask(0)
     os.umask(umask)
     for stage in ("sft", "dpo", "selm_1", "selm_2"):

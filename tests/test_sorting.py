@@ -1,4 +1,4 @@
-"""Tests for sorting.py: the sorting task, its reward and judge."""
+"""Tests for tasks/sorting.py: the sorting task, its reward and judge."""
 
 import os
 import sys
@@ -6,7 +6,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import sorting  # noqa: E402
+from tasks import sorting  # noqa: E402
 
 
 @pytest.fixture(scope="module")

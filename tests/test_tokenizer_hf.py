@@ -1,4 +1,4 @@
-"""tokenizer.py's tokenizer.json support, checked id for id against the `tokenizers` library
+"""tokenizer_json.py's tokenizer.json support, checked id for id against the `tokenizers` library
 on byte-level BPE tokenizers trained here (nothing is downloaded). tests/test_real_chat.py
 checks the same on a published vocabulary, SmolLM2's."""
 

@@ -9,12 +9,12 @@ import torch
 
 import data
 import inputs
-import sorting
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
 from sample import generate
 from sample import main as sample_main
 from selm import win
+from tasks import sorting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--model", "tiny", "--n-sft", "1024", "--chunk-size", "128", "--n-eval", "64",
@@ -78,7 +78,24 @@ def test_help_tells_each_default_once(capsys):
         train.parse_args(["--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "(default: None)" not in out and "(default: )" not in out and not re.search(r"\(default[^)]*\) \(default", out)
-    assert "0 = iterative DPO (default: per task" in out and "(default: per preset;" in out  # --alpha's, --sft-steps'
+    # the default run's value, then those of the recipes that change it (inputs.RECIPES): --alpha's, --sft-steps'
+    assert "0 = iterative DPO (default: 0.001; --task instructions: 0.03)" in out
+    assert "SFT optimizer steps (default: 1500; --model tiny: 800; --task instructions: 0)" in out
+
+
+def test_the_config_shows_the_values_a_run_uses():
+    """train.Config's defaults are the default run's: checking its settings fills in nothing but
+    --max-new-tokens' stated rule. A recipe's defaults replace Config's for the flags not given
+    only, a later row winning; the first screen counts them as defaults."""
+    import dataclasses
+    cfg = train.parse_args([])
+    assert dataclasses.asdict(cfg) == {f.name: f.default for f in dataclasses.fields(train.Config)}
+    inputs.check_config(cfg)
+    assert {k for k, v in dataclasses.asdict(cfg).items() if v != getattr(train.Config, k)} == {"max_new_tokens"}
+    assert cfg.max_new_tokens == cfg.max_len + 4
+    both = train.parse_args(["--model", "tiny", "--task", "instructions", "--beta", "2.0"])
+    assert (both.beta, both.lr, both.n_sft, both.chunk_size, both.sft_steps) == (2.0, 3e-5, 4096, 64, 0)
+    assert inputs.changed_settings(both) == "--model tiny --task instructions --beta 2.0"
 
 
 def test_first_screen_settings_and_last_screen_prompt():

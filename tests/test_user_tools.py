@@ -59,19 +59,19 @@ def test_evaluate_on_your_prompts_with_a_judge(run, tmp_path, capsys):
     out, _, _ = run
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "language"}\n{"prompt": "dcbagfe", "id": 7}\n')
-    evaluated(capsys, out / "selm_1.pt", "--prompts", prompts, "--judge", "sorting:judge")
+    evaluated(capsys, out / "selm_1.pt", "--prompts", prompts, "--judge", "tasks.sorting:judge")
     got = json.load(open(out / "selm_1.eval.json"))  # the default: beside the checkpoint
     assert [a["prompt"] for a in got["answers"]] == ["sort: language\n", "sort: dcbagfe\n"]  # the run's template
     assert 0 <= got["reward"] <= 1 and got["perfect"] is not None and got["win_rate_vs_reference"] is None
     assert "prompt_accuracy" not in got
     # the instruction judge: IFEval's accuracies for a prompt it can read, one line for one it cannot
     prompts.write_text('{"prompt": "Write a haiku about tea. Answer in at most 30 words."}\n')
-    evaluated(capsys, out / "selm_1.pt", "--prompts", prompts, "--judge", "instructions:judge",
+    evaluated(capsys, out / "selm_1.pt", "--prompts", prompts, "--judge", "tasks.instructions:judge",
               "--out", tmp_path / "i.json")
     assert {"prompt_accuracy", "instruction_accuracy"} <= set(json.load(open(tmp_path / "i.json")))
     prompts.write_text('{"prompt": "hello"}\n')
     with pytest.raises(SystemExit) as e:
-        evaluated(capsys, out / "selm_1.pt", "--prompts", prompts, "--judge", "instructions:judge")
+        evaluated(capsys, out / "selm_1.pt", "--prompts", prompts, "--judge", "tasks.instructions:judge")
     assert "states no constraint this judge can check" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -298,7 +298,8 @@ def test_a_run_drawn(run, tmp_path, capsys):
     assert capsys.readouterr().out == f"wrote {tmp_path / 'c.png'}\n"
     with pytest.raises(SystemExit) as e:
         plots.main([str(tmp_path)])
-    assert e.value.code == 2 and "holds no metrics.jsonl" in capsys.readouterr().err
+    msg = str(e.value)
+    assert msg.startswith("python -m experiments.plots: error: RUN_DIR ") and "holds no metrics.jsonl" in msg
 
 
 def test_plots_help_says_what_it_draws():

@@ -3,7 +3,7 @@ evaluate.py -- one model evaluated as a run evaluates each of its stages.
 
     python -m tools.evaluate out/selm_3.pt                          # on its run's held-out prompts
     python -m tools.evaluate models/SmolLM2-135M-Instruct           # on the instruction task's
-    python -m tools.evaluate out/selm_3.pt --prompts mine.jsonl --judge instructions:judge
+    python -m tools.evaluate out/selm_3.pt --prompts mine.jsonl --judge tasks.instructions:judge
 
 A stage checkpoint is evaluated on its run's task, rebuilt from the configuration it carries
 (the same held-out prompts, judge, seeds and sampling settings), against its run's SFT model
@@ -12,7 +12,7 @@ results.json, number for number. A Hugging Face directory is evaluated on a buil
 held-out prompts (--task; the settings are the task's defaults), against itself: win vs SFT
 0.5 and KL 0 by definition. --prompts with --judge evaluates on your prompts instead, written
 for the model as sample.py writes them (a user turn in its chat template, or the run's prompt
-template); `--judge instructions:judge` adds IFEval's two accuracies.
+template); `--judge tasks.instructions:judge` adds IFEval's two accuracies.
 
 The row is train.evaluate's, with the same columns as results.json's, and is written as JSON
 (atomically) with each prompt and answer: by default beside the model, <model>.eval.json.
@@ -26,14 +26,13 @@ import time
 
 import chat
 import data
-import instructions
-import sorting
 import train
-from checkpoint import stage_path, write_json_atomic
+from checkpoint import stage_path
+from commands import DefaultsHelp, one_line_errors
+from files import write_json_atomic
 from hf import check_model_path, load_model
-from inputs import check_config, load_data
-from runtime import check_or_exit, setup, summary_line
-from sample import DefaultsHelp
+from inputs import check_config, judge_target, load_data, load_judge, load_task, task_of
+from runtime import setup, summary_line
 
 
 def parser():
@@ -41,12 +40,12 @@ def parser():
         "Evaluate a stage checkpoint or a Hugging Face model directory as train.py evaluates a stage: "
         "greedy answers to held-out prompts, judged; the row of results.json, and each answer, as JSON."))
     ap.add_argument("model", help="a stage checkpoint (out/selm_3.pt) or a Hugging Face model directory")
-    ap.add_argument("--task", help="a directory's built-in task: sorting or instructions (default: instructions); "
+    ap.add_argument("--task", help="a directory's task, a file of tasks/ (default: instructions); "
                                    "a checkpoint is evaluated on its run's")
     ap.add_argument("--prompts", help="your prompts instead: JSONL with 'prompt' (a string or a conversation) and "
                                       "maybe 'reference' (an answer to beat); needs --judge")
     ap.add_argument("--judge", help="the judge of --prompts: module:function, file.py:function or rm:DIR "
-                                    "(instructions:judge, the instruction task's: with IFEval's accuracies)")
+                                    "(tasks.instructions:judge, the instruction task's: with IFEval's accuracies)")
     ap.add_argument("--max-new-tokens", type=int, help="answer length cap (default: the run's, or the task's; "
                                                        "64 for --prompts on a directory)")
     ap.add_argument("--out", help="the JSON file to write (default: <model>.eval.json, beside the model)")
@@ -66,12 +65,13 @@ def check_args(args):
         raise ValueError(f"MODEL: {e}") from None
     if args.judge is not None:
         try:
-            data.judge_target(args.judge)
+            judge_target(args.judge)
         except ValueError as e:
             raise ValueError(f"--judge: {e}") from None
     out, task, prompts, n = output_path(args), args.task, args.prompts, args.max_new_tokens
-    problems = {f"--task must be sorting or instructions, got {task!r}": task not in (None, "sorting", "instructions"),
-                "--task is for a directory: a checkpoint is evaluated on its run's task":
+    if task is not None:
+        load_task(task)  # one of tasks/, with a TASK
+    problems = {"--task is for a directory: a checkpoint is evaluated on its run's task":
                     task and os.path.isfile(args.model),
                 "--task and --prompts exclude each other": task and prompts,
                 f"--prompts {prompts}: no such file": prompts and not os.path.isfile(prompts),
@@ -98,9 +98,9 @@ def evaluation(args):
         cfg = train.Config(**{k: v for k, v in m.ckpt["config"].items() if k in known})
         stage = m.ckpt["stage"]
     else:  # a directory: a run that would start from it, at the task's defaults
-        cfg = train.Config(init_from=args.model, task=args.task or "instructions",
-                           max_new_tokens=64 if args.prompts else None)
-        check_config(cfg)  # the task's defaults filled in
+        cfg = train.parse_args(["--init-from", args.model, "--task", args.task or "instructions"]  # the task's defaults
+                               + (["--max-new-tokens", "64"] if args.prompts else []))
+        check_config(cfg)
         stage = os.path.basename(os.path.normpath(args.model))
     cfg.device, cfg.compile, cfg.max_new_tokens = args.device, False, args.max_new_tokens or cfg.max_new_tokens
     task = user_prompts(m, args) if args.prompts else load_data(cfg, m.template, args.device)
@@ -126,33 +126,36 @@ def user_prompts(m, args):
         e = data.plain_prompt(rec)
         return {"prompt": m.prompt(e["prompt"]), "reference": e["reference"]}
     evals = [data.converted(where, rec, read) for where, rec in data.read_jsonl(args.prompts)]
-    judge = data.load_judge(args.judge, args.device)  # a reward model (rm:DIR) runs where the model does
-    ifeval = judge is instructions.judge
-    return data.TrainingData([], [[]], evals, judge, builtin=ifeval or judge is sorting.judge,
-                             conversational=m.conversational, metrics=instructions.accuracies if ifeval else None)
+    judge = load_judge(args.judge, args.device)  # a reward model (rm:DIR) runs where the model does
+    task = task_of(judge)  # a task's judge (tasks.instructions:judge): its metrics, and 1.0 is "perfect"
+    return data.TrainingData([], [[]], evals, judge, builtin=task is not None, conversational=m.conversational,
+                             metrics=task and task.metrics)
 
 
 def main(argv=None):
     ap = parser()
     args = ap.parse_args(argv)
-    check_or_exit(ap, check_args, args)
-    try:
-        cfg, m, task, stage, sft, sft_answers = evaluation(args)
-        rt = setup(args.device, cfg.dtype, os.path.dirname(output_path(args)) or ".")
-        rt.log.enabled = False  # an evaluation writes no metrics line into anyone's run
-        t0 = time.time()
-        if sft is not None and sft_answers is None:  # the SFT model's answers to your prompts
-            ids = [m.tok.encode_prompt(e["prompt"]) for e in task.eval]
-            sft_answers = [m.tok.decode([t for t in r if t not in m.tok.eos_ids])
-                           for r in train.sample_responses(rt, cfg, m.tok, sft, ids, progress="sft answers")]
-        elif m.ckpt is not None and stage != "sft" and sft is None:
-            print(f"evaluate: no sft.pt beside {args.model}: win vs SFT and KL are against itself", file=sys.stderr)
-        row, answers = train.evaluate(rt, cfg, m.tok, stage, m.model, sft, task, sft_answers)
-        write_json_atomic({**row, "model": args.model, "prompts": args.prompts or f"the {cfg.task} task's held-out",
-                           "answers": [{"prompt": str(e["prompt"]), "answer": a} for e, a in zip(task.eval, answers)]},
-                          output_path(args))
-    except (ValueError, OSError) as e:  # DataError, JudgeError and WriteError included
-        sys.exit(f"evaluate: error: {e}")
+    with one_line_errors(ap.prog):
+        check_args(args)
+        evaluate(args)
+
+
+def evaluate(args):
+    """The evaluation of args.model, written to output_path(args), its row printed."""
+    cfg, m, task, stage, sft, sft_answers = evaluation(args)
+    rt = setup(args.device, cfg.dtype, os.path.dirname(output_path(args)) or ".")
+    rt.log.enabled = False  # an evaluation writes no metrics line into anyone's run
+    t0 = time.time()
+    if sft is not None and sft_answers is None:  # the SFT model's answers to your prompts
+        ids = [m.tok.encode_prompt(e["prompt"]) for e in task.eval]
+        sft_answers = [m.tok.decode([t for t in r if t not in m.tok.eos_ids])
+                       for r in train.sample_responses(rt, cfg, m.tok, sft, ids, progress="sft answers")]
+    elif m.ckpt is not None and stage != "sft" and sft is None:
+        print(f"evaluate: no sft.pt beside {args.model}: win vs SFT and KL are against itself", file=sys.stderr)
+    row, answers = train.evaluate(rt, cfg, m.tok, stage, m.model, sft, task, sft_answers)
+    write_json_atomic({**row, "model": args.model, "prompts": args.prompts or f"the {cfg.task} task's held-out",
+                       "answers": [{"prompt": str(e["prompt"]), "answer": a} for e, a in zip(task.eval, answers)]},
+                      output_path(args))
     print(summary_line(stage, time.time() - t0, row, {}))
     print(f"wrote {output_path(args)}")
 

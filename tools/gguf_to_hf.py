@@ -25,10 +25,9 @@ import argparse
 import importlib.util
 import os
 import shutil
-import sys
 import tempfile
 
-from runtime import check_or_exit
+from commands import one_line_errors
 
 # tokenizer.ggml.pre values whose split is llama.cpp's "\p{N}" (each digit alone), then GPT-2's:
 # a Digits pre-tokenizer before the byte-level one
@@ -148,7 +147,8 @@ def convert(gguf_path, out_dir):
 
 
 def parser():
-    ap = argparse.ArgumentParser(description="Convert a GGUF file into a Hugging Face directory that "
+    ap = argparse.ArgumentParser(prog="python -m tools.gguf_to_hf",
+                                 description="Convert a GGUF file into a Hugging Face directory that "
                                              "train.py --init-from loads (needs transformers, gguf, accelerate).")
     ap.add_argument("gguf", nargs="?", help="the .gguf file")
     ap.add_argument("out_dir", help="the directory to write (must not exist, or be empty)")
@@ -169,12 +169,10 @@ def check_args(args):
 def main(argv=None):
     ap = parser()
     args = ap.parse_args(argv)
-    check_or_exit(ap, check_args, args)
-    try:
+    with one_line_errors(ap.prog):
+        check_args(args)
         files = convert(smollm2_gguf() if args.smollm2 else args.gguf, args.out_dir)
-    except ValueError as e:
-        sys.exit(f"gguf_to_hf: error: {e}")
-    print(f"wrote {args.out_dir}: {', '.join(files)}")
+        print(f"wrote {args.out_dir}: {', '.join(files)}")
 
 
 if __name__ == "__main__":

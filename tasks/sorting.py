@@ -1,5 +1,5 @@
 """
-sorting.py -- the built-in task: sort the letters of a word.
+tasks/sorting.py -- the built-in task of a fresh model: sort the letters of a word.
 
 It plays three parts of the paper's setup, small enough for a laptop:
   - UltraFeedback: prompts, SFT demonstrations and offline (chosen, rejected) pairs;
@@ -18,14 +18,16 @@ procedure gives a mediocre SFT model that preference learning can improve.
 Measured per k on words of 7-10 random letters (repeats allowed), mean reward / share fully
 correct: k=0 .15/0%, 1 .30/1%, 2 .47/5%, 3 .63/16%, 4 .76/35%, 5 .87/58%.
 
-`python sorting.py` prints one worked example and statistics of the default task.
-This file knows nothing of the rest of the project.
+`python -m tasks.sorting` prints one worked example and statistics of the default task.
+Of the rest of the project this file imports only the Task interface (tasks/__init__.py).
 """
 
 import random
 import re
 import zlib
 from dataclasses import dataclass, field
+
+from tasks import Data, Task
 
 PROMPT_PREFIX = "sort: "
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
@@ -100,7 +102,7 @@ def _draw_word(rng, min_len, max_len, distinct, want_eval, seen):
 
 
 @dataclass
-class Task:
+class Dataset:
     """The built-in dataset.
     sft:    list of (prompt, response): mediocre demonstrations.
     chunks: n_chunks lists of {"prompt", "chosen", "rejected"}: offline pairs, chunk t
@@ -167,7 +169,23 @@ def make_task(seed=0, n_sft=8192, n_prompts_per_chunk=1024, n_chunks=4, n_eval=5
         w = word(rng_eval, True, seen)
         evals.append({"prompt": make_prompt(w),
                       "reference": bubble_passes(w, rng_eval.randint(*ref_passes))})
-    return Task(sft=sft, chunks=chunks, eval=evals, config=config)
+    return Dataset(sft=sft, chunks=chunks, eval=evals, config=config)
+
+
+def make(cfg):
+    """The task as a run's settings (train.Config) ask for it: --task-seed, --n-sft, --chunk-size,
+    --iterations + 1 chunks, --n-eval, --min-len, --max-len, --sft-passes and --offline-passes
+    (each "lo,hi"; inputs.check_config has checked them all)."""
+    def passes(spec):
+        return tuple(int(x) for x in spec.split(","))
+    t = make_task(seed=cfg.task_seed, n_sft=cfg.n_sft, n_prompts_per_chunk=cfg.chunk_size, n_chunks=cfg.iterations + 1,
+                  n_eval=cfg.n_eval, min_len=cfg.min_len, max_len=cfg.max_len, sft_passes=passes(cfg.sft_passes),
+                  offline_passes=passes(cfg.offline_passes))
+    return Data(t.chunks, t.eval, t.sft)
+
+
+TASK = Task(make, judge, template=make_prompt("{prompt}"),
+            about="sorting the letters of words of {cfg.min_len}-{cfg.max_len} letters")
 
 
 def examples(word="language"):
