@@ -436,3 +436,35 @@ def check_device(name):
 
 def mps_available():
     return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype
+
+
+def cpu_bf16_units():
+    """The bf16 matrix instructions of this CPU that torch's oneDNN matmuls use ("AMX-BF16",
+    "AVX512-BF16"), as torch reports them; none where it cannot tell (another build or
+    architecture). With either, a bf16 matmul runs several times faster than a fp32 one."""
+    try:
+        caps = torch._C._cpu._get_cpu_capability()  # private, hence guarded: a dict of ISA flags
+        if not torch.backends.mkldnn.is_available():
+            return []
+    except (AttributeError, RuntimeError):
+        return []
+    return [name for key, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if caps.get(key)]
+
+
+def compute_dtype(device, name):
+    """--dtype `name` on `device`: (the autocast dtype, None for plain fp32; why, in words).
+    auto: bf16 on a GPU that has it (fp16 on one that lacks it) and on a CPU with bf16 matrix
+    instructions; fp32 elsewhere (an Apple GPU, an older CPU)."""
+    if name != "auto":
+        return (None if name == "float32" else getattr(torch, name)), "--dtype " + name
+    if device.type == "cuda":
+        return (torch.bfloat16, "this GPU has bf16") if torch.cuda.is_bf16_supported() else \
+            (torch.float16, "this GPU lacks bf16")
+    units = cpu_bf16_units() if device.type == "cpu" else []
+    if units:
+        return torch.bfloat16, f"this CPU has {' and '.join(units)}"
+    return None, ("this CPU has no bf16 matrix unit (AMX or AVX512-BF16)" if device.type == "cpu"
+                  else f"no autocast on {device.type}")

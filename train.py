@@ -98,7 +98,9 @@ class Config:
     # run
     seed: int = setting(0, "training seed (initialisation, batch order, sampling)")
     device: str = setting("auto", "auto picks cuda, then mps, then cpu")
-    dtype: str = setting("auto", "float32, bfloat16 or float16 autocast (auto: bf16 on GPUs that have it, else fp32)")
+    dtype: str = setting("auto", "float32, bfloat16 or float16 autocast; the weights and AdamW stay fp32, log-probs "
+                                 "and losses are fp32, sampling runs in this dtype (auto: bf16 on GPUs and CPUs "
+                                 "that have it, else fp32)")
     out_dir: str = setting("out", "where checkpoints, metrics.jsonl and results.json go")
     resume: bool = setting(False, "continue from the last completed stage in --out-dir")
     start_from: str = setting(None, "skip the stages up to and including the one saved in this checkpoint of another "
@@ -145,11 +147,12 @@ def instruction_pairs(rt, cfg, tok, model, task_data):
     finds them. Returns task_data with its chunks of prompts turned into chunks of pairs."""
     template = chat.load_template(tok)
 
-    def sample(prompts, k, seed):  # k answers per prompt, as text without the EOS
+    def sample(prompts, k, seed):  # k answers per prompt (sharing its prefill), as text without the EOS
         ids = [tok.encode_prompt(template.prompt([{"role": "user", "content": p}])) for p in prompts]
-        runs = [sample_responses(rt, cfg, tok, model, ids, 1.0, seed_for(seed, "pairs", k=j)) for j in range(k)]
-        return [[tok.decode([t for t in r if t not in tok.eos_ids]) for r in answers] for answers in zip(*runs)]
-    settings = {"model": weights_digest(model), "max_new_tokens": cfg.max_new_tokens, "temperature": 1.0}
+        runs = sample_responses(rt, cfg, tok, model, ids, 1.0, [seed_for(seed, "pairs", k=j) for j in range(k)])
+        return [[tok.decode([t for t in r if t not in tok.eos_ids]) for r in answers] for answers in runs]
+    settings = {"model": weights_digest(model), "max_new_tokens": cfg.max_new_tokens, "temperature": 1.0,
+                **({"dtype": str(rt.dtype).removeprefix("torch.")} if rt.dtype else {})}  # fp32: as before
     elsewhere = [os.path.dirname(os.path.abspath(cfg.start_from))] if cfg.start_from else []
     pairs = instructions.cached_pairs(cfg.out_dir, task_data.chunks, sample, cfg.pair_samples, cfg.task_seed,
                                       settings, write=rt.ranks.main, elsewhere=elsewhere)
@@ -324,16 +327,20 @@ def online_record(cfg, tok, scores, chosen, texts, answers, kept):
 
 def reference_answers(rt, cfg, tok, ref, prompt_ids, stage):
     """k = max(n, m) answers of pi_ref per prompt (n: --online-samples, m: --optimism-samples):
-    with --y-ref greedy, the greedy answer and k - 1 samples at --temperature; sampled: k samples."""
+    with --y-ref greedy, the greedy answer and k - 1 samples at --temperature; sampled: k samples.
+    The samples of a prompt share its prefill; the j-th draws with its own seed."""
     k, greedy = max(cfg.online_samples, cfg.optimism_samples), cfg.y_ref == "greedy"
     seeds = [seed_for(cfg.seed, "y_ref", stage, j) for j in range(k)]
-    first = sample_responses(rt, cfg, tok, ref, prompt_ids, 0.0 if greedy else cfg.temperature, seeds[0])
-    more = [sample_responses(rt, cfg, tok, ref, prompt_ids, cfg.temperature, seed) for seed in seeds[1:]]
-    return [list(a) for a in zip(first, *more)]
+    if not greedy:
+        return sample_responses(rt, cfg, tok, ref, prompt_ids, cfg.temperature, seeds)
+    first = sample_responses(rt, cfg, tok, ref, prompt_ids, 0.0, seeds[0])
+    more = sample_responses(rt, cfg, tok, ref, prompt_ids, cfg.temperature, seeds[1:]) if k > 1 else [[]] * len(first)
+    return [[a, *ys] for a, ys in zip(first, more)]
 
 
 def sample_responses(rt, cfg, tok, model, prompt_ids, temperature=0.0, seed=0):
-    """Responses to every prompt (token lists, EOS included when emitted), sharded over ranks."""
+    """Responses to every prompt (token lists, EOS included when emitted), sharded over ranks;
+    seed: an int, or one per answer (a list: per prompt a list of its answers)."""
     return rt.sample(model, prompt_ids, cfg.gen_batch_size, seed=seed, max_new_tokens=cfg.max_new_tokens,
                      temperature=temperature, eos_id=tok.eos_ids, pad_id=tok.pad_id, compile=cfg.compile)
 

@@ -12,6 +12,7 @@ import inputs
 import sorting
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
+from model import compute_dtype
 from sample import generate
 from sample import main as sample_main
 from selm import win
@@ -41,9 +42,12 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     d, tok = inputs.load_data(cfg), inputs.tokenizer_for(cfg)
     prompt_ids = [tok.encode(e["prompt"]) for e in d.eval]
 
+    dtype, _ = compute_dtype(torch.device("cpu"), "auto")  # the run sampled in its dtype: bf16 where the CPU has it
+
     def answers(stage):
         m = model_from_checkpoint(load_checkpoint(str(tmp_path / f"{stage}.pt")))
-        out, _ = generate(m, prompt_ids, cfg.max_new_tokens, temperature=0, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        out, _ = generate(m, prompt_ids, cfg.max_new_tokens, temperature=0, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                          dtype=dtype)
         return [tok.decode([t for t in r if t != tok.eos_id]) for r in out]
     sft, last = answers("sft"), answers("selm_2")
     assert load_checkpoint(str(tmp_path / "selm_2.pt"))["sft_answers"] == sft
@@ -215,6 +219,12 @@ def test_online_step_options(tmp_path, monkeypatch):
     assert [c[3] for c in seen["candidates"]] == [e["chosen"] for e in chunk]  # authors: [y_1..y_n, chosen, rejected]
     assert any(len(set(c[:3])) > 1 for c in seen["candidates"])  # sampled answers differ
     assert all(len(ex.y_refs) == 2 for ex in seen["examples"])  # m = 2 answers for the optimism term
+    # the n answers of a prompt share its prefill, and answer j is what a call with its seed alone samples
+    ids = [tok.encode_prompt(e["prompt"]) for e in chunk]
+    alone = [train.sample_responses(rt, cfg, tok, model, ids, cfg.temperature, train.seed_for(cfg.seed, "y_ref", 2, j))
+             for j in range(3)]
+    assert [c[:3] for c in seen["candidates"]] == [[tok.decode(r[:-1] if r[-1] == tok.eos_id else r) for r in rs]
+                                                    for rs in zip(*alone)]
 
 
 def test_m_optimism_samples_average_in_the_loss(tmp_path):
