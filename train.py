@@ -25,7 +25,7 @@ from checkpoint import commit, open_run, restore, stage_names, stage_state, weig
 from data import Example
 from hf import export_stages
 from inputs import build_model, check_config, example_prompt, first_screen, tokenizer_and_data
-from runtime import (check_finite, judge_failure, last_screen, lr_at, optimizer_step, parse_config, setup,
+from runtime import (adamw, check_finite, judge_failure, last_screen, lr_at, optimizer_step, parse_config, setup,
                      summary_line)
 from selm import (candidates_of, dpo_loss, pairs_from_scores, preference_metrics, relabel_counts,
                   selm_loss, shared_logps, split_logps, win)
@@ -176,7 +176,7 @@ def train_sft(rt, cfg, tok, model, examples):
     W = rt.ranks.world
     fixed_len = max(len(p) + len(r) for p, r in examples)
     train_model = rt.wrap(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.1, betas=(0.9, 0.95))
+    optimizer = adamw(model.parameters(), rt, lr=cfg.sft_lr, weight_decay=0.1, betas=(0.9, 0.95))
     model.train()
     g = torch.Generator().manual_seed(seed_for(cfg.seed, "sft_batches"))
     bar = rt.bar(range(cfg.sft_steps), "sft")
@@ -223,7 +223,7 @@ def preference_epoch(rt, cfg, tok, stage, policy, examples, ref_logps, lr, alpha
     n_parts = len(examples[0].responses())  # chosen, rejected and the m y_refs
     fixed_len = max(len(ex.prompt) + sum(map(len, ex.responses())) for ex in examples) if rt.compile else None
     train_model = rt.wrap(policy)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(policy.parameters(), rt, lr=lr, weight_decay=cfg.weight_decay)
     # a batch too small to give every rank an example is dropped (only ever the last one)
     order = [b for b in data.batches(len(examples), cfg.batch_size, seed=seed) if len(b) >= W]
     policy.train()

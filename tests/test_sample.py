@@ -253,7 +253,9 @@ def test_greedy_picks_the_first_of_equal_maxima_as_argmax():
 
 def test_another_dtype_samples_with_a_copy_cast_once():
     """dtype=bf16 on fp32 weights: the sampler runs a copy whose weights (and so its KV cache and
-    logits) are bf16, made once per call; the model itself is left as it was, in its mode."""
+    logits) are bf16, made once per call; the model itself is left as it was, in its mode. On a
+    CPU the bf16 decode step reads every slot of the cache (unwritten ones masked): cheaper there
+    than a view of the written ones, which the bf16 matmul would copy."""
     import sample
     m = tiny(seed=1).train()
     cast = GPT(m.config)
@@ -261,13 +263,14 @@ def test_another_dtype_samples_with_a_copy_cast_once():
     cast = cast.to(torch.bfloat16).eval()
     seen = []
     orig = sample.decode_step
-    sample.decode_step = lambda model, tokens, cache, *a: seen.append(cache.k[0].dtype) or orig(model, tokens, cache, *a)
+    sample.decode_step = lambda model, tokens, cache, n_slots: seen.append((cache.k[0].dtype, n_slots)) or \
+        orig(model, tokens, cache, n_slots)
     try:
         got = generate(m, PROMPTS, 10, temperature=0, dtype=torch.bfloat16)
     finally:
         sample.decode_step = orig
     assert got == generate(cast, PROMPTS, 10, temperature=0)
-    assert set(seen) == {torch.bfloat16} and m.training
+    assert set(seen) == {(torch.bfloat16, None)} and m.training  # None: bf16 on a CPU reads the whole cache
     assert all(p.dtype == torch.float32 for p in m.parameters())
     assert sample.in_dtype(m, None) is m and sample.in_dtype(m, torch.float32) is m
     twin = sample.in_dtype(m, torch.bfloat16)
