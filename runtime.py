@@ -175,6 +175,11 @@ class Runtime:
     def autocast(self):
         return nullcontext() if self.dtype is None else torch.autocast(self.device.type, dtype=self.dtype)
 
+    def fit_dtype(self, name, model):
+        """Settle --dtype `name` for `model` once it is built: auto weighs its width too
+        (model.compute_dtype: a narrow model runs faster in fp32 on a CPU)."""
+        self.dtype, self.why_dtype = compute_dtype(self.device, name, model.config.n_embd)
+
     def wrap(self, model):
         """The module to train through: DDP under torchrun, optionally with a compiled trunk;
         under FSDP the model itself (`prepare` sharded it). Sampling and scoring use

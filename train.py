@@ -395,6 +395,7 @@ def run(cfg):
     tok, task_data = tokenizer_and_data(cfg, rt)
     torch.manual_seed(seed_for(cfg.seed, "init"))
     model = build_model(cfg, tok, rt)
+    rt.fit_dtype(cfg.dtype, model)  # --dtype auto: bf16 where the hardware and the model's width gain from it
     if cfg.task == "instructions":  # the offline pairs are the starting model's own answers, judged
         task_data = instruction_pairs(rt, cfg, tok, model, task_data)
     sft_examples = data.check_fits(task_data, tok, model.config.block_size, cfg.sft or "built-in SFT data",

@@ -42,10 +42,9 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     d, tok = inputs.load_data(cfg), inputs.tokenizer_for(cfg)
     prompt_ids = [tok.encode(e["prompt"]) for e in d.eval]
 
-    dtype, _ = compute_dtype(torch.device("cpu"), "auto")  # the run sampled in its dtype: bf16 where the CPU has it
-
-    def answers(stage):
+    def answers(stage):  # sampled in the run's dtype (--dtype auto: fp32 for a model this narrow)
         m = model_from_checkpoint(load_checkpoint(str(tmp_path / f"{stage}.pt")))
+        dtype, _ = compute_dtype(torch.device("cpu"), "auto", m.config.n_embd)
         out, _ = generate(m, prompt_ids, cfg.max_new_tokens, temperature=0, eos_id=tok.eos_id, pad_id=tok.pad_id,
                           dtype=dtype)
         return [tok.decode([t for t in r if t != tok.eos_id]) for r in out]
@@ -65,6 +64,7 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     # from the defaults; the last: where things went, and a sample.py command that works
     first, last = screens.split("\n[    sft]")[0], screens.split("[ selm_2]")[1]
     assert "tiny:" in first and "1024 SFT demonstrations, 3 chunks of 128 preference pairs, 64 evaluation" in first
+    assert "on cpu (float32: " in first  # which dtype, and why: auto gives a model 64 wide fp32 on any CPU
     assert "selm_1..selm_2" in first and "--beta" not in first
     assert "settings   --n-sft 1024 --chunk-size 128 --n-eval 64 --sft-steps 150 --iterations 2, the rest at" in first
     assert f"saved in {tmp_path}" in first
@@ -284,3 +284,23 @@ def test_adamw_is_fused_under_autocast_and_plain_in_fp32():
         opt.step()
         steps[dtype] = torch.cat([p.detach().flatten() for p in m.parameters()])
     torch.testing.assert_close(steps["bfloat16"], steps["float32"], rtol=0, atol=1e-6)
+
+
+def test_dtype_auto_weighs_the_hardware_and_the_width(monkeypatch):
+    """--dtype auto on a CPU: bf16 autocast where torch reports bf16 matrix units and the model is
+    wide enough to gain; fp32 otherwise, and where the check is unavailable. Each with its reason."""
+    import model as model_py
+    cpu = torch.device("cpu")
+    assert model_py.compute_dtype(cpu, "float32", 1024) == (None, "--dtype float32")
+    assert model_py.compute_dtype(cpu, "bfloat16", 64)[0] == torch.bfloat16  # asked for: as asked
+    monkeypatch.setattr(model_py, "cpu_bf16_units", lambda: ["AMX-BF16"])
+    assert model_py.compute_dtype(cpu, "auto", 576) == (torch.bfloat16, "this CPU has AMX-BF16")
+    assert model_py.compute_dtype(cpu, "auto") == (torch.bfloat16, "this CPU has AMX-BF16")  # width not known yet
+    dtype, why = model_py.compute_dtype(cpu, "auto", 128)
+    assert dtype is None and "128 wide runs faster in fp32" in why
+    monkeypatch.setattr(model_py, "cpu_bf16_units", lambda: [])
+    dtype, why = model_py.compute_dtype(cpu, "auto", 576)
+    assert dtype is None and "no bf16 matrix unit" in why
+    monkeypatch.undo()
+    monkeypatch.delattr(torch._C._cpu, "_get_cpu_capability")  # another torch: the private check is gone
+    assert model_py.cpu_bf16_units() == [] and model_py.compute_dtype(cpu, "auto", 576)[0] is None
