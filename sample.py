@@ -57,8 +57,8 @@ def filter_logits(logits, top_k=None, top_p=None):
 def next_token(logits, temperature, top_k, top_p, u=None):
     """(B, V) logits of the last position -> (B,) next tokens.
 
-    u: (B, 1) one uniform draw in [0, 1) per row, fp32 (`draws`); None draws them from torch's
-    global RNG.
+    temperature: one for every row, or (B,) one per row; 0 is greedy. u: (B, 1) one uniform
+    draw in [0, 1) per row, fp32 (`draws`); None draws them from torch's global RNG.
 
     Greedy is the first of the largest logits, as argmax; max(-1) finds it 2-4x faster on a CPU
     over a 50k-word vocabulary. Sampling inverts the cumulative distribution: one uniform u per
@@ -69,14 +69,17 @@ def next_token(logits, temperature, top_k, top_p, u=None):
     model's dtype, so that the smallest of 150k probabilities still count, and u is an fp32 draw
     (at most 1 - 2^-24): u times the total stays below the total, so right=True never picks a
     token of probability 0 (one that top-k or top-p removed)."""
-    if temperature == 0:
+    rows = torch.is_tensor(temperature)
+    if not rows and temperature == 0:
         return logits.max(-1).indices
-    z = filter_logits(logits.float() / temperature if temperature != 1 else logits.float(), top_k, top_p)
+    t = torch.where(temperature == 0, 1.0, temperature)[:, None] if rows else temperature  # x / 1 is x, bit for bit
+    z = filter_logits(logits.float() / t, top_k, top_p)
     cdf = z.to(torch.float64, memory_format=torch.contiguous_format)  # (B, V), rows contiguous
     cdf.sub_(cdf.amax(-1, keepdim=True)).exp_().cumsum_(-1)  # in place: one (B, V) buffer
     u = torch.rand(cdf.size(0), 1, device=cdf.device) if u is None else u  # (B, 1) in [0, 1)
     tok = torch.searchsorted(cdf, u.double() * cdf[:, -1:], right=True).squeeze(-1)
-    return tok.clamp_(max=cdf.size(-1) - 1)  # only NaN logits reach past the end: keep ids valid, as argmax does
+    tok = tok.clamp_(max=cdf.size(-1) - 1)  # only NaN logits reach past the end: keep ids valid, as argmax does
+    return torch.where(temperature == 0, logits.max(-1).indices, tok) if rows else tok
 
 
 def draws(generators, n_prompts, samples, device):
@@ -265,7 +268,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     prompts: list of B token-id lists, of different lengths (each non-empty).
     max_new_tokens: at most this many new tokens per row. A prompt that leaves no room in
         the model's context is an error; otherwise max_new_tokens is cut to what fits.
-    temperature: 0 is greedy argmax; top_k / top_p filter the distribution first.
+    temperature: 0 is greedy argmax; top_k / top_p filter the distribution first. One, or one
+        per answer (a list of `samples`: a prompt's greedy answer and its samples in one batch).
     eos_id: a row stops after emitting it; one id, or several (Tokenizer.eos_ids: a chat
         model may end its turn with either of two tokens).
     samples: answers per prompt, B * samples rows, prompt i's answer j in row i * samples + j.
@@ -289,11 +293,13 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     Returns (responses, finished): per row the new tokens only, cut after the first EOS
     (the EOS itself included), and whether that row emitted EOS.
     """
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
     seeds = list(seed) if isinstance(seed, (list, tuple)) else None
-    if samples < 1 or seeds is not None and len(seeds) != samples:
-        raise ValueError(f"generate: samples must be at least 1 and seed one int or one per sample, "
-                         f"got samples={samples}, seed={seed}")
+    temps = list(temperature) if isinstance(temperature, (list, tuple)) else None
+    for t in temps or [temperature]:
+        check_sampling(max_new_tokens, t, top_k, top_p)
+    if samples < 1 or any(x is not None and len(x) != samples for x in (seeds, temps)):
+        raise ValueError(f"generate: samples must be at least 1, and seed and temperature one or one per sample; "
+                         f"got samples={samples}, seed={seed}, temperature={temperature}")
     if len(prompts) == 0:
         return [], []
     block = model.config.block_size
@@ -323,8 +329,13 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
         mask[i, P - len(p):] = True
     idx, mask = idx.to(device), mask.to(device)
 
-    # one generator (None: torch's global RNG), or one per answer
+    # one generator (None: torch's global RNG), or one per answer; one temperature, or one per row
     generators = [None if s is None else torch.Generator(device=device).manual_seed(s) for s in seeds or [seed]]
+    sampled = any(t != 0 for t in temps or [temperature])
+    if temps is not None and len(set(temps)) > 1:
+        temperature = torch.tensor(temps, device=device).repeat(len(prompts))  # row i * samples + j: temps[j]
+    elif temps is not None:
+        temperature = temps[0]
 
     was_training = net.training
     net.eval()
@@ -343,8 +354,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     n = 0
     logits = prefill(net, idx, mask, cache, src)
     for t in range(max_new_tokens):
-        u = draws(generators, len(prompts), samples, device)[rows] if temperature != 0 else None
-        tok = next_token(logits[:len(rows)], temperature, top_k, top_p, u)
+        u = draws(generators, len(prompts), samples, device)[rows] if sampled else None
+        tok = next_token(logits[:len(rows)], temperature[rows] if torch.is_tensor(temperature) else temperature,
+                         top_k, top_p, u)
         if eos_id is not None:
             tok = tok.masked_fill(done[rows], pad_id)  # a stopped row only writes padding
             done[rows] |= torch.isin(tok, eos)

@@ -328,19 +328,17 @@ def online_record(cfg, tok, scores, chosen, texts, answers, kept):
 def reference_answers(rt, cfg, tok, ref, prompt_ids, stage):
     """k = max(n, m) answers of pi_ref per prompt (n: --online-samples, m: --optimism-samples):
     with --y-ref greedy, the greedy answer and k - 1 samples at --temperature; sampled: k samples.
-    The samples of a prompt share its prefill; the j-th draws with its own seed."""
+    A prompt's answers share its prefill, in one batch; the j-th draws with its own seed."""
     k, greedy = max(cfg.online_samples, cfg.optimism_samples), cfg.y_ref == "greedy"
-    seeds = [seed_for(cfg.seed, "y_ref", stage, j) for j in range(k)]
-    if not greedy:
-        return sample_responses(rt, cfg, tok, ref, prompt_ids, cfg.temperature, seeds)
-    first = sample_responses(rt, cfg, tok, ref, prompt_ids, 0.0, seeds[0])
-    more = sample_responses(rt, cfg, tok, ref, prompt_ids, cfg.temperature, seeds[1:]) if k > 1 else [[]] * len(first)
-    return [[a, *ys] for a, ys in zip(first, more)]
+    temperatures = [0.0 if greedy and j == 0 else cfg.temperature for j in range(k)]
+    return sample_responses(rt, cfg, tok, ref, prompt_ids, temperatures,
+                            [seed_for(cfg.seed, "y_ref", stage, j) for j in range(k)])
 
 
 def sample_responses(rt, cfg, tok, model, prompt_ids, temperature=0.0, seed=0):
     """Responses to every prompt (token lists, EOS included when emitted), sharded over ranks;
-    seed: an int, or one per answer (a list: per prompt a list of its answers)."""
+    seed: an int, or one per answer (a list: per prompt a list of its answers, each answer at
+    its own temperature when temperature is a list too)."""
     return rt.sample(model, prompt_ids, cfg.gen_batch_size, seed=seed, max_new_tokens=cfg.max_new_tokens,
                      temperature=temperature, eos_id=tok.eos_ids, pad_id=tok.pad_id, compile=cfg.compile)
 
@@ -355,19 +353,20 @@ def evaluate(rt, cfg, tok, stage, model, sft_model, task_data, sft_answers):
     prompts = [e["prompt"] for e in task_data.eval]
     prompt_ids = [tok.encode_prompt(p) for p in prompts]
     model = rt.unsharded(model)
-    ids = [[t for t in r if t not in tok.eos_ids] for r in sample_responses(rt, cfg, tok, model, prompt_ids)]  # greedy
+    # the greedy answer and the KL's temperature-1 samples of a prompt, in one batch (one prefill)
+    n_kl = cfg.kl_samples if stage != "sft" else 0  # at the SFT stage pi is pi_SFT: KL is 0, not estimated
+    runs = sample_responses(rt, cfg, tok, model, prompt_ids, [0.0] + [1.0] * n_kl,
+                            [0] + [seed_for(cfg.seed, "kl", k=k) for k in range(n_kl)])
+    ids = [[t for t in run[0] if t not in tok.eos_ids] for run in runs]  # greedy
     answers = [tok.decode(r) for r in ids]
     sft_answers = answers if sft_answers is None else sft_answers
     has_ref = all(e["reference"] is not None for e in task_data.eval)
     candidates = [[a, s] + ([e["reference"]] if has_ref else []) for a, s, e in zip(answers, sft_answers, task_data.eval)]
     scores = rt.judge(task_data.judge, prompts, candidates, cfg.gen_batch_size)
     n = len(prompts)
-    kl = 0.0  # at the SFT stage pi is pi_SFT: KL is 0 by definition, not estimated
-    if stage != "sft" and cfg.kl_samples > 0:
-        rows = []
-        for k in range(cfg.kl_samples):
-            ys = sample_responses(rt, cfg, tok, model, prompt_ids, temperature=1.0, seed=seed_for(cfg.seed, "kl", k=k))
-            rows += [(p, y) for p, y in zip(prompt_ids, ys) if y]
+    kl = 0.0
+    if n_kl:
+        rows = [(p, run[1 + k]) for k in range(n_kl) for p, run in zip(prompt_ids, runs) if run[1 + k]]
         lp, lq = (rt.logps(m, rows, tok.pad_id, 4 * cfg.micro_batch_size) for m in (model, sft_model))
         kl = (lp - lq).mean().item()
     row = {"stage": stage, "win_rate_vs_reference": sum(win(s[0], s[2]) for s in scores) / n if has_ref else None,

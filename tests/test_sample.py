@@ -239,10 +239,18 @@ def test_k_answers_share_one_prefill_and_are_those_of_k_calls(monkeypatch):
         assert shared == [r for i in range(len(PROMPTS)) for r in (a[0][i] for a in alone)]
         assert fin == [f for i in range(len(PROMPTS)) for f in (a[1][i] for a in alone)]
     assert len({tuple(r) for r in shared[:3]}) == 1  # greedy: the k answers of a prompt agree
+    # one temperature per answer: a prompt's greedy answer and its samples in one batch
+    temps = [0.0, 1.0, 0.7]
+    mixed = sample.generate(m, PROMPTS, 12, seed=seeds, samples=3, temperature=temps, eos_id=EOS)
+    alone = [sample.generate(m, PROMPTS, 12, seed=s, temperature=t, eos_id=EOS) for s, t in zip(seeds, temps)]
+    assert mixed == tuple([r for i in range(len(PROMPTS)) for r in (a[k][i] for a in alone)] for k in (0, 1))
     one_generator = sample.generate(m, [PROMPTS[1]], 12, seed=4, samples=3)[0]
     assert one_generator == sample.generate(m, [PROMPTS[1]] * 3, 12, seed=4)[0]  # one seed: row order
-    with pytest.raises(ValueError, match="one per sample"):
-        sample.generate(m, PROMPTS, 4, seed=[1, 2], samples=3)
+    for bad in (dict(seed=[1, 2]), dict(temperature=[0.0, 1.0])):
+        with pytest.raises(ValueError, match="one per sample"):
+            sample.generate(m, PROMPTS, 4, samples=3, **bad)
+    with pytest.raises(ValueError, match="temperature must be 0"):
+        sample.generate(m, PROMPTS, 4, samples=2, temperature=[0.0, -1.0])
 
 
 def test_greedy_picks_the_first_of_equal_maxima_as_argmax():

@@ -219,6 +219,11 @@ def test_online_step_options(tmp_path, monkeypatch):
     assert [c[3] for c in seen["candidates"]] == [e["chosen"] for e in chunk]  # authors: [y_1..y_n, chosen, rejected]
     assert any(len(set(c[:3])) > 1 for c in seen["candidates"])  # sampled answers differ
     assert all(len(ex.y_refs) == 2 for ex in seen["examples"])  # m = 2 answers for the optimism term
+    greedy = train.parse_args(FAST + ["--out-dir", str(tmp_path), "--online-samples", "3"])  # greedy y_ref, 2 samples
+    inputs.check_config(greedy)
+    answers = train.reference_answers(rt, greedy, tok, model, [tok.encode_prompt(e["prompt"]) for e in chunk], 2)
+    assert [a[0] for a in answers] == train.sample_responses(rt, greedy, tok, model, [tok.encode_prompt(e["prompt"])
+                                                                                       for e in chunk])
     # the n answers of a prompt share its prefill, and answer j is what a call with its seed alone samples
     ids = [tok.encode_prompt(e["prompt"]) for e in chunk]
     alone = [train.sample_responses(rt, cfg, tok, model, ids, cfg.temperature, train.seed_for(cfg.seed, "y_ref", 2, j))
