@@ -55,20 +55,16 @@ def filter_logits(logits, top_k=None, top_p=None):
 
 
 def next_token(logits, temperature, top_k, top_p, u=None):
-    """(B, V) logits of the last position -> (B,) next tokens.
+    """(B, V) logits of the last position -> (B,) next tokens. temperature: one, or (B,) one
+    per row; 0 is greedy. u: (B, 1) one fp32 uniform draw per row (`draws`; None: torch's RNG).
 
-    temperature: one for every row, or (B,) one per row; 0 is greedy. u: (B, 1) one uniform
-    draw in [0, 1) per row, fp32 (`draws`); None draws them from torch's global RNG.
-
-    Greedy is the first of the largest logits, as argmax; max(-1) finds it 2-4x faster on a CPU
-    over a 50k-word vocabulary. Sampling inverts the cumulative distribution: one uniform u per
-    row, and the first token whose running sum of exp(logit - max) exceeds u times the row's
-    total. That is an exact draw from softmax(logits / temperature). torch.multinomial draws the
-    same distribution but is several times slower on a CPU at a 50k-token vocabulary (bench.py
-    measures both). Filtering and the softmax run in fp32 and the sums in fp64 whatever the
-    model's dtype, so that the smallest of 150k probabilities still count, and u is an fp32 draw
-    (at most 1 - 2^-24): u times the total stays below the total, so right=True never picks a
-    token of probability 0 (one that top-k or top-p removed)."""
+    Greedy is the first of the largest logits, as argmax, which max(-1) finds 2-4x faster on a
+    CPU. Sampling inverts the cumulative distribution: the first token whose running sum of
+    exp(logit - max) exceeds u times the row's total, an exact draw from softmax(logits / T),
+    several times faster than torch.multinomial on a CPU (bench.py measures both). Filtering
+    and the softmax are fp32 and the sums fp64 whatever the model's dtype, so that the smallest
+    of 150k probabilities still count; u (at most 1 - 2^-24) times the total stays below the
+    total, so right=True never picks a token of probability 0 (removed by top-k or top-p)."""
     rows = torch.is_tensor(temperature)
     if not rows and temperature == 0:
         return logits.max(-1).indices
@@ -234,13 +230,11 @@ _CASTS = weakref.WeakKeyDictionary()
 
 def in_dtype(model, dtype, keep=False):
     """The model to sample with in `dtype` (None: its own): itself when its weights already are,
-    else a copy in eval mode with every weight cast once. Casting once per call is what makes
-    bf16 sampling pay: autocast would cast every weight at every step and keep the activations
-    between blocks in fp32 (SmolLM2-135M, 32 chat prompts, 48 tokens, 2 cores: 3.1 s with a
-    bf16 copy, 5.5 s under bf16 autocast, 6.3 s in fp32; docs/speed.md). The copy lives as long
-    as the call, one more set of weights in `dtype`. keep: reuse the copy of an earlier call,
-    its weights refreshed in place, because a compiled decode step is specialised to the module
-    it runs (generate's compile)."""
+    else a copy in eval mode with every weight cast once, for as long as the call. That is what
+    makes bf16 sampling pay: autocast casts every weight at every step and keeps the activations
+    between blocks fp32 (SmolLM2-135M, 32 chat prompts, 48 tokens, 2 cores: 3.1 s with a bf16
+    copy, 5.5 s under autocast, 6.3 s in fp32). keep: the copy of an earlier call, refreshed in
+    place (a compiled decode step is specialised to the module it runs)."""
     if dtype is None or model.transformer.wte.weight.dtype == dtype:
         return model
     twin = _CASTS.setdefault(model, {}).get(dtype) if keep else None
@@ -274,14 +268,11 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
         model may end its turn with either of two tokens).
     samples: answers per prompt, B * samples rows, prompt i's answer j in row i * samples + j.
         Each prompt is run through the model once and its keys and values copied to its rows.
-    seed: a private torch.Generator's seed (None: torch's global RNG), so the global RNG is
-        neither used nor disturbed and the same seed gives the same samples; or one seed per
-        answer (a list of `samples`): answer j draws from its own generator exactly what a call
-        with seed[j] and samples=1 draws, so that the k answers sharing a prefill are those of
-        k separate calls (up to float rounding, which can depend on the batch's size).
-    dtype: the dtype to compute in (None: the weights'); other than the weights', the model is
-        copied with its weights cast once (in_dtype). The KV cache is in that dtype; filtering,
-        the softmax and the draw are fp32 (next_token).
+    seed: a private torch.Generator's seed (None: torch's global RNG, else untouched); or one
+        per answer (a list of `samples`): answer j then draws what a call with seed[j] alone
+        draws, so k answers sharing a prefill are those of k calls (up to float rounding).
+    dtype: the dtype to compute in (None: the weights'), with the weights cast once (in_dtype)
+        and the KV cache in it; filtering, the softmax and the draw stay fp32 (next_token).
     compile: decode with the step compiled (torch.compile; CUDA graphs on CUDA), once per
         bucket of batch size (a power of two) and cache length (see `bucket`); the first call
         of a bucket compiles it (seconds: compile_seconds), later calls reuse it. The same

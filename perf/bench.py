@@ -195,8 +195,8 @@ def parser():
                     help="real: a Hugging Face chat model directory (python -m tools.gguf_to_hf --smollm2 DIR)")
     ap.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
     ap.add_argument("--quick", action="store_true", help="toy sizes: a smoke test, under a minute")
-    ap.add_argument("--bf16", action="store_true", help="run ours and the baselines under bf16 "
-                                                        "autocast (meant for CUDA)")
+    ap.add_argument("--bf16", action="store_true", help="run ours and the baselines in bf16 (autocast; "
+                                                        "real: train.py's bfloat16 against TRL's bf16=True)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--shapes", default=None, help=f"sampling: comma-separated, from: {', '.join(SHAPES)} (default all)")
     ap.add_argument("--qwen2-layers", type=int, default=None,
