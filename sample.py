@@ -447,10 +447,10 @@ def main(argv=None):
             raise ValueError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
         tok = checkpoint_tokenizer(ckpt, args.ckpt)
         ids = tok.encode_prompt(prompt_as_trained(ckpt, tok, args.prompt))
+        dtype, _ = compute_dtype(torch.device(args.device), args.dtype, model.config.n_embd)
         responses, finished = generate(model, [ids] * args.num_samples, args.max_new_tokens,
                                        args.temperature, args.top_k, args.top_p, eos_id=tok.eos_ids, seed=args.seed,
-                                       pad_id=tok.pad_id,
-                                       dtype=compute_dtype(torch.device(args.device), args.dtype, model.config.n_embd)[0])
+                                       pad_id=tok.pad_id, dtype=dtype)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"sample.py: error: {e}")
     for r, f in zip(responses, finished):

@@ -230,9 +230,9 @@ def bench_roofline(args, device):
                 (flops, calls), nbytes = counts[name], paths[name][path][1]
                 t = statistics.median(times[name])
                 rate, peak = flops / t, matmul_peak(calls)
-                memory = f"; reads {nbytes / t / 1e9:.1f} GB/s, {nbytes / t / bw:.0%} of the bandwidth" if nbytes else ""
+                memory = nbytes and f"; reads {nbytes / t / 1e9:.1f} GB/s, {nbytes / t / bw:.0%} of the bandwidth"
                 report(f"roofline: {path} {name}", rate / 1e9, peak / 1e9, "GFLOP/s", ratio=rate / peak,
                        target=0.3 if (path, name) == ("train step", "bf16") else None,
-                       note=f"{t:.3f} s, {flops / 1e9:.1f} GFLOP; peak: its matmuls alone{memory}")
+                       note=f"{t:.3f} s, {flops / 1e9:.1f} GFLOP; peak: its matmuls alone{memory or ''}")
             ratio = statistics.median(a / b for a, b in zip(times["fp32"], times["bf16"]))
             print(f"  {path}: bf16 {ratio:.2f}x as fast as fp32", flush=True)
