@@ -99,8 +99,8 @@ class Config:
     seed: int = setting(0, "training seed (initialisation, batch order, sampling)")
     device: str = setting("auto", "auto picks cuda, then mps, then cpu")
     dtype: str = setting("auto", "float32, bfloat16 or float16 autocast; the weights and AdamW stay fp32, log-probs "
-                                 "and losses are fp32, sampling runs in this dtype (auto: bf16 on GPUs and CPUs "
-                                 "that have it, else fp32)")
+                                 "and losses are fp32, sampling runs in this dtype (auto: bf16 on a GPU that has it, "
+                                 "and on a CPU with AMX or AVX512-BF16 for a model 256 or more wide; else fp32)")
     out_dir: str = setting("out", "where checkpoints, metrics.jsonl and results.json go")
     resume: bool = setting(False, "continue from the last completed stage in --out-dir")
     start_from: str = setting(None, "skip the stages up to and including the one saved in this checkpoint of another "
