@@ -31,7 +31,7 @@ from checkpoint import stage_names
 from commands import defaults_for
 from files import file_problem
 from hf import check_stages, load_pretrained
-from model import GPT, PRESETS, check_device, preset
+from model import DTYPES, GPT, PRESETS, check_device, preset
 from pairs import offline_record, rendered
 from selm import LOSS_TYPES, check_hparams
 from tokenizer import get_tokenizer
@@ -272,7 +272,7 @@ RULES = {
     "gen_batch_size": ("at least 1", _at_least(1)),
     "kl_samples": (">= 0 (0 skips the KL estimate)", _at_least(0)),
     "seed": (SEEDS, lambda v: 0 <= v < 2 ** 32),
-    "dtype": ("auto, float32, bfloat16 or float16", lambda v: v in ("auto", "float32", "bfloat16", "float16")),
+    "dtype": (", ".join(DTYPES), lambda v: v in DTYPES),
     "log_every": ("at least 1 (a metrics line every this many steps)", _at_least(1)),
 }
 DIRECTORIES = ("init_from", "bpe_path")  # given, each must be a directory
@@ -364,7 +364,8 @@ def first_screen(cfg, tok, task_data, model, rt):
     """The opening lines of a run: the model, the data, the stages to come, and only the
     settings that differ from their defaults."""
     t, where = cfg.iterations, f"{cfg.init_from}'s weights" if cfg.init_from else "fresh weights"
-    dtype = str(rt.dtype).removeprefix("torch.") if rt.dtype else "float32"
+    dtype = f"{str(rt.dtype).removeprefix('torch.')} autocast" if rt.dtype else "float32"
+    dtype += f": {rt.why_dtype}" if rt.why_dtype else ""  # which, and why (--dtype auto looks at the hardware)
     if task_data.builtin:
         task = load_task(cfg.task)
         source = f"--task {cfg.task}: {task.about.format(cfg=cfg)} (tasks/{cfg.task}.py)" + (

@@ -31,7 +31,7 @@ from checkpoint import disk_usage, human_size, stage_path
 from data import JudgeError, collate, collate_shared, judge_block
 from files import write_error
 from sample import compile_seconds, generate
-from model import check_device, mps_available
+from model import check_device, compute_dtype, mps_available
 from selm import reference_logps
 
 
@@ -47,15 +47,6 @@ def pick_device(name, local_rank=0):
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return device
-
-
-def amp_dtype(device, dtype):
-    """bf16 autocast on GPUs that support it (fp16 otherwise); fp32 on CPU by default.
-    Log-softmax stays fp32 either way (selm.sequence_logps)."""
-    if dtype == "auto":
-        dtype = "float32" if device.type != "cuda" else (
-            "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
-    return None if dtype == "float32" else getattr(torch, dtype)
 
 
 # ---- processes ------------------------------------------------------------------------------
@@ -179,9 +170,9 @@ class CompiledTrunk(torch.nn.Module):
 
 @dataclass
 class Runtime:
-    """Device, autocast dtype (None = plain fp32), processes, metrics log, whether the
-    training forward and the sampler's decode step are compiled, whether the model is sharded
-    (FSDP2) and its blocks' activations recomputed in the backward pass."""
+    """Device, autocast dtype (None = plain fp32) and why it was picked, processes, metrics
+    log, whether the training forward and the sampler's decode step are compiled, whether the
+    model is sharded (FSDP2) and its blocks' activations recomputed in the backward pass."""
     device: torch.device
     dtype: object
     ranks: Ranks
@@ -190,9 +181,15 @@ class Runtime:
     fsdp: bool = False
     checkpointing: bool = False
     compile_seconds: float = 0.0  # spent compiling decode steps so far: `clock` counts it apart
+    why_dtype: str = ""  # model.compute_dtype's reason, for the first screen
 
     def autocast(self):
         return nullcontext() if self.dtype is None else torch.autocast(self.device.type, dtype=self.dtype)
+
+    def fit_dtype(self, name, model):
+        """Settle --dtype `name` for `model` once it is built: auto weighs its width too
+        (model.compute_dtype: a narrow model runs faster in fp32 on a CPU)."""
+        self.dtype, self.why_dtype = compute_dtype(self.device, name, model.config.n_embd)
 
     def wrap(self, model):
         """The module to train through: DDP under torchrun, optionally with a compiled trunk;
@@ -280,11 +277,19 @@ class Runtime:
                 bar.close()
 
     def sample(self, model, prompt_ids, block, seed=0, progress=None, **kw):
-        """sample.generate's responses to every prompt, in blocks of `block` prompts; the
-        seed of a block depends only on its position. kw: generate's keyword arguments. The
-        seconds spent compiling decode steps on the way add up in self.compile_seconds."""
-        compiled = compile_seconds(model)
-        out = self.blocks(lambda start, b: generate(model, b, seed=seed + start, **kw)[0], prompt_ids, block, progress)
+        """sample.generate's responses to every prompt, in blocks of `block` prompts, computed
+        in the run's dtype; the seed of a block depends only on its position. seed: an int (one
+        answer per prompt), or one per answer (a list of k: per prompt a list of its k answers,
+        which share one prefill). progress: as in `blocks`, counting prompts. kw: generate's
+        keyword arguments. The seconds spent compiling decode steps on the way add up in
+        self.compile_seconds."""
+        compiled, k = compile_seconds(model), len(seed) if isinstance(seed, (list, tuple)) else None
+
+        def answers(start, prompts):
+            seeds = seed + start if k is None else [s + start for s in seed]
+            out = generate(model, prompts, seed=seeds, samples=k or 1, dtype=self.dtype, **kw)[0]
+            return out if k is None else [out[i:i + k] for i in range(0, len(out), k)]
+        out = self.blocks(answers, prompt_ids, block, progress)
         self.compile_seconds += compile_seconds(model) - compiled
         return out
 
@@ -340,7 +345,8 @@ def setup(device_name, dtype, out_dir, compile=False, fsdp=False, checkpointing=
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), enabled=ranks.main)
-    return Runtime(device, amp_dtype(device, dtype), ranks, log, compile, fsdp, checkpointing)
+    amp, why = compute_dtype(device, dtype)  # bf16 autocast where the hardware has it, else fp32
+    return Runtime(device, amp, ranks, log, compile, fsdp, checkpointing, why_dtype=why)
 
 
 # ---- errors that say what was saved -----------------------------------------------------------
@@ -435,6 +441,14 @@ def check_finite(loss, stage, step):
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss ({loss.item()}) in stage {stage} at step {step}; "
                                  "lower the learning rate (the last good checkpoint is intact)")
+
+
+def adamw(params, rt, **kw):
+    """torch's AdamW; under autocast on a CPU or GPU its fused kernel: one pass over each weight,
+    its gradient and both moments instead of a dozen (SmolLM2-135M on 2 cores: 0.09 s a step
+    instead of 0.44 s). The fused kernel rounds a few updates differently, so a fp32 run keeps
+    the plain one and the numbers of earlier runs; the weights and moments stay fp32 either way."""
+    return torch.optim.AdamW(params, fused=rt.dtype is not None and rt.device.type in ("cpu", "cuda") or None, **kw)
 
 
 def optimizer_step(model, opt, grad_clip, stage, step):

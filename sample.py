@@ -13,8 +13,8 @@ a response for every prompt of its chunk. So the sampler is written for speed:
     "has every row stopped?", made every few steps;
   - generate(compile=True) compiles the decode step, whose tensors then have the same shapes
     at every token, once per bucket of batch size and cache length (CUDA graphs on a GPU).
-    On a CPU it gains little: eager reads only the cache slots written so far, and wins
-    there (bench.py measures both).
+    On a CPU in fp32 it gains little (bench.py measures both); in bf16 it fuses the step's
+    small operations (1.5x eager on SmolLM2) after a compile of about a minute.
 
     python sample.py --ckpt out/selm_3.pt --prompt dcbagfe --num-samples 4
 """
@@ -32,7 +32,7 @@ import weakref
 import torch
 
 from commands import DefaultsHelp, one_line_errors
-from model import KVCache, check_device, positions_from_mask
+from model import DTYPES, KVCache, check_device, compute_dtype, positions_from_mask
 
 
 def filter_logits(logits, top_k=None, top_p=None):
@@ -56,29 +56,38 @@ def filter_logits(logits, top_k=None, top_p=None):
     return logits
 
 
-def next_token(logits, temperature, top_k, top_p, generator, rows=None, n_rows=None):
-    """(B, V) logits of the last position -> (B,) next tokens.
+def next_token(logits, temperature, top_k, top_p, u=None):
+    """(B, V) logits of the last position -> (B,) next tokens. temperature: one, or (B,) one
+    per row; 0 is greedy. u: (B, 1) one fp32 uniform draw per row (`draws`; None: torch's RNG).
 
-    rows, n_rows: these B rows are rows `rows` (B,) of a batch of n_rows whose other rows are
-    done. The uniform draws are those of the whole batch, so that dropping finished rows
-    changes no other row's sample.
-
-    Sampling inverts the cumulative distribution: one uniform u per row, and the first token
-    whose running sum of exp(logit - max) exceeds u times the row's total. That is an exact
-    draw from softmax(logits / temperature). torch.multinomial draws the same distribution
-    but is several times slower on a CPU at a 50k-token vocabulary (bench.py measures both).
-    The sums are fp64, so that the smallest of 150k probabilities still count, and u is
-    an fp32 draw (at most 1 - 2^-24): u times the total stays below the total, so
-    right=True never picks a token of probability 0 (one that top-k or top-p removed)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    z = filter_logits(logits.float() / temperature if temperature != 1 else logits.float(), top_k, top_p)
+    Greedy is the first of the largest logits, as argmax, which max(-1) finds 2-4x faster on a
+    CPU. Sampling inverts the cumulative distribution: the first token whose running sum of
+    exp(logit - max) exceeds u times the row's total, an exact draw from softmax(logits / T),
+    several times faster than torch.multinomial on a CPU (bench.py measures both). Filtering
+    and the softmax are fp32 and the sums fp64 whatever the model's dtype, so that the smallest
+    of 150k probabilities still count; u (at most 1 - 2^-24) times the total stays below the
+    total, so right=True never picks a token of probability 0 (removed by top-k or top-p)."""
+    rows = torch.is_tensor(temperature)
+    if not rows and temperature == 0:
+        return logits.max(-1).indices
+    t = torch.where(temperature == 0, 1.0, temperature)[:, None] if rows else temperature  # x / 1 is x, bit for bit
+    z = filter_logits(logits.float() / t, top_k, top_p)
     cdf = z.to(torch.float64, memory_format=torch.contiguous_format)  # (B, V), rows contiguous
     cdf.sub_(cdf.amax(-1, keepdim=True)).exp_().cumsum_(-1)  # in place: one (B, V) buffer
-    u = torch.rand(n_rows or cdf.size(0), 1, generator=generator, device=cdf.device)  # (B, 1) in [0, 1)
-    u = u if rows is None else u[rows]
+    u = torch.rand(cdf.size(0), 1, device=cdf.device) if u is None else u  # (B, 1) in [0, 1)
     tok = torch.searchsorted(cdf, u.double() * cdf[:, -1:], right=True).squeeze(-1)
-    return tok.clamp_(max=cdf.size(-1) - 1)  # only NaN logits reach past the end: keep ids valid, as argmax does
+    tok = tok.clamp_(max=cdf.size(-1) - 1)  # only NaN logits reach past the end: keep ids valid, as argmax does
+    return torch.where(temperature == 0, logits.max(-1).indices, tok) if rows else tok
+
+
+def draws(generators, n_prompts, samples, device):
+    """One uniform draw per row of a batch of n_prompts * samples rows, prompt i's answer j in
+    row i * samples + j: (rows, 1) fp32. One generator draws them all in row order; one per
+    answer (samples of them) draws answer j's rows in prompt order, which is what a batch of
+    the n_prompts alone, sampled with generators[j], draws."""
+    if len(generators) == 1:
+        return torch.rand(n_prompts * samples, 1, generator=generators[0], device=device)
+    return torch.cat([torch.rand(n_prompts, 1, generator=g, device=device) for g in generators], 1).view(-1, 1)
 
 
 # ---- the decode step: fixed shapes ----------------------------------------------------------
@@ -111,15 +120,23 @@ class StaticCache(KVCache):
         self.mask, self.pos = self.mask[keep], self.pos[keep]
 
 
-def prefill(model, idx, attention_mask, cache):
+def prefill(model, idx, attention_mask, cache, rows=None):
     """Run the left-padded prompts idx (B, P) through the model, filling cache slots [0, P),
     and set the cache up for decoding at slot P. Returns the logits of the last position
-    only: (B, V). (Shapes change with P here: the prefill runs once per call, eager.)"""
+    only: (B, V). (Shapes change with P here: the prefill runs once per call, eager.)
+    rows: (R,) the prompt of each of the cache's R rows, when they are not the B prompts one
+    to one: k answers to one prompt share its prefill, whose keys and values are computed once
+    and copied to its k rows. The logits are then (R, V), one per cache row."""
     B, P = idx.shape
     last = torch.zeros(B, P, dtype=torch.bool, device=idx.device)
     last[:, -1] = True  # left padding puts every prompt's last token in the last column
+    once = cache if rows is None else KVCache(model.config, B, P, idx.device, cache.k[0].dtype)
     logits = model(idx, position_ids=positions_from_mask(attention_mask),
-                   attention_mask=attention_mask, cache=cache, cache_pos=0, output_mask=last)
+                   attention_mask=attention_mask, cache=once, cache_pos=0, output_mask=last)
+    if rows is not None:  # every row of the cache gets its prompt's keys, values, logits, mask
+        for whole, part in zip(cache.k + cache.v, once.k + once.v):
+            whole[:, :, :P] = part[rows]
+        logits, attention_mask = logits[rows], attention_mask[rows]
     cache.mask.zero_()  # slots of an earlier call (a compiled step's cache is reused) are stale
     cache.mask[:, :P] = attention_mask
     cache.pos.copy_(attention_mask.sum(1))
@@ -141,6 +158,15 @@ def decode_step(model, tokens, cache, n_slots=None):
     cache.pos += 1
     cache.slot += 1
     return logits[:, -1]
+
+
+def reads_whole_cache(device, dtype):
+    """Whether an eager decode step should read every slot of the cache, the unwritten ones
+    masked, rather than the slots written so far: on a CPU in bf16 (fp16), whose batched matmul
+    copies the view of the written slots (rows not contiguous) where reading them all costs less
+    (SmolLM2's attention at batch 64, 100 of 130 slots written: 0.40 ms instead of 0.76 ms a
+    layer). fp32's matmul reads the view as it is: there the written slots alone are cheaper."""
+    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
 
 
 def bucket(n, smallest=64):
@@ -200,18 +226,55 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p):
             raise ValueError(problem)
 
 
+# Sampling copies, per model and dtype, kept for compiled sampling (weakref: they go with the model)
+_CASTS = weakref.WeakKeyDictionary()
+
+
+def in_dtype(model, dtype, keep=False):
+    """The model to sample with in `dtype` (None: its own): itself when its weights already are,
+    else a copy in eval mode with every weight cast once, for as long as the call. That is what
+    makes bf16 sampling pay: autocast casts every weight at every step and keeps the activations
+    between blocks fp32 (SmolLM2-135M, 32 chat prompts, 48 tokens, 2 cores: 3.1 s with a bf16
+    copy, 5.5 s under autocast, 6.3 s in fp32). keep: the copy of an earlier call, refreshed in
+    place (a compiled decode step is specialised to the module it runs)."""
+    if dtype is None or model.transformer.wte.weight.dtype == dtype:
+        return model
+    twin = _CASTS.setdefault(model, {}).get(dtype) if keep else None
+    if twin is None:
+        with torch.device("meta"):  # the structure only: no memory, no random initialisation
+            twin = type(model)(model.config)
+        twin.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v
+                              for k, v in model.state_dict().items()}, assign=True)
+        if model.config.tie_embeddings:  # assign gave the head a cast of its own: one matrix again
+            twin.lm_head.weight = twin.transformer.wte.weight
+        if keep:
+            _CASTS[model][dtype] = twin
+    else:
+        with torch.no_grad():  # parameters() lists a tied matrix once, in both: the same order
+            for mine, theirs in zip(twin.parameters(), model.parameters()):
+                mine.copy_(theirs)
+    return twin.eval()
+
+
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-             eos_id=None, seed=None, pad_id=0, stop_check_every=4, compile=False):
+             eos_id=None, seed=None, pad_id=0, stop_check_every=4, compile=False, dtype=None, samples=1):
     """Sample continuations of a batch of prompts.
 
     prompts: list of B token-id lists, of different lengths (each non-empty).
     max_new_tokens: at most this many new tokens per row. A prompt that leaves no room in
         the model's context is an error; otherwise max_new_tokens is cut to what fits.
-    temperature: 0 is greedy argmax; top_k / top_p filter the distribution first.
+    temperature: 0 is greedy argmax; top_k / top_p filter the distribution first. One, or one
+        per answer (a list of `samples`: a prompt's greedy answer and its samples in one batch).
     eos_id: a row stops after emitting it; one id, or several (Tokenizer.eos_ids: a chat
-        model may end its turn with either of two tokens). seed: a private torch.Generator,
-        so the global RNG is neither used nor disturbed, and the same seed gives the same samples.
+        model may end its turn with either of two tokens).
+    samples: answers per prompt, B * samples rows, prompt i's answer j in row i * samples + j.
+        Each prompt is run through the model once and its keys and values copied to its rows.
+    seed: a private torch.Generator's seed (None: torch's global RNG, else untouched); or one
+        per answer (a list of `samples`): answer j then draws what a call with seed[j] alone
+        draws, so k answers sharing a prefill are those of k calls (up to float rounding).
+    dtype: the dtype to compute in (None: the weights'), with the weights cast once (in_dtype)
+        and the KV cache in it; filtering, the softmax and the draw stay fp32 (next_token).
     compile: decode with the step compiled (torch.compile; CUDA graphs on CUDA), once per
         bucket of batch size (a power of two) and cache length (see `bucket`); the first call
         of a bucket compiles it (seconds: compile_seconds), later calls reuse it. The same
@@ -223,7 +286,13 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     Returns (responses, finished): per row the new tokens only, cut after the first EOS
     (the EOS itself included), and whether that row emitted EOS.
     """
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else None
+    temps = list(temperature) if isinstance(temperature, (list, tuple)) else None
+    for t in temps or [temperature]:
+        check_sampling(max_new_tokens, t, top_k, top_p)
+    if samples < 1 or any(x is not None and len(x) != samples for x in (seeds, temps)):
+        raise ValueError(f"generate: samples must be at least 1, and seed and temperature one or one per sample; "
+                         f"got samples={samples}, seed={seed}, temperature={temperature}")
     if len(prompts) == 0:
         return [], []
     block = model.config.block_size
@@ -234,34 +303,41 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     if P >= block:
         raise ValueError(f"prompt of {P} tokens leaves no room in the model's context of {block}")
     max_new_tokens = min(max_new_tokens, block - P)
-    device, dtype = model.transformer.wte.weight.device, model.transformer.wte.weight.dtype
-    n_real = len(prompts)
-    if compile:  # pad the batch to a power of two with one-token prompts, dropped at the end
-        prompts = prompts + [[pad_id]] * ((1 << (n_real - 1).bit_length()) - n_real)
-    B = len(prompts)
+    net = in_dtype(model, dtype, keep=compile)  # the weights to sample with
+    device, dtype = net.transformer.wte.weight.device, net.transformer.wte.weight.dtype
+    n_real = len(prompts) * samples
+    B = 1 << (n_real - 1).bit_length() if compile else n_real  # compiled: a power of two, padding rows last
+    # the prompt of every row of the batch (padding rows copy prompt 0 and are never read);
+    # None: the prompts themselves, one row each
+    src = torch.arange(len(prompts), device=device).repeat_interleave(samples)
+    src = None if B == len(prompts) else torch.cat([src, src.new_zeros(B - n_real)])
     eos_ids = set(eos_id) if isinstance(eos_id, (set, frozenset, list, tuple)) else \
         None if eos_id is None else {int(eos_id)}
     eos = None if eos_id is None else torch.tensor(sorted(eos_ids), device=device)
 
-    idx = torch.full((B, P), pad_id, dtype=torch.long)
-    mask = torch.zeros(B, P, dtype=torch.bool)  # key slots holding real tokens
+    idx = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), P, dtype=torch.bool)  # key slots holding real tokens
     for i, p in enumerate(prompts):  # left padding: the prompt ends in the last column
         idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, P - len(p):] = True
     idx, mask = idx.to(device), mask.to(device)
 
-    generator = None
-    if seed is not None and temperature != 0:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    # one generator (None: torch's global RNG), or one per answer; one temperature, or one per row
+    generators = [None if s is None else torch.Generator(device=device).manual_seed(s) for s in seeds or [seed]]
+    sampled = any(t != 0 for t in temps or [temperature])
+    if temps is not None and len(set(temps)) > 1:
+        temperature = torch.tensor(temps, device=device).repeat(len(prompts))  # row i * samples + j: temps[j]
+    elif temps is not None:
+        temperature = temps[0]
 
-    was_training = model.training
-    model.eval()
+    was_training = net.training
+    net.eval()
     first = False
     if compile:
-        step, cache, first = compiled_decode_step(model, B, min(bucket(P + max_new_tokens), block),
-                                                  dtype, device)
+        step, cache, first = compiled_decode_step(net, B, min(bucket(P + max_new_tokens), block), dtype, device)
     else:  # eager: exactly the slots this call needs
-        step, cache = decode_step, StaticCache(model.config, B, P + max_new_tokens, device, dtype)
+        step, cache = decode_step, StaticCache(net.config, B, P + max_new_tokens, device, dtype)
+    whole = reads_whole_cache(device, dtype)
     out = torch.full((n_real, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(n_real, dtype=torch.bool, device=device)
     # The step's input: the real rows' new tokens, then padding for the padding rows. Only the
@@ -269,9 +345,11 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     tokens = torch.full((B,), pad_id, dtype=torch.long, device=device)
     rows = torch.arange(n_real, device=device)  # the batch's rows still decoding, by original row
     n = 0
-    logits = prefill(model, idx, mask, cache)
+    logits = prefill(net, idx, mask, cache, src)
     for t in range(max_new_tokens):
-        tok = next_token(logits[:len(rows)], temperature, top_k, top_p, generator, rows, n_real)
+        u = draws(generators, len(prompts), samples, device)[rows] if sampled else None
+        tok = next_token(logits[:len(rows)], temperature[rows] if torch.is_tensor(temperature) else temperature,
+                         top_k, top_p, u)
         if eos_id is not None:
             tok = tok.masked_fill(done[rows], pad_id)  # a stopped row only writes padding
             done[rows] |= torch.isin(tok, eos)
@@ -290,14 +368,14 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
             tokens[:len(rows)] = tok  # compiled: the padding rows after them keep their padding
             if compile:
                 t0 = time.perf_counter()
-                logits = step(model, tokens, cache)  # every slot of the bucket: a fixed shape
+                logits = step(net, tokens, cache)  # every slot of the bucket: a fixed shape
                 if first:  # compiling happens in a new bucket's first step: timed apart
                     _sync(device)
                     _COMPILE_SECONDS[model] = compile_seconds(model) + time.perf_counter() - t0
                     first = False
-            else:  # eager: attention reads the P + t + 1 slots written so far, not all
-                logits = step(model, tokens, cache, P + t + 1)
-    model.train(was_training)
+            else:  # eager: attention reads the P + t + 1 slots written so far, or all (whole)
+                logits = step(net, tokens, cache, None if whole else P + t + 1)
+    net.train(was_training)
 
     out = out[:, :n].tolist()
     responses, finished = [], []
@@ -347,6 +425,8 @@ def parser():
     ap.add_argument("--batch-size", type=int, default=16, help="answers per call of the sampler (--prompts)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, mps")
+    ap.add_argument("--dtype", default="auto", choices=DTYPES,
+                    help="the dtype to sample in (auto: bf16 on GPUs and CPUs that have it, else fp32)")
     return ap
 
 
@@ -422,11 +502,12 @@ def answer(m, prompts, args, seed, show_bar=False):
     --batch-size: per prompt, --num-samples (text, whether it ended with EOS)."""
     from tqdm import tqdm
     rows, n, out = [p for p in prompts for _ in range(args.num_samples)], args.num_samples, []
+    dtype, _ = compute_dtype(torch.device(args.device), args.dtype, m.model.config.n_embd)
     with tqdm(total=len(rows), desc="answers", leave=False, delay=2, disable=not show_bar) as bar:
         for start in range(0, len(rows), args.batch_size):
             responses, finished = generate(m.model, rows[start:start + args.batch_size], args.max_new_tokens,
                                            args.temperature, args.top_k, args.top_p, eos_id=m.tok.eos_ids,
-                                           seed=seed + start, pad_id=m.tok.pad_id)
+                                           seed=seed + start, pad_id=m.tok.pad_id, dtype=dtype)
             out += [(m.tok.decode([t for t in r if t not in m.tok.eos_ids]), f) for r, f in zip(responses, finished)]
             bar.update(len(responses))
     return [out[i:i + n] for i in range(0, len(out), n)]

@@ -27,7 +27,8 @@ from inputs import (RECIPES, awaiting_pairs, build_model, check_config, check_in
                     tokenizer_and_data)
 from outdir import begin, check_start, claim_out_dir, restore, resume_advice, survey
 from pairs import Unfinished, cached_pairs, offline_record, pair_settings, rendered
-from runtime import Running, check_finite, judge_failure, last_screen, lr_at, optimizer_step, setup, summary_line
+from runtime import (Running, adamw, check_finite, judge_failure, last_screen, lr_at, optimizer_step, setup,
+                     summary_line)
 from selm import (candidates_of, dpo_loss, pairs_from_scores, preference_metrics, relabel_counts,
                   selm_loss, shared_logps, split_logps, win)
 
@@ -103,7 +104,9 @@ class Config:
     # run
     seed: int = setting(0, "training seed (initialisation, batch order, sampling)")
     device: str = setting("auto", "auto picks cuda, then mps, then cpu")
-    dtype: str = setting("auto", "float32, bfloat16 or float16 autocast (auto: bf16 on GPUs that have it, else fp32)")
+    dtype: str = setting("auto", "float32, bfloat16 or float16 autocast; the weights and AdamW stay fp32, log-probs "
+                                 "and losses are fp32, sampling runs in this dtype (auto: bf16 on a GPU that has it, "
+                                 "and on a CPU with AMX or AVX512-BF16 for a model 256 or more wide; else fp32)")
     out_dir: str = setting("out", "where checkpoints, metrics.jsonl and results.json go")
     resume: bool = setting(False, "continue from the last completed stage in --out-dir")
     start_from: str = setting(None, "skip the stages up to and including the one saved in this checkpoint of another "
@@ -150,16 +153,16 @@ def instruction_pairs(rt, cfg, tok, model, task_data):
     a resumed run, or one started from this run's stage, finds them. Returns task_data with its
     chunks of prompts turned into chunks of pairs."""
     template = chat.load_template(tok)
-    bar = rt.bar(None, "offline pairs: answers", cfg.pair_samples * sum(map(len, task_data.chunks)))
+    bar = rt.bar(None, f"offline pairs: prompts, {cfg.pair_samples} answers each", sum(map(len, task_data.chunks)))
 
     def text(r):  # an answer as text without its EOS; one cut off at --max-new-tokens has none
         words = tok.decode([t for t in r if t not in tok.eos_ids])
         return words if r and r[-1] in tok.eos_ids else Unfinished(words)
 
-    def sample(prompts, k, seed):  # k answers per prompt
+    def sample(prompts, k, seed):  # k answers per prompt, sharing its prefill
         ids = [tok.encode_prompt(template.prompt([{"role": "user", "content": p}])) for p in prompts]
-        runs = [sample_responses(rt, cfg, tok, model, ids, 1.0, seed_for(seed, "pairs", k=j), bar) for j in range(k)]
-        return [[text(r) for r in answers] for answers in zip(*runs)]
+        runs = sample_responses(rt, cfg, tok, model, ids, 1.0, [seed_for(seed, "pairs", k=j) for j in range(k)], bar)
+        return [[text(r) for r in answers] for answers in runs]
     elsewhere = [os.path.dirname(os.path.abspath(cfg.start_from))] if cfg.start_from else []
     pairs = cached_pairs(cfg.out_dir, task_data.chunks, sample, cfg.pair_samples, cfg.task_seed,
                          pair_settings(cfg, tok, model, template, rt), write=rt.ranks.main,
@@ -185,7 +188,7 @@ def train_sft(rt, cfg, tok, model, examples):
     W = rt.ranks.world
     fixed_len = max(len(p) + len(r) for p, r in examples)
     train_model = rt.wrap(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.1, betas=(0.9, 0.95))
+    optimizer = adamw(model.parameters(), rt, lr=cfg.sft_lr, weight_decay=0.1, betas=(0.9, 0.95))
     model.train()
     g = torch.Generator().manual_seed(seed_for(cfg.seed, "sft_batches"))
     bar, running = rt.bar(range(cfg.sft_steps), "sft"), Running()
@@ -233,7 +236,7 @@ def preference_epoch(rt, cfg, tok, stage, policy, examples, ref_logps, lr, alpha
     n_parts = len(examples[0].responses())  # chosen, rejected and the m y_refs
     fixed_len = max(len(ex.prompt) + sum(map(len, ex.responses())) for ex in examples) if rt.compile else None
     train_model = rt.wrap(policy)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(policy.parameters(), rt, lr=lr, weight_decay=cfg.weight_decay)
     # a batch too small to give every rank an example is dropped (only ever the last one)
     order = [b for b in data.batches(len(examples), cfg.batch_size, seed=seed) if len(b) >= W]
     policy.train()
@@ -337,19 +340,18 @@ def online_record(cfg, tok, scores, chosen, texts, answers, kept):
 
 def reference_answers(rt, cfg, tok, ref, prompt_ids, stage):
     """k = max(n, m) answers of pi_ref per prompt (n: --online-samples, m: --optimism-samples):
-    with --y-ref greedy, the greedy answer and k - 1 samples at --temperature; sampled: k samples."""
+    with --y-ref greedy, the greedy answer and k - 1 samples at --temperature; sampled: k samples.
+    A prompt's answers share its prefill, in one batch; the j-th draws with its own seed."""
     k, greedy = max(cfg.online_samples, cfg.optimism_samples), cfg.y_ref == "greedy"
-    seeds = [seed_for(cfg.seed, "y_ref", stage, j) for j in range(k)]
-    first = sample_responses(rt, cfg, tok, ref, prompt_ids, 0.0 if greedy else cfg.temperature, seeds[0],
-                             f"selm_{stage - 1}: y_ref")
-    more = [sample_responses(rt, cfg, tok, ref, prompt_ids, cfg.temperature, seed, f"selm_{stage - 1}: more y_ref")
-            for seed in seeds[1:]]
-    return [list(a) for a in zip(first, *more)]
+    temperatures = [0.0 if greedy and j == 0 else cfg.temperature for j in range(k)]
+    return sample_responses(rt, cfg, tok, ref, prompt_ids, temperatures,
+                            [seed_for(cfg.seed, "y_ref", stage, j) for j in range(k)], f"selm_{stage - 1}: y_ref")
 
 
 def sample_responses(rt, cfg, tok, model, prompt_ids, temperature=0.0, seed=0, progress=None):
     """Responses to every prompt (token lists, EOS included when emitted), sharded over ranks;
-    progress: runtime.Runtime.blocks'."""
+    seed: an int, or one per answer (a list: per prompt a list of its answers, each answer at
+    its own temperature when temperature is a list too); progress: runtime.Runtime.blocks'."""
     return rt.sample(model, prompt_ids, cfg.gen_batch_size, seed, progress, max_new_tokens=cfg.max_new_tokens,
                      temperature=temperature, eos_id=tok.eos_ids, pad_id=tok.pad_id, compile=cfg.compile)
 
@@ -364,21 +366,20 @@ def evaluate(rt, cfg, tok, stage, model, sft_model, task_data, sft_answers):
     prompts = [e["prompt"] for e in task_data.eval]
     prompt_ids = [tok.encode_prompt(p) for p in prompts]
     model = rt.unsharded(model)
-    greedy = sample_responses(rt, cfg, tok, model, prompt_ids, progress=f"{stage} eval: answers")
-    ids = [[t for t in r if t not in tok.eos_ids] for r in greedy]
+    # the greedy answer and the KL's temperature-1 samples of a prompt, in one batch (one prefill)
+    n_kl = cfg.kl_samples if stage != "sft" else 0  # at the SFT stage pi is pi_SFT: KL is 0, not estimated
+    runs = sample_responses(rt, cfg, tok, model, prompt_ids, [0.0] + [1.0] * n_kl,
+                            [0] + [seed_for(cfg.seed, "kl", k=k) for k in range(n_kl)], f"{stage} eval: answers")
+    ids = [[t for t in run[0] if t not in tok.eos_ids] for run in runs]  # greedy
     answers = [tok.decode(r) for r in ids]
     sft_answers = answers if sft_answers is None else sft_answers
     has_ref = all(e["reference"] is not None for e in task_data.eval)
     candidates = [[a, s] + ([e["reference"]] if has_ref else []) for a, s, e in zip(answers, sft_answers, task_data.eval)]
     scores = rt.judge(task_data.judge, prompts, candidates, cfg.gen_batch_size, f"{stage} eval: judging")
     n = len(prompts)
-    kl = 0.0  # at the SFT stage pi is pi_SFT: KL is 0 by definition, not estimated
-    if stage != "sft" and cfg.kl_samples > 0:
-        rows = []
-        for k in range(cfg.kl_samples):
-            ys = sample_responses(rt, cfg, tok, model, prompt_ids, 1.0, seed_for(cfg.seed, "kl", k=k),
-                                  f"{stage} eval: KL samples")
-            rows += [(p, y) for p, y in zip(prompt_ids, ys) if y]
+    kl = 0.0
+    if n_kl:
+        rows = [(p, run[1 + k]) for k in range(n_kl) for p, run in zip(prompt_ids, runs) if run[1 + k]]
         lp, lq = (rt.logps(m, rows, tok.pad_id, 4 * cfg.micro_batch_size, f"{stage} eval: KL log-probs")
                   for m in (model, sft_model))
         kl = (lp - lq).mean().item()
@@ -408,6 +409,7 @@ def run(cfg):
     tok, task_data = tokenizer_and_data(cfg, rt)
     torch.manual_seed(seed_for(cfg.seed, "init"))
     model = build_model(cfg, tok, rt)
+    rt.fit_dtype(cfg.dtype, model)  # --dtype auto: bf16 where the hardware and the model's width gain from it
     sft_examples = check_inputs(cfg, tok, task_data, model.config.block_size)
     start = check_start(cfg.start_from, stages, asdict(cfg), model.config) if cfg.start_from else None
     with claim_out_dir(cfg.out_dir, rt.ranks, create=not cfg.resume):

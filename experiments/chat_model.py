@@ -75,7 +75,9 @@ def make_pairs(args, P, task_seed):
         os.makedirs(out, exist_ok=True)
         rt = setup(cfg.device, cfg.dtype, out)
         tok, task_data = inputs.tokenizer_and_data(cfg, rt)
-        train.instruction_pairs(rt, cfg, tok, inputs.build_model(cfg, tok, rt), task_data)
+        model = inputs.build_model(cfg, tok, rt)
+        rt.fit_dtype(cfg.dtype, model)  # as train.run settles it: the pairs its runs would make
+        train.instruction_pairs(rt, cfg, tok, model, task_data)
         print(f"made the offline pairs of task seed {task_seed} in {path}", flush=True)
     return path
 

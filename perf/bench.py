@@ -6,6 +6,7 @@ bench.py -- how fast selm's hot paths are, each against a baseline timed in the 
     python -m perf.bench --sections sampling --shapes qwen2-0.5b --device cuda
     python -m perf.bench --quick                           # a smoke test: toy sizes, under a minute
     python -m perf.bench --sections real --init-from smollm2   # a real chat model (perf/real.py)
+    python -m perf.bench --sections roofline --init-from smollm2   # its hot paths against the machine's peaks
 
 Sections (all but real on random-weight models; no data, no checkpoint):
   sampling  (perf/sampling.py) per shape (d256, gpt2-w4, gpt2, qwen2-0.5b; --shapes): tokens/s
@@ -26,6 +27,10 @@ Sections (all but real on random-weight models; no data, no checkpoint):
   real      (perf/real.py; only when named, with --init-from DIR) on a real chat model: a DPO
             epoch against TRL's DPOTrainer (pairs/s, peak memory), greedy chat answers against
             transformers' generate, and where a SELM iteration's time goes.
+  roofline  (perf/roofline.py; only when named, with --init-from DIR) each hot path of a SELM
+            iteration on a real model (prefill, a decode step, reference log-probs, a training
+            step, a whole iteration), fp32 and bf16: FLOP/s against the machine's own matmul
+            peak at the path's shapes, and a decode step's bytes against its memory bandwidth.
 --profile-step, instead of the sections: the profiler's time per operator of the eager decode
 step, per --shapes (default gpt2-w4).
 
@@ -52,6 +57,7 @@ import time
 import torch
 
 from perf.real import bench_real
+from perf.roofline import bench_roofline
 from perf.sampling import SHAPES, bench_next_token, bench_sampling, profile_step
 from perf.measure import (RESULTS, autocast, busy_warning, compare, header, machine, peak_memory, random_model,
                           report, report_iteration, selm_iteration_times)
@@ -174,8 +180,9 @@ def bench_pipeline(args, device):
 
 
 SECTIONS = {"sampling": bench_sampling, "next-token": bench_next_token, "logps": bench_logps,
-            "train": bench_train, "pipeline": bench_pipeline, "real": bench_real}
-DEFAULT = [s for s in SECTIONS if s != "real"]  # the real model's section runs when named, with --init-from
+            "train": bench_train, "pipeline": bench_pipeline, "real": bench_real, "roofline": bench_roofline}
+REAL = ("real", "roofline")  # the real model's sections run when named, with --init-from
+DEFAULT = [s for s in SECTIONS if s not in REAL]
 
 
 
@@ -184,13 +191,13 @@ def parser():
                                  description="Benchmark selm's sampler, log-probs and training "
                                              "step against baselines timed in the same run.")
     ap.add_argument("--sections", default=",".join(DEFAULT),
-                    help=f"comma-separated, from: {', '.join(SECTIONS)} (default: all but real)")
+                    help=f"comma-separated, from: {', '.join(SECTIONS)} (default: all but real and roofline)")
     ap.add_argument("--init-from", default=None,
                     help="real: a Hugging Face chat model directory (python -m tools.gguf_to_hf --smollm2 DIR)")
     ap.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
     ap.add_argument("--quick", action="store_true", help="toy sizes: a smoke test, under a minute")
-    ap.add_argument("--bf16", action="store_true", help="run ours and the baselines under bf16 "
-                                                        "autocast (meant for CUDA)")
+    ap.add_argument("--bf16", action="store_true", help="run ours and the baselines in bf16 (autocast; "
+                                                        "real: train.py's bfloat16 against TRL's bf16=True)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--shapes", default=None, help=f"sampling: comma-separated, from: {', '.join(SHAPES)} (default all)")
     ap.add_argument("--qwen2-layers", type=int, default=None,
@@ -212,8 +219,9 @@ def check_args(args):
             raise ValueError(f"{flag} must be at least 1, got {n}")
     if args.init_from is not None and not os.path.isfile(os.path.join(args.init_from, "config.json")):
         raise ValueError(f"--init-from {args.init_from!r}: not a Hugging Face model directory (no config.json)")
-    if "real" in [s.strip() for s in args.sections.split(",")] and args.init_from is None:
-        raise ValueError("--sections real needs --init-from DIR, a Hugging Face chat model directory "
+    named = [s for s in REAL if s in [s.strip() for s in args.sections.split(",")]]
+    if named and args.init_from is None:
+        raise ValueError(f"--sections {named[0]} needs --init-from DIR, a Hugging Face chat model directory "
                          "(python -m tools.gguf_to_hf --smollm2 DIR makes one)")
     check_device(args.device)
 

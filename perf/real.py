@@ -2,7 +2,10 @@
 real.py -- perf.bench's real-model section (--sections real --init-from DIR): a Hugging Face
 chat model on disk, e.g. SmolLM2-135M-Instruct (python -m tools.gguf_to_hf --smollm2 DIR),
 against what a user would otherwise run on it. The conversations are made up here (chat_pairs);
-their content does not matter to a timing, their ragged lengths do.
+their content does not matter to a timing, their ragged lengths do. fp32 on both sides; with
+--bf16, bf16 on both: train.py's --dtype bfloat16 against TRL's bf16=True, sample.generate's
+dtype=bf16 against transformers' generate on bf16 weights (whose greedy tokens may then part
+from ours at a near-tie: the share of equal answers is printed, not required).
 
   dpo        one epoch of offline DPO over the same 64 conversational pairs, batch 8, fp32:
              train.py's (the reference's log-probs once, then the epoch) against TRL's
@@ -81,6 +84,10 @@ def bench_real(args, device):
         bench_iteration(args, device, data_args, n_pairs // 2)
 
 
+def dtype_name(args):
+    return "bfloat16" if args.bf16 else "float32"
+
+
 # ---- 1. a DPO epoch: train.py against TRL's DPOTrainer ------------------------------------------
 
 LR, BETA, MAX_LEN = 1e-6, 0.1, 512
@@ -94,7 +101,7 @@ def selm_dpo(args, device, d, data_args, batch):
     from runtime import setup
     cfg = train.parse_args(["--init-from", args.init_from, *data_args, "--iterations", "0", "--sft-steps", "0",
                             "--batch-size", str(batch), "--micro-batch-size", str(batch), "--lr", str(LR),
-                            "--beta", str(BETA), "--block-size", str(MAX_LEN), "--dtype", "float32",
+                            "--beta", str(BETA), "--block-size", str(MAX_LEN), "--dtype", dtype_name(args),
                             "--device", device.type, "--out-dir", os.path.join(d, "selm")])
     check_config(cfg)
     os.makedirs(cfg.out_dir)  # its metrics.jsonl: the epoch's log lines
@@ -131,7 +138,7 @@ def trl_dpo(args, device, d, pairs, batch):
         warnings.simplefilter("ignore", FutureWarning)
         config = DPOConfig(output_dir=os.path.join(d, "trl"), per_device_train_batch_size=batch, num_train_epochs=1,
                            learning_rate=LR, beta=BETA, loss_type=["sigmoid"], max_length=MAX_LEN,
-                           gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=device.type == "cpu",
+                           gradient_checkpointing=False, bf16=args.bf16, fp16=False, use_cpu=device.type == "cpu",
                            report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0)
     dataset = datasets.Dataset.from_list(pairs)
 
@@ -152,7 +159,7 @@ def trl_dpo(args, device, d, pairs, batch):
 
 def bench_dpo(args, device, d, data_args, pairs, batch, rounds):
     n_pairs = len(pairs)
-    header(f"a DPO epoch on {args.init_from}: {n_pairs} conversational pairs, batch {batch}, fp32, "
+    header(f"a DPO epoch on {args.init_from}: {n_pairs} conversational pairs, batch {batch}, {dtype_name(args)}, "
            f"at most {MAX_LEN} tokens; train.py against TRL's DPOTrainer")
     our_load, our_epoch = selm_dpo(args, device, d, data_args, batch)
     trl = trl_dpo(args, device, d, pairs, batch)
@@ -202,14 +209,16 @@ def bench_chat_sampling(args, device, pairs, max_new_tokens, rounds):
     template = load_template(tok)
     prompts = [tok.encode_prompt(template.prompt(p["prompt"])) for p in pairs]
     ours = hf.load_pretrained(args.init_from).to(device).eval()
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
     with silenced():  # transformers' progress bar
-        theirs = transformers.AutoModelForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(args.init_from, dtype=dtype)
     theirs = theirs.to(device).eval()
     idx, mask = left_pad(prompts, device, tok.pad_id)
     P, eos = idx.shape[1], sorted(tok.eos_ids)
 
-    def mine():
-        return generate(ours, prompts, max_new_tokens, temperature=0, eos_id=tok.eos_ids, pad_id=tok.pad_id)[0]
+    def mine():  # the bf16 weights made from the fp32 ones inside the timed call, as a run makes them
+        return generate(ours, prompts, max_new_tokens, temperature=0, eos_id=tok.eos_ids, pad_id=tok.pad_id,
+                        dtype=dtype)[0]
 
     @torch.inference_mode()
     def hf_generate():
@@ -224,19 +233,20 @@ def bench_chat_sampling(args, device, pairs, max_new_tokens, rounds):
             t, outs[name] = timed(fn, device)
             times[name].append(t)
     differ = [i for i, (a, b) in enumerate(zip(outs["ours"], outs["hf"])) if a != b]
-    if differ:
+    if differ and not args.bf16:
         i = differ[0]
         at = next((t for t, (a, b) in enumerate(zip(outs["ours"][i], outs["hf"][i])) if a != b),
                   min(map(len, (outs["ours"][i], outs["hf"][i]))))
         raise RuntimeError(f"sample.generate and transformers' generate chose different greedy tokens in "
                            f"{len(differ)} of {n_prompts} answers (the first: answer {i}, token {at})")
     times = Timings({k: v[1:] for k, v in times.items()})
-    n_tokens = sum(map(len, outs["ours"]))
+    n_tokens, n_theirs = sum(map(len, outs["ours"])), sum(map(len, outs["hf"]))
     ratio, spread = times.ratio("hf", "ours")
-    report("real: greedy chat answers vs HF generate", n_tokens / times["ours"], n_tokens / times["hf"], "tok/s",
-           target=1.5, ratio=ratio, spread=spread,
-           note=f"{n_tokens} tokens, the same from both; {sum(r[-1] in tok.eos_ids for r in outs['ours'] if r)} "
-                f"of {n_prompts} answers ended with EOS")
+    per_token = n_tokens / n_theirs  # compare tokens/s: in bf16 the two may give answers of other lengths
+    report("real: greedy chat answers vs HF generate", n_tokens / times["ours"], n_theirs / times["hf"], "tok/s",
+           target=1.5, ratio=ratio * per_token, spread=tuple(x * per_token for x in spread),
+           note=f"{n_tokens} tokens, {n_prompts - len(differ)} of {n_prompts} answers the same from both; "
+                f"{sum(r[-1] in tok.eos_ids for r in outs['ours'] if r)} ended with EOS; {dtype_name(args)}")
 
 
 # ---- 3. where a SELM iteration's time goes ---------------------------------------------------------
@@ -248,5 +258,5 @@ def bench_iteration(args, device, data_args, n_prompts):
     info = selm_iteration_times(["--init-from", args.init_from, *data_args, "--sft-steps", "0", "--iterations", "1",
                                  "--batch-size", "8", "--micro-batch-size", "8", "--max-new-tokens", str(max_new),
                                  "--block-size", str(MAX_LEN),
-                                 "--device", device.type, "--dtype", "float32"])
+                                 "--device", device.type, "--dtype", dtype_name(args)])
     report_iteration(info, "real: iteration")

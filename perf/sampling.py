@@ -229,7 +229,7 @@ def bench_next_token(args, device, B=32):
     for V in ((1000,) if args.quick else (50257, 151936)):
         logits = torch.randn(B, V, device=device)
         g = torch.Generator(device=device).manual_seed(0)
-        fns = {"ours": lambda: next_token(logits, 1.0, None, None, g),
+        fns = {"ours": lambda: next_token(logits, 1.0, None, None, torch.rand(B, 1, generator=g, device=device)),
                "multinomial": lambda: torch.multinomial(logits.softmax(-1), 1, generator=g)}
         t, _ = compare(fns, device, 5 if args.quick else 20)
         ratio, spread = t.ratio("multinomial", "ours")

@@ -21,8 +21,9 @@ def test_profile_step(capsys):
 
 
 def test_quick_real_model_section_runs(tmp_path, capsys):
-    """The real-model section on a tiny random Llama with a chat tokenizer (the real model is
-    the lead's to measure): TRL's DPO epoch, HF generate and a SELM iteration against ours."""
+    """The real-model sections on a tiny random Llama with a chat tokenizer (the real model is
+    the lead's to measure): TRL's DPO epoch, HF generate and a SELM iteration against ours, and
+    the roofline of each hot path."""
     import pytest
     transformers = extra("transformers", "the real-model section")
     extra("jinja2", "chat templates")
@@ -34,7 +35,12 @@ def test_quick_real_model_section_runs(tmp_path, capsys):
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
     with pytest.raises(SystemExit):
         bench.main(["--sections", "real"])  # no --init-from: an argparse error
-    bench.main(["--quick", "--sections", "real", "--init-from", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        bench.main(["--sections", "roofline"])
+    bench.main(["--quick", "--sections", "real,roofline", "--init-from", str(tmp_path)])
     ratios = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ratios"]
     assert "real: greedy chat answers vs HF generate" in ratios and "real: iteration: sampling" in ratios
+    for path in ("prefill", "decode step", "ref log-probs", "train step", "SELM iteration"):
+        for dtype in ("fp32", "bf16"):  # each hot path's FLOP/s as a share of its matmuls' own peak
+            assert 0 < ratios[f"roofline: {path} {dtype}"] < 10
     assert ("real: DPO epoch vs TRL" in ratios) == (importlib.util.find_spec("trl") is not None)

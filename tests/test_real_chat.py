@@ -246,3 +246,37 @@ def test_the_instruction_task_refuses_answers_that_cannot_fit_before_sampling(re
                         r"not fit after the longest training prompt \(\d+ tokens\) in the context of 100 "
                         r"\(--block-size\); give --max-new-tokens at most \d+, or a larger --block-size", msg), msg
     assert not (tmp_path / "out").exists()
+
+
+def test_bf16_log_probs_loss_and_gradients_stay_near_fp32(real):
+    """--dtype bfloat16 on the real model against fp32, on 4 chat examples (prompt, chosen,
+    rejected, y_ref; answers of 6-24 tokens) in one forward and backward through the SELM loss:
+    every summed log-prob within 0.75 nats (measured: at most 0.41 on 1 thread, 0.25 on 2) and
+    the losses within 0.05 (0.023), in fp32 tensors whatever the autocast; the gradient of all
+    the weights pointing the same way (cosine >= 0.995, measured 0.9993-0.9994) and as long
+    within 3% (0.6-0.8%)."""
+    from data import Example, collate_shared
+    from selm import selm_loss, shared_logps, split_logps
+    good = ["The capital of France is Paris, a city on the Seine.", "Waves fold on the shore,\nsalt wind hums an "
+            "old refrain,\nthe tide keeps its time.", "12 + 30 is 42.", "Mars is a planet, the fourth from the Sun."]
+    bad = ["I do not know.", "The sea is big.", "It is 40.", "A planet is a thing."]
+    enc = real.tok.encode_response
+    examples = [Example(real.tok.encode_prompt(real.template.prompt(user(q))), enc(a), enc(b), (enc(c),))
+                for q, a, b, c in zip(QUESTIONS[:3] + QUESTIONS[6:7], good, bad, bad[1:] + bad[:1])]
+    batch = collate_shared(examples, real.tok.pad_id)
+    ref = torch.tensor([[-20.0, -30, -15, -25], [-30, -25, -20, -35], [-25, -25, -25, -25]])  # pi_ref's, fixed
+    model, out = real.ours, {}
+    for dtype in (None, torch.bfloat16):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+            logps = shared_logps(model, batch, 3)
+            w, l, y = split_logps(logps, 3)
+            losses, *_ = selm_loss(w, l, ref[0], ref[1], y, ref[2], beta=0.1, alpha=0.03)
+        assert logps.dtype == losses.dtype == torch.float32
+        losses.sum().backward()
+        out[dtype] = logps.detach(), losses.detach(), torch.cat([p.grad.flatten() for p in model.parameters()]).double()
+    model.zero_grad(set_to_none=True)
+    (lp32, loss32, g32), (lp16, loss16, g16) = out[None], out[torch.bfloat16]
+    assert (lp16 - lp32).abs().max() < 0.75 and (loss16 - loss32).abs().max() < 0.05, (lp16 - lp32, loss16 - loss32)
+    assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) >= 0.995
+    assert abs(g16.norm() / g32.norm() - 1) < 0.03

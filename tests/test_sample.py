@@ -130,7 +130,7 @@ def test_sampling_draws_the_softmax_distribution():
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     for T, k in ((1.0, None), (0.7, None), (1.0, 4)):
         p = filter_logits(logits[None] / T, top_k=k).softmax(-1)[0]
-        draws = next_token(logits.expand(40000, -1), T, k, None, g)
+        draws = next_token(logits.expand(40000, -1), T, k, None, torch.rand(40000, 1, generator=g))
         freq = torch.bincount(draws, minlength=6).double() / 40000
         assert ((freq - p).abs() <= 5 * (p * (1 - p) / 40000).sqrt() + 1e-12).all(), (T, k, freq, p)
         if k:
@@ -138,7 +138,8 @@ def test_sampling_draws_the_softmax_distribution():
     V = 20000  # token 0 holds nearly all the mass; each of the others exp(-17.3) ~ 3e-8 of it
     tail = torch.full((V,), -17.3)
     tail[0] = 0.0
-    hits = sum(int((next_token(tail.expand(2000, -1), 1.0, None, None, g) > 0).sum()) for _ in range(10))
+    hits = sum(int((next_token(tail.expand(2000, -1), 1.0, None, None, torch.rand(2000, 1, generator=g)) > 0).sum())
+               for _ in range(10))
     expected = 20000 * (V - 1) * torch.exp(torch.tensor(-17.3, dtype=torch.float64)).item()  # ~ 12.4
     assert 0.3 * expected < hits < 2.5 * expected, (hits, expected)
 
@@ -218,3 +219,73 @@ def test_wide_model_decode_equals_recompute(kw):
     assert any(calls)
     for p, r in zip(PROMPTS, resp):
         assert r == greedy_reference(m, p, 8)
+
+
+def test_k_answers_share_one_prefill_and_are_those_of_k_calls(monkeypatch):
+    """samples=k: each prompt runs through the model once (one prefill of B rows), its keys and
+    values copied to its k rows; with one seed per answer, answer j is, token for token, what a
+    call with that seed alone samples (fp32; rows that stop early leave the batch on the way)."""
+    import sample
+    m = tiny(seed=3)
+    seeds = [5, 6, 7]
+    widths = []
+    orig = m.forward
+    monkeypatch.setattr(m, "forward", lambda idx, *a, **k: widths.append(tuple(idx.shape)) or orig(idx, *a, **k))
+    for kw in (dict(temperature=1.0), dict(temperature=0.7, top_k=20, eos_id=EOS), dict(temperature=0.0)):
+        widths.clear()
+        shared, fin = sample.generate(m, PROMPTS, 12, seed=seeds, samples=3, **kw)
+        assert widths[0] == (len(PROMPTS), 7) and all(w[1] == 1 for w in widths[1:])  # one prefill, then decode steps
+        assert widths[1][0] == 3 * len(PROMPTS)
+        alone = [sample.generate(m, PROMPTS, 12, seed=s, **kw) for s in seeds]
+        assert shared == [r for i in range(len(PROMPTS)) for r in (a[0][i] for a in alone)]
+        assert fin == [f for i in range(len(PROMPTS)) for f in (a[1][i] for a in alone)]
+    assert len({tuple(r) for r in shared[:3]}) == 1  # greedy: the k answers of a prompt agree
+    # one temperature per answer: a prompt's greedy answer and its samples in one batch
+    temps = [0.0, 1.0, 0.7]
+    mixed = sample.generate(m, PROMPTS, 12, seed=seeds, samples=3, temperature=temps, eos_id=EOS)
+    alone = [sample.generate(m, PROMPTS, 12, seed=s, temperature=t, eos_id=EOS) for s, t in zip(seeds, temps)]
+    assert mixed == tuple([r for i in range(len(PROMPTS)) for r in (a[k][i] for a in alone)] for k in (0, 1))
+    one_generator = sample.generate(m, [PROMPTS[1]], 12, seed=4, samples=3)[0]
+    assert one_generator == sample.generate(m, [PROMPTS[1]] * 3, 12, seed=4)[0]  # one seed: row order
+    for bad in (dict(seed=[1, 2]), dict(temperature=[0.0, 1.0])):
+        with pytest.raises(ValueError, match="one per sample"):
+            sample.generate(m, PROMPTS, 4, samples=3, **bad)
+    with pytest.raises(ValueError, match="temperature must be 0"):
+        sample.generate(m, PROMPTS, 4, samples=2, temperature=[0.0, -1.0])
+
+
+def test_greedy_picks_the_first_of_equal_maxima_as_argmax():
+    logits = torch.tensor([[0.0, 2.0, 2.0, 1.0], [3.0, 3.0, 3.0, 3.0], [-1.0, float("nan"), 5.0, 5.0]])
+    for x in (logits, logits.bfloat16(), logits.t().contiguous().t()):
+        assert next_token(x, 0.0, None, None).tolist() == x.argmax(-1).tolist() == [1, 0, 1]
+
+
+def test_another_dtype_samples_with_a_copy_cast_once():
+    """dtype=bf16 on fp32 weights: the sampler runs a copy whose weights (and so its KV cache and
+    logits) are bf16, made once per call; the model itself is left as it was, in its mode. On a
+    CPU the bf16 decode step reads every slot of the cache (unwritten ones masked): cheaper there
+    than a view of the written ones, which the bf16 matmul would copy."""
+    import sample
+    m = tiny(seed=1).train()
+    cast = GPT(m.config)
+    cast.load_state_dict(m.state_dict())
+    cast = cast.to(torch.bfloat16).eval()
+    seen = []
+    orig = sample.decode_step
+    sample.decode_step = lambda model, tokens, cache, n_slots: seen.append((cache.k[0].dtype, n_slots)) or \
+        orig(model, tokens, cache, n_slots)
+    try:
+        got = generate(m, PROMPTS, 10, temperature=0, dtype=torch.bfloat16)
+    finally:
+        sample.decode_step = orig
+    assert got == generate(cast, PROMPTS, 10, temperature=0)
+    assert set(seen) == {(torch.bfloat16, None)} and m.training  # None: bf16 on a CPU reads the whole cache
+    assert all(p.dtype == torch.float32 for p in m.parameters())
+    assert sample.in_dtype(m, None) is m and sample.in_dtype(m, torch.float32) is m
+    twin = sample.in_dtype(m, torch.bfloat16)
+    assert twin.lm_head.weight is twin.transformer.wte.weight  # still one tied matrix
+    kept = sample.in_dtype(m, torch.bfloat16, keep=True)  # compiled sampling keeps its copy...
+    with torch.no_grad():
+        m.transformer.wte.weight.mul_(2)
+    assert sample.in_dtype(m, torch.bfloat16, keep=True) is kept  # ...and refreshes it in place
+    assert torch.equal(kept.lm_head.weight, m.transformer.wte.weight.bfloat16())

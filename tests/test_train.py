@@ -11,6 +11,7 @@ import data
 import inputs
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
+from model import compute_dtype
 from sample import generate
 from sample import main as sample_main
 from selm import win
@@ -41,9 +42,11 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     d, tok = inputs.load_data(cfg), inputs.tokenizer_for(cfg)
     prompt_ids = [tok.encode(e["prompt"]) for e in d.eval]
 
-    def answers(stage):
+    def answers(stage):  # sampled in the run's dtype (--dtype auto: fp32 for a model this narrow)
         m = model_from_checkpoint(load_checkpoint(str(tmp_path / f"{stage}.pt")))
-        out, _ = generate(m, prompt_ids, cfg.max_new_tokens, temperature=0, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        dtype, _ = compute_dtype(torch.device("cpu"), "auto", m.config.n_embd)
+        out, _ = generate(m, prompt_ids, cfg.max_new_tokens, temperature=0, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                          dtype=dtype)
         return [tok.decode([t for t in r if t != tok.eos_id]) for r in out]
     sft, last = answers("sft"), answers("selm_2")
     assert load_checkpoint(str(tmp_path / "selm_2.pt"))["sft_answers"] == sft
@@ -61,6 +64,7 @@ def test_tiny_pipeline_end_to_end(tmp_path, capsys):
     # from the defaults; the last: where things went, and a sample.py command that works
     first, last = screens.split("\n[    sft]")[0], screens.split("[ selm_2]")[1]
     assert "tiny:" in first and "1024 SFT demonstrations, 3 chunks of 128 preference pairs, 64 evaluation" in first
+    assert "on cpu (float32: " in first  # which dtype, and why: auto gives a model 64 wide fp32 on any CPU
     assert "selm_1..selm_2" in first and "--beta" not in first
     assert "settings   --n-sft 1024 --chunk-size 128 --n-eval 64 --sft-steps 150 --iterations 2, the rest at" in first
     assert f"saved in {tmp_path}" in first
@@ -233,6 +237,17 @@ def test_online_step_options(tmp_path, monkeypatch):
     assert [c[3] for c in seen["candidates"]] == [e["chosen"] for e in chunk]  # authors: [y_1..y_n, chosen, rejected]
     assert any(len(set(c[:3])) > 1 for c in seen["candidates"])  # sampled answers differ
     assert all(len(ex.y_refs) == 2 for ex in seen["examples"])  # m = 2 answers for the optimism term
+    greedy = train.parse_args(FAST + ["--out-dir", str(tmp_path), "--online-samples", "3"])  # greedy y_ref, 2 samples
+    inputs.check_config(greedy)
+    answers = train.reference_answers(rt, greedy, tok, model, [tok.encode_prompt(e["prompt"]) for e in chunk], 2)
+    assert [a[0] for a in answers] == train.sample_responses(rt, greedy, tok, model, [tok.encode_prompt(e["prompt"])
+                                                                                       for e in chunk])
+    # the n answers of a prompt share its prefill, and answer j is what a call with its seed alone samples
+    ids = [tok.encode_prompt(e["prompt"]) for e in chunk]
+    alone = [train.sample_responses(rt, cfg, tok, model, ids, cfg.temperature, train.seed_for(cfg.seed, "y_ref", 2, j))
+             for j in range(3)]
+    assert [c[:3] for c in seen["candidates"]] == [[tok.decode(r[:-1] if r[-1] == tok.eos_id else r) for r in rs]
+                                                    for rs in zip(*alone)]
 
 
 def test_m_optimism_samples_average_in_the_loss(tmp_path):
@@ -273,3 +288,42 @@ def test_task_difficulty_knobs_change_the_data():
     assert reward(easy.sft) > reward(base.sft) + 0.1
     chosen = lambda d: [(e["prompt"], e["chosen"]) for c in d.chunks for e in c]  # noqa: E731
     assert reward(chosen(easy)) > reward(chosen(base))
+
+
+def test_adamw_is_fused_under_autocast_and_plain_in_fp32():
+    """The fused AdamW under autocast (one pass over the weights: 5x faster on a CPU); a fp32 run
+    keeps the plain one, whose rounding earlier runs' numbers came from. Both take the same step
+    up to float rounding."""
+    import runtime
+    from model import GPT, preset
+    steps = {}
+    for dtype in ("float32", "bfloat16"):
+        torch.manual_seed(0)
+        m = GPT(preset("tiny", vocab_size=61))
+        opt = runtime.adamw(m.parameters(), runtime.setup("cpu", dtype, "unused"), lr=1e-2, weight_decay=0.1)
+        assert bool(opt.defaults["fused"]) == (dtype == "bfloat16")
+        for p in m.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        steps[dtype] = torch.cat([p.detach().flatten() for p in m.parameters()])
+    torch.testing.assert_close(steps["bfloat16"], steps["float32"], rtol=0, atol=1e-6)
+
+
+def test_dtype_auto_weighs_the_hardware_and_the_width(monkeypatch):
+    """--dtype auto on a CPU: bf16 autocast where torch reports bf16 matrix units and the model is
+    wide enough to gain; fp32 otherwise, and where the check is unavailable. Each with its reason."""
+    import model as model_py
+    cpu = torch.device("cpu")
+    assert model_py.compute_dtype(cpu, "float32", 1024) == (None, "--dtype float32")
+    assert model_py.compute_dtype(cpu, "bfloat16", 64)[0] == torch.bfloat16  # asked for: as asked
+    monkeypatch.setattr(model_py, "cpu_bf16_units", lambda: ["AMX-BF16"])
+    assert model_py.compute_dtype(cpu, "auto", 576) == (torch.bfloat16, "this CPU has AMX-BF16")
+    assert model_py.compute_dtype(cpu, "auto") == (torch.bfloat16, "this CPU has AMX-BF16")  # width not known yet
+    dtype, why = model_py.compute_dtype(cpu, "auto", 128)
+    assert dtype is None and "128 wide runs faster in fp32" in why
+    monkeypatch.setattr(model_py, "cpu_bf16_units", lambda: [])
+    dtype, why = model_py.compute_dtype(cpu, "auto", 576)
+    assert dtype is None and "no bf16 matrix unit" in why
+    monkeypatch.undo()
+    monkeypatch.delattr(torch._C._cpu, "_get_cpu_capability")  # another torch: the private check is gone
+    assert model_py.cpu_bf16_units() == [] and model_py.compute_dtype(cpu, "auto", 576)[0] is None

@@ -145,6 +145,7 @@ def evaluate(args):
     cfg, m, task, stage, sft, sft_answers = evaluation(args)
     rt = setup(args.device, cfg.dtype, os.path.dirname(output_path(args)) or ".")
     rt.log.enabled = False  # an evaluation writes no metrics line into anyone's run
+    rt.fit_dtype(cfg.dtype, m.model)  # the dtype the run computed in, settled as train.run settles it
     t0 = time.time()
     if sft is not None and sft_answers is None:  # the SFT model's answers to your prompts
         ids = [m.tok.encode_prompt(e["prompt"]) for e in task.eval]
