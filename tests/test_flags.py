@@ -210,6 +210,15 @@ def chat_model_cli(tmp_path, monkeypatch):
     return chat_model.main, ["--init-from", str(model), "--out", str(tmp_path / "out")]
 
 
+def recipe_sizes_cli(tmp_path, monkeypatch):
+    from experiments import recipe_sizes
+    monkeypatch.setattr(recipe_sizes, "measure", reached)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    return recipe_sizes.main, ["--init-from", str(model), "--out", str(tmp_path / "out")]
+
+
 def analyse_cli(tmp_path, monkeypatch):
     from experiments import analyse
     monkeypatch.setattr(analyse, "analyse", reached)
@@ -225,21 +234,21 @@ def gguf_cli(tmp_path, monkeypatch):
 
 def parsers():
     import sample
-    from experiments import analyse, chat_model, plots, study, sweep
+    from experiments import analyse, chat_model, plots, recipe_sizes, study, sweep
     from perf import bench, memory
     from tools import evaluate, fit, gguf_to_hf
     return {"sample.py": sample.parser(), "tools.fit": fit.parser(), "perf.bench": bench.parser(),
             "perf.memory": memory.parser(), "experiments.sweep": sweep.parser(), "experiments.study": study.parser(),
             "experiments.analyse": analyse.parser(), "tools.gguf_to_hf": gguf_to_hf.parser(),
             "experiments.chat_model": chat_model.parser(), "tools.evaluate": evaluate.parser(),
-            "experiments.plots": plots.parser()}
+            "experiments.plots": plots.parser(), "experiments.recipe_sizes": recipe_sizes.parser()}
 
 
 # (each command's parser, its runner: main with what comes after the checks stubbed out, and good arguments)
 COMMANDS = {"sample.py": sample_cli, "tools.fit": fit_cli, "perf.bench": bench_cli, "perf.memory": memory_cli,
             "experiments.sweep": sweep_cli, "experiments.study": study_cli, "experiments.analyse": analyse_cli,
             "tools.gguf_to_hf": gguf_cli, "experiments.chat_model": chat_model_cli, "tools.evaluate": evaluate_cli,
-            "experiments.plots": plots_cli}
+            "experiments.plots": plots_cli, "experiments.recipe_sizes": recipe_sizes_cli}
 FINE_OPTIONS = {
     "sample.py": {("--seed", 0): "seeds start at 0", ("--temperature", 0.0): "temperature 0 is greedy",
                   ("--prompt", "no-such-thing"): "any text is a prompt"},
@@ -248,6 +257,7 @@ FINE_OPTIONS = {
     "experiments.study": {("--out", "no-such-thing"): "a directory that is not there yet is made"},
     "tools.gguf_to_hf": {("out_dir", "no-such-thing"): "a directory that is not there yet is made"},
     "experiments.chat_model": {("--out", "no-such-thing"): "a directory that is not there yet is made"},
+    "experiments.recipe_sizes": {("--out", "no-such-thing"): "a directory that is not there yet is made"},
     "tools.evaluate": {("--out", "no-such-thing"): "a file that is not there yet is written"},
 }
 
