@@ -14,7 +14,8 @@ def test_interval_is_the_t_interval_with_two_degrees_of_freedom():
 def test_decide():
     assert cm.decide(0.01, 0.2) == "helps"
     assert cm.decide(-0.2, -0.01) == "hurts"
-    assert cm.decide(-0.04, 0.03) == "equivalent"
+    assert cm.decide(-0.03, 0.02) == "equivalent"  # within the margin of 0.03
+    assert cm.decide(-0.04, 0.02) == "inconclusive"
     assert cm.decide(-0.2, 0.1) == "inconclusive"
 
 
@@ -82,5 +83,16 @@ def test_answer_tables_count_degenerate_answers_and_constraints_met(tmp_path):
     assert row["restates the request (scores 0)"][:3] == ["0", "0", "1"]
     assert row["off topic (scores 0)"][:3] == ["0", "0", "0"]
     assert row["answers of under 12 words"][:3] == ["1", "1", "1"]  # "the ocean is wide"; the restated request
-    assert row["lowercase"] == ["1", "0.00", "0.00", "1.00", "1.00", "1.00", "1.00 |"]
-    assert row["no_commas"] == ["1", "0.00", "0.00", "0.00", "0.00", "0.00", "0.00 |"]  # a stub, then nothing
+    assert row["lowercase"] == ["1", "0.00", "0.00", "1.00", "1.00", "1.00 |"]
+    assert row["no_commas"] == ["1", "0.00", "0.00", "0.00", "0.00", "0.00 |"]  # a stub, then nothing
+
+
+def test_cut_share_reads_the_iterations_online_record(tmp_path):
+    import json
+    from types import SimpleNamespace
+    online = {"pairs": 30, "dropped_ties": 2, "y_ref_truncated": 8}
+    rows = [{"stage": "selm_1", "online": {**online, "y_ref_truncated": 16}}, {"eval": {"stage": "selm_1"}},
+            {"stage": "selm_2", "online": online}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    job = SimpleNamespace(dir=str(tmp_path))
+    assert (cm.cut_share(job, 1), cm.cut_share(job, 2)) == (0.5, 0.25)  # of the 32 prompts each
