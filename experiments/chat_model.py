@@ -184,6 +184,26 @@ def met(job, stage, prompts):
     return [all(verdicts(parse_prompt(p), a)) for p, a in zip(prompts, answers(job, stage), strict=True)]
 
 
+def verdict(prompt, answer):
+    """The judge's verdict on one answer, in words: a degenerate answer's reason, else each
+    constraint met (yes) or not (no)."""
+    request = parse_prompt(prompt)
+    why = degenerate(request, answer)
+    return f"0: {why}" if why else ", ".join(f"{c.name} {'yes' if v else 'no'}"
+                                            for c, v in zip(request.constraints, verdicts(request, answer)))
+
+
+def before_after(job, T, prompts, n=5):
+    """The first n held-out prompts by position: the starting model's greedy answer and the
+    job's last stage's, each with the judge's verdict (markdown lines)."""
+    quote = lambda a: "`" + " ".join(a.split()).replace("`", "'") + "`"  # noqa: E731 -- one line, no markdown
+    lines = ["", f"## Before and after: the first {n} held-out prompts by position (seed 0, arm B)", ""]
+    for p, a, b in list(zip(prompts, answers(job, "sft"), answers(job, f"selm_{T}")))[:n]:
+        lines += [f"> {p}", "", "| | answer | the judge |", "|---|---|---|",
+                  f"| before | {quote(a)} | {verdict(p, a)} |", f"| after | {quote(b)} | {verdict(p, b)} |", ""]
+    return lines
+
+
 def answer_tables(runs, seeds, T, prompts):
     """What the answers look like, pooled over seeds and prompts: how many the judge calls
     degenerate (and why), their words, and each constraint type's share met, from the starting
@@ -265,6 +285,7 @@ def report(args, P, decisions, runs):
     lines += ["", "The recipe (arm B) against the starting model, prompt-level accuracy per seed: "
               + ", ".join(f"seed {s}: {a:.3f} -> {b:.3f}" for s, (a, b) in zip(seeds, recipe)) + "."]
     lines += answer_tables(runs, seeds, T, prompts)
+    lines += before_after(runs[seeds[0]]["B"], T, prompts)
     for a in ARMS:
         summary["per_stage"][a] = [[res[s][a][st]["prompt_accuracy"] for s in seeds]
                                    for st in ["sft", "dpo"] + [f"selm_{t}" for t in range(1, T + 1)]]

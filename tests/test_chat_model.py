@@ -96,3 +96,18 @@ def test_cut_share_reads_the_iterations_online_record(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     job = SimpleNamespace(dir=str(tmp_path))
     assert (cm.cut_share(job, 1), cm.cut_share(job, 2)) == (0.5, 0.25)  # of the 32 prompts each
+
+
+def test_before_after_gives_each_answer_the_judges_verdict(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from constraints import Constraint
+    from tasks.instructions import make_prompt
+    p = make_prompt("a short poem", "the ocean", [Constraint("lowercase", ()), Constraint("no_commas", ())])
+    good, loop = "the ocean is calm and deep tonight under a pale and silent moon", "The ocean waves. " * 8
+    rows = [{"eval": {"stage": "sft"}, "answers": [loop]}, {"eval": {"stage": "selm_1"}, "answers": [good]}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = cm.before_after(SimpleNamespace(dir=str(tmp_path), base=None), 1, [p], n=5)
+    assert f"| before | `{loop.strip()}` | 0: repetitive |" in lines
+    assert f"| after | `{good}` | lowercase yes, no_commas yes |" in lines
