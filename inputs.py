@@ -31,8 +31,9 @@ from checkpoint import stage_names
 from commands import defaults_for
 from files import file_problem
 from hf import check_stages, load_pretrained
-from model import DTYPES, GPT, PRESETS, check_device, preset
+from model import GPT, PRESETS, preset
 from pairs import offline_record, rendered
+from runtime import DTYPES, check_device
 from selm import LOSS_TYPES, check_hparams
 from tokenizer import get_tokenizer
 

@@ -151,9 +151,8 @@ def tiny_checkpoint(path):
 
 
 def sample_cli(tmp_path, monkeypatch):
-    import hf
     import sample
-    monkeypatch.setattr(hf, "load_model", reached)
+    monkeypatch.setattr(sample, "load_model", reached)
     return sample.main, ["--ckpt", tiny_checkpoint(tmp_path / "m.pt"), "--prompt", "x"]
 
 

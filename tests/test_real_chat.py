@@ -18,7 +18,7 @@ import tokenizer
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
 from model import positions_from_mask
-from sample import generate
+from sampler import generate
 from texts import NOT_NFC, RARE_BYTES, TEXTS, assert_same_ids, random_texts
 from conftest import extra
 
