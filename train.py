@@ -29,7 +29,7 @@ from outdir import begin, check_start, claim_out_dir, restore, resume_advice, su
 from pairs import Unfinished, cached_pairs, offline_record, pair_settings, rendered
 from runtime import (Running, adamw, check_finite, judge_failure, last_screen, lr_at, optimizer_step, setup,
                      summary_line)
-from selm import (candidates_of, dpo_loss, pairs_from_scores, preference_metrics, relabel_counts,
+from selm import (Candidate, candidates_of, dpo_loss, pairs_from_scores, preference_metrics, relabel_counts,
                   selm_loss, shared_logps, split_logps, win)
 
 
@@ -301,16 +301,18 @@ def selm_iteration(rt, cfg, tok, t, policy, chunk, judge):
     # 2. y_ref: pi_ref's answers to every prompt of the chunk, in token ids (the authors: one,
     #    greedy). One cut off at --max-new-tokens has no EOS and gets none: it is unfinished.
     answers = reference_answers(rt, cfg, tok, ref, prompt_ids, stage)  # per prompt, k lists
-    texts = [[tok.decode(r[:-1] if r[-1] in tok.eos_ids else r) for r in a] for a in answers]
     clock.lap("t_sample")
-    # 3. the judge scores each prompt's candidates: the offline pair and n of pi_ref's answers
-    candidates = [candidates_of(w, ys[:n], l, cfg.tie_order) for w, ys, l in zip(chosen, texts, rejected)]
-    scores = rt.judge(judge, prompts, candidates, cfg.gen_batch_size, f"selm_{t}: judging")
+    # 3. each prompt's candidates, built once with their text and ids: the offline pair and n
+    #    of pi_ref's answers; the judge scores their text
+    candidates = [candidates_of(Candidate.of_text(w, tok), [Candidate.of_ids(y, tok) for y in ys[:n]],
+                                Candidate.of_text(l, tok), cfg.tie_order) for w, ys, l in zip(chosen, answers, rejected)]
+    scores = rt.judge(judge, prompts, [[c.text for c in cs] for cs in candidates], cfg.gen_batch_size,
+                      f"selm_{t}: judging")
     # 4. the best and the worst candidates become the pair; m of pi_ref's answers are the
     #    example's reference responses for the optimism term, whatever their rank
-    pairs = pairs_from_scores(scores, [*map(tok.encode_response, chosen)], [*map(tok.encode_response, rejected)],
-                              [ys[:n] for ys in answers], order=cfg.tie_order)
-    examples = [Example(p, *pair, tuple(ys[:m])) for p, pair, ys in zip(prompt_ids, pairs, answers) if pair]
+    pairs = pairs_from_scores(scores, candidates, order=cfg.tie_order)
+    examples = [Example(p, pair[0].ids, pair[1].ids, tuple(ys[:m])) for p, pair, ys in zip(prompt_ids, pairs, answers)
+                if pair]
     clock.lap("t_judge")
     optimizer = None
     if examples:
@@ -324,15 +326,15 @@ def selm_iteration(rt, cfg, tok, t, policy, chunk, judge):
     else:  # e.g. the judge tied every candidate of every prompt
         rt.say(f"warning: stage selm_{t} has no preference pairs to train on; the model is unchanged")
     # 7. what happened: pairs kept, ties, how y_ref fared, truncated answers, the time of each step
-    info = {**online_record(cfg, tok, scores, chosen, texts, answers, len(examples)), **clock.laps}
+    info = {**online_record(cfg, tok, scores, candidates, answers, len(examples)), **clock.laps}
     rt.log.write({"stage": f"selm_{t}", "online": info})
     return optimizer, info
 
 
-def online_record(cfg, tok, scores, chosen, texts, answers, kept):
+def online_record(cfg, tok, scores, candidates, answers, kept):
     """Step 7's counts: pairs kept and prompts dropped for a full tie; how pi_ref's best answer
     fared against the offline chosen one (selm.relabel_counts); answers cut off unfinished."""
-    counts = relabel_counts(scores, chosen, [ys[:cfg.online_samples] for ys in texts], cfg.tie_order)
+    counts = relabel_counts(scores, candidates, cfg.tie_order)
     return {"pairs": kept, "dropped_ties": len(scores) - kept,
             "y_ref_chosen": counts.pop("y_ref_chosen") / max(1, kept), **{f"y_ref_{k}": v for k, v in counts.items()},
             "y_ref_truncated": sum(r[-1] not in tok.eos_ids for a in answers for r in a)}
