@@ -405,6 +405,16 @@ class Runtime:
             print(*args)
 
 
+def sample_responses(rt, cfg, tok, model, prompt_ids, temperature=0.0, seed=0, progress=None):
+    """Responses to every prompt as a run samples them (cfg: its train.Config: --gen-batch-size
+    prompts a block, --max-new-tokens, --compile; tok: its tokenizer's EOS and padding), sharded
+    over the ranks: token lists, EOS included when emitted. seed: an int, or one per answer (a
+    list: per prompt a list of its answers, each answer at its own temperature when temperature
+    is a list too); progress: Runtime.blocks'."""
+    return rt.sample(model, prompt_ids, cfg.gen_batch_size, seed, progress, max_new_tokens=cfg.max_new_tokens,
+                     temperature=temperature, eos_id=tok.eos_ids, pad_id=tok.pad_id, compile=cfg.compile)
+
+
 def setup(device_name, dtype, out_dir, compile=False, fsdp=False, checkpointing=False):
     """The Runtime of this process: device picked, process group joined, TF32 on for CUDA
     matmuls (fp32 accuracy is not needed there: training runs under autocast anyway)."""
