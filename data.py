@@ -177,7 +177,8 @@ class TrainingData:
     """Everything a run trains and evaluates on, read and checked before any training.
     sft:     list of (prompt, response) strings: demonstrations
     chunks:  n_chunks lists of {"prompt", "chosen", "rejected"}: chunk 0 for offline DPO,
-             chunk t for SELM iteration t
+             chunk t for SELM iteration t; or of prompts (a chat task's, --train-prompts'), until
+             pairs.own_pairs makes their pairs from the starting model's answers
     eval:    list of {"prompt", "reference" (an answer to beat, or None)}
     judge:   judge(prompt, candidates) -> list of scores, higher is better
     builtin: True for the built-in task, whose judge's score 1.0 means "fully correct"
@@ -194,20 +195,22 @@ class TrainingData:
     builtin: bool = False
     prompt_template: str = "{prompt}"  # how a plain prompt was formatted; sample.py reuses it
     conversational: bool = False  # sample.py then renders its prompt as a user turn, as training did
-    lines: dict = None  # {"sft" | "prefs" | "prompts": ["path:line" of each record]}, for messages
+    lines: dict = None  # {"sft" | "prefs" | "prompts" | "train_prompts": ["path:line" of each record]}
     metrics: object = None
 
 
-def load_user_data(sft_path, prefs_path, prompts_path, n_chunks, template=None):
+def load_user_data(sft_path, prefs_path, prompts_path, n_chunks, template=None, train_prompts_path=None):
     """The user's JSON Lines files as TrainingData, its judge None (inputs.load_data loads the
     one --judge names, once the data is known to be good). A malformed record stops the
-    run with its file, line and field, before anything is trained on partial data. The pairs
-    are cut into n_chunks equal chunks (a remainder is left out).
+    run with its file, line and field, before anything is trained on partial data. The pairs,
+    or the training prompts whose pairs the starting model's answers make (train_prompts_path:
+    each chunk a list of prompts as given, strings or conversations), are cut into n_chunks
+    equal chunks (a remainder is left out).
 
     Records are plain strings, or conversations (chat.py). One conversation in any of the
     files makes the run conversational: every record is then rendered with `template`, the
     model's chat template (chat.ChatTemplate), which must exist."""
-    files = {"sft": sft_path, "prefs": prefs_path, "prompts": prompts_path}
+    files = {"sft": sft_path, "prefs": prefs_path, "prompts": prompts_path, "train_prompts": train_prompts_path}
     raw = {k: read_jsonl(path) for k, path in files.items() if path}
     first = next((where for recs in raw.values() for where, rec in recs if chat.is_conversational(rec)), None)
     if first and template is None:
@@ -216,18 +219,27 @@ def load_user_data(sft_path, prefs_path, prompts_path, n_chunks, template=None):
     if first:
         readers = {"sft": lambda r: chat.demonstration(r, template),
                    "prefs": lambda r: chat.preference_pair(r, template),
-                   "prompts": lambda r: chat.evaluation_prompt(r, template)}
+                   "prompts": lambda r: chat.evaluation_prompt(r, template), "train_prompts": training_prompt}
     else:
         readers = {"sft": plain_demonstration, "prefs": lambda r: check_strings(r, ("prompt", "chosen", "rejected")),
-                   "prompts": plain_prompt}
-    sft, prefs, evals = ([converted(where, rec, readers[k]) for where, rec in raw.get(k, [])] for k in files)
+                   "prompts": plain_prompt, "train_prompts": training_prompt}
+    sft, prefs, evals, prompts = ([converted(where, rec, readers[k]) for where, rec in raw.get(k, [])] for k in files)
     lines = {k: [where for where, _ in recs] for k, recs in raw.items()}
-    n = len(prefs) // n_chunks
+    items, what = (prompts, "prompts") if train_prompts_path else (prefs, "pairs")
+    n = len(items) // n_chunks
     if n == 0:
-        raise DataError(f"{prefs_path}: {len(prefs)} pairs cannot fill {n_chunks} chunks "
+        raise DataError(f"{train_prompts_path or prefs_path}: {len(items)} {what} cannot fill {n_chunks} chunks "
                         f"(offline DPO + {n_chunks - 1} iterations)")
-    chunks = [prefs[i * n:(i + 1) * n] for i in range(n_chunks)]
+    chunks = [items[i * n:(i + 1) * n] for i in range(n_chunks)]
     return TrainingData(sft, chunks, evals, None, lines=lines, conversational=bool(first))
+
+
+def training_prompt(rec):
+    """A training prompt record's prompt, as given: a string, or a conversation whose next turn is
+    the assistant's (the starting model answers it, pairs.own_pairs)."""
+    if "prompt" not in rec:
+        raise ValueError("missing field 'prompt'")
+    return chat.check_answerable(chat.user_turn(rec["prompt"], "prompt")) and rec["prompt"]
 
 
 def plain_demonstration(rec):

@@ -31,8 +31,9 @@ from checkpoint import stage_names
 from commands import defaults_for
 from files import file_problem
 from hf import check_stages, load_pretrained
-from model import DTYPES, GPT, PRESETS, check_device, preset
-from pairs import offline_record, rendered
+from model import GPT, PRESETS, preset
+from pairs import as_prompt, offline_record, rendered
+from runtime import DTYPES, check_device
 from selm import LOSS_TYPES, check_hparams
 from tokenizer import get_tokenizer
 
@@ -48,9 +49,9 @@ def load_data(cfg, template=None, device=None):
     """The --task's data (task_data), or the user's JSONL files (data.load_user_data: `template`
     renders conversations) and judge (load_judge: `device` is where a reward model judges).
     check_config has checked that the files come together, and that a task is not given with them."""
-    if not any([cfg.sft, cfg.prefs, cfg.prompts, cfg.judge]):
+    if not any([cfg.sft, cfg.prefs, cfg.train_prompts, cfg.prompts, cfg.judge]):
         return task_data(cfg, template)
-    d = data.load_user_data(cfg.sft, cfg.prefs, cfg.prompts, cfg.iterations + 1, template)
+    d = data.load_user_data(cfg.sft, cfg.prefs, cfg.prompts, cfg.iterations + 1, template, cfg.train_prompts)
     return dataclasses.replace(d, judge=load_judge(cfg.judge, device))  # last: once the data is known to be good
 
 
@@ -71,7 +72,7 @@ def task_data(cfg, template=None):
     """The --task's data as the run's TrainingData, made through its Task alone. A task with a
     prompt template gives offline pairs; a chat model's task (template None) gives prompts, each
     a user turn rendered with the model's chat template (`template`), and the chunks keep them
-    plain until train.instruction_pairs has the starting model answer them (awaiting_pairs)."""
+    plain until pairs.own_pairs has the starting model answer them (awaiting_pairs)."""
     task = load_task(cfg.task)
     made = task.make(cfg)
     chat_task = task.template is None
@@ -94,8 +95,8 @@ def task_data(cfg, template=None):
 
 
 def awaiting_pairs(task_data):
-    """Whether the chunks hold prompts still, not pairs: a chat model's task, before
-    train.instruction_pairs has the starting model answer them."""
+    """Whether the chunks hold prompts still, not pairs: a chat model's task, or --train-prompts,
+    before pairs.own_pairs has the starting model answer them."""
     return any(not isinstance(e, dict) for chunk in task_data.chunks for e in chunk)
 
 
@@ -182,21 +183,25 @@ def build_model(cfg, tok, rt):
 
 def check_inputs(cfg, tok, task_data, block_size):
     """The data against the model's context of block_size tokens, before anything is written:
-    every record fits (data.check_fits); returns the SFT demonstrations encoded. The instruction
-    task's chunks hold prompts until the starting model answers them (train.instruction_pairs):
-    then every prompt must leave room for an answer of --max-new-tokens and the end-of-turn
-    token, or sampling them would be wasted on pairs that do not fit."""
+    every record fits (data.check_fits); returns the SFT demonstrations encoded. A chat task's
+    chunks, or --train-prompts', hold prompts until the starting model answers them
+    (pairs.own_pairs): then every prompt must leave room for an answer of --max-new-tokens and
+    the end-of-turn token, or sampling them would be wasted on pairs that do not fit."""
     if awaiting_pairs(task_data):
-        template = chat.load_template(tok)
-        longest = max(len(tok.encode_prompt(template.prompt([{"role": "user", "content": p}])))
-                      for chunk in task_data.chunks for p in chunk)
+        template = chat.load_template(tok) if task_data.conversational else None
+        prompts = [p for chunk in task_data.chunks for p in chunk]
+        sizes = [len(tok.encode_prompt(as_prompt(p, template))) for p in prompts]
+        longest = max(sizes)
         if longest + cfg.max_new_tokens + 1 > block_size:
+            where = (task_data.lines or {}).get("train_prompts")
             raise ValueError(f"--max-new-tokens {cfg.max_new_tokens}: an answer that long and its end-of-turn token "
-                             f"do not fit after the longest training prompt ({longest} tokens) in the context of "
+                             f"do not fit after the longest training prompt ({longest} tokens"
+                             + (f", {where[sizes.index(longest)]}" if where else "") + ") in the context of "
                              f"{block_size} (--block-size); give --max-new-tokens at most "
                              f"{max(0, block_size - longest - 1)}, or a larger --block-size")
         task_data = dataclasses.replace(task_data, chunks=[[]])  # the evaluation prompts' turn
-    return data.check_fits(task_data, tok, block_size, cfg.sft or "built-in SFT data", cfg.prefs or "built-in pairs")
+    pairs = cfg.prefs or (f"pairs made from {cfg.train_prompts}" if cfg.train_prompts else "built-in pairs")
+    return data.check_fits(task_data, tok, block_size, cfg.sft or "built-in SFT data", pairs)
 
 
 # ---- settings ---------------------------------------------------------------------------------
@@ -276,7 +281,7 @@ RULES = {
     "log_every": ("at least 1 (a metrics line every this many steps)", _at_least(1)),
 }
 DIRECTORIES = ("init_from", "bpe_path")  # given, each must be a directory
-FILES = ("sft", "prefs", "prompts", "start_from")  # given, each must be a file
+FILES = ("sft", "prefs", "train_prompts", "prompts", "start_from")  # given, each must be a file
 
 
 def check_config(cfg):
@@ -305,7 +310,7 @@ def check_config(cfg):
     check_device(cfg.device)
     task = load_task(cfg.task)  # one of tasks/, with a TASK
     context = cfg.block_size or (None if cfg.init_from else PRESETS[cfg.model].get("block_size", 1024))
-    own_data = any(x is not None for x in (cfg.sft, cfg.prefs, cfg.prompts, cfg.judge))
+    own_data = any(x is not None for x in (cfg.sft, cfg.prefs, cfg.train_prompts, cfg.prompts, cfg.judge))
     problems = {f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size {cfg.micro_batch_size}":
                     cfg.batch_size % cfg.micro_batch_size,
                 f"--max-len {cfg.max_len} is below --min-len {cfg.min_len}": cfg.max_len < cfg.min_len,
@@ -317,14 +322,24 @@ def check_config(cfg):
                 "--fsdp shards over the processes of torchrun: start it with torchrun --nproc_per_node N":
                     cfg.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2,
                 "--compile is not supported with --fsdp": cfg.fsdp and cfg.compile,
-                "your own data needs --prefs, --prompts and --judge together (the built-in judge only scores "
-                "the sorting task); --sft is optional": own_data and not (cfg.prefs and cfg.prompts and cfg.judge),
+                f"--task {cfg.task} brings its own prompts, pairs and judge: leave out --sft, --prefs, "
+                "--train-prompts, --prompts and --judge": own_data and cfg.task != default(cfg, "task"),
+                "your own data needs --prompts and --judge, with --prefs (offline pairs) or --train-prompts "
+                "(prompts the starting model's answers make pairs of); --sft is optional": own_data and not (
+                    cfg.prompts and cfg.judge and (cfg.prefs or cfg.train_prompts)),
+                "--prefs and --train-prompts exclude each other: the offline pairs are given, or made of the "
+                "starting model's answers": cfg.prefs and cfg.train_prompts,
+                "--train-prompts: the offline pairs are the answers of the --init-from model; give its directory":
+                    cfg.train_prompts and cfg.init_from is None,
+                "--train-prompts with --sft: the offline pairs are the --init-from model's answers, made before any "
+                "SFT; fine-tune it in a run of its own (--iterations 0 --export last), then --init-from the result":
+                    cfg.train_prompts and cfg.sft,
+                "--train-prompts and --prompts are the same file: the evaluation prompts must be held out from "
+                "training": cfg.train_prompts and cfg.prompts and os.path.samefile(cfg.train_prompts, cfg.prompts),
                 "--prefs without --sft: give --sft demonstrations, or --init-from a pretrained model with "
                 "--sft-steps 0": own_data and cfg.sft is None and cfg.init_from is None and cfg.sft_steps > 0,
                 f"--task {cfg.task} is for a chat model: give its directory with --init-from":
-                    task.template is None and cfg.init_from is None,
-                f"--task {cfg.task} brings its own prompts, pairs and judge: leave out --sft, --prefs, "
-                "--prompts and --judge": own_data and cfg.task != default(cfg, "task")}
+                    task.template is None and cfg.init_from is None}
     for message, bad in problems.items():
         if bad:
             raise ValueError(message)
@@ -372,13 +387,17 @@ def first_screen(cfg, tok, task_data, model, rt):
             f", offline pairs from {cfg.pair_samples} answers of the starting model per prompt, in its chat template"
             if task.template is None else "")
     else:
-        source = ", ".join(f"--{k} {v}" for k, v in (("sft", cfg.sft), ("prefs", cfg.prefs), ("prompts", cfg.prompts)) if v)
+        source = ", ".join(f"{flag(k)} {getattr(cfg, k)}" for k in ("sft", "prefs", "train_prompts", "prompts")
+                           if getattr(cfg, k))
         source += f", judged by {data.judge_name(task_data.judge)}" + (
+            f", offline pairs from {cfg.pair_samples} answers of the starting model per training prompt"
+            if cfg.train_prompts else "") + (
             ", conversations in the model's chat template" if task_data.conversational else "")
     stages = [f"sft ({cfg.sft_steps} steps of {cfg.sft_batch_size})" if task_data.sft else "sft (the weights as loaded)",
               "dpo (chunk 0's pairs)"] + ([f"selm_1..selm_{t} (chunks 1..{t}, alpha {cfg.alpha}" +
                                            ("" if cfg.alpha else ": iterative online DPO") + ")"] if t else [])
-    changed = changed_settings(cfg, leave_out=("model", "init_from", "sft", "prefs", "prompts", "judge", "out_dir"))
+    changed = changed_settings(cfg, leave_out=("model", "init_from", "sft", "prefs", "train_prompts", "prompts", "judge",
+                                               "out_dir"))
     offline = offline_record(task_data)
     cut = offline["unfinished_chosen"] + offline["unfinished_rejected"]
     unfinished = f"\n           {cut} offline answers cut off at --max-new-tokens {cfg.max_new_tokens}, trained " \

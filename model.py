@@ -100,7 +100,7 @@ class KVCache:
     concatenation and no reallocation while decoding. With grouped-query attention only the
     n_kv_head shared heads are stored: the cache is n_head / n_kv_head times smaller. One
     tensor per layer, not one for all layers: a compiled step that writes a slot of a shared
-    tensor copies all of it at every step (sample.py's StaticCache builds on this class).
+    tensor copies all of it at every step (sampler.py's StaticCache builds on this class).
     """
 
     def __init__(self, config, batch_size, max_len, device, dtype):
@@ -210,7 +210,7 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None and torch.is_tensor(cache_pos):
-            # sample.py's decode step: the slots are a tensor (T,), so a compiled step is one
+            # sampler.py's decode step: the slots are a tensor (T,), so a compiled step is one
             # graph for every token. Attention reads the first S slots of the cache, S the
             # mask's width: the whole cache (fixed shapes, compiled) or the slots written so
             # far (eager); the mask hides the slots within not written yet
@@ -407,75 +407,3 @@ class GPT(nn.Module):
         n = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.n_embd
         fwd = 2 * n + 4 * cfg.n_layer * seq_len * cfg.n_head * cfg.head_dim
         return 3 * fwd if training else fwd
-
-
-# ---- where a model can run ------------------------------------------------------------
-
-def check_device(name):
-    """The device --device names ("auto" passes as it is): cpu, cuda, cuda:N or mps, and one
-    that this PyTorch build and this machine have. A ValueError in one line otherwise."""
-    if name == "auto":
-        return name
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:N, mps, or auto)")
-    usable = {"cuda": torch.cuda.is_available, "mps": mps_available}
-    if not usable.get(device.type, lambda: True)():
-        build = f"PyTorch {torch.__version__}"
-        if device.type == "cuda":
-            build += f", built with CUDA {torch.version.cuda} but no GPU is visible" if torch.version.cuda \
-                else ", a build without CUDA"
-        raise ValueError(f"--device {name} is not available in this PyTorch build ({build})")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPUs")
-    return device
-
-
-def mps_available():
-    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype
-
-
-def cpu_bf16_units():
-    """The bf16 matrix instructions of this CPU that torch's oneDNN matmuls use ("AMX-BF16",
-    "AVX512-BF16"), as torch reports them; none where it cannot tell (another build or
-    architecture). With either, a bf16 matmul runs several times faster than a fp32 one."""
-    try:
-        caps = torch._C._cpu._get_cpu_capability()  # private, hence guarded: a dict of ISA flags
-        if not torch.backends.mkldnn.is_available():
-            return []
-    except (AttributeError, RuntimeError):
-        return []
-    return [name for key, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if caps.get(key)]
-
-
-# The narrowest model bf16 autocast speeds up on a CPU: below it the casts and the extra
-# elementwise work cost more than the matmuls save (fp32 / bf16 time of a training step of 64
-# rows and of sampling 256 rows, 4 layers, 1 and 2 threads, 2-core Xeon with AMX: width 128
-# 0.55-0.69x and 0.92-1.15x, 192 0.90-0.95x and 1.35-1.49x, 256 1.25-1.35x and 1.67-1.85x)
-BF16_MIN_WIDTH = 256
-
-
-def compute_dtype(device, name, width=None):
-    """--dtype `name` on `device` for a model `width` wide (None: not known yet): (the autocast
-    dtype, None for plain fp32; why, in words). auto: bf16 on a GPU that has it (fp16 on one
-    that lacks it) and on a CPU with bf16 matrix instructions for a model at least
-    BF16_MIN_WIDTH wide; fp32 elsewhere (a narrower model, an older CPU, an Apple GPU)."""
-    if name != "auto":
-        return (None if name == "float32" else getattr(torch, name)), "--dtype " + name
-    if device.type == "cuda":
-        return (torch.bfloat16, "this GPU has bf16") if torch.cuda.is_bf16_supported() else \
-            (torch.float16, "this GPU lacks bf16")
-    if device.type != "cpu":
-        return None, f"no autocast on {device.type}"
-    units = cpu_bf16_units()
-    if not units:
-        return None, "this CPU has no bf16 matrix unit (AMX or AVX512-BF16)"
-    if width is not None and width < BF16_MIN_WIDTH:
-        return None, f"a model {width} wide runs faster in fp32, bf16 matrix units or not"
-    return torch.bfloat16, f"this CPU has {' and '.join(units)}"

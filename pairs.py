@@ -3,11 +3,12 @@ pairs.py -- offline pairs from the starting model's own answers, judged, and the
 
 The recipe of UltraFeedback, where the paper's offline pairs come from: k answers of the starting
 model per prompt, judged; the best becomes chosen and the worst rejected, and a prompt whose
-answers all tie is dropped (build_pairs). Sampling k answers for every prompt of every chunk is
-the slowest step of a chat model's run, so the pairs are kept in the run's directory
-(PAIRS_FILE), keyed on everything that shapes them and checked whole before they are reused
-(cached_pairs, its key pair_settings): pipeline state, like a checkpoint. The sampler and the
-judge come from the caller (train.instruction_pairs: the instruction task's prompts and judge).
+answers all tie is dropped (build_pairs). own_pairs runs it on any prompts and judge: a chat
+task's (--task instructions), or your own --train-prompts judged by your --judge (prompts and a
+judge that can check an answer, no preference data: the RLVR setting). Sampling k answers for
+every prompt of every chunk is the slowest step of such a run, so the pairs are kept in the run's
+directory (PAIRS_FILE), keyed on everything that shapes them and checked whole before they are
+reused (cached_pairs, its key pair_settings): pipeline state, like a checkpoint.
 """
 
 import hashlib
@@ -15,32 +16,86 @@ import importlib
 import json
 import os
 import sys
+from dataclasses import replace
+from typing import NamedTuple
 
 import chat
 from checkpoint import weights_digest
-from data import DataError, call_judge, judge_name, read_jsonl
+from data import DataError, judge_name, read_jsonl
 from files import write_jsonl_atomic
+from runtime import sample_responses
+
+
+def own_pairs(rt, cfg, tok, model, task_data):
+    """The offline pairs of task_data's chunks of prompts: --pair-samples answers of the starting
+    model to each prompt, at temperature 1 (a prompt's answers share one prefill), judged by
+    task_data.judge; the best becomes chosen and the worst rejected, and a prompt whose answers
+    all tie is dropped; one cut off at --max-new-tokens stays unfinished, as y_ref does. A prompt
+    is answered and judged as training will write it (as_prompt). Built once and kept in
+    --out-dir (cached_pairs), where a resumed run, or one started from this run's stage, finds
+    them. Returns (task_data with its chunks of prompts turned into chunks of pairs, the record
+    the metrics log keeps of them)."""
+    template = chat.load_template(tok) if task_data.conversational else None
+    bar = rt.bar(None, f"offline pairs: prompts, {cfg.pair_samples} answers each", sum(map(len, task_data.chunks)))
+
+    def text(r):  # an answer as text without its EOS; one cut off at --max-new-tokens has none
+        words = tok.decode([t for t in r if t not in tok.eos_ids])
+        return words if r and r[-1] in tok.eos_ids else Unfinished(words)
+
+    def sample(prompts, k, seed):  # k answers per prompt, sharing its prefill
+        ids = [tok.encode_prompt(as_prompt(p, template)) for p in prompts]
+        runs = sample_responses(rt, cfg, tok, model, ids, 1.0, [answer_seed(seed, j) for j in range(k)], bar)
+        return [[text(r) for r in answers] for answers in runs]
+
+    def score(prompts, answers):  # as the online step judges: in blocks shared out over the ranks
+        return rt.judge(task_data.judge, [as_prompt(p, template) for p in prompts], answers, cfg.gen_batch_size)
+    elsewhere = [os.path.dirname(os.path.abspath(cfg.start_from))] if cfg.start_from else []
+    made = cached_pairs(cfg.out_dir, task_data.chunks, sample, cfg.pair_samples, cfg.task_seed,
+                        pair_settings(cfg, tok, model, template, rt, task_data.judge), write=rt.ranks.main,
+                        elsewhere=elsewhere, score=score)
+    bar.close()
+    rt.ranks.barrier()
+    empty = [i for i, chunk in enumerate(made.chunks) if not chunk]
+    if empty:
+        raise DataError(f"the starting model's {cfg.pair_samples} answers tied on every prompt of chunk {empty[0]}: no "
+                        f"offline pair to train on (can the judge tell {cfg.init_from}'s answers apart?)")
+    task_data = replace(task_data, chunks=rendered(made.chunks, template))
+    return task_data, {**offline_record(task_data), "dropped_ties": made.dropped}
+
+
+def as_prompt(prompt, template=None):
+    """A prompt as training writes it, and as its answers are sampled and judged: a user turn (or
+    the conversation given) in the model's chat template (template: a chat.ChatTemplate), or the
+    plain text itself in a run without one."""
+    return template.prompt(chat.user_turn(prompt, "prompt")) if template is not None else prompt
+
+
+def answer_seed(seed, j):
+    """The seed of the j-th answers to a chunk's prompts, from the chunk's own (--task-seed plus
+    its number): the pairs are data, the same for every training seed."""
+    return 1_000_003 * (seed + 1) + j
 
 
 class Unfinished(str):
     """An answer the sampler cut off at its token limit: it stays unfinished in training, with no
-    end-of-turn token after it, as a y_ref does (build_pairs and rendered keep the mark)."""
+    end-of-turn token after it, as a y_ref does (build_pairs and rendered keep the mark;
+    Tokenizer.encode_response reads it)."""
+    finished = False
 
 
-def build_pairs(prompts, sample, k=4, seed=0, *, judge):
+def build_pairs(prompts, sample, k=4, seed=0, *, score):
     """UltraFeedback's recipe: sample(prompts, k, seed) -> k answers per prompt (the starting model
-    at temperature 1; the prompts are plain user turns, which the sampler renders as the run
-    renders them; an answer cut off is an Unfinished), each judged by judge(prompt, candidates)
-    (checked: data.call_judge); the best answer becomes chosen and the worst rejected (the first
-    of equals). A prompt whose answers
+    at temperature 1; the prompts as the user gave them, which the sampler writes as the run
+    writes them; an answer cut off is an Unfinished), all judged by score(prompts, answers) ->
+    per prompt one checked score per answer (runtime.Runtime.judge, data.judge_block); the best
+    answer becomes chosen and the worst rejected (the first of equals). A prompt whose answers
     all tie is dropped. Returns ([{"prompt", "chosen", "rejected", "chosen_score", "rejected_score",
     "chosen_finished", "rejected_finished"}], dropped)."""
     answers = sample(prompts, k, seed)
     if len(answers) != len(prompts) or any(len(a) != k for a in answers):
         raise ValueError(f"sample() must return {k} answers for each of {len(prompts)} prompts")
     pairs = []
-    for p, ans in zip(prompts, answers):
-        scores = call_judge(judge, p, ans)
+    for p, ans, scores in zip(prompts, answers, score(prompts, answers)):
         best, worst = scores.index(max(scores)), scores.index(min(scores))
         if scores[best] > scores[worst]:
             pairs.append({"prompt": p, "chosen": str(ans[best]), "rejected": str(ans[worst]),
@@ -50,21 +105,28 @@ def build_pairs(prompts, sample, k=4, seed=0, *, judge):
     return pairs, len(prompts) - len(pairs)
 
 
-PAIRS_FILE = "instruction_pairs.jsonl"
+PAIRS_FILE = "instruction_pairs.jsonl"  # the name the instruction task, its first user, gave it
 PAIR, FINISHED = ("prompt", "chosen", "rejected"), ("chosen_finished", "rejected_finished")
 
 
-def cached_pairs(out_dir, chunks, sample, k=4, seed=0, settings=None, write=True, elsewhere=(), *, judge):
-    """The offline pairs of every chunk (a list of pair lists), built by build_pairs (chunk i
-    sampled with seed + i, judged by `judge`) and kept in out_dir/PAIRS_FILE: a header {"settings", "chunks": a
+class Made(NamedTuple):
+    """The offline pairs of every chunk (a list of pair lists), and per chunk the prompts dropped
+    because their answers all tied."""
+    chunks: list
+    dropped: list
+
+
+def cached_pairs(out_dir, chunks, sample, k=4, seed=0, settings=None, write=True, elsewhere=(), *, score):
+    """The offline pairs of every chunk, as Made: built by build_pairs (chunk i sampled with seed
+    + i, judged by `score`) and kept in out_dir/PAIRS_FILE: a header {"settings", "chunks": a
     digest of each chunk's prompts, "dropped", "pairs": their number, "sha256": their checksum},
     then a pair with its "chunk" per line. A later call reuses a file whose settings match (k,
     seed and `settings`: JSON values of everything else that shapes the answers: the model, its
-    tokenizer and chat template, the sampling settings, ...) and whose chunks begin with this
-    call's: a run of T iterations reads the pairs a longer run made. Such a file is checked whole
-    (read_pairs). Otherwise the pairs are built again and the file replaced atomically.
-    elsewhere: more directories whose file may serve (a run started from another run's stage);
-    write: whether this process writes the file (under torchrun, rank 0 only)."""
+    tokenizer and chat template, the sampling settings, the judge, ...) and whose chunks begin
+    with this call's: a run of T iterations reads the pairs a longer run made. Such a file is
+    checked whole (read_pairs). Otherwise the pairs are built again and the file replaced
+    atomically. elsewhere: more directories whose file may serve (a run started from another
+    run's stage); write: whether this process writes the file (under torchrun, rank 0 only)."""
     want = {"settings": json.loads(json.dumps({"k": k, "seed": seed, **(settings or {})})),
             "chunks": [hashlib.sha256(json.dumps(c).encode()).hexdigest()[:16] for c in chunks]}
     for d in (out_dir, *elsewhere):
@@ -72,37 +134,49 @@ def cached_pairs(out_dir, chunks, sample, k=4, seed=0, settings=None, write=True
         if rows is not None:
             if d != out_dir and write:  # the run keeps its own copy: its --resume needs nothing else
                 write_jsonl_atomic(os.path.join(out_dir, PAIRS_FILE), rows)
-            return [[{f: r[f] for f in PAIR + FINISHED} for r in rows[1:] if r["chunk"] == i]
-                    for i in range(len(chunks))]
-    built = [build_pairs(c, sample, k, seed + i, judge=judge) for i, c in enumerate(chunks)]
+            return Made([[{f: r[f] for f in PAIR + FINISHED} for r in rows[1:] if r["chunk"] == i]
+                         for i in range(len(chunks))], rows[0]["dropped"][:len(chunks)])
+    built = [build_pairs(c, sample, k, seed + i, score=score) for i, c in enumerate(chunks)]
     body = [{"chunk": i, **e} for i, (ps, _) in enumerate(built) for e in ps]
     if write:
         write_jsonl_atomic(os.path.join(out_dir, PAIRS_FILE), [
             {**want, "dropped": [d for _, d in built], "pairs": len(body), "sha256": checksum(body)}] + body)
-    return [[{f: e[f] for f in PAIR + FINISHED} for e in ps] for ps, _ in built]
+    return Made([[{f: e[f] for f in PAIR + FINISHED} for e in ps] for ps, _ in built], [d for _, d in built])
 
 
-def pair_settings(cfg, tok, model, template, rt):
-    """Everything that shapes a chat task's offline pairs besides their prompts, the number of
-    answers and the seed (pairs.cached_pairs keys its cache on these): the weights, the tokenizer
-    and the chat template, the sampling settings (--gen-batch-size sets each block's seed), the
-    device (its random numbers) and dtype, and the judge with its rules (the task's code).
+def pair_settings(cfg, tok, model, template, rt, judge):
+    """Everything that shapes the offline pairs besides their prompts, the number of answers and
+    the seed (cached_pairs keys its cache on these): the weights, the tokenizer and the chat
+    template (None: plain prompts), the sampling settings (--gen-batch-size sets each block's
+    seed), the device (its random numbers) and dtype, and the judge with its rules (judge_rules).
     cfg: the run's train.Config; template: the model's chat.ChatTemplate; rt: its runtime.Runtime."""
-    task = importlib.import_module(f"tasks.{cfg.task}")  # checked by inputs.load_task
-    return {"model": weights_digest(model), "tokenizer": tok.digest(),
-            "template": hashlib.sha256(json.dumps([template.text, template.specials]).encode()).hexdigest()[:16],
+    written = template and hashlib.sha256(json.dumps([template.text, template.specials]).encode()).hexdigest()[:16]
+    return {"model": weights_digest(model), "tokenizer": tok.digest(), "template": written,
             "max_new_tokens": cfg.max_new_tokens, "temperature": 1.0, "gen_batch_size": cfg.gen_batch_size,
-            "device": rt.device.type, "dtype": str(rt.dtype), "judge": judge_name(task.TASK.judge),
-            "rules": files_digest(code_files(task))}
+            "device": rt.device.type, "dtype": str(rt.dtype), "judge": judge_name(judge),
+            "rules": judge_rules(cfg, judge)}
 
 
-def code_files(module):
-    """The files of a module and of the chapters it takes names from (one level): a task's rules,
+def judge_rules(cfg, judge):
+    """A fingerprint of what the judge's scores depend on besides what it is shown: a task's code
+    (its judge and the chapters it reads, for a --task's own judge), a reward model's weights
+    (--judge rm:DIR), or the code of a --judge function (its file and those it takes names from)."""
+    if cfg.judge is None:
+        return files_digest(code_files(vars(importlib.import_module(f"tasks.{cfg.task}"))))  # checked: load_task
+    model = getattr(judge, "model", None)
+    return weights_digest(model) if model is not None else files_digest(code_files(getattr(judge, "__globals__", {})))
+
+
+def code_files(names):
+    """The files of a module, given its names (vars(module), a function's __globals__), and of the
+    modules it takes names from (one level) that are selm's chapters or beside it: a task's rules,
     its judge's code included (tasks/instructions.py reads constraints.py's)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    used = {module} | {v if isinstance(v, type(sys)) else sys.modules.get(getattr(v, "__module__", None) or "")
-                       for v in vars(module).values()}
-    return sorted(path for path in {getattr(m, "__file__", None) or "" for m in used} if path.startswith(here + os.sep))
+    own = names.get("__file__") or ""
+    places = {os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(own)) if own else None}
+    used = {v if isinstance(v, type(sys)) else sys.modules.get(getattr(v, "__module__", None) or "")
+            for v in names.values()}
+    paths = {own} | {getattr(m, "__file__", None) or "" for m in used}
+    return sorted(p for p in paths if p and os.path.dirname(os.path.abspath(p)) in places - {None})
 
 
 def files_digest(paths):
@@ -115,7 +189,7 @@ def files_digest(paths):
 
 
 def offline_record(task_data):
-    """A chat task's offline pairs, for the metrics log: pairs per chunk, and the
+    """The offline pairs, for the first screen and the metrics log: pairs per chunk, and the
     answers among them cut off at --max-new-tokens (trained unfinished: no EOS follows them)."""
     unfinished = {k: sum(getattr(e[k], "finished", True) is False for c in task_data.chunks for e in c)
                   for k in ("chosen", "rejected")}
@@ -154,10 +228,14 @@ def read_pairs(path, want):
     return rows
 
 
-def rendered(chunks, template):
-    """Each chunk's pairs rendered with the chat template (plain prompts kept as they are); an
-    answer the sampler cut off stays unfinished (chat.Templated with finished=False)."""
+def rendered(chunks, template=None):
+    """Each chunk's pairs as training reads them (prompts not yet answered kept as they are):
+    rendered with the chat template, or plain text without one; an answer the sampler cut off
+    stays unfinished (chat.Templated with finished=False, or an Unfinished)."""
     def pair(e):
+        if template is None:
+            return {"prompt": e["prompt"], **{k: e[k] if e.get(f"{k}_finished", True) else Unfinished(e[k])
+                                             for k in ("chosen", "rejected")}}
         r = chat.preference_pair(e, template)
         return {**r, **{k: chat.Templated(r[k], finished=False) for k in ("chosen", "rejected")
                         if e.get(f"{k}_finished") is False}}

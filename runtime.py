@@ -3,7 +3,8 @@ runtime.py -- the plumbing under train.py: devices and precision, processes, log
 
 Nothing here is about SELM. It is what lets the same pipeline run on a laptop CPU, one GPU
 or several under torchrun:
-  - the device, the autocast dtype and TF32;
+  - the device (`--device` checked, for train.py and sample.py alike), the autocast dtype
+    (bf16 where the hardware and the model's width gain from it) and TF32;
   - `Ranks`: the processes torchrun started, how work is cut into blocks and gathered back;
   - `Runtime`: what every stage needs besides the model (device, autocast, ranks, log), and
     the wrapping of a model for training (DDP, torch.compile);
@@ -30,12 +31,81 @@ from tqdm import tqdm
 from checkpoint import disk_usage, human_size, stage_path
 from data import JudgeError, collate, collate_shared, judge_block
 from files import write_error
-from sample import compile_seconds, generate
-from model import check_device, compute_dtype, mps_available
+from sampler import compile_seconds, generate
 from selm import reference_logps
 
 
 # ---- device and precision -----------------------------------------------------------------
+
+def check_device(name):
+    """The device --device names ("auto" passes as it is): cpu, cuda, cuda:N or mps, and one
+    that this PyTorch build and this machine have. A ValueError in one line otherwise."""
+    if name == "auto":
+        return name
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:N, mps, or auto)")
+    usable = {"cuda": torch.cuda.is_available, "mps": mps_available}
+    if not usable.get(device.type, lambda: True)():
+        build = f"PyTorch {torch.__version__}"
+        if device.type == "cuda":
+            build += f", built with CUDA {torch.version.cuda} but no GPU is visible" if torch.version.cuda \
+                else ", a build without CUDA"
+        raise ValueError(f"--device {name} is not available in this PyTorch build ({build})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPUs")
+    return device
+
+
+def mps_available():
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype
+
+
+def cpu_bf16_units():
+    """The bf16 matrix instructions of this CPU that torch's oneDNN matmuls use ("AMX-BF16",
+    "AVX512-BF16"), as torch reports them; none where it cannot tell (another build or
+    architecture). With either, a bf16 matmul runs several times faster than a fp32 one."""
+    try:
+        caps = torch._C._cpu._get_cpu_capability()  # private, hence guarded: a dict of ISA flags
+        if not torch.backends.mkldnn.is_available():
+            return []
+    except (AttributeError, RuntimeError):
+        return []
+    return [name for key, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if caps.get(key)]
+
+
+# The narrowest model bf16 autocast speeds up on a CPU: below it the casts and the extra
+# elementwise work cost more than the matmuls save (fp32 / bf16 time of a training step of 64
+# rows and of sampling 256 rows, 4 layers, 1 and 2 threads, 2-core Xeon with AMX: width 128
+# 0.55-0.69x and 0.92-1.15x, 192 0.90-0.95x and 1.35-1.49x, 256 1.25-1.35x and 1.67-1.85x)
+BF16_MIN_WIDTH = 256
+
+
+def compute_dtype(device, name, width=None):
+    """--dtype `name` on `device` for a model `width` wide (None: not known yet): (the autocast
+    dtype, None for plain fp32; why, in words). auto: bf16 on a GPU that has it (fp16 on one
+    that lacks it) and on a CPU with bf16 matrix instructions for a model at least
+    BF16_MIN_WIDTH wide; fp32 elsewhere (a narrower model, an older CPU, an Apple GPU)."""
+    if name != "auto":
+        return (None if name == "float32" else getattr(torch, name)), "--dtype " + name
+    if device.type == "cuda":
+        return (torch.bfloat16, "this GPU has bf16") if torch.cuda.is_bf16_supported() else \
+            (torch.float16, "this GPU lacks bf16")
+    if device.type != "cpu":
+        return None, f"no autocast on {device.type}"
+    units = cpu_bf16_units()
+    if not units:
+        return None, "this CPU has no bf16 matrix unit (AMX or AVX512-BF16)"
+    if width is not None and width < BF16_MIN_WIDTH:
+        return None, f"a model {width} wide runs faster in fp32, bf16 matrix units or not"
+    return torch.bfloat16, f"this CPU has {' and '.join(units)}"
+
 
 def pick_device(name, local_rank=0):
     """"auto" picks cuda, then mps, then cpu. Under torchrun each process takes its own GPU."""
@@ -181,14 +251,14 @@ class Runtime:
     fsdp: bool = False
     checkpointing: bool = False
     compile_seconds: float = 0.0  # spent compiling decode steps so far: `clock` counts it apart
-    why_dtype: str = ""  # model.compute_dtype's reason, for the first screen
+    why_dtype: str = ""  # compute_dtype's reason, for the first screen
 
     def autocast(self):
         return nullcontext() if self.dtype is None else torch.autocast(self.device.type, dtype=self.dtype)
 
     def fit_dtype(self, name, model):
         """Settle --dtype `name` for `model` once it is built: auto weighs its width too
-        (model.compute_dtype: a narrow model runs faster in fp32 on a CPU)."""
+        (compute_dtype: a narrow model runs faster in fp32 on a CPU)."""
         self.dtype, self.why_dtype = compute_dtype(self.device, name, model.config.n_embd)
 
     def wrap(self, model):
@@ -277,7 +347,7 @@ class Runtime:
                 bar.close()
 
     def sample(self, model, prompt_ids, block, seed=0, progress=None, **kw):
-        """sample.generate's responses to every prompt, in blocks of `block` prompts, computed
+        """sampler.generate's responses to every prompt, in blocks of `block` prompts, computed
         in the run's dtype; the seed of a block depends only on its position. seed: an int (one
         answer per prompt), or one per answer (a list of k: per prompt a list of its k answers,
         which share one prefill). progress: as in `blocks`, counting prompts. kw: generate's
@@ -333,6 +403,16 @@ class Runtime:
     def say(self, *args):
         if self.ranks.main:
             print(*args)
+
+
+def sample_responses(rt, cfg, tok, model, prompt_ids, temperature=0.0, seed=0, progress=None):
+    """Responses to every prompt as a run samples them (cfg: its train.Config: --gen-batch-size
+    prompts a block, --max-new-tokens, --compile; tok: its tokenizer's EOS and padding), sharded
+    over the ranks: token lists, EOS included when emitted. seed: an int, or one per answer (a
+    list: per prompt a list of its answers, each answer at its own temperature when temperature
+    is a list too); progress: Runtime.blocks'."""
+    return rt.sample(model, prompt_ids, cfg.gen_batch_size, seed, progress, max_new_tokens=cfg.max_new_tokens,
+                     temperature=temperature, eos_id=tok.eos_ids, pad_id=tok.pad_id, compile=cfg.compile)
 
 
 def setup(device_name, dtype, out_dir, compile=False, fsdp=False, checkpointing=False):

@@ -22,7 +22,7 @@ The chapter has four parts:
   1. log-probs of responses under a model        sequence_logps, split_logps, reference_logps
   2. the losses, as pure functions of log-probs  dpo_loss, optimism_term, selm_loss
   3. what to log                                 preference_metrics, win
-  4. from judge scores to pairs                  CANDIDATES, pairs_from_scores, relabel_counts
+  4. from judge scores to pairs                  Candidate, candidates_of, pairs_from_scores, relabel_counts
 
 Shapes: B examples, T tokens, V vocabulary words. Batches are right-padded: input_ids [B, T]
 long; response_mask [B, T] is 1 on the response tokens (final EOS included), 0 on the prompt
@@ -30,6 +30,7 @@ and on padding.
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -311,11 +312,36 @@ def win(score_a, score_b):
 CANDIDATES = {"offline-first": ("chosen", "y_ref", "rejected"), "authors": ("y_ref", "chosen", "rejected")}
 
 
+class Candidate(NamedTuple):
+    """One answer the judge is shown, built once with all that follows from it: its text (what
+    the judge reads), its token ids (what training reads: EOS last when the answer ended), its
+    source ("chosen", "rejected": the offline pair's; "y_ref": the policy's own, candidates_of
+    names it) and whether it ended (False: cut off at the token limit, no EOS)."""
+    text: str
+    ids: list
+    source: str = ""
+    finished: bool = True
+
+    @classmethod
+    def of_text(cls, text, tok):
+        """An answer given as text (an offline one): its ids as tok encodes a response, with no
+        EOS for an answer marked unfinished (a `finished` attribute of False)."""
+        return cls(text, tok.encode_response(text), finished=getattr(text, "finished", True))
+
+    @classmethod
+    def of_ids(cls, ids, tok):
+        """A model's answer as the sampler returns it (ids, cut after its EOS if it emitted one):
+        its text without the EOS; without one it was cut off."""
+        ended = bool(ids) and ids[-1] in tok.eos_ids
+        return cls(tok.decode(ids[:-1] if ended else ids), ids, finished=ended)
+
+
 def candidates_of(chosen, responses, rejected, order="offline-first"):
     """One prompt's candidates, as the judge is shown them: the offline chosen and rejected
-    responses and the policy's `responses` (a list: y_ref, or n samples) in `order`."""
+    answers and the policy's `responses` (a list: y_ref, or n samples), each a Candidate, in
+    `order`, each named by its source."""
     named = {"chosen": [chosen], "y_ref": list(responses), "rejected": [rejected]}
-    return [c for name in CANDIDATES[order] for c in named[name]]
+    return [c._replace(source=name) for name in CANDIDATES[order] for c in named[name]]
 
 
 def best_and_worst(scores, order="offline-first"):
@@ -334,58 +360,54 @@ def best_and_worst(scores, order="offline-first"):
     return best, len(scores) - 1 - scores[::-1].index(lo)   # latest of the minima
 
 
-def pairs_from_scores(scores, chosen, rejected, responses, *, order="offline-first", keep_ties=False):
+def pairs_from_scores(scores, candidates, *, order="offline-first", keep_ties=False):
     """SELM's relabelling step (Algorithm 1): per prompt, the best and the worst of the
     candidates {chosen, the policy's responses, rejected} by the judge's scores become the
     new pair.
 
-    scores:           list of per-prompt score lists, each in candidates_of's order
-    chosen, rejected: lists of the chunk's offline responses (any type: strings or token ids)
-    responses:        list, per prompt, of the policy's responses (y_ref alone in the paper)
-    keep_ties:        what to return when all the scores are equal
-    Returns a list aligned with the prompts: (chosen, rejected) pairs, and for a full tie None
-    (the candidates carry no preference; drop the example) or, with keep_ties=True, the
+    scores:     list of per-prompt score lists, each aligned with the prompt's candidates
+    candidates: list of per-prompt Candidate lists, each in candidates_of's `order`
+    keep_ties:  what to return when all the scores are equal
+    Returns a list aligned with the prompts: (chosen, rejected) Candidates, and for a full tie
+    None (the candidates carry no preference; drop the example) or, with keep_ties=True, the
     offline pair. Whatever its rank, y_ref stays the example's reference response for the
     optimism term, so it may appear in the pair as well.
     """
-    if not len(scores) == len(chosen) == len(rejected) == len(responses):
-        raise ValueError(f"lengths differ: {len(scores)} score lists, {len(chosen)} chosen, "
-                         f"{len(rejected)} rejected, {len(responses)} response lists")
+    if len(scores) != len(candidates):
+        raise ValueError(f"lengths differ: {len(scores)} score lists, {len(candidates)} candidate lists")
     pairs = []
-    for s, y_w, ys, y_l in zip(scores, chosen, responses, rejected):
-        candidates = candidates_of(y_w, ys, y_l, order)
-        if len(s) != len(candidates):
-            raise ValueError(f"{len(s)} scores for {len(candidates)} candidates")
+    for s, cs in zip(scores, candidates):
+        if len(s) != len(cs):
+            raise ValueError(f"{len(s)} scores for {len(cs)} candidates")
         ranked = best_and_worst(list(s), order)
         if ranked is None:
-            pairs.append((y_w, y_l) if keep_ties else None)
+            offline = {c.source: c for c in cs}
+            pairs.append((offline["chosen"], offline["rejected"]) if keep_ties else None)
         else:
-            pairs.append((candidates[ranked[0]], candidates[ranked[1]]))
+            pairs.append((cs[ranked[0]], cs[ranked[1]]))
     return pairs
 
 
-def relabel_counts(scores, chosen, responses, order="offline-first"):
+def relabel_counts(scores, candidates, order="offline-first"):
     """How the policy's best response (y_ref, or the best of its samples) fared against the
     offline chosen one, over a chunk's prompts.
 
-    scores: per-prompt score lists in candidates_of's order; chosen: the offline chosen
-    responses; responses: per prompt, the policy's (equal ones are the same answer). Returns
-    counts of prompts where the policy's best response was
+    scores: per-prompt score lists; candidates: per prompt, its Candidates (candidates_of, in
+    `order`; equal texts are the same answer). Returns counts of prompts where the policy's
+    best response was
       identical  -- the very same response as the offline chosen one;
       tied       -- a different response with the same score;
       better     -- scored strictly higher: the loop found better data than it was given;
     and "y_ref_chosen", the prompts whose new chosen response is one of the policy's.
     """
     out = {"identical": 0, "tied": 0, "better": 0, "y_ref_chosen": 0}
-    for s, y_w, ys in zip(scores, chosen, responses):
-        slots = [name for name in CANDIDATES[order] for _ in (ys if name == "y_ref" else [None])]
-        w = slots.index("chosen")
-        own = [k for k, name in enumerate(slots) if name == "y_ref"]
+    for s, cs in zip(scores, candidates):
+        w = next(i for i, c in enumerate(cs) if c.source == "chosen")
+        own = [i for i, c in enumerate(cs) if c.source == "y_ref"]
         k = max(own, key=lambda j: (s[j], -j))  # the best-scored, the earliest among equals
-        y = ys[own.index(k)]
-        out["identical"] += y_w == y
-        out["tied"] += y_w != y and s[k] == s[w]
+        out["identical"] += cs[w].text == cs[k].text
+        out["tied"] += cs[w].text != cs[k].text and s[k] == s[w]
         out["better"] += s[k] > s[w]
         ranked = best_and_worst(list(s), order)
-        out["y_ref_chosen"] += ranked is not None and slots[ranked[0]] == "y_ref"
+        out["y_ref_chosen"] += ranked is not None and cs[ranked[0]].source == "y_ref"
     return out

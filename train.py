@@ -10,14 +10,12 @@ joins the offline pair; the judge keeps the best and the worst; one epoch of the
 iterative online DPO. Plumbing lives in runtime.py, what goes to disk in checkpoint.py and outdir.py.
 """
 
-import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-import chat
 import data
 from checkpoint import commit, stage_names, stage_state
 from commands import one_line_errors, parse_config
@@ -26,10 +24,10 @@ from hf import export_stages
 from inputs import (RECIPES, awaiting_pairs, build_model, check_config, check_inputs, example_prompt, first_screen,
                     tokenizer_and_data)
 from outdir import begin, check_start, claim_out_dir, restore, resume_advice, survey
-from pairs import Unfinished, cached_pairs, offline_record, pair_settings, rendered
-from runtime import (Running, adamw, check_finite, judge_failure, last_screen, lr_at, optimizer_step, setup,
-                     summary_line)
-from selm import (candidates_of, dpo_loss, pairs_from_scores, preference_metrics, relabel_counts,
+from pairs import own_pairs
+from runtime import (Running, adamw, check_finite, judge_failure, last_screen, lr_at, optimizer_step,
+                     sample_responses, setup, summary_line)
+from selm import (Candidate, candidates_of, dpo_loss, pairs_from_scores, preference_metrics, relabel_counts,
                   selm_loss, shared_logps, split_logps, win)
 
 
@@ -51,7 +49,11 @@ class Config:
     sft: str = setting(None, "SFT demonstrations: JSONL with 'prompt' and 'completion'")
     prefs: str = setting(None, "offline preference pairs: JSONL with 'prompt', 'chosen', 'rejected' "
                                "(split into iterations + 1 equal chunks)")
-    prompts: str = setting(None, "evaluation prompts: JSONL with 'prompt' and maybe 'reference' (an answer to beat)")
+    train_prompts: str = setting(None, "training prompts instead of --prefs: JSONL with 'prompt', split into "
+                                       "iterations + 1 equal chunks; the --init-from model's --pair-samples answers "
+                                       "to each, judged by --judge, make its offline pair")
+    prompts: str = setting(None, "evaluation prompts, held out from training: JSONL with 'prompt' and maybe "
+                                 "'reference' (an answer to beat)")
     judge: str = setting(None, "the ranker: 'module:function' or 'file.py:function', judge(prompt, candidates) -> "
                                "scores; or 'rm:DIR', a reward model (*ForSequenceClassification directory)")
     bpe_path: str = setting(None, "directory of GPT-2 BPE files: vocab.bpe + encoder.json, or merges.txt + vocab.json")
@@ -60,7 +62,8 @@ class Config:
     task: str = setting("sorting", "the task when no data files are given, a file of tasks/: sorting (the letters of a "
                                    "word, for a fresh --model), instructions (verifiable instructions, for a chat "
                                    "model given by --init-from), or one of your own")
-    task_seed: int = setting(0, "seed of the built-in task's data (kept fixed across training seeds)")
+    task_seed: int = setting(0, "seed of the built-in task's data and of the answers that make offline pairs (kept "
+                                "fixed across training seeds)")
     min_len: int = setting(7, "shortest word to sort")
     max_len: int = setting(10, "longest word to sort")
     n_sft: int = setting(8192, "SFT demonstrations")
@@ -68,8 +71,8 @@ class Config:
     n_eval: int = setting(512, "held-out evaluation prompts")
     sft_passes: str = setting("1,3", "bubble-sort passes of the SFT demonstrations: lo,hi (more: better answers)")
     offline_passes: str = setting("0,4", "bubble-sort passes of the offline pairs' two responses: lo,hi")
-    pair_samples: int = setting(4, "instructions: answers of the starting model per prompt, at temperature 1, whose "
-                                   "best and worst by the judge make the prompt's offline pair")
+    pair_samples: int = setting(4, "--train-prompts and a chat model's task: answers of the starting model per prompt, "
+                                   "at temperature 1, whose best and worst by the judge make the prompt's offline pair")
     # SFT
     sft_steps: int = setting(1500, "SFT optimizer steps")
     sft_lr: float = setting(2e-3, "SFT peak learning rate")
@@ -138,42 +141,7 @@ def seed_for(seed, purpose, stage=0, k=0):
             "stage": seed * 1000 + stage,               # torch's global RNG in the stage (dropout)
             "batches": seed * 1000 + stage,             # the batch order of a preference epoch
             "y_ref": seed * 1000 + stage - 1 + 7 * k,   # pi_ref's k-th answers in a SELM stage
-            "kl": seed * 7919 + 100_003 * k,            # the k-th KL samples of every evaluation
-            "pairs": 1_000_003 * (seed + 1) + 1000 * stage + k}[purpose]  # instructions: the starting
-            # model's k-th answers to chunk `stage`'s prompts, from --task-seed: data, shared by training seeds
-
-
-# ---- the instruction task's offline pairs: the starting model's own answers, judged ----------
-
-def instruction_pairs(rt, cfg, tok, model, task_data):
-    """UltraFeedback's recipe on --task instructions: --pair-samples answers of the starting model
-    to each chunk's prompts, at temperature 1, judged; the best becomes chosen and the worst
-    rejected, and a prompt whose answers all tie is dropped; one cut off at --max-new-tokens stays
-    unfinished, as y_ref does. Built once and kept in --out-dir (pairs.cached_pairs), where
-    a resumed run, or one started from this run's stage, finds them. Returns task_data with its
-    chunks of prompts turned into chunks of pairs."""
-    template = chat.load_template(tok)
-    bar = rt.bar(None, f"offline pairs: prompts, {cfg.pair_samples} answers each", sum(map(len, task_data.chunks)))
-
-    def text(r):  # an answer as text without its EOS; one cut off at --max-new-tokens has none
-        words = tok.decode([t for t in r if t not in tok.eos_ids])
-        return words if r and r[-1] in tok.eos_ids else Unfinished(words)
-
-    def sample(prompts, k, seed):  # k answers per prompt, sharing its prefill
-        ids = [tok.encode_prompt(template.prompt([{"role": "user", "content": p}])) for p in prompts]
-        runs = sample_responses(rt, cfg, tok, model, ids, 1.0, [seed_for(seed, "pairs", k=j) for j in range(k)], bar)
-        return [[text(r) for r in answers] for answers in runs]
-    elsewhere = [os.path.dirname(os.path.abspath(cfg.start_from))] if cfg.start_from else []
-    pairs = cached_pairs(cfg.out_dir, task_data.chunks, sample, cfg.pair_samples, cfg.task_seed,
-                         pair_settings(cfg, tok, model, template, rt), write=rt.ranks.main,
-                         elsewhere=elsewhere, judge=task_data.judge)
-    bar.close()
-    rt.ranks.barrier()
-    empty = [i for i, chunk in enumerate(pairs) if not chunk]
-    if empty:
-        raise data.DataError(f"the starting model's {cfg.pair_samples} answers tied on every prompt of chunk "
-                             f"{empty[0]}: no offline pair to train on (is {cfg.init_from} a chat model?)")
-    return replace(task_data, chunks=rendered(pairs, template))
+            "kl": seed * 7919 + 100_003 * k}[purpose]   # the k-th KL samples of every evaluation
 
 
 # ---- stage 1: SFT -------------------------------------------------------------------------
@@ -301,16 +269,18 @@ def selm_iteration(rt, cfg, tok, t, policy, chunk, judge):
     # 2. y_ref: pi_ref's answers to every prompt of the chunk, in token ids (the authors: one,
     #    greedy). One cut off at --max-new-tokens has no EOS and gets none: it is unfinished.
     answers = reference_answers(rt, cfg, tok, ref, prompt_ids, stage)  # per prompt, k lists
-    texts = [[tok.decode(r[:-1] if r[-1] in tok.eos_ids else r) for r in a] for a in answers]
     clock.lap("t_sample")
-    # 3. the judge scores each prompt's candidates: the offline pair and n of pi_ref's answers
-    candidates = [candidates_of(w, ys[:n], l, cfg.tie_order) for w, ys, l in zip(chosen, texts, rejected)]
-    scores = rt.judge(judge, prompts, candidates, cfg.gen_batch_size, f"selm_{t}: judging")
+    # 3. each prompt's candidates, built once with their text and ids: the offline pair and n
+    #    of pi_ref's answers; the judge scores their text
+    candidates = [candidates_of(Candidate.of_text(w, tok), [Candidate.of_ids(y, tok) for y in ys[:n]],
+                                Candidate.of_text(l, tok), cfg.tie_order) for w, ys, l in zip(chosen, answers, rejected)]
+    scores = rt.judge(judge, prompts, [[c.text for c in cs] for cs in candidates], cfg.gen_batch_size,
+                      f"selm_{t}: judging")
     # 4. the best and the worst candidates become the pair; m of pi_ref's answers are the
     #    example's reference responses for the optimism term, whatever their rank
-    pairs = pairs_from_scores(scores, [*map(tok.encode_response, chosen)], [*map(tok.encode_response, rejected)],
-                              [ys[:n] for ys in answers], order=cfg.tie_order)
-    examples = [Example(p, *pair, tuple(ys[:m])) for p, pair, ys in zip(prompt_ids, pairs, answers) if pair]
+    pairs = pairs_from_scores(scores, candidates, order=cfg.tie_order)
+    examples = [Example(p, pair[0].ids, pair[1].ids, tuple(ys[:m])) for p, pair, ys in zip(prompt_ids, pairs, answers)
+                if pair]
     clock.lap("t_judge")
     optimizer = None
     if examples:
@@ -324,15 +294,15 @@ def selm_iteration(rt, cfg, tok, t, policy, chunk, judge):
     else:  # e.g. the judge tied every candidate of every prompt
         rt.say(f"warning: stage selm_{t} has no preference pairs to train on; the model is unchanged")
     # 7. what happened: pairs kept, ties, how y_ref fared, truncated answers, the time of each step
-    info = {**online_record(cfg, tok, scores, chosen, texts, answers, len(examples)), **clock.laps}
+    info = {**online_record(cfg, tok, scores, candidates, answers, len(examples)), **clock.laps}
     rt.log.write({"stage": f"selm_{t}", "online": info})
     return optimizer, info
 
 
-def online_record(cfg, tok, scores, chosen, texts, answers, kept):
+def online_record(cfg, tok, scores, candidates, answers, kept):
     """Step 7's counts: pairs kept and prompts dropped for a full tie; how pi_ref's best answer
     fared against the offline chosen one (selm.relabel_counts); answers cut off unfinished."""
-    counts = relabel_counts(scores, chosen, [ys[:cfg.online_samples] for ys in texts], cfg.tie_order)
+    counts = relabel_counts(scores, candidates, cfg.tie_order)
     return {"pairs": kept, "dropped_ties": len(scores) - kept,
             "y_ref_chosen": counts.pop("y_ref_chosen") / max(1, kept), **{f"y_ref_{k}": v for k, v in counts.items()},
             "y_ref_truncated": sum(r[-1] not in tok.eos_ids for a in answers for r in a)}
@@ -346,14 +316,6 @@ def reference_answers(rt, cfg, tok, ref, prompt_ids, stage):
     temperatures = [0.0 if greedy and j == 0 else cfg.temperature for j in range(k)]
     return sample_responses(rt, cfg, tok, ref, prompt_ids, temperatures,
                             [seed_for(cfg.seed, "y_ref", stage, j) for j in range(k)], f"selm_{stage - 1}: y_ref")
-
-
-def sample_responses(rt, cfg, tok, model, prompt_ids, temperature=0.0, seed=0, progress=None):
-    """Responses to every prompt (token lists, EOS included when emitted), sharded over ranks;
-    seed: an int, or one per answer (a list: per prompt a list of its answers, each answer at
-    its own temperature when temperature is a list too); progress: runtime.Runtime.blocks'."""
-    return rt.sample(model, prompt_ids, cfg.gen_batch_size, seed, progress, max_new_tokens=cfg.max_new_tokens,
-                     temperature=temperature, eos_id=tok.eos_ids, pad_id=tok.pad_id, compile=cfg.compile)
 
 
 # ---- evaluation -----------------------------------------------------------------------------
@@ -414,21 +376,21 @@ def run(cfg):
     start = check_start(cfg.start_from, stages, asdict(cfg), model.config) if cfg.start_from else None
     with claim_out_dir(cfg.out_dir, rt.ranks, create=not cfg.resume):
         ckpt, done = survey(cfg.out_dir, stages, asdict(cfg), model.config, start)
-        own_pairs = awaiting_pairs(task_data)
-        if own_pairs:  # a chat task's offline pairs are the starting model's own answers, judged
-            task_data = instruction_pairs(rt, cfg, tok, model, task_data)
+        made = None
+        if awaiting_pairs(task_data):  # prompts whose offline pairs are the starting model's own answers, judged
+            task_data, made = own_pairs(rt, cfg, tok, model, task_data)
             check_inputs(cfg, tok, task_data, model.config.block_size)
         begin(cfg.out_dir, ckpt, start, rt.log, rt.ranks)  # the run's first writes
-        return run_stages(rt, cfg, tok, model, task_data, sft_examples, ckpt, done, own_pairs)
+        return run_stages(rt, cfg, tok, model, task_data, sft_examples, ckpt, done, made)
 
 
-def run_stages(rt, cfg, tok, model, task_data, sft_examples, ckpt, done, own_pairs=False):
+def run_stages(rt, cfg, tok, model, task_data, sft_examples, ckpt, done, made=None):
     """Each stage after those `done` (ckpt: the last one's) trained, committed, evaluated, committed again;
-    own_pairs: the offline pairs are the starting model's answers (instruction_pairs)."""
+    made: what pairs.own_pairs recorded of offline pairs it made from the starting model's answers."""
     stages = stage_names(cfg.iterations)
     rt.say(first_screen(cfg, tok, task_data, model, rt))
-    if own_pairs and not cfg.resume:  # what the offline pairs hold (a resumed run's log has it)
-        rt.log.write({"offline_pairs": offline_record(task_data)})
+    if made and not cfg.resume:  # what the offline pairs hold (a resumed run's log has it)
+        rt.log.write({"offline_pairs": made})
     # continue after the last stage trained (state: that stage, if its evaluation was cut short)
     results, sft_answers, sft_model, state = restore(ckpt, model, cfg.out_dir, rt.device)
     rt.prepare(model)  # --fsdp, --activation-checkpointing

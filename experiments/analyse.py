@@ -35,7 +35,7 @@ from checkpoint import load_checkpoint, model_from_checkpoint, stage_path
 from commands import one_line_errors
 from files import write_json_atomic
 from runtime import Runtime, read_metrics, setup
-from selm import candidates_of, pairs_from_scores
+from selm import Candidate, candidates_of, pairs_from_scores
 from experiments.runner import read_json
 
 
@@ -111,9 +111,11 @@ def trained_pairs(run, ref, c, n):
         return Pairs(prompt_ids, list(zip(chosen_ids, rejected_ids)), [[] for _ in chunk])
     # iteration t = c is stage number c + 1: the same draws as selm_iteration's
     answers = [a[:cfg.online_samples] for a in train.reference_answers(run.rt, cfg, tok, ref, block_ids, c + 1)[:n]]
-    scores = judge(run, prompts, [candidates_of(w, [text(run, y) for y in ys], l, cfg.tie_order)
-                                  for w, ys, l in zip(chosen, answers, rejected)])
-    return Pairs(prompt_ids, pairs_from_scores(scores, chosen_ids, rejected_ids, answers, order=cfg.tie_order), answers)
+    candidates = [candidates_of(Candidate.of_text(w, tok), [Candidate.of_ids(y, tok) for y in ys],
+                                Candidate.of_text(l, tok), cfg.tie_order) for w, ys, l in zip(chosen, answers, rejected)]
+    scores = judge(run, prompts, [[x.text for x in cs] for cs in candidates])
+    pairs = [pair and (pair[0].ids, pair[1].ids) for pair in pairs_from_scores(scores, candidates, order=cfg.tie_order)]
+    return Pairs(prompt_ids, pairs, answers)
 
 
 # ---- the measurements ---------------------------------------------------------------------

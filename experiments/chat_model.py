@@ -31,7 +31,7 @@ from constraints import words
 from experiments import plots
 from experiments.runner import Job, check_experiment, parser as experiment_parser, read_json, run_all
 from files import write_json_atomic
-from pairs import PAIRS_FILE
+from pairs import PAIRS_FILE, own_pairs
 from runtime import setup
 from tasks.instructions import DEGENERATE, degenerate, make_task, parse_prompt, verdicts
 
@@ -66,7 +66,7 @@ def shared(args, P, task_seed, seed):
 
 def make_pairs(args, P, task_seed):
     """The offline pairs of task seed `task_seed` for T iterations, made once in this process
-    by the pipeline's own step (train.instruction_pairs) in <out>/pairs-<task_seed>/."""
+    by the pipeline's own step (pairs.own_pairs) in <out>/pairs-<task_seed>/."""
     out = os.path.join(args.out, f"pairs-{task_seed}")
     path = os.path.join(out, PAIRS_FILE)
     if not os.path.isfile(path):
@@ -77,7 +77,7 @@ def make_pairs(args, P, task_seed):
         tok, task_data = inputs.tokenizer_and_data(cfg, rt)
         model = inputs.build_model(cfg, tok, rt)
         rt.fit_dtype(cfg.dtype, model)  # as train.run settles it: the pairs its runs would make
-        train.instruction_pairs(rt, cfg, tok, model, task_data)
+        own_pairs(rt, cfg, tok, model, task_data)
         print(f"made the offline pairs of task seed {task_seed} in {path}", flush=True)
     return path
 

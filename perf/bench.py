@@ -10,14 +10,14 @@ bench.py -- how fast selm's hot paths are, each against a baseline timed in the 
 
 Sections (all but real on random-weight models; no data, no checkpoint):
   sampling  (perf/sampling.py) per shape (d256, gpt2-w4, gpt2, qwen2-0.5b; --shapes): tokens/s
-            of sample.generate, eager and compiled, on a ragged batch, greedy, no EOS, against
+            of sampler.generate, eager and compiled, on a ragged batch, greedy, no EOS, against
             Hugging Face's generate on the same weights (its tokens must equal ours), and for
             d256 and gpt2 against a sampler that recomputes the whole sequence for every new
             token, as nanoGPT's generate does; the compiled step's compile time; the decode
             step against its own matmuls. Qwen2-0.5B's shapes at 4 of its 24 layers on a CPU
             (--qwen2-layers).
   next-token  choosing a token at temperature 1 from a batch of logits at GPT-2's and
-            Qwen2's vocabularies: sample.next_token against torch.multinomial.
+            Qwen2's vocabularies: sampler.next_token against torch.multinomial.
   logps     peak memory and time of forward + backward through selm.sequence_logps against
             log_softmax over every position's logits, on GPT-2's 50257-word vocabulary and
             Qwen2's 151936.
@@ -62,7 +62,8 @@ from perf.sampling import SHAPES, bench_next_token, bench_sampling, profile_step
 from perf.measure import (RESULTS, autocast, busy_warning, compare, header, machine, peak_memory, random_model,
                           report, report_iteration, selm_iteration_times)
 from commands import one_line_errors
-from model import check_device, preset
+from model import preset
+from runtime import check_device
 from selm import selm_loss, sequence_logps, split_logps
 
 

@@ -29,7 +29,8 @@ import math
 import torch
 
 from commands import one_line_errors
-from model import GPT, GPTConfig, check_device
+from model import GPT, GPTConfig
+from runtime import check_device
 
 GB = 1e9
 # The models people align, by their published configs (vocabulary, width, depth, heads, MLP).

@@ -3,7 +3,7 @@ real.py -- perf.bench's real-model section (--sections real --init-from DIR): a 
 chat model on disk, e.g. SmolLM2-135M-Instruct (python -m tools.gguf_to_hf --smollm2 DIR),
 against what a user would otherwise run on it. The conversations are made up here (chat_pairs);
 their content does not matter to a timing, their ragged lengths do. fp32 on both sides; with
---bf16, bf16 on both: train.py's --dtype bfloat16 against TRL's bf16=True, sample.generate's
+--bf16, bf16 on both: train.py's --dtype bfloat16 against TRL's bf16=True, sampler.generate's
 dtype=bf16 against transformers' generate on bf16 weights (whose greedy tokens may then part
 from ours at a near-tie: the share of equal answers is printed, not required).
 
@@ -16,7 +16,7 @@ from ours at a near-tie: the share of equal answers is printed, not required).
              learning rate, beta and maximum length; TRL's optimizer is its default. Three
              interleaved rounds, each side starting from the weights on disk (loaded untimed),
              and no warm-up round: an epoch takes a minute.
-  sampling   sample.generate against transformers' generate, greedy, on 32 chat prompts of
+  sampling   sampler.generate against transformers' generate, greedy, on 32 chat prompts of
              ragged lengths until EOS or 64 new tokens: tokens per second, and the same tokens
              (a difference stops the benchmark).
   iteration  where one SELM iteration of train.py spends its time on this model: sampling,
@@ -200,11 +200,11 @@ def bench_chat_sampling(args, device, pairs, max_new_tokens, rounds):
 
     import hf
     from chat import load_template
-    from sample import generate
+    from sampler import generate
     from tokenizer import get_tokenizer
     n_prompts = len(pairs)
     header(f"greedy answers to {n_prompts} chat prompts of ragged lengths, until EOS or {max_new_tokens} tokens: "
-           "sample.generate against transformers' generate")
+           "sampler.generate against transformers' generate")
     tok = get_tokenizer(args.init_from, verbose=False)
     template = load_template(tok)
     prompts = [tok.encode_prompt(template.prompt(p["prompt"])) for p in pairs]
@@ -237,7 +237,7 @@ def bench_chat_sampling(args, device, pairs, max_new_tokens, rounds):
         i = differ[0]
         at = next((t for t, (a, b) in enumerate(zip(outs["ours"][i], outs["hf"][i])) if a != b),
                   min(map(len, (outs["ours"][i], outs["hf"][i]))))
-        raise RuntimeError(f"sample.generate and transformers' generate chose different greedy tokens in "
+        raise RuntimeError(f"sampler.generate and transformers' generate chose different greedy tokens in "
                            f"{len(differ)} of {n_prompts} answers (the first: answer {i}, token {at})")
     times = Timings({k: v[1:] for k, v in times.items()})
     n_tokens, n_theirs = sum(map(len, outs["ours"])), sum(map(len, outs["hf"]))

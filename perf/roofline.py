@@ -13,7 +13,7 @@ the model's):
   train step     the same batch forward and backward through the SELM loss, and AdamW's step
   SELM iteration train.selm_iteration on 32 conversational prompts (perf/real.py's data):
                  sampling, judging, reference log-probs and the epoch, by wall time
-Sampling runs as the sampler does (a bf16 copy of the weights, sample.in_dtype), the rest under
+Sampling runs as the sampler does (a bf16 copy of the weights, sampler.in_dtype), the rest under
 bf16 autocast with fp32 weights, as train.py does.
 
 For each: the seconds (median of interleaved rounds), the FLOPs it executes (counted by torch's
@@ -122,7 +122,7 @@ def hot_paths(model, dtype, quick):
     `dtype` (None: fp32). Each fn leaves the model's weights as it found them."""
     from data import collate_shared
     from runtime import Ranks, Runtime, adamw
-    from sample import StaticCache, decode_step, in_dtype, next_token, prefill, reads_whole_cache
+    from sampler import StaticCache, decode_step, in_dtype, next_token, prefill, reads_whole_cache
     from selm import selm_loss, shared_logps, split_logps
     cpu, V = torch.device("cpu"), model.config.vocab_size
     rt = Runtime(cpu, dtype, Ranks(), None)

@@ -1,5 +1,5 @@
 """
-sampling.py -- perf.bench's sampling section: tokens/s of sample.generate, eager and
+sampling.py -- perf.bench's sampling section: tokens/s of sampler.generate, eager and
 compiled, against Hugging Face's generate on the same weights and against a sampler that
 recomputes everything; the decode step against its own matmuls; compile time.
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from perf.measure import RESULTS, autocast, compare, header, random_model, report, sync, timed
 from model import GPTConfig, positions_from_mask, preset
-from sample import (StaticCache, bucket, compile_seconds, compiled_decode_step, decode_step, generate,
+from sampler import (StaticCache, bucket, compile_seconds, compiled_decode_step, decode_step, generate,
                     next_token, prefill)
 
 
@@ -222,7 +222,7 @@ def bench_sampling(args, device):
 
 
 def bench_next_token(args, device, B=32):
-    """Choosing the next token at temperature 1 from (B, V) logits: sample.next_token (the
+    """Choosing the next token at temperature 1 from (B, V) logits: sampler.next_token (the
     inverse of the running sum) against torch.multinomial over the softmax, at GPT-2's and
     Qwen2's vocabularies. Outside every tokens/s figure above, which decode greedily."""
     header(f"next-token sampling at temperature 1, batch {B}, no top-k or top-p")

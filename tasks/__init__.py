@@ -17,7 +17,7 @@ class Data(NamedTuple):
     chunks: one list per stage after SFT (iterations + 1): chunk 0 for offline DPO, chunk t for
             SELM iteration t. Each item an offline pair {"prompt", "chosen", "rejected"}; or, for
             a chat model's task, a prompt (a string) whose pair the starting model's own answers
-            make (--pair-samples of them, judged: train.instruction_pairs)
+            make (--pair-samples of them, judged: pairs.own_pairs)
     eval:   held-out prompts, {"prompt", "reference"}: an answer to beat, or None
     sft:    (prompt, response) demonstrations, if the task has any"""
     chunks: list

@@ -4,7 +4,7 @@ tasks/instructions.py -- the built-in task of a chat model: follow instructions 
 It plays the paper's setup with a real chat model (--init-from):
   - UltraFeedback: prompts in chunks, one per stage, and offline pairs the starting model writes
     itself: k answers per prompt at temperature 1, judged, best chosen and worst rejected
-    (train.instruction_pairs, cached by pairs.py);
+    (pairs.own_pairs, which makes and keeps them);
   - PairRM: `judge(prompt, candidates)` scores an answer by the share of the prompt's constraints
     it meets, read back from the prompt text, so it needs no hidden state;
   - AlpacaEval: held-out prompts whose topics AND constraint combinations training never sees,
@@ -306,7 +306,7 @@ def accuracies(prompts, answers):
 def make(cfg):
     """The prompts a run's settings (train.Config) ask for: --task-seed, --iterations + 1 chunks of
     --chunk-size, --n-eval held out. The chunks hold prompts: their pairs are the starting model's
-    own answers, judged (train.instruction_pairs)."""
+    own answers, judged (pairs.own_pairs)."""
     t = make_task(seed=cfg.task_seed, n_prompts_per_chunk=cfg.chunk_size, n_chunks=cfg.iterations + 1,
                   n_eval=cfg.n_eval)
     return Data(t.chunks, [{"prompt": p, "reference": None} for p in t.eval])

@@ -84,3 +84,14 @@ def chat_tokenizer(path, kind="chatml", template=True):
         config["chat_template"] = k["template"] if template is True else template
     (path / "tokenizer_config.json").write_text(json.dumps(config))
     return tok.get_vocab_size()
+
+
+def tiny_chat_model(path, block_size=1024):
+    """A tiny random Llama with a ChatML tokenizer and template, as a Hugging Face directory at
+    `path` (needs tokenizers and safetensors); returns the path as a string."""
+    import hf
+    from model import GPT, preset
+    vocab = chat_tokenizer(path, "chatml")
+    hf.save_pretrained(GPT(preset("tiny", vocab_size=vocab, model_type="llama", block_size=block_size)), str(path),
+                       tokenizer_dir=str(path))
+    return str(path)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import GPT, preset
-from sample import generate
+from sampler import generate
 from selm import sequence_logps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

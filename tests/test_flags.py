@@ -60,6 +60,7 @@ def test_every_train_flag_refuses_its_bad_values(tmp_path, monkeypatch, name, va
     assert not out.exists()  # nothing written
 
 
+OTHER = os.path.join(os.path.dirname(__file__), "conftest.py")  # a file that is not this one
 COMBINATIONS = [
     (["--batch-size", "10", "--micro-batch-size", "4"], "not a multiple of --micro-batch-size"),
     (["--min-len", "9", "--max-len", "8"], "--max-len 8 is below --min-len 9"),
@@ -67,7 +68,18 @@ COMBINATIONS = [
     (["--resume", "--start-from", __file__], "--start-from and --resume exclude each other"),
     (["--optimism-samples", "2"], "needs --y-ref sampled"),
     (["--fsdp"], "start it with torchrun"),
-    (["--prefs", __file__], "--prefs, --prompts and --judge together"),
+    (["--prefs", __file__], "needs --prompts and --judge, with --prefs (offline pairs) or --train-prompts"),
+    (["--train-prompts", __file__, "--judge", __file__ + ":judge"], "needs --prompts and --judge, with --prefs"),
+    (["--prefs", __file__, "--train-prompts", __file__, "--prompts", OTHER, "--judge", __file__ + ":judge"],
+     "--prefs and --train-prompts exclude each other"),
+    (["--train-prompts", __file__, "--prompts", OTHER, "--judge", __file__ + ":judge"],
+     "--train-prompts: the offline pairs are the answers of the --init-from model; give its directory"),
+    (["--init-from", os.path.dirname(__file__), "--train-prompts", __file__, "--prompts", OTHER, "--sft", OTHER,
+      "--judge", __file__ + ":judge"], "--train-prompts with --sft: the offline pairs are the --init-from model's"),
+    (["--init-from", os.path.dirname(__file__), "--train-prompts", __file__, "--prompts", __file__,
+      "--judge", __file__ + ":judge"], "--train-prompts and --prompts are the same file"),
+    (["--task", "instructions", "--init-from", os.path.dirname(__file__), "--train-prompts", __file__],
+     "leave out --sft, --prefs, --train-prompts, --prompts and --judge"),
     (["--offline-passes", "2,2"], "lo and hi must differ"),
     (["--sft", os.path.dirname(__file__)], "is a directory, not a file"),
     (["--judge", __file__.replace(".py", ".pyc") + ":judge"], "test_flags.pyc does not exist"),
@@ -151,9 +163,8 @@ def tiny_checkpoint(path):
 
 
 def sample_cli(tmp_path, monkeypatch):
-    import hf
     import sample
-    monkeypatch.setattr(hf, "load_model", reached)
+    monkeypatch.setattr(sample, "load_model", reached)
     return sample.main, ["--ckpt", tiny_checkpoint(tmp_path / "m.pt"), "--prompt", "x"]
 
 

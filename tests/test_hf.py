@@ -11,7 +11,7 @@ import torch
 
 import hf
 from model import GPT, positions_from_mask, preset
-from sample import generate
+from sampler import generate
 from conftest import extra
 
 transformers = extra("transformers", "these tests compare against transformers")

@@ -12,6 +12,7 @@ import pytest
 import constraints as C
 import pairs as P
 from tasks import instructions as I
+from data import judge_block
 from files import TMP_PREFIX
 from tokenizer import Templated
 from conftest import extra
@@ -137,8 +138,8 @@ def test_repetitive_answers_are_degenerate():
 # Every answer below is SmolLM2-135M-Instruct's (models/SmolLM2-135M-Instruct), verbatim, to a
 # TRAINING prompt of the task: task seed 0, chunk c (64 prompts a chunk, as the recipe draws
 # them), prompt i, cut at 48 new tokens (the recipe's --max-new-tokens), sampled through
-# train.sample_responses: "greedy" at temperature 0, or "sample k" at temperature 1 with
-# train.seed_for(c, "pairs", k=k-1), the draws train.instruction_pairs makes the offline pairs of.
+# runtime.sample_responses: "greedy" at temperature 0, or "sample k" at temperature 1 with
+# pairs.answer_seed(c, k-1), the draws pairs.own_pairs makes the offline pairs of.
 
 TITLE_PROMPTS = {  # (chunk, prompt index): prompt
     (0, 34): "Write a blog post about a robot. Give your answer a title wrapped in double angular brackets, such as "
@@ -379,12 +380,16 @@ def fake_sampler(calls):
     return sample
 
 
-def cached_pairs(*args, **kw):  # the instruction task's pairs, judged as train.instruction_pairs has them judged
-    return P.cached_pairs(*args, judge=I.judge, **kw)
+def score(prompts, answers):  # the instruction task's judge over a block, as pairs.own_pairs has it judge
+    return judge_block(I.judge, list(zip(prompts, answers)))
+
+
+def cached_pairs(*args, **kw):  # the pairs of each chunk
+    return P.cached_pairs(*args, score=score, **kw).chunks
 
 
 def build_pairs(*args, **kw):
-    return P.build_pairs(*args, judge=I.judge, **kw)
+    return P.build_pairs(*args, score=score, **kw)
 
 
 def prompts_of(*topics):
@@ -415,8 +420,9 @@ def test_pairs_are_cached_and_rebuilt_when_settings_change(tmp_path):
     assert lines[0]["settings"]["model"] == "m" and lines[0]["dropped"] == [1, 0]
     (tmp_path / "plain").write_bytes(b"")  # the permissions open() gives under this umask, not mkstemp's 0600
     assert path.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
-    again = cached_pairs(str(tmp_path), chunks, fake_sampler(calls), k=3, seed=5, settings={"model": "m"})
-    assert again == first and len(calls) == 2  # reused: the sampler was not called
+    again = P.cached_pairs(str(tmp_path), chunks, fake_sampler(calls), k=3, seed=5, settings={"model": "m"},
+                           score=score)
+    assert again == (first, [1, 0]) and len(calls) == 2  # reused, prompts dropped for a tie too: no sampling
     assert cached_pairs(str(tmp_path), chunks[:1], fake_sampler(calls), k=3, seed=5, settings={"model": "m"}) \
         == first[:1] and len(calls) == 2  # fewer iterations: the first chunks of the file serve
     for change in [dict(k=4), dict(seed=6), dict(settings={"model": "other"}), dict(chunks=chunks[::-1])]:
@@ -486,7 +492,7 @@ def test_answers_cut_off_stay_unfinished(tmp_path):
 def test_the_pairs_cache_keys_on_the_judges_rules_wherever_they_live():
     """A change to the checkers changes the judge: the cache's "rules" digest reads constraints.py
     as well as the task's own file (pairs.pair_settings)."""
-    files = P.code_files(I)
+    files = P.code_files(vars(I))
     assert {os.path.abspath(C.__file__), os.path.abspath(I.__file__)} <= set(files)
     assert not [f for f in files if "torch" in f or f.endswith("inputs.py")]
 

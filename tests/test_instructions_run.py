@@ -20,7 +20,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from chat_dirs import chat_tokenizer  # noqa: E402
+from chat_dirs import tiny_chat_model  # noqa: E402
 from conftest import extra  # noqa: E402
 
 extra("tokenizers", "trains a chat tokenizer")
@@ -46,13 +46,7 @@ train.main({argv!r})
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
     """A tiny random Llama with a ChatML tokenizer and template, as a Hugging Face directory."""
-    import hf
-    from model import GPT, preset
-    d = tmp_path_factory.mktemp("tiny-chat")
-    vocab = chat_tokenizer(d, "chatml")
-    hf.save_pretrained(GPT(preset("tiny", vocab_size=vocab, model_type="llama", block_size=1024)), str(d),
-                       tokenizer_dir=str(d))
-    return str(d)
+    return tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
 
 
 def argv(model, out, *extra):
@@ -150,6 +144,7 @@ def test_the_pairs_cache_is_keyed_on_everything_that_shapes_them(chat_model, tmp
     import train as T
     from chat_dirs import chat_tokenizer
     from pairs import pair_settings
+    from tasks import instructions
     from tokenizer import get_tokenizer
     cfg = T.parse_args(argv(chat_model, tmp_path / "o"))
     inputs.check_config(cfg)
@@ -157,8 +152,9 @@ def test_the_pairs_cache_is_keyed_on_everything_that_shapes_them(chat_model, tmp
     template = chat.load_template(tok)
     model = inputs.build_model(cfg, tok, runtime.setup("cpu", "auto", str(tmp_path)))
     rt = runtime.setup("cpu", "auto", str(tmp_path))
-    key = pair_settings(cfg, tok, model, template, rt)
-    assert pair_settings(cfg, tok, model, template, rt) == key
+    judge = instructions.judge
+    key = pair_settings(cfg, tok, model, template, rt, judge)
+    assert pair_settings(cfg, tok, model, template, rt, judge) == key
     other = tmp_path / "other-tokenizer"
     chat_tokenizer(other, "llama3")
     changed = torch.nn.Linear(1, 1)
@@ -167,13 +163,15 @@ def test_the_pairs_cache_is_keyed_on_everything_that_shapes_them(chat_model, tmp
         heavier.lm_head.weight[0, 0] += 1
     for what, args in {
             "template": (cfg, tok, model, chat.ChatTemplate(template.text + " ", template.source, template.specials,
-                                                            template.end_of_turn), rt),
-            "gen_batch_size": (dataclasses.replace(cfg, gen_batch_size=3), tok, model, template, rt),
-            "max_new_tokens": (dataclasses.replace(cfg, max_new_tokens=5), tok, model, template, rt),
-            "tokenizer": (cfg, get_tokenizer(str(other), verbose=False), model, template, rt),
-            "model": (cfg, tok, heavier, template, rt),
-            "dtype": (cfg, tok, model, template, dataclasses.replace(rt, dtype=None if rt.dtype else torch.bfloat16)),
-            "device": (cfg, tok, model, template, dataclasses.replace(rt, device=torch.device("meta")))}.items():
+                                                            template.end_of_turn), rt, judge),
+            "gen_batch_size": (dataclasses.replace(cfg, gen_batch_size=3), tok, model, template, rt, judge),
+            "max_new_tokens": (dataclasses.replace(cfg, max_new_tokens=5), tok, model, template, rt, judge),
+            "tokenizer": (cfg, get_tokenizer(str(other), verbose=False), model, template, rt, judge),
+            "model": (cfg, tok, heavier, template, rt, judge),
+            "dtype": (cfg, tok, model, template, dataclasses.replace(rt, dtype=None if rt.dtype else torch.bfloat16),
+                      judge),
+            "device": (cfg, tok, model, template, dataclasses.replace(rt, device=torch.device("meta")), judge),
+            "judge": (cfg, tok, model, template, rt, lambda prompt, candidates: [0.0] * len(candidates))}.items():
         assert pair_settings(*args)[what] != key[what], what
     del changed
 
@@ -185,7 +183,8 @@ def test_answers_that_cannot_fit_are_refused_before_sampling(chat_model, tmp_pat
 
     def sampled(*args, **kw):
         raise AssertionError("the starting model was sampled")
-    monkeypatch.setattr(T, "sample_responses", sampled)
+    import runtime
+    monkeypatch.setattr(runtime.Runtime, "sample", sampled)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
         T.main(argv(chat_model, out, "--max-new-tokens", "1000"))

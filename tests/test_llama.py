@@ -10,7 +10,7 @@ import torch
 
 from conftest import PROMPTS, greedy_reference
 from model import GPT, preset, rope_frequencies
-from sample import generate
+from sampler import generate
 
 V = 61
 

@@ -18,7 +18,7 @@ import tokenizer
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
 from model import positions_from_mask
-from sample import generate
+from sampler import generate
 from texts import NOT_NFC, RARE_BYTES, TEXTS, assert_same_ids, random_texts
 from conftest import extra
 
@@ -237,7 +237,8 @@ def test_the_instruction_task_refuses_answers_that_cannot_fit_before_sampling(re
     then a pair (its answer cut to fit, an EOS appended) did not fit. Now refused first."""
     def sampled(*args, **kw):
         raise AssertionError("the starting model was sampled")
-    monkeypatch.setattr(train, "sample_responses", sampled)
+    import runtime
+    monkeypatch.setattr(runtime.Runtime, "sample", sampled)
     with pytest.raises(SystemExit) as e:
         train.main(["--init-from", real.dir, "--task", "instructions", "--block-size", "100", "--device", "cpu",
                     "--out-dir", str(tmp_path / "out")])

@@ -3,7 +3,7 @@ import torch
 
 from conftest import PROMPTS, greedy_reference
 from model import GPT, preset
-from sample import filter_logits, generate, next_token
+from sampler import filter_logits, generate, next_token
 
 EOS = 60
 
@@ -67,22 +67,23 @@ def test_finished_rows_leave_the_batch_and_nobody_else_changes(temperature, monk
     """Rows that emitted EOS are dropped from the batch (a quarter of it done, checked every
     few steps): each other row gets exactly the tokens, and with a seed exactly the samples,
     that it gets when nobody is dropped (no check before the end)."""
-    import sample
+    import sampler
     torch.manual_seed(0)
     m = GPT(preset("tiny", vocab_size=12, block_size=64)).double().eval()  # 12 tokens: EOS comes early and often
     prompts = [[1 + i % 11, 2, 3][:1 + i % 3] for i in range(16)]
     sizes = []
-    step = sample.decode_step
-    monkeypatch.setattr(sample, "decode_step", lambda model, tokens, *a: sizes.append(len(tokens)) or step(model, tokens, *a))
-    free, _ = sample.generate(m, prompts, 40, temperature=temperature, seed=3)
+    step = sampler.decode_step
+    monkeypatch.setattr(sampler, "decode_step",
+                        lambda model, tokens, *a: sizes.append(len(tokens)) or step(model, tokens, *a))
+    free, _ = sampler.generate(m, prompts, 40, temperature=temperature, seed=3)
     rows_with = lambda t: sum(t in r for r in free)  # noqa: E731
     eos = max((t for t in range(12) if rows_with(t) < len(prompts)), key=rows_with)  # ends some rows, not all
     kw = dict(temperature=temperature, eos_id=eos, seed=3, pad_id=0)
     sizes.clear()
-    dropped, fin = sample.generate(m, prompts, 40, **kw)
+    dropped, fin = sampler.generate(m, prompts, 40, **kw)
     assert min(sizes) < len(prompts)  # rows did leave the batch
     sizes.clear()
-    kept, fin2 = sample.generate(m, prompts, 40, stop_check_every=1000, **kw)
+    kept, fin2 = sampler.generate(m, prompts, 40, stop_check_every=1000, **kw)
     assert set(sizes) == {len(prompts)}
     assert dropped == kept and fin == fin2 and 0 < sum(fin) < len(prompts)
 
@@ -225,7 +226,7 @@ def test_k_answers_share_one_prefill_and_are_those_of_k_calls(monkeypatch):
     """samples=k: each prompt runs through the model once (one prefill of B rows), its keys and
     values copied to its k rows; with one seed per answer, answer j is, token for token, what a
     call with that seed alone samples (fp32; rows that stop early leave the batch on the way)."""
-    import sample
+    import sampler
     m = tiny(seed=3)
     seeds = [5, 6, 7]
     widths = []
@@ -233,25 +234,25 @@ def test_k_answers_share_one_prefill_and_are_those_of_k_calls(monkeypatch):
     monkeypatch.setattr(m, "forward", lambda idx, *a, **k: widths.append(tuple(idx.shape)) or orig(idx, *a, **k))
     for kw in (dict(temperature=1.0), dict(temperature=0.7, top_k=20, eos_id=EOS), dict(temperature=0.0)):
         widths.clear()
-        shared, fin = sample.generate(m, PROMPTS, 12, seed=seeds, samples=3, **kw)
+        shared, fin = sampler.generate(m, PROMPTS, 12, seed=seeds, samples=3, **kw)
         assert widths[0] == (len(PROMPTS), 7) and all(w[1] == 1 for w in widths[1:])  # one prefill, then decode steps
         assert widths[1][0] == 3 * len(PROMPTS)
-        alone = [sample.generate(m, PROMPTS, 12, seed=s, **kw) for s in seeds]
+        alone = [sampler.generate(m, PROMPTS, 12, seed=s, **kw) for s in seeds]
         assert shared == [r for i in range(len(PROMPTS)) for r in (a[0][i] for a in alone)]
         assert fin == [f for i in range(len(PROMPTS)) for f in (a[1][i] for a in alone)]
     assert len({tuple(r) for r in shared[:3]}) == 1  # greedy: the k answers of a prompt agree
     # one temperature per answer: a prompt's greedy answer and its samples in one batch
     temps = [0.0, 1.0, 0.7]
-    mixed = sample.generate(m, PROMPTS, 12, seed=seeds, samples=3, temperature=temps, eos_id=EOS)
-    alone = [sample.generate(m, PROMPTS, 12, seed=s, temperature=t, eos_id=EOS) for s, t in zip(seeds, temps)]
+    mixed = sampler.generate(m, PROMPTS, 12, seed=seeds, samples=3, temperature=temps, eos_id=EOS)
+    alone = [sampler.generate(m, PROMPTS, 12, seed=s, temperature=t, eos_id=EOS) for s, t in zip(seeds, temps)]
     assert mixed == tuple([r for i in range(len(PROMPTS)) for r in (a[k][i] for a in alone)] for k in (0, 1))
-    one_generator = sample.generate(m, [PROMPTS[1]], 12, seed=4, samples=3)[0]
-    assert one_generator == sample.generate(m, [PROMPTS[1]] * 3, 12, seed=4)[0]  # one seed: row order
+    one_generator = sampler.generate(m, [PROMPTS[1]], 12, seed=4, samples=3)[0]
+    assert one_generator == sampler.generate(m, [PROMPTS[1]] * 3, 12, seed=4)[0]  # one seed: row order
     for bad in (dict(seed=[1, 2]), dict(temperature=[0.0, 1.0])):
         with pytest.raises(ValueError, match="one per sample"):
-            sample.generate(m, PROMPTS, 4, samples=3, **bad)
+            sampler.generate(m, PROMPTS, 4, samples=3, **bad)
     with pytest.raises(ValueError, match="temperature must be 0"):
-        sample.generate(m, PROMPTS, 4, samples=2, temperature=[0.0, -1.0])
+        sampler.generate(m, PROMPTS, 4, samples=2, temperature=[0.0, -1.0])
 
 
 def test_greedy_picks_the_first_of_equal_maxima_as_argmax():
@@ -265,27 +266,27 @@ def test_another_dtype_samples_with_a_copy_cast_once():
     logits) are bf16, made once per call; the model itself is left as it was, in its mode. On a
     CPU the bf16 decode step reads every slot of the cache (unwritten ones masked): cheaper there
     than a view of the written ones, which the bf16 matmul would copy."""
-    import sample
+    import sampler
     m = tiny(seed=1).train()
     cast = GPT(m.config)
     cast.load_state_dict(m.state_dict())
     cast = cast.to(torch.bfloat16).eval()
     seen = []
-    orig = sample.decode_step
-    sample.decode_step = lambda model, tokens, cache, n_slots: seen.append((cache.k[0].dtype, n_slots)) or \
+    orig = sampler.decode_step
+    sampler.decode_step = lambda model, tokens, cache, n_slots: seen.append((cache.k[0].dtype, n_slots)) or \
         orig(model, tokens, cache, n_slots)
     try:
         got = generate(m, PROMPTS, 10, temperature=0, dtype=torch.bfloat16)
     finally:
-        sample.decode_step = orig
+        sampler.decode_step = orig
     assert got == generate(cast, PROMPTS, 10, temperature=0)
     assert set(seen) == {(torch.bfloat16, None)} and m.training  # None: bf16 on a CPU reads the whole cache
     assert all(p.dtype == torch.float32 for p in m.parameters())
-    assert sample.in_dtype(m, None) is m and sample.in_dtype(m, torch.float32) is m
-    twin = sample.in_dtype(m, torch.bfloat16)
+    assert sampler.in_dtype(m, None) is m and sampler.in_dtype(m, torch.float32) is m
+    twin = sampler.in_dtype(m, torch.bfloat16)
     assert twin.lm_head.weight is twin.transformer.wte.weight  # still one tied matrix
-    kept = sample.in_dtype(m, torch.bfloat16, keep=True)  # compiled sampling keeps its copy...
+    kept = sampler.in_dtype(m, torch.bfloat16, keep=True)  # compiled sampling keeps its copy...
     with torch.no_grad():
         m.transformer.wte.weight.mul_(2)
-    assert sample.in_dtype(m, torch.bfloat16, keep=True) is kept  # ...and refreshes it in place
+    assert sampler.in_dtype(m, torch.bfloat16, keep=True) is kept  # ...and refreshes it in place
     assert torch.equal(kept.lm_head.weight, m.transformer.wte.weight.bfloat16())

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import sample
+import sampler
 from model import GPT, preset
-from sample import bucket, generate
+from sampler import bucket, generate
 
 FAMILIES = {"gpt2": {}, "qwen2-like": dict(model_type="qwen2", n_head=4, n_kv_head=2, n_inner=96, qkv_bias=True)}
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]  # 3 rows: padded to a batch of 4
@@ -47,14 +47,14 @@ def test_compiled_equals_eager(model):
 
 def test_bucket_reused_and_its_stale_cache_hidden(model):
     generate(model, PROMPTS, 14, temperature=0, compile=True)  # compiled (or already was)
-    graphs, compiled = len(sample._COMPILED[model]), sample.compile_seconds(model)
+    graphs, compiled = len(sampler._COMPILED[model]), sampler.compile_seconds(model)
     # other prompt lengths, max_new_tokens and batch size in the same bucket (4 rows, 64 slots):
     # no new graph. The longer prompts of the call before left keys in slots these rows must
     # not see.
     for prompts, n in [([[5, 4, 3], [2], [7] * 5], 20), (PROMPTS[::-1] + [[9, 9]], 9), ([[1] * 30, [2], [3, 3]], 33)]:
         assert generate(model, prompts, n, temperature=0, compile=True) == \
             generate(model, prompts, n, temperature=0)
-    assert len(sample._COMPILED[model]) == graphs and sample.compile_seconds(model) == compiled
+    assert len(sampler._COMPILED[model]) == graphs and sampler.compile_seconds(model) == compiled
 
 
 def test_compiled_step_sees_training_updates():
@@ -70,7 +70,7 @@ def test_compiled_step_sees_training_updates():
     before = rt.sample(m, PROMPTS, 4, max_new_tokens=14, temperature=0, compile=True)
     clock.lap("t_sample")
     wall = time.time() - t0
-    assert rt.compile_seconds == sample.compile_seconds(m) > 0.1  # compiling takes seconds
+    assert rt.compile_seconds == sampler.compile_seconds(m) > 0.1  # compiling takes seconds
     assert clock.laps["t_compile"] == rt.compile_seconds and 0 <= clock.laps["t_sample"] < wall - 0.1
     assert abs(clock.laps["t_sample"] + clock.laps["t_compile"] - wall) < 0.05
     rt.sample(m, PROMPTS, 4, max_new_tokens=14, temperature=0, compile=True)  # the bucket is compiled

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from model import GPT, preset  # noqa: E402
-from selm import (CANDIDATES, best_and_worst, candidates_of, check_hparams,  # noqa: E402
+from selm import (CANDIDATES, Candidate, best_and_worst, candidates_of, check_hparams,  # noqa: E402
                   dpo_loss, optimism_term, pairs_from_scores, preference_metrics, relabel_counts,
                   reference_logps, selm_loss, sequence_logps, split_logps)
 
@@ -402,9 +402,47 @@ def test_best_and_worst_ties():
     assert best_and_worst([0.0, 2.0]) == (1, 0)
 
 
-def _scores(named):
+def answer(text, finished=True):
+    """A Candidate named by its text, its ids the text's characters."""
+    return Candidate(text, [ord(c) for c in text], finished=finished)
+
+
+def cands(chosen, responses, rejected, order="offline-first"):
+    """One prompt's Candidates: the offline pair's two answers and the policy's, named by their texts."""
+    return candidates_of(answer(chosen), [answer(y) for y in responses], answer(rejected), order)
+
+
+def texts(pair):
+    return pair and (pair[0].text, pair[1].text)
+
+
+def _scores(named, order="offline-first"):
     """A score list in CANDIDATES order from {"W": chosen, "R": y_ref, "L": rejected} scores."""
-    return candidates_of(named["W"], [named["R"]], named["L"])
+    return [named[c.text] for c in cands("W", ["R"], "L", order)]
+
+
+def test_a_candidate_is_built_once_with_its_text_ids_and_source():
+    """The candidates the judge reads and the pairs training reads are the same objects: text and
+    ids together, whatever the order puts where."""
+    class Tok:
+        eos_ids = {0}
+
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+        def encode_response(self, text):
+            return [ord(c) for c in text] + ([0] if getattr(text, "finished", True) else [])
+    tok = Tok()
+    assert Candidate.of_ids([104, 105, 0], tok) == Candidate("hi", [104, 105, 0], "", True)
+    assert Candidate.of_ids([104, 105], tok) == Candidate("hi", [104, 105], "", False)  # no EOS: cut off
+    assert Candidate.of_text("ok", tok).ids == [111, 107, 0]
+    for order in CANDIDATES:
+        cs = candidates_of(Candidate.of_text("W", tok), [Candidate.of_ids([82, 0], tok)], Candidate.of_text("L", tok),
+                           order)
+        assert [c.source for c in cs] == list(CANDIDATES[order])
+        assert [c.text for c in cs] == [{"chosen": "W", "y_ref": "R", "rejected": "L"}[c.source] for c in cs]
+        (w, l), = pairs_from_scores([[{"W": 1, "R": 2, "L": 0}[c.text] for c in cs]], [cs], order=order)
+        assert (w.text, w.ids, w.source, l.text, l.ids) == ("R", [82, 0], "y_ref", "L", [76, 0])
 
 
 @pytest.mark.parametrize("scores,pair", [
@@ -420,17 +458,17 @@ def _scores(named):
 ])
 def test_pairs_from_scores(scores, pair):
     assert CANDIDATES["offline-first"] == ("chosen", "y_ref", "rejected")
-    assert pairs_from_scores([_scores(scores)], ["W"], ["L"], [["R"]]) == [pair]
+    assert [texts(p) for p in pairs_from_scores([_scores(scores)], [cands("W", ["R"], "L")])] == [pair]
 
 
 def test_pairs_from_scores_keep_ties_and_lengths():
-    s = [[1, 1, 1], _scores({"A": 0, "W": 0, "R": 1, "L": 2})]
-    assert pairs_from_scores(s, ["W", "A"], ["L", "B"], [["R"], ["R"]], keep_ties=True) == \
-        [("W", "L"), ("B", "A")]
+    s = [[1, 1, 1], [0, 1, 2]]
+    both = [cands("W", ["R"], "L"), cands("A", ["R"], "B")]
+    assert [texts(p) for p in pairs_from_scores(s, both, keep_ties=True)] == [("W", "L"), ("B", "A")]
     with pytest.raises(ValueError, match="lengths"):
-        pairs_from_scores(s[:1], ["W", "A"], ["L"], [["R"]])
+        pairs_from_scores(s[:1], both)
     with pytest.raises(ValueError, match="scores"):
-        pairs_from_scores([[1.0, 2.0]], ["W"], ["L"], [["R"]])
+        pairs_from_scores([[1.0, 2.0]], both[:1])
 
 
 @pytest.mark.parametrize("scores,offline_first,authors", [
@@ -443,15 +481,15 @@ def test_authors_order_breaks_ties_the_other_way(scores, offline_first, authors)
     """The authors' script ranks [y_ref, chosen, rejected] and takes the first best and the
     first worst; the default puts the offline labels first and last."""
     for order, want in (("offline-first", offline_first), ("authors", authors)):
-        s = candidates_of(scores["W"], [scores["R"]], scores["L"], order)
-        assert pairs_from_scores([s], ["W"], ["L"], [["R"]], order=order) == [want], order
+        got = pairs_from_scores([_scores(scores, order)], [cands("W", ["R"], "L", order)], order=order)
+        assert [texts(p) for p in got] == [want], order
 
 
 def test_several_policy_answers_join_the_pair():
     # [chosen, y_1, y_2, y_3, rejected]: y_2 is the best, y_3 the worst
-    s = [[0.5, 0.4, 0.9, 0.1, 0.2]]
-    assert pairs_from_scores(s, ["W"], ["L"], [["a", "b", "c"]]) == [("b", "c")]
-    n = relabel_counts(s, ["W"], [["a", "b", "c"]])
+    s, cs = [[0.5, 0.4, 0.9, 0.1, 0.2]], [cands("W", ["a", "b", "c"], "L")]
+    assert [texts(p) for p in pairs_from_scores(s, cs)] == [("b", "c")]
+    n = relabel_counts(s, cs)
     assert n == {"identical": 0, "tied": 0, "better": 1, "y_ref_chosen": 1}
 
 
@@ -469,7 +507,7 @@ def test_relabel_counts_tell_identical_tied_and_better_apart():
               _scores({"W": 1, "R": 1, "L": 0}),   # another answer, same score
               _scores({"W": 1, "R": 2, "L": 0}),   # strictly better: becomes the chosen one
               _scores({"W": 1, "R": 0, "L": 0.5})]  # worse
-    n = relabel_counts(scores, ["abc", "abc", "abc", "abc"], [["abc"], ["abd"], ["xyz"], ["q"]])
+    n = relabel_counts(scores, [cands("abc", [y], "L") for y in ("abc", "abd", "xyz", "q")])
     assert n == {"identical": 1, "tied": 1, "better": 1, "y_ref_chosen": 1}
 
 

@@ -11,8 +11,8 @@ import data
 import inputs
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
-from model import compute_dtype
-from sample import generate
+from runtime import compute_dtype
+from sampler import generate
 from sample import main as sample_main
 from selm import win
 from tasks import sorting
@@ -312,18 +312,18 @@ def test_adamw_is_fused_under_autocast_and_plain_in_fp32():
 def test_dtype_auto_weighs_the_hardware_and_the_width(monkeypatch):
     """--dtype auto on a CPU: bf16 autocast where torch reports bf16 matrix units and the model is
     wide enough to gain; fp32 otherwise, and where the check is unavailable. Each with its reason."""
-    import model as model_py
+    import runtime
     cpu = torch.device("cpu")
-    assert model_py.compute_dtype(cpu, "float32", 1024) == (None, "--dtype float32")
-    assert model_py.compute_dtype(cpu, "bfloat16", 64)[0] == torch.bfloat16  # asked for: as asked
-    monkeypatch.setattr(model_py, "cpu_bf16_units", lambda: ["AMX-BF16"])
-    assert model_py.compute_dtype(cpu, "auto", 576) == (torch.bfloat16, "this CPU has AMX-BF16")
-    assert model_py.compute_dtype(cpu, "auto") == (torch.bfloat16, "this CPU has AMX-BF16")  # width not known yet
-    dtype, why = model_py.compute_dtype(cpu, "auto", 128)
+    assert runtime.compute_dtype(cpu, "float32", 1024) == (None, "--dtype float32")
+    assert runtime.compute_dtype(cpu, "bfloat16", 64)[0] == torch.bfloat16  # asked for: as asked
+    monkeypatch.setattr(runtime, "cpu_bf16_units", lambda: ["AMX-BF16"])
+    assert runtime.compute_dtype(cpu, "auto", 576) == (torch.bfloat16, "this CPU has AMX-BF16")
+    assert runtime.compute_dtype(cpu, "auto") == (torch.bfloat16, "this CPU has AMX-BF16")  # width not known yet
+    dtype, why = runtime.compute_dtype(cpu, "auto", 128)
     assert dtype is None and "128 wide runs faster in fp32" in why
-    monkeypatch.setattr(model_py, "cpu_bf16_units", lambda: [])
-    dtype, why = model_py.compute_dtype(cpu, "auto", 576)
+    monkeypatch.setattr(runtime, "cpu_bf16_units", lambda: [])
+    dtype, why = runtime.compute_dtype(cpu, "auto", 576)
     assert dtype is None and "no bf16 matrix unit" in why
     monkeypatch.undo()
     monkeypatch.delattr(torch._C._cpu, "_get_cpu_capability")  # another torch: the private check is gone
-    assert model_py.cpu_bf16_units() == [] and model_py.compute_dtype(cpu, "auto", 576)[0] is None
+    assert runtime.cpu_bf16_units() == [] and runtime.compute_dtype(cpu, "auto", 576)[0] is None

@@ -79,7 +79,7 @@ def test_malformed_input_is_one_clear_line(tmp_path, files, flag, content, msg):
 def test_judge_and_data_flags_must_come_together(tmp_path, files):
     with pytest.raises(SystemExit) as e:
         train.main(SMALL + ["--prefs", files["--prefs"], "--out-dir", str(tmp_path)])
-    assert "--prefs, --prompts and --judge together" in str(e.value)
+    assert "needs --prompts and --judge, with --prefs (offline pairs) or --train-prompts" in str(e.value)
     with pytest.raises(SystemExit) as e:
         train.main(SMALL + flags(files, **{"--judge": "no_such_module_xyz:judge"}) + ["--out-dir", str(tmp_path)])
     assert "no_such_module_xyz" in str(e.value)

@@ -55,7 +55,7 @@ def parser():
 
 def check_args(args):
     """Every argument checked, in one line naming it, before anything is read."""
-    from model import check_device
+    from runtime import check_device
     for name in ("model", "task", "prompts", "judge", "out"):
         if getattr(args, name) == "":
             raise ValueError(f"{'MODEL' if name == 'model' else '--' + name} is empty")
