@@ -12,7 +12,7 @@ inputs.py -- what a run starts from: its settings checked, its tokenizer, data a
   model      a fresh preset sized for the tokenizer, or a Hugging Face directory on disk
              (GPT-2, Llama, Mistral, Qwen2, Qwen3: hf.py).
 Each function takes the run's configuration (train.Config) and fails with one line that
-names the problem, before anything is trained. `first_screen` tells the user what was found.
+names the problem, before anything is trained (screens.first_screen tells the user what was found).
 """
 
 import dataclasses
@@ -20,7 +20,6 @@ import importlib
 import importlib.util
 import math
 import os
-import shlex
 import sys
 
 import chat
@@ -28,11 +27,10 @@ import data
 import reward
 import tasks
 from checkpoint import stage_names
-from commands import defaults_for
 from files import file_problem
 from hf import check_stages, load_pretrained
 from model import GPT, PRESETS, preset
-from pairs import as_prompt, offline_record, rendered
+from pairs import as_prompt, rendered
 from runtime import DTYPES, check_device
 from selm import LOSS_TYPES, check_hparams
 from tokenizer import get_tokenizer
@@ -371,79 +369,3 @@ def passes(spec, which):
     except (ValueError, AssertionError):
         raise ValueError(f"--{which}-passes must be lo,hi with 0 <= lo <= hi, got {spec!r}") from None
     return lo, hi
-
-
-# ---- what the user is told -----------------------------------------------------------------
-
-def first_screen(cfg, tok, task_data, model, rt):
-    """The opening lines of a run: the model, the data, the stages to come, and only the
-    settings that differ from their defaults."""
-    t, where = cfg.iterations, f"{cfg.init_from}'s weights" if cfg.init_from else "fresh weights"
-    dtype = f"{str(rt.dtype).removeprefix('torch.')} autocast" if rt.dtype else "float32"
-    dtype += f": {rt.why_dtype}" if rt.why_dtype else ""  # which, and why (--dtype auto looks at the hardware)
-    if task_data.builtin:
-        task = load_task(cfg.task)
-        source = f"--task {cfg.task}: {task.about.format(cfg=cfg)} (tasks/{cfg.task}.py)" + (
-            f", offline pairs from {cfg.pair_samples} answers of the starting model per prompt, in its chat template"
-            if task.template is None else "")
-    else:
-        source = ", ".join(f"{flag(k)} {getattr(cfg, k)}" for k in ("sft", "prefs", "train_prompts", "prompts")
-                           if getattr(cfg, k))
-        source += f", judged by {data.judge_name(task_data.judge)}" + (
-            f", offline pairs from {cfg.pair_samples} answers of the starting model per training prompt"
-            if cfg.train_prompts else "") + (
-            ", conversations in the model's chat template" if task_data.conversational else "")
-    stages = [f"sft ({cfg.sft_steps} steps of {cfg.sft_batch_size})" if task_data.sft else "sft (the weights as loaded)",
-              "dpo (chunk 0's pairs)"] + ([f"selm_1..selm_{t} (chunks 1..{t}, alpha {cfg.alpha}" +
-                                           ("" if cfg.alpha else ": iterative online DPO") + ")"] if t else [])
-    changed = changed_settings(cfg, leave_out=("model", "init_from", "sft", "prefs", "train_prompts", "prompts", "judge",
-                                               "out_dir"))
-    offline = offline_record(task_data)
-    cut = offline["unfinished_chosen"] + offline["unfinished_rejected"]
-    unfinished = f"\n           {cut} offline answers cut off at --max-new-tokens {cfg.max_new_tokens}, trained " \
-                 "unfinished (no end-of-turn token)" if cut else ""
-    return "\n".join([
-        f"model      {cfg.init_from or cfg.model}: {model.num_params() / 1e6:.2f}M parameters, {where}, "
-        f"on {rt.device} ({dtype})" + (f", {rt.ranks.world} processes" if rt.ranks.world > 1 else ""),
-        f"tokenizer  {tok.name}, {tok.vocab_size} ids" + (f" ({tok.source})" if tok.source else ""),
-        f"data       {source}",
-        f"           {len(task_data.sft)} SFT demonstrations, {len(task_data.chunks)} chunks of "
-        f"{chunk_sizes(task_data.chunks)} preference pairs, {len(task_data.eval)} evaluation prompts" + unfinished,
-        f"stages     {' -> '.join(stages)}",
-        f"           each evaluated and saved in {cfg.out_dir}",
-        f"settings   {changed + ', the rest' if changed else 'the rest'} at their defaults (python train.py --help)"])
-
-
-def chunk_sizes(chunks):
-    """How many pairs the chunks hold: "64", or their range and each one's, "38-46 (39, 38, 46)"."""
-    sizes = [len(c) for c in chunks]
-    lo, hi = min(sizes), max(sizes)
-    return f"{lo}" if lo == hi else f"{lo}-{hi} ({', '.join(map(str, sizes))})"
-
-
-def changed_settings(cfg, leave_out=()):
-    """The settings that differ from their defaults, as flags; a default a recipe sets (RECIPES), or
-    the rule of --max-new-tokens, counts as a default. cfg: checked (check_config)."""
-    base = defaults_for(type(cfg), RECIPES, dataclasses.asdict(cfg))
-    base["max_new_tokens"] = resolve(dataclasses.replace(cfg, max_new_tokens=base["max_new_tokens"])).max_new_tokens
-    flags = []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if value != base[f.name] and f.name not in leave_out:
-            flag = "--" + f.name.replace("_", "-")
-            flags.append(flag if value is True else f"{flag} {shlex.quote(str(value))}")
-    return " ".join(flags)
-
-
-def example_prompt(task_data):
-    """A prompt to try a trained stage on, as sample.py's --prompt takes it (the user's text,
-    which the stored template wraps): the first evaluation prompt when it is short and plain."""
-    before, _, after = task_data.prompt_template.partition("{prompt}")
-    text = task_data.eval[0]["prompt"] if task_data.eval else ""
-    turns = getattr(text, "messages", None)
-    if task_data.conversational and turns and len(turns) == 1 and len(turns[0]["content"]) <= 300:
-        return shlex.quote(turns[0]["content"])  # a one-turn conversation: its user's text
-    if task_data.conversational or not (text.startswith(before) and text.endswith(after)):
-        return "'your prompt'"
-    text = text[len(before):len(text) - len(after)]
-    return shlex.quote(text) if 0 < len(text) <= 60 and "\n" not in text else "'your prompt'"

@@ -6,7 +6,8 @@ holding it, which the kernel releases however the process ends), surveys it befo
 anything (survey: what --resume continues from, checked whole; a fresh run refuses another
 run's stages), and only then writes (begin): the temporary folders its own killed processes
 left are swept (never anything of another name, never through a link), the stages of
---start-from copied in, the metrics log cut back to what the checkpoint saw.
+--start-from copied in, the metrics log cut back to what the checkpoint saw. A run that stops
+says what of it is on disk and what continues it (resume_advice, judge_failure).
 """
 
 import json
@@ -19,6 +20,7 @@ from typing import NamedTuple
 
 from checkpoint import (RUN_FIELDS, STAGE, atomic_save, check_fields, load_checkpoint, model_from_checkpoint,
                         stage_names, stage_path)
+from data import JudgeError
 from files import TMP_PREFIX, write_json_atomic
 
 try:
@@ -196,6 +198,18 @@ class Start(NamedTuple):
     path: str
     done: list
     ckpt: dict
+
+
+@contextmanager
+def judge_failure(stage, out_dir, saved):
+    """A judge that fails (a remote service, say) stops the run with one line that also says
+    what of the stage is on disk; saved() tells whether its training was committed."""
+    try:
+        yield
+    except JudgeError as e:
+        raise JudgeError(f"{e}; in stage {stage}, " + (
+            f"whose training is saved in {stage_path(out_dir, stage)} (--resume evaluates it)"
+            if saved() else "of which nothing was saved (--resume runs it again)")) from e
 
 
 def check_start(start_from, stages, config, model_config):

@@ -9,16 +9,14 @@ or several under torchrun:
   - `Runtime`: what every stage needs besides the model (device, autocast, ranks, log), and
     the wrapping of a model for training (DDP, torch.compile);
   - sampling, scoring and judging a list of prompts in blocks shared out over the ranks;
-  - the metrics log (metrics.jsonl) and progress bars;
-  - the learning-rate schedule and a guarded optimizer step.
+  - the metrics log (metrics.jsonl), progress bars, a clock.
+How a stage trains is training.py's, what the user is told screens.py's.
 """
 
 import json
-import math
 import os
-import shlex
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import dataclass
 
@@ -28,8 +26,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import disk_usage, human_size, stage_path
-from data import JudgeError, collate, collate_shared, judge_block
+from data import collate, collate_shared, judge_block
 from files import write_error
 from sampler import compile_seconds, generate
 from selm import reference_logps
@@ -429,35 +426,7 @@ def setup(device_name, dtype, out_dir, compile=False, fsdp=False, checkpointing=
     return Runtime(device, amp, ranks, log, compile, fsdp, checkpointing, why_dtype=why)
 
 
-# ---- errors that say what was saved -----------------------------------------------------------
-
-@contextmanager
-def judge_failure(stage, out_dir, saved):
-    """A judge that fails (a remote service, say) stops the run with one line that also says
-    what of the stage is on disk; saved() tells whether its training was committed."""
-    try:
-        yield
-    except JudgeError as e:
-        raise JudgeError(f"{e}; in stage {stage}, " + (
-            f"whose training is saved in {stage_path(out_dir, stage)} (--resume evaluates it)"
-            if saved() else "of which nothing was saved (--resume runs it again)")) from e
-
-
-# ---- timing and reporting -------------------------------------------------------------------
-
-class Running:
-    """What the training bar shows: each figure's exponential moving average over every step
-    (the latest step weighs `1 - decay`), debiased so that the first steps count in full."""
-
-    def __init__(self, decay=0.9):
-        self.decay, self.steps, self.sums = decay, 0, {}
-
-    def update(self, **figures):
-        self.steps += 1
-        for k, v in figures.items():
-            self.sums[k] = self.decay * self.sums.get(k, 0.0) + (1 - self.decay) * v
-        return {k: f"{v / (1 - self.decay ** self.steps):.3f}" for k, v in self.sums.items()}
-
+# ---- timing ----------------------------------------------------------------------------------
 
 class Clock:
     """Seconds between successive laps, by name. compiling() is a running total of seconds
@@ -474,69 +443,3 @@ class Clock:
         if compiled > self.compiled:
             self.laps["t_compile"] = self.laps.get("t_compile", 0.0) + compiled - self.compiled
         self.t, self.compiled = now, compiled
-
-
-def summary_line(stage, seconds, row, info):
-    """One line per stage for the terminal: its evaluation, and for a SELM iteration how its
-    y_ref compared with the offline chosen response (shares of the chunk's prompts)."""
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    line = (f"[{stage:>7}] {seconds:6.1f}s  reward {row['reward']:.3f}  "
-            f"win vs ref {fmt(row['win_rate_vs_reference'], '.3f')}  win vs sft {row['win_rate_vs_sft']:.3f}  "
-            f"perfect {fmt(row['perfect'], '.1%')}  length {row['length']:.1f}  kl {row['kl']:.2f}")
-    if "prompt_accuracy" in row:  # the instruction task: IFEval's two figures
-        line += f"  prompt acc {row['prompt_accuracy']:.1%}  instruction acc {row['instruction_accuracy']:.1%}"
-    n = info.get("pairs", 0) + info.get("dropped_ties", 0)
-    if n:
-        line += (f"  (y_ref vs offline chosen: better {info['y_ref_better'] / n:.0%}, "
-                 f"tied {info['y_ref_tied'] / n:.0%}, identical {info['y_ref_identical'] / n:.0%})")
-    return line
-
-
-def last_screen(out_dir, stages, exported, prompt):
-    """The closing lines of a run: where everything went and how much disk it takes, the command
-    that draws its curves, and the sample.py command that tries the last stage on `prompt`
-    (shell-quoted)."""
-    q, curves = shlex.quote, os.path.join(out_dir, "curves.png")
-    return "\n".join([f"results     {os.path.join(out_dir, 'results.json')} (each stage's evaluation), "
-                      f"{os.path.join(out_dir, 'metrics.jsonl')} (every logged step)",
-                      f"checkpoints {', '.join(os.path.basename(stage_path(out_dir, s)) for s in stages)} in {out_dir}",
-                      *([f"exported    {', '.join(exported)} (Hugging Face directories)"] if exported else []),
-                      f"disk        {human_size(disk_usage(out_dir))} in {out_dir}",
-                      f"curves      python -m experiments.plots {q(out_dir)}  (draws {q(curves)})",
-                      f"try it      python sample.py --ckpt {q(stage_path(out_dir, stages[-1]))} "
-                      f"--prompt {prompt} --temperature 0"])
-
-
-# ---- optimisation ---------------------------------------------------------------------------
-
-def lr_at(step, total, peak, warmup):
-    """Linear warmup over the first `warmup` fraction of steps, then cosine to zero."""
-    w = max(1, int(warmup * total))
-    if step < w:
-        return peak * (step + 1) / w
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
-
-
-def check_finite(loss, stage, step):
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss ({loss.item()}) in stage {stage} at step {step}; "
-                                 "lower the learning rate (the last good checkpoint is intact)")
-
-
-def adamw(params, rt, **kw):
-    """torch's AdamW; under autocast on a CPU or GPU its fused kernel: one pass over each weight,
-    its gradient and both moments instead of a dozen (SmolLM2-135M on 2 cores: 0.09 s a step
-    instead of 0.44 s). The fused kernel rounds a few updates differently, so a fp32 run keeps
-    the plain one and the numbers of earlier runs; the weights and moments stay fp32 either way."""
-    return torch.optim.AdamW(params, fused=rt.dtype is not None and rt.device.type in ("cpu", "cuda") or None, **kw)
-
-
-def optimizer_step(model, opt, grad_clip, stage, step):
-    """Clip the gradient norm (when grad_clip > 0), refuse a non-finite one, then step."""
-    if grad_clip:
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn  # a DTensor under FSDP
-        if not torch.isfinite(gn):
-            raise FloatingPointError(f"non-finite gradient in stage {stage} at step {step}; "
-                                     "lower the learning rate (the last good checkpoint is intact)")
-    opt.step()

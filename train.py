@@ -7,29 +7,27 @@ Config -> SFT -> offline DPO (iteration 0: the reference is the SFT model) -> SE
 iterations t = 1..T (Algorithm 1: the reference is the previous iterate; its greedy answer
 joins the offline pair; the judge keeps the best and the worst; one epoch of the SELM loss)
 -> evaluation -> the main loop, which evaluates and checkpoints every stage. `--alpha 0` is
-iterative online DPO. Plumbing lives in runtime.py, what goes to disk in checkpoint.py and outdir.py.
+iterative online DPO. How a stage trains (SFT's steps, an epoch of the preference loss) lives in
+training.py, plumbing in runtime.py, what goes to disk in checkpoint.py and outdir.py, what the
+user is told in screens.py.
 """
 
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-import data
 from checkpoint import commit, stage_names, stage_state
 from commands import one_line_errors, parse_config
 from data import Example
 from hf import export_stages
-from inputs import (RECIPES, awaiting_pairs, build_model, check_config, check_inputs, example_prompt, first_screen,
-                    tokenizer_and_data)
-from outdir import begin, check_start, claim_out_dir, restore, resume_advice, survey
+from inputs import RECIPES, awaiting_pairs, build_model, check_config, check_inputs, tokenizer_and_data
+from outdir import begin, check_start, claim_out_dir, judge_failure, restore, resume_advice, survey
 from pairs import own_pairs
-from runtime import (Running, adamw, check_finite, judge_failure, last_screen, lr_at, optimizer_step,
-                     sample_responses, setup, summary_line)
-from selm import (Candidate, candidates_of, dpo_loss, pairs_from_scores, preference_metrics, relabel_counts,
-                  selm_loss, shared_logps, split_logps, win)
-
+from runtime import sample_responses, setup
+from screens import example_prompt, first_screen, last_screen, summary_line
+from selm import Candidate, candidates_of, pairs_from_scores, relabel_counts, win
+from training import preference_epoch, reference_logps_of, train_sft
 
 def setting(default, help):
     return field(default=default, metadata={"help": help})
@@ -144,109 +142,7 @@ def seed_for(seed, purpose, stage=0, k=0):
             "kl": seed * 7919 + 100_003 * k}[purpose]   # the k-th KL samples of every evaluation
 
 
-# ---- stage 1: SFT -------------------------------------------------------------------------
-
-def train_sft(rt, cfg, tok, model, examples):
-    """Cross-entropy on response tokens only (the prompt is given, not learned), averaged
-    over the response tokens of the global batch; examples: (prompt_ids, response_ids). Under
-    torchrun every rank draws the same global batch and takes its share; DDP averages
-    gradients over ranks, so each rank scales its token sum by world / (global token count)."""
-    if not examples:  # --init-from weights and no --sft file: the stage keeps the weights
-        return None
-    W = rt.ranks.world
-    fixed_len = max(len(p) + len(r) for p, r in examples)
-    train_model = rt.wrap(model)
-    optimizer = adamw(model.parameters(), rt, lr=cfg.sft_lr, weight_decay=0.1, betas=(0.9, 0.95))
-    model.train()
-    g = torch.Generator().manual_seed(seed_for(cfg.seed, "sft_batches"))
-    bar, running = rt.bar(range(cfg.sft_steps), "sft"), Running()
-    for step in bar:
-        batch = [examples[i] for i in torch.randint(len(examples), (cfg.sft_batch_size,), generator=g).tolist()]
-        n_tokens = sum(len(response) for _, response in batch)
-        b = rt.to_device(data.collate(batch[rt.ranks.rank::W], tok.pad_id), fixed_len, tok.pad_id)
-        target_mask = b["response_mask"][:, 1:]  # token t is predicted at position t-1
-        with rt.autocast():
-            logits = train_model(b["input_ids"][:, :-1], output_mask=target_mask)  # (N, V)
-        loss = F.cross_entropy(logits.float(), b["input_ids"][:, 1:][target_mask], reduction="sum") * W / n_tokens
-        check_finite(loss, "sft", step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg.sft_steps, cfg.sft_lr, 0.05)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer_step(model, optimizer, cfg.grad_clip, "sft", step)
-        total = sum(rt.ranks.gather([loss.item() / W]))
-        bar.set_postfix(running.update(loss=total), refresh=False)  # every step; the log every log_every
-        if step % cfg.log_every == 0 or step == cfg.sft_steps - 1:
-            rt.log.write({"stage": "sft", "step": step, "loss": total, "lr": optimizer.param_groups[0]["lr"]})
-    return optimizer
-
-
-# ---- what offline DPO and SELM share: reference log-probs, one epoch of the loss ----------
-
-def reference_logps_of(rt, cfg, tok, ref, examples, stage):
-    """log pi_ref of every response of the Examples: (chosen, rejected, *y_refs), each (N,) on
-    the device. The reference is the policy before its first update, so no second model copy
-    is kept: these numbers are all the training epoch needs of it."""
-    return rt.example_logps(ref, examples, tok.pad_id, cfg.micro_batch_size,
-                            f"{stage}: reference log-probs").to(rt.device).unbind(0)
-
-
-# what a preference step logs of each example: preference_metrics' arguments, in this order
-STATS = ("losses", "chosen_rewards", "rejected_rewards", "policy_chosen_logps", "policy_rejected_logps", "optimism")
-
-
-def preference_epoch(rt, cfg, tok, stage, policy, examples, ref_logps, lr, alpha, seed):
-    """One epoch of the SELM loss (DPO when the Examples carry no y_ref) over `examples`,
-    with the reference's log-probs given (reference_logps_of). Each optimizer step takes
-    batch_size examples; under torchrun each rank takes its share, in micro-batches whose
-    gradients are all-reduced only at the last one."""
-    W, rank = rt.ranks.world, rt.ranks.rank
-    n_parts = len(examples[0].responses())  # chosen, rejected and the m y_refs
-    fixed_len = max(len(ex.prompt) + sum(map(len, ex.responses())) for ex in examples) if rt.compile else None
-    train_model = rt.wrap(policy)
-    optimizer = adamw(policy.parameters(), rt, lr=lr, weight_decay=cfg.weight_decay)
-    # a batch too small to give every rank an example is dropped (only ever the last one)
-    order = [b for b in data.batches(len(examples), cfg.batch_size, seed=seed) if len(b) >= W]
-    policy.train()
-    bar, running = rt.bar(order, stage), Running()
-    for step, idx in enumerate(bar):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, len(order), lr, cfg.warmup)
-        optimizer.zero_grad(set_to_none=True)
-        mine = idx[rank::W]
-        micro = [mine[m:m + cfg.micro_batch_size] for m in range(0, len(mine), cfg.micro_batch_size)]
-        stats = []
-        for k, mi in enumerate(micro):
-            b = rt.to_device(data.collate_shared([examples[i] for i in mi], tok.pad_id, fixed_len))
-            with rt.accumulate(train_model, sync=k == len(micro) - 1), rt.autocast():
-                # every response of the micro-batch in one forward, each prompt run once, split
-                # back into (B,) parts
-                logps = shared_logps(train_model, b, n_parts)  # (n_parts * B,)
-                pol_w, pol_l, *pol_y = split_logps(logps, n_parts)
-                ref_w, ref_l, *ref_y = (part[mi] for part in ref_logps)
-                if pol_y:  # SELM, Eq. 4.2; E_{y ~ pi_ref} estimated by the mean over the m y_refs
-                    losses, chosen_r, rejected_r, optimism = selm_loss(
-                        pol_w, pol_l, ref_w, ref_l, torch.stack(pol_y).mean(0), torch.stack(ref_y).mean(0),
-                        beta=cfg.beta, alpha=alpha, loss_type=cfg.loss_type, return_optimism=True)
-                else:  # offline DPO: no reference response, no optimism term
-                    losses, chosen_r, rejected_r = dpo_loss(pol_w, pol_l, ref_w, ref_l, beta=cfg.beta, loss_type=cfg.loss_type)
-                    optimism = torch.zeros_like(chosen_r)
-                # a sum over examples / the global batch size: the gradient is the batch mean
-                # whatever the micro-batch size, and DDP's average over ranks is undone by W
-                loss = losses.sum() * W / len(idx)
-                check_finite(loss, stage, step)
-                loss.backward()
-            stats.append(torch.stack([losses.detach(), chosen_r, rejected_r, pol_w.detach(), pol_l.detach(), optimism], 1))
-        optimizer_step(policy, optimizer, cfg.grad_clip, stage, step)
-        columns = torch.tensor(rt.ranks.gather(torch.cat(stats).cpu().tolist())).T  # (len(STATS), batch)
-        row = preference_metrics(**dict(zip(STATS, columns)))
-        bar.set_postfix(running.update(loss=row["loss"], acc=row["rewards/accuracies"]), refresh=False)
-        if step % cfg.log_every == 0 or step == len(order) - 1:  # the bar shows every step, the log every log_every
-            rt.log.write({"stage": stage, "step": step, "lr": optimizer.param_groups[0]["lr"], **row})
-    return optimizer
-
-
-# ---- stage 2: offline DPO -------------------------------------------------------------------
+# ---- stage 2: offline DPO (stage 1, SFT, is training.train_sft) ----------------------------
 
 def offline_dpo(rt, cfg, tok, policy, chunk):
     """DPO on the chunk's fixed pairs; the reference is the policy as it enters (the SFT model)."""
@@ -427,7 +323,7 @@ def train_stage(rt, cfg, tok, si, stage, model, task_data, sft_examples):
     """Train stage number si; returns (its optimizer, what a SELM iteration logged)."""
     torch.manual_seed(seed_for(cfg.seed, "stage", si))  # each stage's randomness independent of resume
     if stage == "sft":
-        return train_sft(rt, cfg, tok, model, sft_examples), {}
+        return train_sft(rt, cfg, tok, model, sft_examples, seed_for(cfg.seed, "sft_batches")), {}
     if stage == "dpo":
         return offline_dpo(rt, cfg, tok, model, task_data.chunks[0]), {}
     return selm_iteration(rt, cfg, tok, si - 1, model, task_data.chunks[si - 1], task_data.judge)  # selm_t: chunk t

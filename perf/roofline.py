@@ -121,7 +121,8 @@ def hot_paths(model, dtype, quick):
     """{name: (fn, bytes it must move or None)} of the four hot paths on `model`, computing in
     `dtype` (None: fp32). Each fn leaves the model's weights as it found them."""
     from data import collate_shared
-    from runtime import Ranks, Runtime, adamw
+    from runtime import Ranks, Runtime
+    from training import adamw
     from sampler import StaticCache, decode_step, in_dtype, next_token, prefill, reads_whole_cache
     from selm import selm_loss, shared_logps, split_logps
     cpu, V = torch.device("cpu"), model.config.vocab_size

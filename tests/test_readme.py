@@ -6,6 +6,7 @@ import os
 import re
 
 import inputs
+import screens
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +31,7 @@ def test_the_small_runs_last_screen_is_what_the_readme_quotes():
     quoted = re.search(r"`python sample\.py --ckpt\s+out/selm_3\.pt --prompt\s+(\S+)\s+--temperature 0`", readme())
     cfg = train.parse_args([])
     inputs.resolve(cfg)
-    assert quoted and quoted.group(1) == inputs.example_prompt(inputs.load_data(cfg))
+    assert quoted and quoted.group(1) == screens.example_prompt(inputs.load_data(cfg))
 
 
 def test_the_file_map_names_every_tool():

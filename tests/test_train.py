@@ -9,7 +9,9 @@ import torch
 
 import data
 import inputs
+import screens
 import train
+import training
 from checkpoint import load_checkpoint, model_from_checkpoint
 from runtime import compute_dtype
 from sampler import generate
@@ -99,24 +101,24 @@ def test_the_config_shows_the_values_a_run_uses():
     assert cfg.max_new_tokens == cfg.max_len + 4
     both = train.parse_args(["--model", "tiny", "--task", "instructions", "--beta", "2.0"])
     assert (both.beta, both.lr, both.n_sft, both.chunk_size, both.sft_steps) == (2.0, 3e-5, 4096, 64, 0)
-    assert inputs.changed_settings(both) == "--model tiny --task instructions --beta 2.0"
+    assert screens.changed_settings(both) == "--model tiny --task instructions --beta 2.0"
 
 
 def test_first_screen_settings_and_last_screen_prompt():
     """Only settings that differ from their defaults are named (a preset's own default is a
     default); the prompt sample.py is shown is the user's text, as its --prompt takes it."""
     cfg = inputs.resolve(train.parse_args(["--model", "tiny", "--n-sft", "4096", "--alpha", "0", "--compile"]))
-    assert inputs.changed_settings(cfg) == "--model tiny --alpha 0.0 --compile"  # 4096: tiny's n_sft anyway
-    assert inputs.changed_settings(cfg, leave_out=("model",)) == "--alpha 0.0 --compile"
+    assert screens.changed_settings(cfg) == "--model tiny --alpha 0.0 --compile"  # 4096: tiny's n_sft anyway
+    assert screens.changed_settings(cfg, leave_out=("model",)) == "--alpha 0.0 --compile"
     plain = lambda prompt, template="{prompt}", **kw: data.TrainingData(  # noqa: E731
         [], [[]], [{"prompt": prompt, "reference": None}], None, prompt_template=template, **kw)
-    assert inputs.example_prompt(plain("sort: dcba\n", "sort: {prompt}\n")) == "dcba"
-    assert inputs.example_prompt(plain("two words")) == "'two words'"
+    assert screens.example_prompt(plain("sort: dcba\n", "sort: {prompt}\n")) == "dcba"
+    assert screens.example_prompt(plain("two words")) == "'two words'"
     for unwieldy in (plain("x" * 200), plain("a\nb"), plain("<|user|>hi", conversational=True)):
-        assert inputs.example_prompt(unwieldy) == "'your prompt'"
+        assert screens.example_prompt(unwieldy) == "'your prompt'"
     from tokenizer import Templated
     one_turn = Templated("<|user|>Write a haiku.<|assistant|>", [{"role": "user", "content": "Write a haiku."}])
-    assert inputs.example_prompt(plain(one_turn, conversational=True)) == "'Write a haiku.'"  # what --prompt takes
+    assert screens.example_prompt(plain(one_turn, conversational=True)) == "'Write a haiku.'"  # what --prompt takes
 
 
 def test_seeds_are_the_ones_runs_were_made_with():
@@ -209,7 +211,7 @@ def test_sft_without_demonstrations_keeps_the_weights(tmp_path):
     model = GPT(preset("tiny", vocab_size=300))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rt = runtime.setup("cpu", "float32", str(tmp_path))
-    assert train.train_sft(rt, cfg, inputs.tokenizer_for(cfg), model, []) is None
+    assert training.train_sft(rt, cfg, inputs.tokenizer_for(cfg), model, [], seed=0) is None
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -300,7 +302,7 @@ def test_adamw_is_fused_under_autocast_and_plain_in_fp32():
     for dtype in ("float32", "bfloat16"):
         torch.manual_seed(0)
         m = GPT(preset("tiny", vocab_size=61))
-        opt = runtime.adamw(m.parameters(), runtime.setup("cpu", dtype, "unused"), lr=1e-2, weight_decay=0.1)
+        opt = training.adamw(m.parameters(), runtime.setup("cpu", dtype, "unused"), lr=1e-2, weight_decay=0.1)
         assert bool(opt.defaults["fused"]) == (dtype == "bfloat16")
         for p in m.parameters():
             p.grad = torch.ones_like(p)

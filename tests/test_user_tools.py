@@ -15,7 +15,9 @@ import chat
 import inputs
 import runtime
 import sample
+import screens
 import train
+import training
 from checkpoint import disk_usage, human_size, load_checkpoint
 from tools import evaluate
 from conftest import extra
@@ -265,7 +267,7 @@ def test_the_training_bar_shows_every_step(tmp_path, monkeypatch):
 
 
 def test_running_figures_are_debiased_moving_averages():
-    r = runtime.Running(decay=0.5)
+    r = training.Running(decay=0.5)
     assert r.update(loss=2.0) == {"loss": "2.000"}  # the first step counts in full
     assert r.update(loss=2.0) == {"loss": "2.000"}
     assert r.update(loss=9.0) == {"loss": f"{(0.5 * 2 * 0.75 + 0.5 * 9.0) / (1 - 0.125):.3f}"}
@@ -274,7 +276,7 @@ def test_running_figures_are_debiased_moving_averages():
 def test_first_and_last_screens(run):
     out, screen, size = run
     assert "2 chunks of 32 preference pairs" in screen
-    assert inputs.chunk_sizes([[0] * 39, [0] * 38, [0] * 46]) == "38-46 (39, 38, 46)"
+    assert screens.chunk_sizes([[0] * 39, [0] * 38, [0] * 46]) == "38-46 (39, 38, 46)"
     assert f"disk        {human_size(size)} in {out}" in screen
     assert f"curves      python -m experiments.plots {out}  (draws {out / 'curves.png'})" in screen
     assert human_size(1536) == "1.5 KB" and human_size(999) == "999 B" and human_size(5.1 * 2 ** 30) == "5.1 GB"

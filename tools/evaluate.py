@@ -32,7 +32,8 @@ from commands import DefaultsHelp, one_line_errors
 from files import write_json_atomic
 from hf import check_model_path, load_model
 from inputs import check_config, judge_target, load_data, load_judge, load_task, task_of
-from runtime import setup, summary_line
+from runtime import setup
+from screens import summary_line
 
 
 def parser():
