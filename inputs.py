@@ -268,9 +268,10 @@ RULES = {
     "y_ref": ("greedy or sampled", lambda v: v in ("greedy", "sampled")),
     "temperature": ("positive", _positive),
     "pair_samples": ("at least 2 (the judge keeps the best and the worst)", _at_least(2)),
-    "online_samples": ("at least 1", _at_least(1)),
+    "online_samples": (">= 0 (0: the offline pairs alone, with --alpha 0)", _at_least(0)),
     "optimism_samples": ("at least 1", _at_least(1)),
     "tie_order": ("offline-first or authors", lambda v: v in ("offline-first", "authors")),
+    "missing_eos_penalty": (">= 0 (0 = none)", _non_negative),
     "max_new_tokens": ("at least 1", _at_least(1)),
     "gen_batch_size": ("at least 1", _at_least(1)),
     "kl_samples": (">= 0 (0 skips the KL estimate)", _at_least(0)),
@@ -315,6 +316,8 @@ def check_config(cfg):
                 f"--max-len {cfg.max_len}: a word that long leaves no room in the context of {context} tokens":
                     not own_data and context is not None and cfg.max_len >= context,
                 "--start-from and --resume exclude each other": cfg.start_from and cfg.resume,
+                "--online-samples 0 samples no y_ref for the optimism term: give --alpha 0 as well (offline DPO "
+                "with the moving reference)": cfg.online_samples == 0 and cfg.alpha,
                 "--optimism-samples above 1 needs --y-ref sampled (greedy decoding gives one answer)":
                     cfg.optimism_samples > 1 and cfg.y_ref == "greedy",
                 "--fsdp shards over the processes of torchrun: start it with torchrun --nproc_per_node N":

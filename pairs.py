@@ -24,6 +24,7 @@ from checkpoint import weights_digest
 from data import DataError, judge_name, read_jsonl
 from files import write_jsonl_atomic
 from runtime import sample_responses
+from selm import penalise_unfinished
 
 
 def own_pairs(rt, cfg, tok, model, task_data):
@@ -52,7 +53,7 @@ def own_pairs(rt, cfg, tok, model, task_data):
     elsewhere = [os.path.dirname(os.path.abspath(cfg.start_from))] if cfg.start_from else []
     made = cached_pairs(cfg.out_dir, task_data.chunks, sample, cfg.pair_samples, cfg.task_seed,
                         pair_settings(cfg, tok, model, template, rt, task_data.judge), write=rt.ranks.main,
-                        elsewhere=elsewhere, score=score)
+                        elsewhere=elsewhere, score=score, penalty=cfg.missing_eos_penalty)
     bar.close()
     rt.ranks.barrier()
     empty = [i for i, chunk in enumerate(made.chunks) if not chunk]
@@ -83,21 +84,24 @@ class Unfinished(str):
     finished = False
 
 
-def build_pairs(prompts, sample, k=4, seed=0, *, score):
+def build_pairs(prompts, sample, k=4, seed=0, *, score, penalty=0.0):
     """UltraFeedback's recipe: sample(prompts, k, seed) -> k answers per prompt (the starting model
     at temperature 1; the prompts as the user gave them, which the sampler writes as the run
     writes them; an answer cut off is an Unfinished), all judged by score(prompts, answers) ->
     per prompt one checked score per answer (runtime.Runtime.judge, data.judge_block); the best
     answer becomes chosen and the worst rejected (the first of equals). A prompt whose answers
-    all tie is dropped. Returns ([{"prompt", "chosen", "rejected", "chosen_score", "rejected_score",
-    "chosen_finished", "rejected_finished"}], dropped)."""
+    all tie is dropped. penalty: taken from the score of an answer cut off (--missing-eos-penalty)
+    before they are ranked; the scores kept are the judge's own. Returns ([{"prompt", "chosen",
+    "rejected", "chosen_score", "rejected_score", "chosen_finished", "rejected_finished"}], dropped)."""
     answers = sample(prompts, k, seed)
     if len(answers) != len(prompts) or any(len(a) != k for a in answers):
         raise ValueError(f"sample() must return {k} answers for each of {len(prompts)} prompts")
     pairs = []
-    for p, ans, scores in zip(prompts, answers, score(prompts, answers)):
-        best, worst = scores.index(max(scores)), scores.index(min(scores))
-        if scores[best] > scores[worst]:
+    judged = score(prompts, answers)
+    ranked = penalise_unfinished(judged, [[not isinstance(a, Unfinished) for a in ans] for ans in answers], penalty)
+    for p, ans, scores, by in zip(prompts, answers, judged, ranked):
+        best, worst = by.index(max(by)), by.index(min(by))
+        if by[best] > by[worst]:
             pairs.append({"prompt": p, "chosen": str(ans[best]), "rejected": str(ans[worst]),
                           "chosen_score": scores[best], "rejected_score": scores[worst],
                           "chosen_finished": not isinstance(ans[best], Unfinished),
@@ -116,7 +120,8 @@ class Made(NamedTuple):
     dropped: list
 
 
-def cached_pairs(out_dir, chunks, sample, k=4, seed=0, settings=None, write=True, elsewhere=(), *, score):
+def cached_pairs(out_dir, chunks, sample, k=4, seed=0, settings=None, write=True, elsewhere=(), *, score,
+                 penalty=0.0):
     """The offline pairs of every chunk, as Made: built by build_pairs (chunk i sampled with seed
     + i, judged by `score`) and kept in out_dir/PAIRS_FILE: a header {"settings", "chunks": a
     digest of each chunk's prompts, "dropped", "pairs": their number, "sha256": their checksum},
@@ -127,7 +132,9 @@ def cached_pairs(out_dir, chunks, sample, k=4, seed=0, settings=None, write=True
     checked whole (read_pairs). Otherwise the pairs are built again and the file replaced
     atomically. elsewhere: more directories whose file may serve (a run started from another
     run's stage); write: whether this process writes the file (under torchrun, rank 0 only)."""
-    want = {"settings": json.loads(json.dumps({"k": k, "seed": seed, **(settings or {})})),
+    # a penalty is part of the key when one is given: the files of runs without it stay valid
+    want = {"settings": json.loads(json.dumps({"k": k, "seed": seed, **({"missing_eos_penalty": penalty} if penalty
+                                                                         else {}), **(settings or {})})),
             "chunks": [hashlib.sha256(json.dumps(c).encode()).hexdigest()[:16] for c in chunks]}
     for d in (out_dir, *elsewhere):
         rows = read_pairs(os.path.join(d, PAIRS_FILE), want)
@@ -136,7 +143,7 @@ def cached_pairs(out_dir, chunks, sample, k=4, seed=0, settings=None, write=True
                 write_jsonl_atomic(os.path.join(out_dir, PAIRS_FILE), rows)
             return Made([[{f: r[f] for f in PAIR + FINISHED} for r in rows[1:] if r["chunk"] == i]
                          for i in range(len(chunks))], rows[0]["dropped"][:len(chunks)])
-    built = [build_pairs(c, sample, k, seed + i, score=score) for i, c in enumerate(chunks)]
+    built = [build_pairs(c, sample, k, seed + i, score=score, penalty=penalty) for i, c in enumerate(chunks)]
     body = [{"chunk": i, **e} for i, (ps, _) in enumerate(built) for e in ps]
     if write:
         write_jsonl_atomic(os.path.join(out_dir, PAIRS_FILE), [
@@ -176,7 +183,7 @@ def code_files(names):
     used = {v if isinstance(v, type(sys)) else sys.modules.get(getattr(v, "__module__", None) or "")
             for v in names.values()}
     paths = {own} | {getattr(m, "__file__", None) or "" for m in used}
-    return sorted(p for p in paths if p and os.path.dirname(os.path.abspath(p)) in places - {None})
+    return sorted({os.path.abspath(p) for p in paths if p and os.path.dirname(os.path.abspath(p)) in places - {None}})
 
 
 def files_digest(paths):

@@ -360,6 +360,20 @@ def best_and_worst(scores, order="offline-first"):
     return best, len(scores) - 1 - scores[::-1].index(lo)   # latest of the minima
 
 
+def penalise_unfinished(scores, finished, penalty):
+    """The judge's scores with `penalty` taken from every answer cut off at the token limit
+    (TRL's missing_eos_penalty): with scores in [0, 1] and a penalty of 1, any finished answer
+    ranks above any unfinished one, so the model is not taught to run out of room.
+
+    scores:   per-prompt score lists
+    finished: per-prompt bool lists, aligned with scores (False: no end-of-turn token)
+    penalty:  >= 0; 0 returns the scores as they are
+    """
+    if not penalty:
+        return scores
+    return [[v - penalty * (not f) for v, f in zip(s, fs)] for s, fs in zip(scores, finished)]
+
+
 def pairs_from_scores(scores, candidates, *, order="offline-first", keep_ties=False):
     """SELM's relabelling step (Algorithm 1): per prompt, the best and the worst of the
     candidates {chosen, the policy's responses, rejected} by the judge's scores become the

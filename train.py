@@ -26,7 +26,7 @@ from outdir import begin, check_start, claim_out_dir, judge_failure, restore, re
 from pairs import own_pairs
 from runtime import sample_responses, setup
 from screens import example_prompt, first_screen, last_screen, summary_line
-from selm import Candidate, candidates_of, pairs_from_scores, relabel_counts, win
+from selm import Candidate, candidates_of, pairs_from_scores, penalise_unfinished, relabel_counts, win
 from training import preference_epoch, reference_logps_of, train_sft
 
 def setting(default, help):
@@ -91,12 +91,18 @@ class Config:
     y_ref: str = setting("greedy", "how pi_ref answers: greedy (as in the authors' code), or sampled at --temperature")
     temperature: float = setting(1.0, "pi_ref's sampling temperature (--y-ref sampled; answers after the first)")
     online_samples: int = setting(1, "n: answers of pi_ref that join each offline pair before the judge keeps the best "
-                                     "and the worst (with --alpha 0 and n = 2: online DPO)")
+                                     "and the worst (with --alpha 0 and n = 2: online DPO; 0 with --alpha 0: the "
+                                     "offline pairs alone, with the moving reference: offline DPO at the same compute)")
     optimism_samples: int = setting(1, "m: answers y ~ pi_ref the optimism term averages over (Eq. 4.2 as written; "
                                        "more than 1 needs --y-ref sampled)")
     tie_order: str = setting("offline-first", "candidate order and tie rule: offline-first (the offline labels win "
                                               "ties), or authors ([y_ref, chosen, rejected], the first best and the "
                                               "first worst)")
+    missing_eos_penalty: float = setting(0.0, "subtracted from the judge's score of an answer cut off at "
+                                              "--max-new-tokens wherever the model's own answers are ranked for "
+                                              "training (offline pairs made by the model, the online step), as TRL's "
+                                              "setting of this name; 1 ranks every finished answer first when scores "
+                                              "lie in [0, 1]. Evaluation keeps the judge's own scores")
     # sampling and evaluation
     max_new_tokens: int = setting(None, "response length cap (default: --max-len + 4, a sorted word and room to spare; "
                                         "with --prefs: 64)")
@@ -159,6 +165,8 @@ def selm_iteration(rt, cfg, tok, t, policy, chunk, judge):
     clock, stage, n, m = rt.clock(), t + 1, cfg.online_samples, cfg.optimism_samples  # the clock counts compiling apart
     prompts, chosen, rejected = ([ex[k] for ex in chunk] for k in ("prompt", "chosen", "rejected"))
     prompt_ids = [tok.encode_prompt(p) for p in prompts]
+    if n == 0:  # --online-samples 0 (and --alpha 0): the offline pairs alone, the reference moving
+        return offline_iteration(rt, cfg, tok, t, policy, chunk, prompt_ids, clock)
     # 1. pi_ref = pi_{t-1}: the policy as it enters (FSDP: a gathered copy). Everything the
     #    iteration needs of the reference is computed below, before the policy's first update.
     ref = rt.unsharded(policy)
@@ -170,8 +178,10 @@ def selm_iteration(rt, cfg, tok, t, policy, chunk, judge):
     #    of pi_ref's answers; the judge scores their text
     candidates = [candidates_of(Candidate.of_text(w, tok), [Candidate.of_ids(y, tok) for y in ys[:n]],
                                 Candidate.of_text(l, tok), cfg.tie_order) for w, ys, l in zip(chosen, answers, rejected)]
-    scores = rt.judge(judge, prompts, [[c.text for c in cs] for cs in candidates], cfg.gen_batch_size,
+    judged = rt.judge(judge, prompts, [[c.text for c in cs] for cs in candidates], cfg.gen_batch_size,
                       f"selm_{t}: judging")
+    # an answer cut off at --max-new-tokens ranks lower by --missing-eos-penalty (0: not at all)
+    scores = penalise_unfinished(judged, [[c.finished for c in cs] for cs in candidates], cfg.missing_eos_penalty)
     # 4. the best and the worst candidates become the pair; m of pi_ref's answers are the
     #    example's reference responses for the optimism term, whatever their rank
     pairs = pairs_from_scores(scores, candidates, order=cfg.tie_order)
@@ -195,13 +205,30 @@ def selm_iteration(rt, cfg, tok, t, policy, chunk, judge):
     return optimizer, info
 
 
+def offline_iteration(rt, cfg, tok, t, policy, chunk, prompt_ids, clock):
+    """Iteration t with nothing sampled (--online-samples 0, --alpha 0): DPO on chunk t's offline
+    pairs against pi_{t-1}, the same optimizer steps as an online iteration over the same chunk
+    takes, so that it measures what the online answers add at equal compute."""
+    examples = [Example(p, *map(tok.encode_response, (e["chosen"], e["rejected"]))) for p, e in zip(prompt_ids, chunk)]
+    ref_logps = reference_logps_of(rt, cfg, tok, rt.unsharded(policy), examples, f"selm_{t}")
+    clock.lap("t_ref_logps")
+    optimizer = preference_epoch(rt, cfg, tok, f"selm_{t}", policy, examples, ref_logps,
+                                 cfg.lr * cfg.lr_decay ** (t - 1), 0.0, seed_for(cfg.seed, "batches", t + 1))
+    clock.lap("t_train")
+    info = {"pairs": len(examples), "dropped_ties": 0, **clock.laps}
+    rt.log.write({"stage": f"selm_{t}", "online": info})
+    return optimizer, info
+
+
 def online_record(cfg, tok, scores, candidates, answers, kept):
     """Step 7's counts: pairs kept and prompts dropped for a full tie; how pi_ref's best answer
-    fared against the offline chosen one (selm.relabel_counts); answers cut off unfinished."""
+    fared against the offline chosen one (selm.relabel_counts); answers cut off unfinished, and
+    the candidates whose score --missing-eos-penalty lowered."""
     counts = relabel_counts(scores, candidates, cfg.tie_order)
     return {"pairs": kept, "dropped_ties": len(scores) - kept,
             "y_ref_chosen": counts.pop("y_ref_chosen") / max(1, kept), **{f"y_ref_{k}": v for k, v in counts.items()},
-            "y_ref_truncated": sum(r[-1] not in tok.eos_ids for a in answers for r in a)}
+            "y_ref_truncated": sum(r[-1] not in tok.eos_ids for a in answers for r in a),
+            "penalised": sum(not c.finished for cs in candidates for c in cs) if cfg.missing_eos_penalty else 0}
 
 
 def reference_answers(rt, cfg, tok, ref, prompt_ids, stage):

@@ -25,6 +25,7 @@ FINE = {
     ("dropout", 0.0): "no dropout",
     ("weight_decay", 0.0): "no weight decay",
     ("grad_clip", 0.0): "0 switches clipping off",
+    ("missing_eos_penalty", 0.0): "no penalty",
     ("warmup", 0.0): "no warmup",
     ("out_dir", "no-such-thing"): "a directory that is not there yet is made",
     ("export", ""): "the default: nothing exported",

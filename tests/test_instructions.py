@@ -409,6 +409,20 @@ def test_build_pairs_keeps_best_and_worst_and_drops_ties():
         build_pairs(prompts_of("tea"), lambda ps, k, s: [["one"]], k=4)
 
 
+def test_a_cut_off_answer_loses_its_place_to_the_missing_eos_penalty():
+    """The best-scored answer was cut off (an Unfinished): with a penalty of 1 the best finished
+    answer becomes chosen, the cut-off one rejected; the scores kept are the judge's own."""
+    def sample(prompts, k, seed):
+        return [[P.Unfinished(f"{I.parse_prompt(p).topic} plain{VERSE}"), f"{I.parse_prompt(p).topic}, a comma{VERSE}",
+                 f"{I.parse_prompt(p).topic} bare{VERSE}"] for p in prompts]
+    plain, _ = build_pairs(prompts_of("tea"), sample, k=3)
+    assert plain[0]["chosen"] == "tea plain" + VERSE and not plain[0]["chosen_finished"]
+    fair, _ = build_pairs(prompts_of("tea"), sample, k=3, penalty=1.0)
+    assert fair[0]["chosen"] == "tea bare" + VERSE and fair[0]["chosen_finished"]
+    assert fair[0]["rejected"] == "tea plain" + VERSE and not fair[0]["rejected_finished"]
+    assert (fair[0]["chosen_score"], fair[0]["rejected_score"]) == (1.0, 1.0)
+
+
 def test_pairs_are_cached_and_rebuilt_when_settings_change(tmp_path):
     chunks = [prompts_of("tea", "the ocean"), prompts_of("a kite", "coffee")]
     calls = []
@@ -425,7 +439,8 @@ def test_pairs_are_cached_and_rebuilt_when_settings_change(tmp_path):
     assert again == (first, [1, 0]) and len(calls) == 2  # reused, prompts dropped for a tie too: no sampling
     assert cached_pairs(str(tmp_path), chunks[:1], fake_sampler(calls), k=3, seed=5, settings={"model": "m"}) \
         == first[:1] and len(calls) == 2  # fewer iterations: the first chunks of the file serve
-    for change in [dict(k=4), dict(seed=6), dict(settings={"model": "other"}), dict(chunks=chunks[::-1])]:
+    for change in [dict(k=4), dict(seed=6), dict(settings={"model": "other"}), dict(chunks=chunks[::-1]),
+                   dict(penalty=1.0)]:
         kw = dict(chunks=chunks, k=3, seed=5, settings={"model": "m"}) | change
         n = len(calls)
         cached_pairs(str(tmp_path), sample=fake_sampler(calls), **kw)

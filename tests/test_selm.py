@@ -534,3 +534,10 @@ def test_shared_prompt_logps_equal_one_row_per_response(model_type):
     assert torch.allclose(shared, plain, atol=1e-10), (shared - plain).abs().max()
     for p, w in zip(model.parameters(), want):
         assert (p.grad - w).norm() <= 1e-6 * w.norm()  # not exact: Llama's RMSNorm computes in fp32 inside
+
+
+def test_the_missing_eos_penalty_lowers_only_the_cut_off_answers():
+    from selm import penalise_unfinished
+    scores, finished = [[1.0, 0.5, 0.0], [0.25, 0.75]], [[False, True, True], [True, False]]
+    assert penalise_unfinished(scores, finished, 1.0) == [[0.0, 0.5, 0.0], [0.25, -0.25]]
+    assert penalise_unfinished(scores, finished, 0.0) is scores

@@ -263,6 +263,52 @@ def test_m_optimism_samples_average_in_the_loss(tmp_path):
     assert rows and abs(rows[0]["optimism"]) < 1e-6 and any(abs(r["optimism"]) > 1e-4 for r in rows)  # 0 at pi = pi_ref
 
 
+def test_online_samples_0_is_offline_dpo_with_the_moving_reference(tmp_path, monkeypatch):
+    """--online-samples 0 --alpha 0: an iteration samples and judges nothing, and trains on its
+    chunk's offline pairs as they are, with as many optimizer steps as the online arms take."""
+    import runtime
+    from model import GPT, preset
+    cfg = train.parse_args(FAST + ["--out-dir", str(tmp_path), "--online-samples", "0", "--alpha", "0"])
+    inputs.check_config(cfg)
+    tok, d = inputs.tokenizer_for(cfg), inputs.load_data(cfg)
+    rt = runtime.setup("cpu", "float32", str(tmp_path))
+    model = GPT(preset("tiny", vocab_size=tok.vocab_size))
+    seen = {}
+    monkeypatch.setattr(train, "preference_epoch", lambda *a, **k: seen.update(examples=a[5], alpha=a[8]))
+    monkeypatch.setattr(train, "sample_responses", lambda *a, **k: pytest.fail("--online-samples 0 sampled"))
+    chunk = d.chunks[1][:16]
+    _, info = train.selm_iteration(rt, cfg, tok, 1, model, chunk, lambda p, c: pytest.fail("it judged"))
+    assert info["pairs"] == 16 and "t_sample" not in info and seen["alpha"] == 0.0
+    assert [(ex.chosen, ex.rejected, ex.y_refs) for ex in seen["examples"]] == [
+        (tok.encode_response(e["chosen"]), tok.encode_response(e["rejected"]), ()) for e in chunk]
+
+
+def test_missing_eos_penalty_ranks_every_cut_off_answer_last(tmp_path, monkeypatch):
+    """Answers of 2 tokens are all cut off: with --missing-eos-penalty 1 no y_ref becomes chosen
+    (each offline answer ended), and the record counts the penalised candidates; without it, the
+    judge alone ranks them and some cut-off y_ref that happens to score high is chosen."""
+    import runtime
+    from model import GPT, preset
+    chosen = {}
+    for penalty in ("0", "1"):
+        cfg = train.parse_args(FAST + ["--out-dir", str(tmp_path), "--max-new-tokens", "2",
+                                       "--missing-eos-penalty", penalty])
+        inputs.check_config(cfg)
+        tok, d = inputs.tokenizer_for(cfg), inputs.load_data(cfg)
+        rt = runtime.setup("cpu", "float32", str(tmp_path))
+        torch.manual_seed(0)
+        model = GPT(preset("tiny", vocab_size=tok.vocab_size))
+        monkeypatch.setattr(train, "preference_epoch", lambda *a, **k: None)
+        chunk = d.chunks[1][:32]
+        offline = [(e["chosen"], e["rejected"]) for e in chunk]
+        judge = lambda prompt, cands: [1.0 if c not in ("",) and all(c != o for pair in offline for o in pair)  # noqa: E731
+                                       else 0.5 for c in cands]  # a judge that prefers anything new
+        _, info = train.selm_iteration(rt, cfg, tok, 1, model, chunk, judge)
+        chosen[penalty] = info["y_ref_chosen"]
+        assert info["penalised"] == (32 if penalty == "1" else 0)  # y_ref cut off; the offline answers ended
+    assert chosen["0"] > 0 and chosen["1"] == 0
+
+
 def runtime_rows(out):
     import runtime
     return runtime.read_metrics(os.path.join(out, "metrics.jsonl"))
@@ -272,7 +318,9 @@ def runtime_rows(out):
     (["--optimism-samples", "2"], "needs --y-ref sampled"),
     (["--y-ref", "beam"], "--y-ref must be greedy or sampled"),
     (["--tie-order", "random"], "--tie-order must be"),
-    (["--online-samples", "0"], "at least 1"),
+    (["--online-samples", "-1"], "--online-samples must be >= 0"),
+    (["--online-samples", "0", "--alpha", "0.1"], "give --alpha 0 as well"),
+    (["--missing-eos-penalty", "-1"], "--missing-eos-penalty must be >= 0"),
     (["--sft-passes", "3,1"], "--sft-passes must be lo,hi"),
     (["--offline-passes", "x"], "--offline-passes must be lo,hi"),
     (["--export", "selm_9"], "selm_9 is no stage"),
