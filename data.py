@@ -215,7 +215,8 @@ def load_user_data(sft_path, prefs_path, prompts_path, n_chunks, template=None, 
     first = next((where for recs in raw.values() for where, rec in recs if chat.is_conversational(rec)), None)
     if first and template is None:
         raise DataError(f"{first}: a conversation needs the model's chat template, and its tokenizer has none "
-                        "(chat_template.jinja or tokenizer_config.json's \"chat_template\" in the --init-from directory)")
+                        "(chat_template.jinja or tokenizer_config.json's \"chat_template\" in the --init-from "
+                        "directory)")
     if first:
         readers = {"sft": lambda r: chat.demonstration(r, template),
                    "prefs": lambda r: chat.preference_pair(r, template),

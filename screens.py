@@ -34,11 +34,14 @@ def first_screen(cfg, tok, task_data, model, rt):
             f", offline pairs from {cfg.pair_samples} answers of the starting model per training prompt"
             if cfg.train_prompts else "") + (
             ", conversations in the model's chat template" if task_data.conversational else "")
-    stages = [f"sft ({cfg.sft_steps} steps of {cfg.sft_batch_size})" if task_data.sft else "sft (the weights as loaded)",
+    stages = [f"sft ({cfg.sft_steps} steps of {cfg.sft_batch_size})" if task_data.sft
+              else "sft (the weights as loaded)",
               "dpo (chunk 0's pairs)"] + ([f"selm_1..selm_{t} (chunks 1..{t}, alpha {cfg.alpha}" +
-                                           ("" if cfg.alpha else ": iterative online DPO") + ")"] if t else [])
-    changed = changed_settings(cfg, leave_out=("model", "init_from", "sft", "prefs", "train_prompts", "prompts", "judge",
-                                               "out_dir"))
+                                           ("" if cfg.alpha else ": iterative online DPO" if cfg.online_samples
+                                            else ": the offline pairs alone, the reference moving") + ")"]
+                                         if t else [])
+    changed = changed_settings(cfg, leave_out=("model", "init_from", "sft", "prefs", "train_prompts", "prompts",
+                                               "judge", "out_dir"))
     offline = offline_record(task_data)
     cut = offline["unfinished_chosen"] + offline["unfinished_rejected"]
     unfinished = f"\n           {cut} offline answers cut off at --max-new-tokens {cfg.max_new_tokens}, trained " \

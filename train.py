@@ -155,7 +155,8 @@ def offline_dpo(rt, cfg, tok, policy, chunk):
     examples = [Example(tok.encode_prompt(e["prompt"]), *map(tok.encode_response, (e["chosen"], e["rejected"])))
                 for e in chunk]
     ref_logps = reference_logps_of(rt, cfg, tok, rt.unsharded(policy), examples, "dpo")
-    return preference_epoch(rt, cfg, tok, "dpo", policy, examples, ref_logps, cfg.lr, 0.0, seed_for(cfg.seed, "batches", 1))
+    return preference_epoch(rt, cfg, tok, "dpo", policy, examples, ref_logps, cfg.lr, 0.0,
+                            seed_for(cfg.seed, "batches", 1))
 
 
 # ---- stages 3..: one SELM iteration ---------------------------------------------------------
@@ -177,7 +178,8 @@ def selm_iteration(rt, cfg, tok, t, policy, chunk, judge):
     # 3. each prompt's candidates, built once with their text and ids: the offline pair and n
     #    of pi_ref's answers; the judge scores their text
     candidates = [candidates_of(Candidate.of_text(w, tok), [Candidate.of_ids(y, tok) for y in ys[:n]],
-                                Candidate.of_text(l, tok), cfg.tie_order) for w, ys, l in zip(chosen, answers, rejected)]
+                                Candidate.of_text(l, tok), cfg.tie_order)
+                  for w, ys, l in zip(chosen, answers, rejected)]
     judged = rt.judge(judge, prompts, [[c.text for c in cs] for cs in candidates], cfg.gen_batch_size,
                       f"selm_{t}: judging")
     # an answer cut off at --max-new-tokens ranks lower by --missing-eos-penalty (0: not at all)
@@ -259,7 +261,8 @@ def evaluate(rt, cfg, tok, stage, model, sft_model, task_data, sft_answers):
     answers = [tok.decode(r) for r in ids]
     sft_answers = answers if sft_answers is None else sft_answers
     has_ref = all(e["reference"] is not None for e in task_data.eval)
-    candidates = [[a, s] + ([e["reference"]] if has_ref else []) for a, s, e in zip(answers, sft_answers, task_data.eval)]
+    candidates = [[a, s] + ([e["reference"]] if has_ref else [])
+                  for a, s, e in zip(answers, sft_answers, task_data.eval)]
     scores = rt.judge(task_data.judge, prompts, candidates, cfg.gen_batch_size, f"{stage} eval: judging")
     n = len(prompts)
     kl = 0.0

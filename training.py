@@ -150,14 +150,16 @@ def preference_epoch(rt, cfg, tok, stage, policy, examples, ref_logps, lr, alpha
                         pol_w, pol_l, ref_w, ref_l, torch.stack(pol_y).mean(0), torch.stack(ref_y).mean(0),
                         beta=cfg.beta, alpha=alpha, loss_type=cfg.loss_type, return_optimism=True)
                 else:  # offline DPO: no reference response, no optimism term
-                    losses, chosen_r, rejected_r = dpo_loss(pol_w, pol_l, ref_w, ref_l, beta=cfg.beta, loss_type=cfg.loss_type)
+                    losses, chosen_r, rejected_r = dpo_loss(pol_w, pol_l, ref_w, ref_l, beta=cfg.beta,
+                                                            loss_type=cfg.loss_type)
                     optimism = torch.zeros_like(chosen_r)
                 # a sum over examples / the global batch size: the gradient is the batch mean
                 # whatever the micro-batch size, and DDP's average over ranks is undone by W
                 loss = losses.sum() * W / len(idx)
                 check_finite(loss, stage, step)
                 loss.backward()
-            stats.append(torch.stack([losses.detach(), chosen_r, rejected_r, pol_w.detach(), pol_l.detach(), optimism], 1))
+            stats.append(torch.stack([losses.detach(), chosen_r, rejected_r, pol_w.detach(), pol_l.detach(),
+                                      optimism], 1))
         optimizer_step(policy, optimizer, cfg.grad_clip, stage, step)
         columns = torch.tensor(rt.ranks.gather(torch.cat(stats).cpu().tolist())).T  # (len(STATS), batch)
         row = preference_metrics(**dict(zip(STATS, columns)))
