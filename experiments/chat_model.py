@@ -24,16 +24,19 @@ import shutil
 import statistics
 import sys
 
+import torch
+
 import inputs
 import train
 from commands import one_line_errors
-from constraints import words
+from constraints import Constraint, words
 from experiments import plots
 from experiments.runner import Job, check_experiment, parser as experiment_parser, read_json, run_all
 from files import write_json_atomic
 from pairs import PAIRS_FILE, own_pairs
-from runtime import setup
-from tasks.instructions import DEGENERATE, degenerate, make_task, parse_prompt, verdicts
+from runtime import compute_dtype, setup
+from tasks.instructions import (DEGENERATE, Request, degenerate, make_task, parse_prompt,
+                                verdicts)
 
 ARMS = {  # the preregistered arms: train.py flags besides the shared ones
     "O": ("offline DPO, same compute", ["--alpha", "0", "--online-samples", "0"]),
@@ -204,6 +207,50 @@ def before_after(job, T, prompts, n=5):
     return lines
 
 
+# Three requests written freely, not in the task's phrasing, each with the constraints a reader
+# would check, as the judge's own checkers (a prompt that parse_prompt could not read)
+FREE = [
+    ("Could you write me a tiny poem about my cat sleeping in the sun? Keep it all lowercase please.",
+     Request("a tiny poem", "my cat", [Constraint("lowercase", ())])),
+    ("I need a note for my neighbour saying sorry about the noise last night. Two or three sentences is plenty, "
+     "and don't use any commas.",
+     Request("a note", "the noise", [Constraint("at_most_sentences", (3,)), Constraint("no_commas", ())])),
+    ("Give me three quick tips for keeping houseplants alive, as a bulleted list with '* ' at the start of each "
+     "line.", Request("tips", "houseplants", [Constraint("bullets", (3,))])),
+]
+
+
+def free_verdict(request, answer):
+    why = degenerate(request, answer)
+    return f"0: {why}" if why else ", ".join(f"{c.name} {'yes' if c.met(answer) else 'no'}"
+                                            for c in request.constraints)
+
+
+def free_prompts(job, T, device="cpu"):
+    """The starting model's greedy answer and the job's last stage's to each FREE request, in the
+    chat template, judged by the checkers the request names (markdown lines)."""
+    from hf import load_model
+    from sampler import generate
+    cfg = train.parse_args(job.flags)
+    inputs.resolve(cfg)
+    quote = lambda a: "`" + " ".join(a.split()).replace("`", "'") + "`"  # noqa: E731
+    got = []
+    for path in (cfg.init_from, os.path.join(job.dir, f"selm_{T}.pt")):
+        m = load_model(path, device)
+        dtype, _ = compute_dtype(torch.device(device), cfg.dtype, m.model.config.n_embd)
+        ids = [m.encode(text) for text, _ in FREE]
+        out, _ = generate(m.model, ids, cfg.max_new_tokens, 0.0, eos_id=m.tok.eos_ids, pad_id=m.tok.pad_id,
+                          dtype=dtype)
+        got.append([m.tok.decode([t for t in r if t not in m.tok.eos_ids]) for r in out])
+    lines = ["", "## Before and after: three requests written freely (seed 0, arm B)", "",
+             "Each is judged by the checkers of the constraints it asks for, named by hand.", ""]
+    for (text, request), a, b in zip(FREE, *got):
+        lines += [f"> {text}", "", "| | answer | the checkers |", "|---|---|---|",
+                  f"| before | {quote(a)} | {free_verdict(request, a)} |",
+                  f"| after | {quote(b)} | {free_verdict(request, b)} |", ""]
+    return lines
+
+
 def answer_tables(runs, seeds, T, prompts):
     """What the answers look like, pooled over seeds and prompts: how many the judge calls
     degenerate (and why), their words, and each constraint type's share met, from the starting
@@ -286,6 +333,7 @@ def report(args, P, decisions, runs):
               + ", ".join(f"seed {s}: {a:.3f} -> {b:.3f}" for s, (a, b) in zip(seeds, recipe)) + "."]
     lines += answer_tables(runs, seeds, T, prompts)
     lines += before_after(runs[seeds[0]]["B"], T, prompts)
+    lines += free_prompts(runs[seeds[0]]["B"], T)
     for a in ARMS:
         summary["per_stage"][a] = [[res[s][a][st]["prompt_accuracy"] for s in seeds]
                                    for st in ["sft", "dpo"] + [f"selm_{t}" for t in range(1, T + 1)]]
