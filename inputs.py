@@ -213,7 +213,7 @@ RECIPES = (
     # SmolLM2-135M-Instruct's whole run in about twenty minutes on a 2-core CPU; lr and alpha
     # tuned on a seed of their own (docs/chat-model.md)
     (("task", "instructions"), dict(iterations=2, chunk_size=64, n_eval=64, sft_steps=0, max_new_tokens=48, beta=0.1,
-                                    lr=3e-5, alpha=0.03, batch_size=8, micro_batch_size=8, missing_eos_penalty=1.0)),
+                                    lr=3e-5, alpha=0.03, batch_size=8, micro_batch_size=8)),
 )
 
 
