@@ -100,7 +100,7 @@ def test_the_config_shows_the_values_a_run_uses():
     assert {k for k, v in dataclasses.asdict(cfg).items() if v != getattr(train.Config, k)} == {"max_new_tokens"}
     assert cfg.max_new_tokens == cfg.max_len + 4
     both = train.parse_args(["--model", "tiny", "--task", "instructions", "--beta", "2.0"])
-    assert (both.beta, both.lr, both.n_sft, both.chunk_size, both.sft_steps) == (2.0, 3e-5, 4096, 64, 0)
+    assert (both.beta, both.lr, both.n_sft, both.chunk_size, both.sft_steps) == (2.0, 3e-5, 4096, 256, 0)
     assert screens.changed_settings(both) == "--model tiny --task instructions --beta 2.0"
 
 

@@ -85,7 +85,7 @@ def test_evaluate_a_model_directory(tmp_path, capsys):
     evaluated(capsys, d, "--max-new-tokens", "4", "--out", tmp_path / "e.json")
     got = json.load(open(tmp_path / "e.json"))
     assert got["stage"] == "chat" and got["win_rate_vs_sft"] == 0.5 and got["kl"] == 0  # against itself
-    assert len(got["answers"]) == 64 and "prompt_accuracy" in got  # the instruction task's held-out prompts
+    assert len(got["answers"]) == 256 and "prompt_accuracy" in got  # the instruction task's held-out prompts
     assert got["answers"][0]["prompt"].startswith("<|im_start|>")  # in the model's chat template
 
 
