@@ -243,7 +243,7 @@ def test_the_instruction_task_refuses_answers_that_cannot_fit_before_sampling(re
         train.main(["--init-from", real.dir, "--task", "instructions", "--block-size", "100", "--device", "cpu",
                     "--out-dir", str(tmp_path / "out")])
     msg = str(e.value)
-    assert re.fullmatch(r"train\.py: error: --max-new-tokens 48: an answer that long and its end-of-turn token do "
+    assert re.fullmatch(r"train\.py: error: --max-new-tokens 128: an answer that long and its end-of-turn token do "
                         r"not fit after the longest training prompt \(\d+ tokens\) in the context of 100 "
                         r"\(--block-size\); give --max-new-tokens at most \d+, or a larger --block-size", msg), msg
     assert not (tmp_path / "out").exists()
