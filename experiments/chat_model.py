@@ -196,11 +196,11 @@ def verdict(prompt, answer):
                                             for c, v in zip(request.constraints, verdicts(request, answer)))
 
 
-def before_after(job, T, prompts, n=5):
+def before_after(job, T, prompts, n=5, label="seed 0, arm B"):
     """The first n held-out prompts by position: the starting model's greedy answer and the
     job's last stage's, each with the judge's verdict (markdown lines)."""
     quote = lambda a: "`" + " ".join(a.split()).replace("`", "'") + "`"  # noqa: E731 -- one line, no markdown
-    lines = ["", f"## Before and after: the first {n} held-out prompts by position (seed 0, arm B)", ""]
+    lines = ["", f"## Before and after: the first {n} held-out prompts by position ({label})", ""]
     for p, a, b in list(zip(prompts, answers(job, "sft"), answers(job, f"selm_{T}")))[:n]:
         lines += [f"> {p}", "", "| | answer | the judge |", "|---|---|---|",
                   f"| before | {quote(a)} | {verdict(p, a)} |", f"| after | {quote(b)} | {verdict(p, b)} |", ""]
@@ -209,14 +209,14 @@ def before_after(job, T, prompts, n=5):
 
 # Three requests written freely, not in the task's phrasing, each with the constraints a reader
 # would check, as the judge's own checkers (a prompt that parse_prompt could not read)
-FREE = [
+FREE = [  # no topic: the off-topic check lists a topic's words, and a free request's topic has many names
     ("Could you write me a tiny poem about my cat sleeping in the sun? Keep it all lowercase please.",
-     Request("a tiny poem", "my cat", [Constraint("lowercase", ())])),
+     Request("a tiny poem", None, [Constraint("lowercase", ())])),
     ("I need a note for my neighbour saying sorry about the noise last night. Two or three sentences is plenty, "
      "and don't use any commas.",
-     Request("a note", "the noise", [Constraint("at_most_sentences", (3,)), Constraint("no_commas", ())])),
+     Request("a note", None, [Constraint("at_most_sentences", (3,)), Constraint("no_commas", ())])),
     ("Give me three quick tips for keeping houseplants alive, as a bulleted list with '* ' at the start of each "
-     "line.", Request("tips", "houseplants", [Constraint("bullets", (3,))])),
+     "line.", Request("tips", None, [Constraint("bullets", (3,))])),
 ]
 
 
@@ -226,7 +226,7 @@ def free_verdict(request, answer):
                                             for c in request.constraints)
 
 
-def free_prompts(job, T, device="cpu"):
+def free_prompts(job, T, device="cpu", label="seed 0, arm B"):
     """The starting model's greedy answer and the job's last stage's to each FREE request, in the
     chat template, judged by the checkers the request names (markdown lines)."""
     from hf import load_model
@@ -242,7 +242,7 @@ def free_prompts(job, T, device="cpu"):
         out, _ = generate(m.model, ids, cfg.max_new_tokens, 0.0, eos_id=m.tok.eos_ids, pad_id=m.tok.pad_id,
                           dtype=dtype)
         got.append([m.tok.decode([t for t in r if t not in m.tok.eos_ids]) for r in out])
-    lines = ["", "## Before and after: three requests written freely (seed 0, arm B)", "",
+    lines = ["", f"## Before and after: three requests written freely ({label})", "",
              "Each is judged by the checkers of the constraints it asks for, named by hand.", ""]
     for (text, request), a, b in zip(FREE, *got):
         lines += [f"> {text}", "", "| | answer | the checkers |", "|---|---|---|",

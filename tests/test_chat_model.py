@@ -115,7 +115,7 @@ def test_before_after_gives_each_answer_the_judges_verdict(tmp_path):
 
 def test_the_free_requests_are_judged_by_the_checkers_they_name():
     """The three requests written freely: a plain answer that meets them passes every checker,
-    one that breaks them fails, and an off-topic one scores 0 for that."""
+    one that breaks them fails, and a loop scores 0 for that."""
     from experiments.chat_model import FREE, free_verdict
     cat, note, plants = (request for _, request in FREE)
     assert free_verdict(cat, "my cat sleeps in the sun, a warm gold puddle of fur, dreaming slow dreams "
@@ -126,5 +126,4 @@ def test_the_free_requests_are_judged_by_the_checkers_they_name():
                               "It will not happen again.") == "at_most_sentences yes, no_commas yes"
     assert free_verdict(plants, "* Water your houseplants only when the soil is dry.\n* Give them bright "
                                 "indirect light.\n* Wipe the dust off their leaves.") == "bullets yes"
-    assert free_verdict(plants, "The stock market rose today on news of lower interest rates and strong "
-                                "earnings from several large companies.").startswith("0: off topic")
+    assert free_verdict(plants, "plants " * 20).startswith("0: repetitive")
