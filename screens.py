@@ -103,7 +103,7 @@ def summary_line(stage, seconds, row, info):
     if "prompt_accuracy" in row:  # the instruction task: IFEval's two figures
         line += f"  prompt acc {row['prompt_accuracy']:.1%}  instruction acc {row['instruction_accuracy']:.1%}"
     n = info.get("pairs", 0) + info.get("dropped_ties", 0)
-    if n:
+    if n and "y_ref_better" in info:  # an iteration that sampled (not --online-samples 0)
         line += (f"  (y_ref vs offline chosen: better {info['y_ref_better'] / n:.0%}, "
                  f"tied {info['y_ref_tied'] / n:.0%}, identical {info['y_ref_identical'] / n:.0%})")
     return line

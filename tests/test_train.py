@@ -283,6 +283,14 @@ def test_online_samples_0_is_offline_dpo_with_the_moving_reference(tmp_path, mon
         (tok.encode_response(e["chosen"]), tok.encode_response(e["rejected"]), ()) for e in chunk]
 
 
+def test_a_run_with_online_samples_0_goes_through_every_stage(tmp_path):
+    out = train.run(train.parse_args(FAST + ["--out-dir", str(tmp_path), "--iterations", "1", "--online-samples", "0",
+                                             "--alpha", "0", "--sft-steps", "10", "--n-eval", "16"]))
+    assert [r["stage"] for r in out] == ["sft", "dpo", "selm_1"]
+    online = [r["online"] for r in runtime_rows(tmp_path) if "online" in r]
+    assert online and online[0]["pairs"] > 0 and "t_sample" not in online[0]
+
+
 def test_missing_eos_penalty_ranks_every_cut_off_answer_last(tmp_path, monkeypatch):
     """Answers of 2 tokens are all cut off: with --missing-eos-penalty 1 no y_ref becomes chosen
     (each offline answer ended), and the record counts the penalised candidates; without it, the
