@@ -163,6 +163,13 @@ class Ranks:
         if self.world > 1:
             dist.barrier()
 
+    def close(self):
+        """Leave the process group once every rank is done with it. Left to the interpreter's
+        exit, gloo's threads can be torn down mid-flight and abort the process (SIGABRT)."""
+        if self.world > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
 
 # ---- the metrics log ----------------------------------------------------------------------
 

@@ -346,6 +346,7 @@ def run_stages(rt, cfg, tok, model, task_data, sft_examples, ckpt, done, made=No
         rt.say(summary_line(stage, seconds, row, info))
     exported = export_stages(cfg.export, cfg.out_dir, stages, tok.source) if rt.ranks.main and cfg.export else []
     rt.say(last_screen(cfg.out_dir, stages, exported, example_prompt(task_data)))
+    rt.ranks.close()
     return results
 
 
