@@ -32,7 +32,7 @@ from commands import one_line_errors
 from constraints import Constraint, words
 from experiments import plots
 from experiments.runner import Job, check_experiment, parser as experiment_parser, read_json, run_all
-from files import write_json_atomic
+from files import atomic_write, write_json_atomic
 from pairs import PAIRS_FILE, own_pairs
 from runtime import compute_dtype, setup
 from tasks.instructions import (DEGENERATE, Request, degenerate, make_task, parse_prompt,
@@ -337,8 +337,7 @@ def report(args, P, decisions, runs):
     for a in ARMS:
         summary["per_stage"][a] = [[res[s][a][st]["prompt_accuracy"] for s in seeds]
                                    for st in ["sft", "dpo"] + [f"selm_{t}" for t in range(1, T + 1)]]
-    with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    atomic_write(os.path.join(args.out, "report.md"), lambda f: f.write("\n".join(lines) + "\n"), binary=False)
     write_json_atomic(summary, os.path.join(args.out, "report.json"))
     plots.arms_by_stage(summary["per_stage"], {a: n for a, (n, _) in ARMS.items()}, T,
                         os.path.join(args.out, "prompt_accuracy.png"))
