@@ -2,6 +2,7 @@
 docs/instructions-plan.md), without running the comparison."""
 
 import math
+import os
 
 from experiments import chat_model as cm
 
@@ -127,3 +128,52 @@ def test_the_free_requests_are_judged_by_the_checkers_they_name():
     assert free_verdict(plants, "* Water your houseplants only when the soil is dry.\n* Give them bright "
                                 "indirect light.\n* Wipe the dust off their leaves.") == "bullets yes"
     assert free_verdict(plants, "plants " * 20).startswith("0: repetitive")
+
+
+def test_report_decides_each_comparison_from_the_runs(tmp_path, monkeypatch):
+    """Three seeds whose last-stage accuracies are set by hand: iterative DPO ends 0.04-0.06
+    above offline DPO (an interval above 0: helps), SELM within 0.01 of it (inside the 0.03
+    margin: equivalent). The pooled counts come from the answers: on each seed arm A meets one
+    prompt that arm O misses."""
+    import json
+    from types import SimpleNamespace
+
+    from constraints import Constraint
+    from tasks.instructions import make_prompt
+    prompt = make_prompt("a short poem", "the ocean", [Constraint("lowercase", ())])
+    good = "the ocean is calm and deep tonight under a pale and silent moon"
+    monkeypatch.setattr(cm, "make_task", lambda **kw: SimpleNamespace(eval=[prompt] * 4))
+    monkeypatch.setattr(cm, "free_prompts", lambda job, T: [])  # it loads the real model
+    last = {"O": [0.20, 0.22, 0.18], "A": [0.25, 0.28, 0.22], "B": [0.25, 0.29, 0.21]}
+    met = {"O": 1, "A": 2, "B": 2}  # prompts met at the last stage, of 4
+    P = dict(cm.FULL, heldout=[0, 1, 2], T=2)
+    args = SimpleNamespace(out=str(tmp_path))
+    decisions = {"lr_grid": {"1e-05": 0.3}, "lr": 1e-5, "alpha_grid": {"0.03": 0.3}, "alpha_A": 0.3, "alpha": 0.03}
+    runs = {}
+    for s in P["heldout"]:
+        base = cm.Run(str(tmp_path), f"seed{s}/base", ["--task", "instructions", "--n-eval", "4"], 0)
+        runs[s] = {a: cm.arm_job(args, P, base, a, 0.03) for a in cm.ARMS}
+        for a, job in runs[s].items():
+            os.makedirs(job.dir)
+            acc = {"sft": 0.1, "dpo": 0.15, "selm_1": last[a][s] - 0.01, "selm_2": last[a][s]}
+            rows = [{"stage": st, **{k: 0.5 for k in ["instruction_accuracy", "reward", "win_rate_vs_sft", "kl",
+                                                      "length"]}, "prompt_accuracy": v} for st, v in acc.items()]
+            with open(os.path.join(job.dir, "results.json"), "w") as f:
+                json.dump(rows, f)
+            said = [{"eval": {"stage": st}, "answers": ([good] * (met[a] if st == "selm_2" else 1) + [""] * 4)[:4]}
+                    for st in acc]
+            online = [{"stage": f"selm_{t}", "online": {"pairs": 8, "dropped_ties": 2, "y_ref_truncated": t + s}}
+                      for t in (1, 2) if a != "O"]
+            with open(os.path.join(job.dir, "metrics.jsonl"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in said + online)
+    cm.report(args, P, decisions, runs)
+    got = json.load(open(tmp_path / "report.json"))
+    a_o, b_a = got["comparisons"]["A - O"], got["comparisons"]["B - A"]
+    assert a_o["decision"] == "helps" and math.isclose(a_o["mean"], 0.05)
+    assert a_o["interval"][0] > 0 and a_o["pooled"] == [3, 0] and math.isclose(a_o["p"], 0.25)
+    assert b_a["decision"] == "equivalent" and abs(b_a["mean"]) < 1e-9 and b_a["pooled"] == [0, 0]
+    assert got["y_ref_cut"]["A"] == [[0.1, 0.2, 0.3], [0.2, 0.3, 0.4]]  # (t + seed) of 10 prompts
+    assert "O" not in got["y_ref_cut"]  # arm O samples nothing
+    assert got["recipe"] == [[0.1, 0.25], [0.1, 0.29], [0.1, 0.21]]
+    report = (tmp_path / "report.md").read_text()
+    assert "| A - O | +0.050 |" in report and "| helps |" in report
