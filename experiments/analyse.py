@@ -112,7 +112,8 @@ def trained_pairs(run, ref, c, n):
     # iteration t = c is stage number c + 1: the same draws as selm_iteration's
     answers = [a[:cfg.online_samples] for a in train.reference_answers(run.rt, cfg, tok, ref, block_ids, c + 1)[:n]]
     candidates = [candidates_of(Candidate.of_text(w, tok), [Candidate.of_ids(y, tok) for y in ys],
-                                Candidate.of_text(l, tok), cfg.tie_order) for w, ys, l in zip(chosen, answers, rejected)]
+                                Candidate.of_text(l, tok), cfg.tie_order)
+                  for w, ys, l in zip(chosen, answers, rejected)]
     scores = judge(run, prompts, [[x.text for x in cs] for cs in candidates])
     pairs = [pair and (pair[0].ids, pair[1].ids) for pair in pairs_from_scores(scores, candidates, order=cfg.tie_order)]
     return Pairs(prompt_ids, pairs, answers)

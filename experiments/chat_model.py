@@ -31,7 +31,7 @@ import train
 from commands import one_line_errors
 from constraints import Constraint, words
 from experiments import plots
-from experiments.runner import Job, check_experiment, parser as experiment_parser, read_json, run_all
+from experiments.runner import Job, check_experiment, mean_sd, parser as experiment_parser, read_json, run_all
 from files import atomic_write, write_json_atomic
 from pairs import PAIRS_FILE, own_pairs
 from runtime import compute_dtype, setup
@@ -284,28 +284,28 @@ def report(args, P, decisions, runs):
     n_eval = train.parse_args(runs[seeds[0]]["A"].flags).n_eval  # the held-out prompts, as the runs drew them
     prompts = make_task(seed=0, n_prompts_per_chunk=1, n_chunks=1, n_eval=n_eval).eval
     keys = ["prompt_accuracy", "instruction_accuracy", "reward", "win_rate_vs_sft", "kl", "length"]
-    fmt = lambda xs: f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"  # noqa: E731
     res = {s: {a: runs[s][a].results() for a in ARMS} for s in seeds}
     lines = ["# SELM against its baselines on SmolLM2-135M-Instruct: results", "",
-             f"Plan: docs/instructions-plan.md. Tuning (seed {P['tuning']}): lr grid {json.dumps(decisions['lr_grid'])} "
-             f"-> lr {decisions['lr']:g}; alpha grid {json.dumps(decisions['alpha_grid'])} (arm A: "
-             f"{decisions['alpha_A']:.3f}) -> alpha {decisions['alpha']:g}. Held-out seeds {seeds}, T = {T}.", "",
+             f"Plan: docs/instructions-plan.md. Tuning (seed {P['tuning']}): "
+             f"lr grid {json.dumps(decisions['lr_grid'])} -> lr {decisions['lr']:g}; "
+             f"alpha grid {json.dumps(decisions['alpha_grid'])} (arm A: {decisions['alpha_A']:.3f}) "
+             f"-> alpha {decisions['alpha']:g}. Held-out seeds {seeds}, T = {T}.", "",
              "## Every endpoint at the last stage (mean ± std over seeds)", "",
              "| arm | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     start = [res[s]["A"]["sft"] for s in seeds]
-    lines.append("| starting model | " + " | ".join(fmt([r[k] for r in start]) for k in keys) + " |")
+    lines.append("| starting model | " + " | ".join(mean_sd([r[k] for r in start]) for k in keys) + " |")
     offline = [res[s]["A"]["dpo"] for s in seeds]
-    lines.append("| offline DPO | " + " | ".join(fmt([r[k] for r in offline]) for k in keys) + " |")
+    lines.append("| offline DPO | " + " | ".join(mean_sd([r[k] for r in offline]) for k in keys) + " |")
     for a, (name, _) in ARMS.items():
         rows = [res[s][a][f"selm_{T}"] for s in seeds]
-        lines.append(f"| {a}: {name} | " + " | ".join(fmt([r[k] for r in rows]) for k in keys) + " |")
+        lines.append(f"| {a}: {name} | " + " | ".join(mean_sd([r[k] for r in rows]) for k in keys) + " |")
     lines += ["", "## Prompt-level accuracy per seed and stage", "",
-              "| seed | starting model | offline DPO | " + " | ".join(f"{a}, iter {t}" for a in ARMS for t in range(1, T + 1))
+              "| seed | starting model | offline DPO | "
+              + " | ".join(f"{a}, iter {t}" for a in ARMS for t in range(1, T + 1))
               + " |", "|---|---|---|" + "---|" * (len(ARMS) * T)]
     for s in seeds:
-        lines.append(f"| {s} | {res[s]['A']['sft']['prompt_accuracy']:.3f} | {res[s]['A']['dpo']['prompt_accuracy']:.3f} | "
-                     + " | ".join(f"{res[s][a][f'selm_{t}']['prompt_accuracy']:.3f}" for a in ARMS
-                                  for t in range(1, T + 1)) + " |")
+        stages = [("A", "sft"), ("A", "dpo")] + [(a, f"selm_{t}") for a in ARMS for t in range(1, T + 1)]
+        lines.append(f"| {s} | " + " | ".join(f"{res[s][a][st]['prompt_accuracy']:.3f}" for a, st in stages) + " |")
     summary = {"decisions": decisions, "comparisons": {}, "per_stage": {}}
     lines += ["", "## The comparisons: paired differences in prompt-level accuracy at the last stage", "",
               "| comparison | mean | 95% interval (t, 2 df) | decision | pooled: first only / second only | "

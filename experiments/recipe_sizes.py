@@ -61,7 +61,8 @@ def phases(out, wall):
     return {"start_and_pairs": wall - sum(stage_time.values()), "eval_start": stage_time["sft"],
             "eval_trained": eval_trained, "dpo_train": stage_time["dpo"] - eval_trained, "iteration": iteration,
             **{k: online[k] for k in ("t_sample", "t_judge", "t_ref_logps", "t_train")},
-            "pairs": offline["pairs"], "offline_unfinished": offline["unfinished_chosen"] + offline["unfinished_rejected"],
+            "pairs": offline["pairs"],
+            "offline_unfinished": offline["unfinished_chosen"] + offline["unfinished_rejected"],
             "y_ref_cut": online["y_ref_truncated"], "online_prompts": online["pairs"] + online["dropped_ties"],
             "eval_prompts": prompts}
 

@@ -68,6 +68,15 @@ def check_common(args, extra, name):
     return cfg
 
 
+def mean_sd(xs, fmt="{:.3f}"):
+    """xs (None left out) as "mean ± std" over seeds in fmt; one value alone, or "-" for none."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    sd = fmt.replace("+", "").format(statistics.stdev(xs)) if len(xs) > 1 else None
+    return fmt.format(statistics.mean(xs)) + (f" ± {sd}" if sd else "")
+
+
 def read_json(path, default=None):
     try:
         with open(path) as f:
@@ -192,8 +201,9 @@ def run_all(jobs, out, n_jobs, extra, analyse_flags):
                 n_done += 1
                 print(f"[{n_done}/{total}] SKIPPED {j.name}: its base run failed", flush=True)
                 continue
-            if live_lock(os.path.join(j.dir, "sweep.lock")) or (j.base is not None and (j.base in running or not j.base.trained())):
-                continue  # another invocation has it, or it waits for its base
+            waits = j.base is not None and (j.base in running or not j.base.trained())
+            if waits or live_lock(os.path.join(j.dir, "sweep.lock")):
+                continue  # it waits for its base, or another invocation has it
             if j.complete():  # finished by another invocation meanwhile
                 todo.remove(j)
                 n_done += 1

@@ -30,7 +30,7 @@ import train
 from checkpoint import load_checkpoint
 from commands import one_line_errors
 from experiments import plots
-from experiments.runner import Job, check_common, parser as experiment_parser, run_all
+from experiments.runner import Job, check_common, mean_sd, parser as experiment_parser, run_all
 from files import atomic_write, read_json, write_json_atomic
 from runtime import read_metrics
 from selm import win
@@ -54,8 +54,9 @@ DELTA = 0.01  # the equivalence margin, in reward
 
 
 def base_flags(P, seed, task_seed, lengths, beta, lr):
-    return [*P["model"], "--log-every", "1", "--seed", str(seed), "--task-seed", str(task_seed), "--min-len", str(lengths[0]),
-            "--max-len", str(lengths[1]), "--chunk-size", str(P["chunk"]), "--beta", f"{beta:g}", "--lr", f"{lr:g}"]
+    return [*P["model"], "--log-every", "1", "--seed", str(seed), "--task-seed", str(task_seed),
+            "--min-len", str(lengths[0]), "--max-len", str(lengths[1]), "--chunk-size", str(P["chunk"]),
+            "--beta", f"{beta:g}", "--lr", f"{lr:g}"]
 
 
 def jobs_for(out, P, seed, task_seed, lengths, beta, lr, arms, iterations, alphas=None, tag=""):
@@ -173,7 +174,6 @@ def report(out, P, d, runs):
     prompts = [e["prompt"] for e in inputs.load_data(train.Config(**saved)).eval]
     ep = {a: {t: [per_stage(runs[s][a], f"selm_{t}") for s in seeds] for t in range(1, T + 1)} for a in ARMS}
     keys = ["reward", "perfect", "pass_at_16", "best_of_8", "strictly_better", "saturated", "chosen_logp_drift", "kl"]
-    fmt = lambda xs: f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"  # noqa: E731
     lines = ["# The preregistered study: results", "",
              f"Task: words of {d['lengths'][0]}-{d['lengths'][1]} letters"
              + (" (a deviation: no candidate met every calibration criterion)" if d["deviation"] else "")
@@ -184,7 +184,7 @@ def report(out, P, d, runs):
              "| arm | iter | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for a, (name, _) in ARMS.items():
         for t in range(1, T + 1):
-            lines.append(f"| {a}: {name} | {t} | " + " | ".join(fmt([e[k] for e in ep[a][t] if e[k] is not None])
+            lines.append(f"| {a}: {name} | {t} | " + " | ".join(mean_sd([e[k] for e in ep[a][t] if e[k] is not None])
                                                                   if any(e[k] is not None for e in ep[a][t]) else "-"
                                                                   for k in keys) + " |")
     summary = {"decisions": {}, "per_iteration": {}}
@@ -218,7 +218,7 @@ def report(out, P, d, runs):
                               zip(prompts, runs[s][x].analysis()[f"selm_{T}"]["answers"],
                                   runs[s][y].analysis()[f"selm_{T}"]["answers"])) for s in seeds]
         summary.setdefault("head_to_head", {})[f"{x} vs {y}"] = wr
-        lines.append(f"| {x} vs {y} | {fmt(wr)} |")
+        lines.append(f"| {x} vs {y} | {mean_sd(wr)} |")
     cov = [ex["pass_at_16"] - ey["pass_at_16"] for ex, ey in zip(ep["D"][T], ep["C"][T])]
     better = [statistics.mean(ep["D"][t][i]["strictly_better"] - ep["C"][t][i]["strictly_better"]
                               for t in range(max(1, T - 2), T + 1)) for i in range(len(seeds))]
@@ -227,8 +227,8 @@ def report(out, P, d, runs):
     mech = (("confirmed" if shown else "helps; mechanism not shown") if h1.startswith("helps")
             else "the term explores, and it does not pay" if shown else "not confirmed")
     summary["mechanism"] = {"pass_at_16_diff": cov, "strictly_better_diff_late": better, "verdict": mech}
-    lines += ["", f"Mechanism (D vs C): pass@16 difference at iteration {T}: {fmt(cov)}; strictly better online "
-              f"answers, iterations {max(1, T - 2)}-{T}: {fmt(better)}. Verdict: **{mech}**."]
+    lines += ["", f"Mechanism (D vs C): pass@16 difference at iteration {T}: {mean_sd(cov)}; strictly better online "
+              f"answers, iterations {max(1, T - 2)}-{T}: {mean_sd(better)}. Verdict: **{mech}**."]
     atomic_write(os.path.join(out, "report.md"), lambda f: f.write("\n".join(lines) + "\n"), binary=False)
     write_json_atomic(summary, os.path.join(out, "report.json"))
     plots.primary_endpoint(summary["per_iteration"], T, DELTA, os.path.join(out, "primary.png"))

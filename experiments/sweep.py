@@ -23,13 +23,12 @@ when matplotlib is installed.
 import math
 import os
 import re
-import statistics
 import sys
 import time
 
 from commands import one_line_errors
 from experiments import plots
-from experiments.runner import Job, check_common, parser as experiment_parser, run_all
+from experiments.runner import Job, check_common, mean_sd, parser as experiment_parser, run_all
 from files import atomic_write, write_json_atomic
 from selm import win
 from tasks import sorting
@@ -81,14 +80,6 @@ def make_grid(args):
 
 # ---- the report ------------------------------------------------------------------------
 
-def ms(xs, fmt="{:.3f}"):
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "-"
-    sd = fmt.replace("+", "").format(statistics.stdev(xs)) if len(xs) > 1 else None
-    return fmt.format(statistics.mean(xs)) + (f" ± {sd}" if sd else "")
-
-
 def h2h(judge_prompts, a, b):
     """Win rate of answers a over answers b (ties half), judged per prompt."""
     return sum(win(*sorting.judge(p, [x, y])) for p, x, y in zip(judge_prompts, a, b)) / len(judge_prompts)
@@ -119,11 +110,13 @@ def report(runs, args):
             cols = ["win_rate_vs_reference", "win_rate_vs_sft", "reward", "perfect", "length", "kl"]
             summary[d]["table"][name] = {c: [g[c] for g in got] for c in cols}
             lines.append(f"| {name} | {len(got)} | " + " | ".join(
-                ms([g[c] for g in got], "{:.2f}" if c in ("length", "kl") else "{:.3f}") for c in cols) + " |")
-        prompts = [e["prompt"] for e in sorting.make_task(seed=args.train.task_seed, n_sft=1, n_prompts_per_chunk=1,
-                                                        n_chunks=1, n_eval=args.train.n_eval, min_len=lo, max_len=hi).eval]
+                mean_sd([g[c] for g in got], "{:.2f}" if c in ("length", "kl") else "{:.3f}") for c in cols) + " |")
+        task = sorting.make_task(seed=args.train.task_seed, n_sft=1, n_prompts_per_chunk=1, n_chunks=1,
+                                 n_eval=args.train.n_eval, min_len=lo, max_len=hi)
+        prompts = [e["prompt"] for e in task.eval]
         lines += ["", "Head-to-head, SELM vs iterative DPO on the same seed's eval prompts "
-                  "(greedy; ties half; > 0.5 = SELM better); last column: paired reward difference at the last iteration.", "",
+                  "(greedy; ties half; > 0.5 = SELM better); last column: paired reward difference at the last "
+                  "iteration.", "",
                   "| alpha | " + " | ".join(f"iter {t}" for t in range(1, T + 1)) + f" | Δ reward, iter {T} |",
                   "|---|" + "---|" * (T + 1)]
         for m in methods[1:]:
@@ -132,22 +125,24 @@ def report(runs, args):
                 st = f"selm_{t}"
                 ws = [h2h(prompts, ana[(s, m)][st]["answers"], ana[(s, "idpo")][st]["answers"]) for s in seeds_ok]
                 summary[d]["head_to_head"][f"{m}/{st}"] = ws
-                cells.append(ms(ws))
+                cells.append(mean_sd(ws))
             dr = [res[(s, m)][f"selm_{T}"]["reward"] - res[(s, "idpo")][f"selm_{T}"]["reward"] for s in seeds_ok]
             summary[d]["head_to_head"][f"{m}/delta_reward"] = dr
-            lines.append(f"| {m[6:]} | " + " | ".join(cells) + f" | {ms(dr, '{:+.3f}')} |")
+            lines.append(f"| {m[6:]} | " + " | ".join(cells) + f" | {mean_sd(dr, '{:+.3f}')} |")
         lines += ["", f"Exploration: distinct responses among {args.k} temperature-1 samples, their best and mean "
                   "reward (held-out prompts); implicit reward β·log(π/π_ref) of fresh samples and of the chosen "
                   "responses of the stage's training pairs (π_ref = previous stage); share of pairs whose chosen "
                   "was the model's own greedy y_ref.", "",
-                  f"| method | distinct of {args.k} | best-of-{args.k} | mean of {args.k} | r(samples) | r(chosen) | y_ref chosen |",
+                  f"| method | distinct of {args.k} | best-of-{args.k} | mean of {args.k} | r(samples) | r(chosen) "
+                  "| y_ref chosen |",
                   "|---|---|---|---|---|---|---|"]
         for name, m, st in rows:
             got = [ana[(s, m)][st] for s in args.seeds if (s, m) in ana and st in ana[(s, m)]]
             cols = ["distinct", "best_of_k", "mean_of_k", "r_samples", "r_chosen", "y_ref_chosen"]
             summary[d]["diagnostics"][name] = {c: [g.get(c) for g in got] for c in cols}
-            lines.append(f"| {name} | " + " | ".join(
-                ms([g.get(c) for g in got], "{:.2f}" if c.startswith(("r_", "dist")) else "{:.3f}") for c in cols) + " |")
+            fmts = ["{:.2f}" if c.startswith(("r_", "dist")) else "{:.3f}" for c in cols]
+            cells = [mean_sd([g.get(c) for g in got], f) for c, f in zip(cols, fmts)]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
         plots.sweep_curves(d, summary[d]["table"], methods, label, T, os.path.join(args.out, f"{d}.png"))
     path = args.report or os.path.join(args.out, "report.md")
