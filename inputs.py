@@ -210,10 +210,10 @@ def check_inputs(cfg, tok, task_data, block_size):
 RECIPES = (
     # less data and fewer steps: the tiny model's run in about a minute on a 2-core CPU
     (("model", "tiny"), dict(n_sft=4096, chunk_size=512, n_eval=256, sft_steps=800)),
-    # SmolLM2-135M-Instruct's whole run in about thirty minutes on a 2-core CPU, its sizes chosen
+    # SmolLM2-135M-Instruct's whole run in about 22 minutes on a 2-core CPU, its sizes chosen
     # from a measured table (python -m experiments.recipe_sizes; docs/chat-model.md); lr and
-    # alpha tuned on a seed of their own at the earlier, smaller sizes; the sampler takes 64
-    # prompts (256 answers) a call: a block of 256 prompts peaked at 9.7 GB, against 3.5, and ran slower
+    # alpha tuned on a seed of their own at these sizes; the sampler takes 64 prompts (256
+    # answers) a call: a block of 256 prompts peaked at 9.7 GB, against 3.5, and ran slower
     (("task", "instructions"), dict(iterations=2, chunk_size=256, n_eval=256, sft_steps=0, max_new_tokens=128,
                                     beta=0.1, lr=3e-5, alpha=0.03, batch_size=8, micro_batch_size=8,
                                     gen_batch_size=64)),

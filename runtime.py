@@ -164,8 +164,7 @@ class Ranks:
             dist.barrier()
 
     def close(self):
-        """Leave the process group once every rank is done with it. Left to the interpreter's
-        exit, gloo's threads can be torn down mid-flight and abort the process (SIGABRT)."""
+        """Leave the process group, every rank done (at interpreter exit gloo's threads can abort)."""
         if self.world > 1 and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
@@ -410,11 +409,10 @@ class Runtime:
 
 
 def sample_responses(rt, cfg, tok, model, prompt_ids, temperature=0.0, seed=0, progress=None):
-    """Responses to every prompt as a run samples them (cfg: its train.Config: --gen-batch-size
-    prompts a block, --max-new-tokens, --compile; tok: its tokenizer's EOS and padding), sharded
-    over the ranks: token lists, EOS included when emitted. seed: an int, or one per answer (a
-    list: per prompt a list of its answers, each answer at its own temperature when temperature
-    is a list too); progress: Runtime.blocks'."""
+    """Responses to every prompt as a run samples them (cfg: its train.Config, whose --gen-batch-size,
+    --max-new-tokens, --compile apply; tok: its EOS and padding), sharded over the ranks: token
+    lists, EOS included when emitted. seed: an int, or per prompt a list of one per answer (each
+    at its own temperature when temperature is a list too); progress: Runtime.blocks'."""
     return rt.sample(model, prompt_ids, cfg.gen_batch_size, seed, progress, max_new_tokens=cfg.max_new_tokens,
                      temperature=temperature, eos_id=tok.eos_ids, pad_id=tok.pad_id, compile=cfg.compile)
 

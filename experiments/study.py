@@ -184,9 +184,7 @@ def report(out, P, d, runs):
              "| arm | iter | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for a, (name, _) in ARMS.items():
         for t in range(1, T + 1):
-            lines.append(f"| {a}: {name} | {t} | " + " | ".join(mean_sd([e[k] for e in ep[a][t] if e[k] is not None])
-                                                                  if any(e[k] is not None for e in ep[a][t]) else "-"
-                                                                  for k in keys) + " |")
+            lines.append(f"| {a}: {name} | {t} | " + " | ".join(mean_sd([e[k] for e in ep[a][t]]) for k in keys) + " |")
     summary = {"decisions": {}, "per_iteration": {}}
     lines += ["", "## Primary endpoint: paired difference in final greedy reward", "",
               "| comparison | iteration | mean | std | 97.5% interval | decision |", "|---|---|---|---|---|---|"]
