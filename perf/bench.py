@@ -200,11 +200,13 @@ def parser():
     ap.add_argument("--bf16", action="store_true", help="run ours and the baselines in bf16 (autocast; "
                                                         "real: train.py's bfloat16 against TRL's bf16=True)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--shapes", default=None, help=f"sampling: comma-separated, from: {', '.join(SHAPES)} (default all)")
+    ap.add_argument("--shapes", default=None,
+                    help=f"sampling: comma-separated, from: {', '.join(SHAPES)} (default all)")
     ap.add_argument("--qwen2-layers", type=int, default=None,
                     help="depth of the Qwen2-0.5B-shaped model (default: 24 on CUDA, 4 on a CPU)")
     ap.add_argument("--profile-step", action="store_true",
-                    help="instead: where the eager decode step's time goes, per operator, for --shapes (default gpt2-w4)")
+                    help="instead: where the eager decode step's time goes, per operator, "
+                         "for --shapes (default gpt2-w4)")
     return ap
 
 
@@ -261,7 +263,8 @@ def bench(args):
                    "met": (v["ratio"] >= v["target"]) if v["better"] == "higher"
                    else (v["ratio"] <= v["target"])}
                for k, v in RESULTS.items() if v["target"] is not None}
-    print(json.dumps({"ratios": {k: v["ratio"] for k, v in RESULTS.items() if v["ratio"] is not None}, "targets": targets,
+    ratios = {k: v["ratio"] for k, v in RESULTS.items() if v["ratio"] is not None}
+    print(json.dumps({"ratios": ratios, "targets": targets,
                       "machine": machine(device), "quick": args.quick, "bf16": args.bf16,
                       "wall_s": round(wall, 1)}))
 

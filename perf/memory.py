@@ -86,7 +86,9 @@ def plan(config, *, ranks, fsdp, checkpointing, micro_pairs=4, seq=1024, respons
         acts = tokens * config.n_layer * per_layer
     parts = {"weights": 4 * n / share, "gradients": 4 * n / share, "adamw": 8 * n / share,
              "activations": acts, "lm_head": 2 * scored * config.vocab_size * 4}
-    parts["total"] = parts["weights"] + parts["adamw"] + max(parts["activations"] + parts["lm_head"], parts["gradients"])
+    # the gradients fill in as the backward pass frees the activations: the peak is the larger
+    parts["total"] = (parts["weights"] + parts["adamw"]
+                      + max(parts["activations"] + parts["lm_head"], parts["gradients"]))
     parts["sampling_copy"] = 4 * n if fsdp else 0
     return n, parts
 
@@ -184,7 +186,8 @@ def plan_or_measure(args):
                 n, p = plan(config, ranks=ranks, fsdp=fsdp, checkpointing=ckpt, micro_pairs=args.micro, seq=args.seq,
                             response=args.response)
                 static = p["weights"] + p["gradients"] + p["adamw"]
-                print(f"| {name} | {n / 1e9:.2f}B | {ranks} | {'FSDP' if fsdp else 'DDP'} | {'on' if ckpt else 'off'} | "
+                print(f"| {name} | {n / 1e9:.2f}B | {ranks} | {'FSDP' if fsdp else 'DDP'} | "
+                      f"{'on' if ckpt else 'off'} | "
                       f"{static / GB:.1f} GB | {p['activations'] / GB:.1f} GB | {p['lm_head'] / GB:.1f} GB | "
                       f"{p['total'] / GB:.1f} GB | {'yes' if p['total'] < 0.9 * args.gpu_gb * GB else 'no'} |")
 

@@ -25,7 +25,8 @@ def fits(rec, tok, template, block_size):
     if conversation and template is None:
         raise ValueError("a conversation needs the model's chat template, and its tokenizer has none")
     if "chosen" in rec:
-        e = chat.preference_pair(rec, template) if conversation else check_strings(rec, ("prompt", "chosen", "rejected"))
+        e = (chat.preference_pair(rec, template) if conversation
+             else check_strings(rec, ("prompt", "chosen", "rejected")))
         pairs = [(e["prompt"], e[k]) for k in ("chosen", "rejected")]
     elif "messages" in rec or "completion" in rec:
         pairs = [chat.demonstration(rec, template) if conversation else plain_demonstration(rec)]
