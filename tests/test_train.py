@@ -385,3 +385,22 @@ def test_dtype_auto_weighs_the_hardware_and_the_width(monkeypatch):
     monkeypatch.undo()
     monkeypatch.delattr(torch._C._cpu, "_get_cpu_capability")  # another torch: the private check is gone
     assert runtime.cpu_bf16_units() == [] and runtime.compute_dtype(cpu, "auto", 576)[0] is None
+
+
+def test_micro_batches_accumulate_to_the_same_steps(tmp_path):
+    """--micro-batch-size only splits each step's forward: in fp32 a run in micro-batches of 4
+    trains the weights that one forward of the whole batch of 16 trains. (bf16 autocast rounds
+    each forward's sums by its shapes, so there the runs part after a few steps.) It fails when
+    a micro-batch's gradient is lost; a loss off by a constant factor would pass, as AdamW's
+    step does not see the scale."""
+    weights = {}
+    for micro in (16, 4):
+        out = tmp_path / str(micro)
+        run(out, "--sft-steps", "30", "--iterations", "1", "--batch-size", "16", "--micro-batch-size", str(micro),
+            "--dtype", "float32")
+        weights[micro] = load_checkpoint(out / "selm_1.pt")["model"]
+    assert weights[16].keys() == weights[4].keys()
+    moved = load_checkpoint(tmp_path / "16" / "dpo.pt")["model"]
+    assert any(not torch.equal(moved[k], weights[16][k]) for k in moved)  # the iteration trained
+    for k in weights[16]:
+        torch.testing.assert_close(weights[4][k], weights[16][k], rtol=1e-4, atol=1e-5, msg=k)
